@@ -1,0 +1,49 @@
+# hl-monitor. `make help` lists the targets. Everything installs itself with uv into .venv
+# (uv itself goes into .tools/); the system Python 3.11 is used, never a downloaded one.
+PY ?= python3
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
+export UV_PYTHON := $(shell command -v $(PY))
+export UV_PYTHON_DOWNLOADS := never
+export UV_LINK_MODE := copy
+CONFIG ?= cfg.toml
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint fmt sim db-upgrade clean
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PY) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+.venv/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --locked --quiet
+	@touch $@
+
+install: .venv/.synced ## install the service and dev tools into .venv
+
+run: install ## run the service on embedded defaults (SQLite + embedded NATS), console logs
+	HL_MONITOR__LOG__FORMAT=$${HL_MONITOR__LOG__FORMAT:-console} $(UV) run --locked hl-monitor run --config $(CONFIG)
+
+lint: install ## ruff + mypy --strict
+	$(UV) run --locked ruff check .
+	$(UV) run --locked ruff format --check .
+	$(UV) run --locked mypy
+
+fmt: install ## format the code
+	$(UV) run --locked ruff format .
+	$(UV) run --locked ruff check --fix .
+
+test: lint ## lint, then the whole test suite (CI runs exactly this)
+	$(UV) run --locked pytest
+
+sim: install ## run the fake Hyperliquid on 127.0.0.1:8765
+	$(UV) run --locked hl-monitor sim --host 127.0.0.1 --port 8765
+
+db-upgrade: install ## apply database migrations
+	$(UV) run --locked hl-monitor db upgrade --config $(CONFIG)
+
+clean: ## remove the virtualenvs and caches (keeps ./data)
+	rm -rf .venv .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""hl-monitor: Hyperliquid whale monitor that turns fills into one exact signal per order."""
+
+__version__ = "0.1.0"

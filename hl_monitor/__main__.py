@@ -1,0 +1,3 @@
+from hl_monitor.cli import main
+
+raise SystemExit(main())

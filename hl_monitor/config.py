@@ -1,0 +1,365 @@
+"""Typed configuration: `cfg.toml`, then `HL_MONITOR__SECTION__KEY` environment overrides.
+
+Every key has a default here and is documented in `cfg.toml`. Unknown keys, wrong types and bad
+URLs raise `ConfigError` naming the dotted key; the CLI turns that into one line and exit code 2.
+Secrets (admin token, NATS credentials, database password) are accepted only from the environment
+and are `Secret` values whose repr never shows them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from hl_monitor.errors import ConfigError
+from hl_monitor.hyperliquid import constants as hl
+
+ENV_PREFIX: Final = "HL_MONITOR__"
+DEFAULT_CONFIG_PATH: Final = Path("cfg.toml")
+MASK: Final = "***"
+
+
+class Secret(str):
+    """A string that never shows itself in repr, logs or the printed config."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class HyperliquidConfig(_Section, frozen=True):
+    ws_url: str = hl.MAINNET_WS_URL
+    info_url: str = hl.MAINNET_INFO_URL
+    # Precise slots: each precise whale needs its own connection (orderUpdates carries no user).
+    user_slots: int = 8
+    max_connections: int = hl.MAX_CONNECTIONS
+    max_new_connections_per_minute: int = hl.MAX_NEW_CONNECTIONS_PER_MINUTE
+    max_subscriptions: int = hl.MAX_SUBSCRIPTIONS
+    max_users: int = hl.MAX_USERS
+    max_client_messages_per_minute: int = hl.MAX_CLIENT_MESSAGES_PER_MINUTE
+    rest_weight_per_minute: int = hl.REST_WEIGHT_PER_MINUTE
+    ping_interval: float = hl.PING_INTERVAL_S
+    pong_timeout: float = hl.PONG_TIMEOUT_S
+    ack_timeout: float = hl.ACK_TIMEOUT_S
+    ack_retries: int = 3
+    stale_after: float = 15.0
+    reconnect_initial_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+    healthy_after: float = 60.0
+    backfill_margin: float = 60.0
+    over_budget_retry: float = 60.0
+    max_frame_bytes: int = 16 * 1024 * 1024
+    request_timeout: float = 10.0
+
+
+class NatsConfig(_Section, frozen=True):
+    url: str = "embedded"
+    stream: str = "HL_SIGNALS"
+    store_dir: str = "./data/nats"
+    duplicate_window: float = 7200.0
+    max_age: float = 7 * 86400.0
+    max_bytes: int = -1
+    retention: Literal["limits", "interest", "workqueue"] = "limits"
+    replicas: int = 1
+    publish_timeout: float = 5.0
+    max_inflight: int = 1000
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    user: Secret | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    creds: Secret | None = None
+
+
+class SignalsConfig(_Section, frozen=True):
+    subject_prefix: str = "hl.signals"
+    legacy_subject: str = "hl_address_signal"
+    legacy_enabled: bool = True
+
+
+class DatabaseConfig(_Section, frozen=True):
+    url: str = "sqlite+aiosqlite:///./data/hl-monitor.db"
+    password: Secret | None = None
+    pool_size: int = 5
+    max_overflow: int = 5
+    pool_recycle: float = 1800.0
+    connect_timeout: float = 10.0
+    tls_ca: str = ""
+    legacy_addresses_table: bool = False
+
+
+class HttpConfig(_Section, frozen=True):
+    listen: str = "0.0.0.0:8080"
+    admin_token: Secret | None = None
+    max_body_bytes: int = 1024 * 1024
+
+
+class AggregationConfig(_Section, frozen=True):
+    timeout: float = 300.0
+    scan_interval: float = 1.0
+    status_park_ttl: float = 600.0
+    flushed_ttl: float = 3600.0
+    max_pending_orders: int = 200_000
+    max_parked_statuses: int = 100_000
+    max_flushed_keys: int = 500_000
+
+
+class AddressesConfig(_Section, frozen=True):
+    reload_interval: float = 60.0
+    remove_grace: float = 300.0
+    server_id: int | None = None
+    initial: list[str] = msgspec.field(default_factory=list)
+
+
+class WriterConfig(_Section, frozen=True):
+    batch_size: int = 500
+    flush_interval: float = 0.5
+    queue_size: int = 50_000
+    retry_initial_delay: float = 0.5
+    retry_max_delay: float = 30.0
+
+
+class RetentionConfig(_Section, frozen=True):
+    interval: float = 3600.0
+    aggregations: float = 2 * 3600.0
+    signals: float = 7 * 86400.0
+    max_signals: int = 500_000
+    batch_size: int = 5000
+
+
+class LogConfig(_Section, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class ServiceConfig(_Section, frozen=True):
+    instance_id: str = ""
+    data_dir: str = "./data"
+    shutdown_timeout: float = 25.0
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
+    hyperliquid: HyperliquidConfig = msgspec.field(default_factory=HyperliquidConfig)
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    signals: SignalsConfig = msgspec.field(default_factory=SignalsConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    aggregation: AggregationConfig = msgspec.field(default_factory=AggregationConfig)
+    addresses: AddressesConfig = msgspec.field(default_factory=AddressesConfig)
+    writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    @property
+    def instance_id(self) -> str:
+        """Configured id, else host name + absolute data directory (two data dirs = two identities)."""
+        return self.service.instance_id or f"{socket.gethostname()}:{Path(self.service.data_dir).resolve()}"
+
+    def database_url(self) -> str:
+        """The DSN with the environment password filled in (never log this; see `masked`)."""
+        if self.database.password is None:
+            return self.database.url
+        parts = urlsplit(self.database.url)
+        user = parts.username or "root"
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        netloc = f"{user}:{self.database.password}@{host}{port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+SECRET_KEYS: Final = frozenset(
+    {
+        "nats.user",
+        "nats.password",
+        "nats.token",
+        "nats.creds",
+        "database.password",
+        "http.admin_token",
+    }
+)
+
+_PATH_RE: Final = re.compile(r" - at `\$\.?([^`]*)`$")
+_UNKNOWN_RE: Final = re.compile(r"unknown field `([^`]+)`")
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Secret and isinstance(obj, str):
+        return Secret(obj)
+    raise NotImplementedError
+
+
+def _key_from_validation(message: str) -> tuple[str, str]:
+    match = _PATH_RE.search(message)
+    path = match.group(1) if match else ""
+    text = message[: match.start()] if match else message
+    unknown = _UNKNOWN_RE.search(text)
+    if unknown:
+        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        text = "unknown key"
+    return path or "<root>", text
+
+
+def _env_overrides(environ: Mapping[str, str], data: dict[str, Any]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(name, f"expected {ENV_PREFIX}SECTION__KEY")
+        section, key = parts
+        if section not in Config.__struct_fields__:
+            raise ConfigError(f"{section}.{key}", f"unknown section {section!r} (from {name})")
+        section_type = Config.__annotations__[section]
+        fields = _section_fields(section_type)
+        if key not in fields:
+            raise ConfigError(f"{section}.{key}", f"unknown key (from {name})")
+        data.setdefault(section, {})[key] = _coerce_env(value, fields[key], f"{section}.{key}")
+
+
+def _section_fields(section_type: Any) -> dict[str, Any]:
+    sections: dict[str, type[msgspec.Struct]] = {
+        "ServiceConfig": ServiceConfig,
+        "HyperliquidConfig": HyperliquidConfig,
+        "NatsConfig": NatsConfig,
+        "SignalsConfig": SignalsConfig,
+        "DatabaseConfig": DatabaseConfig,
+        "HttpConfig": HttpConfig,
+        "AggregationConfig": AggregationConfig,
+        "AddressesConfig": AddressesConfig,
+        "WriterConfig": WriterConfig,
+        "RetentionConfig": RetentionConfig,
+        "LogConfig": LogConfig,
+    }
+    cls = sections[section_type if isinstance(section_type, str) else section_type.__name__]
+    return {f.name: f.type for f in msgspec.structs.fields(cls)}
+
+
+def _coerce_env(value: str, type_: Any, key: str) -> Any:
+    """Environment values are strings: lists are comma-separated, everything else goes through lax decoding."""
+    if getattr(type_, "__origin__", None) is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if value == "" and "None" in repr(type_):
+        return None
+    return value
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the configuration; raise `ConfigError` naming the bad key."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    cfg_path = path or DEFAULT_CONFIG_PATH
+    if cfg_path.exists():
+        try:
+            data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(cfg_path), f"not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(str(cfg_path), f"cannot read: {exc.strerror}") from None
+        for key in SECRET_KEYS:
+            section, name = key.split(".")
+            if isinstance(data.get(section), dict) and name in data[section]:
+                env_name = f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
+                raise ConfigError(key, f"secrets are read only from the environment; set {env_name}")
+    elif path is not None:
+        raise ConfigError(str(path), "config file does not exist")
+    _env_overrides(environ, data)
+    try:
+        cfg = msgspec.convert(data, Config, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        key, text = _key_from_validation(str(exc))
+        raise ConfigError(key, text) from None
+    validate(cfg)
+    return cfg
+
+
+def _require_scheme(key: str, url: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not (parts.netloc or parts.path):
+        raise ConfigError(key, f"{mask_url(url)!r} is not a URL with scheme {' or '.join(schemes)}")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:8080`) into a pair; `ValueError` when malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(value)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks msgspec cannot express."""
+    _require_scheme("hyperliquid.ws_url", cfg.hyperliquid.ws_url, ("ws", "wss"))
+    _require_scheme("hyperliquid.info_url", cfg.hyperliquid.info_url, ("http", "https"))
+    if cfg.nats.url != "embedded":
+        _require_scheme("nats.url", cfg.nats.url, ("nats", "tls"))
+    _require_scheme("database.url", cfg.database.url, ("sqlite+aiosqlite", "mysql+aiomysql", "mysql+pymysql", "mysql"))
+    if urlsplit(cfg.database.url).password and not os.environ.get(f"{ENV_PREFIX}DATABASE__URL"):
+        raise ConfigError(
+            "database.url",
+            f"put the password in {ENV_PREFIX}DATABASE__PASSWORD, not in the config file",
+        )
+    try:
+        parse_listen(cfg.http.listen)
+    except ValueError:
+        raise ConfigError("http.listen", f"{cfg.http.listen!r} is not host:port") from None
+    positive = {
+        "hyperliquid.user_slots": cfg.hyperliquid.user_slots,
+        "hyperliquid.max_connections": cfg.hyperliquid.max_connections,
+        "hyperliquid.max_users": cfg.hyperliquid.max_users,
+        "hyperliquid.rest_weight_per_minute": cfg.hyperliquid.rest_weight_per_minute,
+        "hyperliquid.ping_interval": cfg.hyperliquid.ping_interval,
+        "hyperliquid.stale_after": cfg.hyperliquid.stale_after,
+        "aggregation.timeout": cfg.aggregation.timeout,
+        "writer.batch_size": cfg.writer.batch_size,
+        "writer.queue_size": cfg.writer.queue_size,
+        "service.shutdown_timeout": cfg.service.shutdown_timeout,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value}")
+    if cfg.hyperliquid.user_slots > cfg.hyperliquid.max_connections:
+        raise ConfigError(
+            "hyperliquid.user_slots",
+            f"{cfg.hyperliquid.user_slots} slots need as many connections; max_connections is "
+            f"{cfg.hyperliquid.max_connections}",
+        )
+    for addr in cfg.addresses.initial:
+        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", addr):
+            raise ConfigError("addresses.initial", f"{addr!r} is not 0x + 40 hex digits")
+
+
+def mask_url(url: str) -> str:
+    """Replace the password of a URL with `***`."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username}:{MASK}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data with every secret masked (for check-config and /status)."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg, enc_hook=lambda obj: MASK)
+    for key in SECRET_KEYS:
+        section, name = key.split(".")
+        if data[section].get(name) is not None:
+            data[section][name] = MASK
+    data["database"]["url"] = mask_url(data["database"]["url"])
+    data["nats"]["url"] = mask_url(data["nats"]["url"])
+    data["service"]["effective_instance_id"] = cfg.instance_id
+    return data

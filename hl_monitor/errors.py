@@ -1,0 +1,116 @@
+"""Every error the service raises on purpose.
+
+    HlMonitorError
+     ├── ConfigError            bad config: unknown key, wrong type, bad URL (exit code 2)
+     ├── ProtocolError          a Hyperliquid frame or REST body we cannot use
+     │    └── FrameDecodeError  one WebSocket frame (kind: not_json | unknown_channel | invalid)
+     ├── InfoError              REST /info failed (status, body)
+     │    └── RateLimitedError  HTTP 429 after the retries ran out
+     ├── BudgetExceededError    a per-IP budget refused the request (budget, used, capacity)
+     ├── StorageError           the database refused or is unreachable
+     │    └── SchemaOutdatedError  the schema is behind the code: run `hl-monitor db upgrade`
+     ├── DeliveryError          NATS/JetStream refused or is unreachable
+     └── InstanceLockedError    another process holds this instance identity
+
+Each error keeps its facts as attributes so callers can count and log them without parsing text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExceededError",
+    "ConfigError",
+    "DeliveryError",
+    "FrameDecodeError",
+    "HlMonitorError",
+    "InfoError",
+    "InstanceLockedError",
+    "ProtocolError",
+    "RateLimitedError",
+    "SchemaOutdatedError",
+    "StorageError",
+]
+
+
+class HlMonitorError(Exception):
+    """Root of every error raised on purpose by hl-monitor."""
+
+
+class ConfigError(HlMonitorError):
+    """The configuration is invalid; `key` names the offending setting (dotted path)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"config error at {key}: {message}")
+
+
+class ProtocolError(HlMonitorError):
+    """A Hyperliquid payload we cannot use."""
+
+
+class FrameDecodeError(ProtocolError):
+    """One WebSocket frame could not be decoded.
+
+    `kind` is one of `not_json` (e.g. the plain-text greeting), `unknown_channel` (a channel we do
+    not model, `channel` holds its name) or `invalid` (known channel, wrong shape).
+    """
+
+    def __init__(self, kind: str, detail: str, channel: str | None = None) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.channel = channel
+        super().__init__(f"{kind}: {detail}" + (f" (channel {channel})" if channel else ""))
+
+
+class InfoError(HlMonitorError):
+    """A REST /info request failed."""
+
+    def __init__(self, request_type: str, status: int | None, detail: str) -> None:
+        self.request_type = request_type
+        self.status = status
+        self.detail = detail
+        super().__init__(f"info {request_type} failed (status {status}): {detail}")
+
+
+class RateLimitedError(InfoError):
+    """HTTP 429 from /info and the retries ran out."""
+
+
+class BudgetExceededError(HlMonitorError):
+    """A per-IP budget refused a request instead of letting the service exceed the exchange's limit."""
+
+    def __init__(self, budget: str, used: float, capacity: float) -> None:
+        self.budget = budget
+        self.used = used
+        self.capacity = capacity
+        super().__init__(f"budget {budget} exhausted ({used:g}/{capacity:g})")
+
+
+class StorageError(HlMonitorError):
+    """The database refused a statement or is unreachable."""
+
+
+class SchemaOutdatedError(StorageError):
+    """The database schema is older than the code."""
+
+    def __init__(self, current: str | None, expected: str) -> None:
+        self.current = current
+        self.expected = expected
+        super().__init__(
+            f"database schema is at revision {current or 'none'} but this version needs {expected}; "
+            "run `hl-monitor db upgrade` (with the same --config) and start again"
+        )
+
+
+class DeliveryError(HlMonitorError):
+    """NATS or JetStream refused a publish or is unreachable."""
+
+
+class InstanceLockedError(HlMonitorError):
+    """Another live process already runs with this instance identity."""
+
+    def __init__(self, instance_id: str, holder: str) -> None:
+        self.instance_id = instance_id
+        self.holder = holder
+        super().__init__(f"instance {instance_id!r} is already running ({holder}); refusing to start twice")

@@ -1,0 +1,1 @@
+"""Hyperliquid protocol knowledge: typed frames, encoders, constants, REST client, symbols. No service logic."""

@@ -1,0 +1,114 @@
+"""The signal: one per order (or per flip half, TWAP, tape block), the service's only output.
+
+This is the contract shared by the tracking engine (which builds it), storage (which persists it and
+uses it as the outbox) and delivery (which publishes it). JSON keys keep the old service's names and
+meanings; decimals are exact JSON numbers, never rounded floats.
+
+`signal_id` forms (deterministic from exchange data, so replays, restarts and a second instance agree):
+- precise order:         `{address}:{oid}:{dir_code}`            e.g. `0xab…:535618784464:OL`
+- continuation (a late fill after a flush while the order was still open):
+                         `{address}:{oid}:{dir_code}:c{first_tid}`
+- TWAP:                  `{address}:twap{twap_id}:{dir_code}`
+- market tape block:     `{address}:tape:{coin}:{side}:{block_time}`
+- reconcile drift:       `{address}:recon:{coin}:{time}`
+`dir_code` is a short stable code of the split direction (OL, OS, CL, CS, B, S, LQ…), see `DIR_CODES`.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Final, Literal, TypeAlias
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+
+Direction: TypeAlias = Literal["open", "close"]
+PositionSide: TypeAlias = Literal["LONG", "SHORT"]
+AssetType: TypeAlias = Literal["futures", "spot"]
+Source: TypeAlias = Literal["user_fills", "market_tape", "reconcile"]
+Trigger: TypeAlias = Literal["status", "timeout", "reconcile", "shutdown", "tape_block", "drift"]
+
+# Old payload keys, in the order the Go service emitted them, for the legacy subject.
+LEGACY_KEYS: Final = (
+    "address",
+    "asset_type",
+    "symbol",
+    "coin_type",
+    "direction",
+    "side",
+    "position_rate",
+    "close_rate",
+    "size",
+    "price",
+    "timestamp",
+)
+
+
+class LiquidationInfo(msgspec.Struct, frozen=True):
+    """The fill's liquidation block, carried on liquidation/ADL close signals."""
+
+    mark_px: Decimal | None
+    method: str | None
+    liquidated_user: str | None = None
+
+
+class Signal(msgspec.Struct, frozen=True, kw_only=True):
+    """One trading signal. Field order is the JSON key order."""
+
+    # --- the old service's keys (same meaning) ---
+    address: str
+    asset_type: AssetType
+    symbol: str
+    coin_type: str
+    direction: Direction
+    side: PositionSide
+    position_rate: Decimal
+    close_rate: Decimal
+    size: Decimal
+    price: Decimal
+    timestamp: int  # first fill's exchange time, ms
+    # --- new keys ---
+    signal_id: str
+    schema_version: int = SCHEMA_VERSION
+    source: Source = "user_fills"
+    coin: str
+    dir: str  # Hyperliquid `dir` after the flip split (or the liquidation label)
+    oid: int | None = None
+    twap_id: int | None = None
+    status: str | None = None  # terminal order status, when known
+    trigger: Trigger
+    fill_count: int
+    first_fill_time: int
+    last_fill_time: int
+    notional_usd: Decimal
+    position_before: Decimal | None = None
+    position_after: Decimal | None = None
+    full_close: bool = False
+    liquidation: LiquidationInfo | None = None
+    backfilled: bool = False
+    lateness_ms: int | None = None  # receive time minus last fill time, for backfilled signals
+    label: str | None = None
+    detected_at: int  # local wall clock when the signal was built, ms
+    detected_by: str | None = None  # instance id
+
+    def legacy_payload(self) -> dict[str, object]:
+        """The flat object the old `hl_address_signal` consumers expect."""
+        return {key: getattr(self, key) for key in LEGACY_KEYS}
+
+
+_ENCODER: Final = msgspec.json.Encoder(decimal_format="number")
+_DECODER: Final = msgspec.json.Decoder(Signal)
+
+
+def encode_signal(signal: Signal) -> bytes:
+    """Signal JSON with exact decimal numbers."""
+    return _ENCODER.encode(signal)
+
+
+def encode_legacy(signal: Signal) -> bytes:
+    return _ENCODER.encode(signal.legacy_payload())
+
+
+def decode_signal(raw: bytes | str) -> Signal:
+    return _DECODER.decode(raw)
