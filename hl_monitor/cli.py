@@ -22,7 +22,10 @@ EXIT_CONFIG = 2
 Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add subcommands: each has `register(subparsers)`; handlers are set with `set_defaults(handler=...)`.
-_COMMAND_MODULES: tuple[str, ...] = ("hl_monitor.app",)
+_COMMAND_MODULES: tuple[str, ...] = (
+    "hl_monitor.app",
+    "hl_monitor.ops.healthcheck",
+)
 
 
 class _Subparsers(Protocol):
