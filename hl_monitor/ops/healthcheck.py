@@ -38,8 +38,8 @@ def check(url: str, timeout: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
             pass
         return False, f"{exc.code} from {url}: {reason.strip()[:300]}"
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason: object = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return False, f"unreachable {url}: {reason}"
+        cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return False, f"unreachable {url}: {cause}"
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
