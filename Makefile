@@ -9,7 +9,7 @@ export UV_LINK_MODE := copy
 CONFIG ?= cfg.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt sim db-upgrade clean
+.PHONY: help install tools run test lint fmt sim db-upgrade clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,7 +36,15 @@ fmt: install ## format the code
 	$(UV) run --locked ruff format .
 	$(UV) run --locked ruff check --fix .
 
-test: lint ## lint, then the whole test suite (CI runs exactly this)
+# promtool (alert-rule unit tests) and docker-compose (compose validation) come from Debian's packages.
+tools: ## install promtool and docker-compose from Debian's packages when missing (needs root)
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
+	  else echo "make tools: run as root or install Debian packages prometheus and docker-compose"; fi; \
+	fi
+
+test: lint tools ## lint, then the whole test suite (CI runs exactly this)
 	$(UV) run --locked pytest
 
 sim: install ## run the fake Hyperliquid on 127.0.0.1:8765

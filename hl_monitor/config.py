@@ -51,6 +51,8 @@ class HyperliquidConfig(_Section, frozen=True):
     max_users: int = hl.MAX_USERS
     max_client_messages_per_minute: int = hl.MAX_CLIENT_MESSAGES_PER_MINUTE
     rest_weight_per_minute: int = hl.REST_WEIGHT_PER_MINUTE
+    # Share of REST weight/messages only high priority may use, so gap recovery never starves behind polling.
+    budget_high_priority_reserve: float = 0.25
     ping_interval: float = hl.PING_INTERVAL_S
     pong_timeout: float = hl.PONG_TIMEOUT_S
     ack_timeout: float = hl.ACK_TIMEOUT_S
@@ -76,6 +78,12 @@ class NatsConfig(_Section, frozen=True):
     replicas: int = 1
     publish_timeout: float = 5.0
     max_inflight: int = 1000
+    embedded_port: int = 0  # 0 = a free loopback port, so the embedded server never collides with a system NATS on 4222
+    reconnect_wait: float = 2.0  # seconds between NATS reconnect attempts (nats-py default; tests use less)
+    outbox_size: int = 10_000  # signals held in memory awaiting an ack; beyond that the store scan carries them
+    outbox_scan_interval: float = 5.0  # how often persisted-but-unacked signals are re-read from the store
+    retry_initial_delay: float = 0.2  # first pause after a failed publish; doubles up to retry_max_delay
+    retry_max_delay: float = 10.0  # cap of the publish retry backoff: NATS back ⇒ delivery resumes within this
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -100,12 +108,14 @@ class DatabaseConfig(_Section, frozen=True):
     connect_timeout: float = 10.0
     tls_ca: str = ""
     legacy_addresses_table: bool = False
+    sqlite_busy_timeout: float = 5.0  # seconds a SQLite writer waits for the file lock (cleaner, CLI) before retrying
 
 
 class HttpConfig(_Section, frozen=True):
     listen: str = "0.0.0.0:8080"
     admin_token: Secret | None = None
     max_body_bytes: int = 1024 * 1024
+    auth_failures_per_minute: int = 10  # failed admin logins per client IP a minute before 429 (slows token guessing)
 
 
 class AggregationConfig(_Section, frozen=True):
@@ -116,6 +126,9 @@ class AggregationConfig(_Section, frozen=True):
     max_pending_orders: int = 200_000
     max_parked_statuses: int = 100_000
     max_flushed_keys: int = 500_000
+    status_grace: float = 10.0  # a terminal status waits this long for the fills it accounts for
+    seen_window: float = 3600.0  # fill keys kept per address so replays/backfills in this window dedupe exactly
+    max_seen_per_address: int = 20_000  # caps one very active address's keys (its dedup floor rises instead)
 
 
 class AddressesConfig(_Section, frozen=True):
@@ -138,6 +151,8 @@ class RetentionConfig(_Section, frozen=True):
     aggregations: float = 2 * 3600.0
     signals: float = 7 * 86400.0
     max_signals: int = 500_000
+    # Unflushed aggregations idle this long are abandoned (their order ended long ago).
+    open_aggregations: float = 86400.0
     batch_size: int = 5000
 
 
@@ -328,6 +343,7 @@ def validate(cfg: Config) -> None:
         "writer.batch_size": cfg.writer.batch_size,
         "writer.queue_size": cfg.writer.queue_size,
         "service.shutdown_timeout": cfg.service.shutdown_timeout,
+        "http.auth_failures_per_minute": cfg.http.auth_failures_per_minute,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -166,7 +166,8 @@ def test_every_subcommand_has_help() -> None:
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    names = list(subparsers.choices)  # type: ignore[attr-defined]
+    assert isinstance(subparsers.choices, dict)
+    names = list(subparsers.choices)
     assert {"run", "check-config"} <= set(names)
     for name in names:
         result = _cli(name, "--help")

@@ -1,47 +1,62 @@
 """Typed Hyperliquid WebSocket frames and REST bodies, decoders and command encoders.
 
 Pure: bytes in, typed values out (and back). No I/O, no logging, no globals beyond immutable decoders.
-Prices, sizes, PnL and fees are `Decimal` (the wire sends decimal strings); times, oids and tids are
-`int`. Unknown fields are ignored so new exchange fields never break decoding; unknown channels and
-malformed frames raise `FrameDecodeError`, the one error a caller has to count.
+Prices, sizes, PnL and fees are `Decimal` (the wire sends decimal strings; NaN/Infinity are rejected);
+times, oids and tids are non-negative `int`s that fit a signed 64-bit column. Unknown fields are ignored so new exchange
+fields never break decoding; unknown channels and malformed frames raise `FrameDecodeError`, the one
+error a caller has to count. REST bodies decode with `decode_info` and raise `ProtocolError`.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, get_args
 
 import msgspec
 
 from hl_monitor.errors import FrameDecodeError, ProtocolError
+from hl_monitor.hyperliquid.constants import classify_error_text
 
 __all__ = [
+    "KNOWN_CHANNELS",
     "AllDexsClearinghouseStateData",
     "AllDexsClearinghouseStateFrame",
+    "AllMids",
     "AllMidsData",
     "AllMidsFrame",
     "AssetPosition",
     "BboData",
     "BboFrame",
+    "BboLevel",
     "ClearinghouseState",
     "ClearinghouseStateData",
     "ClearinghouseStateFrame",
+    "CumFunding",
     "ErrorFrame",
     "Fill",
     "Frame",
     "FrontendOrder",
+    "HistoricalOrders",
     "Leverage",
     "Liquidation",
+    "LiquidationEvent",
     "MarginSummary",
+    "MetaAndAssetCtxs",
+    "NonUserCancel",
+    "OpenOrdersData",
+    "OpenOrdersFrame",
+    "OrderStatusEntry",
     "OrderStatusResponse",
     "OrderUpdatesFrame",
     "PerpAssetCtx",
     "PerpDex",
+    "PerpDexs",
     "PerpMeta",
     "PerpUniverseEntry",
     "PongFrame",
     "Position",
     "SpotBalance",
+    "SpotClearinghouseState",
     "SpotMeta",
     "SpotPair",
     "SpotState",
@@ -52,10 +67,19 @@ __all__ = [
     "Subscription",
     "SubscriptionResponseFrame",
     "TradesFrame",
+    "TwapHistoryEntry",
+    "TwapSliceFill",
+    "TwapState",
+    "TwapStatus",
     "UserEventsData",
     "UserEventsFrame",
     "UserFillsData",
     "UserFillsFrame",
+    "UserFunding",
+    "UserTwapHistoryData",
+    "UserTwapHistoryFrame",
+    "UserTwapSliceFillsData",
+    "UserTwapSliceFillsFrame",
     "WsBasicOrder",
     "WsOrder",
     "WsTrade",
@@ -69,6 +93,17 @@ __all__ = [
 ]
 
 Side: TypeAlias = Literal["B", "A"]
+# Times, oids, tids and twap ids: non-negative JSON numbers (oids > 2^32, tids ≤ 50 bits). The bound is
+# int64 (msgspec's limit for constraints, and a signed BIGINT column), far above any real value.
+U64: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_T = TypeVar("_T")
+
+
+def _require_finite(*values: Decimal | None) -> None:
+    """Reject NaN/Infinity, which the Decimal type accepts but no price or size can be (raised as invalid)."""
+    for value in values:
+        if value is not None and not value.is_finite():
+            raise ValueError(f"non-finite decimal {value}")
 
 
 class _Wire(msgspec.Struct, rename="camel", frozen=True, gc=False):
@@ -79,7 +114,7 @@ class _Wire(msgspec.Struct, rename="camel", frozen=True, gc=False):
 
 
 class Liquidation(_Wire, frozen=True):
-    """The `liquidation` block of a liquidation fill (`markPx` is a string on the wire)."""
+    """The `liquidation` block of a liquidation fill (`markPx` is a string; `liquidatedUser` may be absent)."""
 
     mark_px: Decimal
     method: str
@@ -93,21 +128,34 @@ class Fill(_Wire, frozen=True):
     px: Decimal
     sz: Decimal
     side: Side
-    time: int
+    time: U64
     start_position: Decimal
     dir: str
     closed_pnl: Decimal
     hash: str
-    oid: int
+    oid: U64
     crossed: bool
     fee: Decimal
-    tid: int
+    tid: U64
     fee_token: str = "USDC"
-    twap_id: int | None = None
+    twap_id: U64 | None = None
     cloid: str | None = None
     builder_fee: Decimal | None = None
     liquidation: Liquidation | None = None
     fee_trial_escrow: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        _require_finite(self.px, self.sz, self.start_position, self.closed_pnl, self.fee)
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Chronological order: `(time, tid)` (REST order is not guaranteed, §8)."""
+        return (self.time, self.tid)
+
+    @property
+    def identity(self) -> tuple[str, int, int]:
+        """`(coin, oid, tid)`: with the user this is the dedupe key (§3.6); never the hash (zeros for TWAP)."""
+        return (self.coin, self.oid, self.tid)
 
 
 class UserFillsData(_Wire, frozen=True):
@@ -115,6 +163,54 @@ class UserFillsData(_Wire, frozen=True):
 
     user: str
     fills: list[Fill]
+    is_snapshot: bool = False
+
+
+class TwapSliceFill(_Wire, frozen=True):
+    """One `userTwapSliceFills` entry: the inner fill's own `twapId` is null; the outer one is the TWAP."""
+
+    fill: Fill
+    twap_id: U64
+
+
+class UserTwapSliceFillsData(_Wire, frozen=True):
+    user: str
+    twap_slice_fills: list[TwapSliceFill]
+    is_snapshot: bool = False
+
+
+class TwapState(_Wire, frozen=True):
+    coin: str
+    side: Side
+    sz: Decimal
+    executed_sz: Decimal
+    executed_ntl: Decimal
+    minutes: int
+    reduce_only: bool
+    randomize: bool
+    timestamp: U64
+    user: str | None = None
+
+
+class TwapStatus(_Wire, frozen=True):
+    """`status` is an open string (`activated`, `finished`, `terminated`, `error`, …)."""
+
+    status: str
+    description: str | None = None
+
+
+class TwapHistoryEntry(_Wire, frozen=True):
+    """One `userTwapHistory` entry. Note: `time` is in **seconds** here (captured), `state.timestamp` in ms."""
+
+    time: U64
+    state: TwapState
+    status: TwapStatus
+    twap_id: U64 | None = None
+
+
+class UserTwapHistoryData(_Wire, frozen=True):
+    user: str
+    history: list[TwapHistoryEntry]
     is_snapshot: bool = False
 
 
@@ -128,11 +224,14 @@ class WsBasicOrder(_Wire, frozen=True):
     side: Side
     limit_px: Decimal
     sz: Decimal
-    oid: int
-    timestamp: int
+    oid: U64
+    timestamp: U64
     orig_sz: Decimal
     cloid: str | None = None
     reduce_only: bool | None = None
+
+    def __post_init__(self) -> None:
+        _require_finite(self.limit_px, self.sz, self.orig_sz)
 
 
 class WsOrder(_Wire, frozen=True):
@@ -140,7 +239,7 @@ class WsOrder(_Wire, frozen=True):
 
     order: WsBasicOrder
     status: str
-    status_timestamp: int
+    status_timestamp: U64
 
 
 class FrontendOrder(_Wire, frozen=True):
@@ -150,8 +249,8 @@ class FrontendOrder(_Wire, frozen=True):
     side: Side
     limit_px: Decimal
     sz: Decimal
-    oid: int
-    timestamp: int
+    oid: U64
+    timestamp: U64
     orig_sz: Decimal
     cloid: str | None = None
     reduce_only: bool | None = None
@@ -161,7 +260,10 @@ class FrontendOrder(_Wire, frozen=True):
     trigger_px: Decimal | None = None
     trigger_condition: str | None = None
     is_position_tpsl: bool | None = None
-    children: list[Any] = msgspec.field(default_factory=list)
+    children: list[FrontendOrder] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require_finite(self.limit_px, self.sz, self.orig_sz, self.trigger_px)
 
 
 class OrderStatusEntry(_Wire, frozen=True):
@@ -169,7 +271,7 @@ class OrderStatusEntry(_Wire, frozen=True):
 
     order: FrontendOrder
     status: str
-    status_timestamp: int
+    status_timestamp: U64
 
 
 class OrderStatusResponse(_Wire, frozen=True):
@@ -177,6 +279,14 @@ class OrderStatusResponse(_Wire, frozen=True):
 
     status: str
     order: OrderStatusEntry | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.order is not None
+
+
+# REST `historicalOrders`: at most 2000, newest first.
+HistoricalOrders: TypeAlias = list[OrderStatusEntry]
 
 
 # ---------------------------------------------------------------------------------------- positions
@@ -186,6 +296,12 @@ class Leverage(_Wire, frozen=True):
     type: str
     value: int
     raw_usd: Decimal | None = None
+
+
+class CumFunding(_Wire, frozen=True):
+    all_time: Decimal = Decimal(0)
+    since_open: Decimal = Decimal(0)
+    since_change: Decimal = Decimal(0)
 
 
 class Position(_Wire, frozen=True):
@@ -201,6 +317,10 @@ class Position(_Wire, frozen=True):
     return_on_equity: Decimal = Decimal(0)
     unrealized_pnl: Decimal = Decimal(0)
     max_leverage: int | None = None
+    cum_funding: CumFunding | None = None
+
+    def __post_init__(self) -> None:
+        _require_finite(self.szi, self.entry_px)
 
 
 class AssetPosition(_Wire, frozen=True):
@@ -223,7 +343,11 @@ class ClearinghouseState(_Wire, frozen=True):
     cross_margin_summary: MarginSummary | None = None
     cross_maintenance_margin_used: Decimal = Decimal(0)
     withdrawable: Decimal = Decimal(0)
-    time: int = 0
+    time: U64 = 0
+
+    def positions(self) -> dict[str, Position]:
+        """Open positions by coin (HIP-3 coins keep their `dex:` prefix)."""
+        return {ap.position.coin: ap.position for ap in self.asset_positions}
 
 
 class ClearinghouseStateData(_Wire, frozen=True):
@@ -250,14 +374,29 @@ class SpotBalance(_Wire, frozen=True):
     token: int | None = None
     entry_ntl: Decimal | None = None
 
+    def __post_init__(self) -> None:
+        _require_finite(self.total)
+
 
 class SpotState(_Wire, frozen=True):
     balances: list[SpotBalance] = msgspec.field(default_factory=list)
 
 
+# REST `spotClearinghouseState` has the same body as the WS `spotState.spotState`.
+SpotClearinghouseState: TypeAlias = SpotState
+
+
 class SpotStateData(_Wire, frozen=True):
     user: str
     spot_state: SpotState
+
+
+class OpenOrdersData(_Wire, frozen=True):
+    """WS `openOrders`: the full list of resting orders (frontend fields) for one dex."""
+
+    user: str
+    orders: list[FrontendOrder]
+    dex: str = ""
 
 
 # ---------------------------------------------------------------------------------------- public feeds
@@ -270,15 +409,27 @@ class WsTrade(_Wire, frozen=True):
     side: Side
     px: Decimal
     sz: Decimal
-    time: int
-    tid: int
+    time: U64
+    tid: U64
     hash: str = ""
     users: tuple[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        _require_finite(self.px, self.sz)
+
 
 class AllMidsData(_Wire, frozen=True):
+    """WS `allMids` data (`dex` only when requested). REST `allMids` returns the bare map (`AllMids`)."""
+
     mids: dict[str, Decimal]
     dex: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_finite(*self.mids.values())
+
+
+# REST `allMids`: `{"BTC": "80868.5", ...}`.
+AllMids: TypeAlias = dict[str, Decimal]
 
 
 class BboLevel(_Wire, frozen=True):
@@ -289,17 +440,45 @@ class BboLevel(_Wire, frozen=True):
 
 class BboData(_Wire, frozen=True):
     coin: str
-    time: int
+    time: U64
     bbo: tuple[BboLevel | None, BboLevel | None]
 
 
+class NonUserCancel(_Wire, frozen=True):
+    """An order the system (not the user) cancelled."""
+
+    coin: str
+    oid: U64
+
+
+class UserFunding(_Wire, frozen=True):
+    """A funding payment; `usdc` negative = paid."""
+
+    time: U64
+    coin: str
+    usdc: Decimal
+    szi: Decimal
+    funding_rate: Decimal
+    n_samples: int | None = None
+
+
+class LiquidationEvent(msgspec.Struct, frozen=True, gc=False):
+    """The `liquidation` event of `userEvents`: its keys are snake_case on the wire (§2.4)."""
+
+    lid: U64
+    liquidator: str
+    liquidated_user: str
+    liquidated_ntl_pos: Decimal
+    liquidated_account_value: Decimal
+
+
 class UserEventsData(_Wire, frozen=True):
-    """`userEvents` (channel `user`): exactly one key is set. Only `fills` and `non_user_cancel` are used."""
+    """`userEvents` (channel `user`): exactly one key is set (`twapHistory`/`twapSliceFills` are ignored)."""
 
     fills: list[Fill] | None = None
-    non_user_cancel: list[dict[str, Any]] | None = None
-    funding: dict[str, Any] | None = None
-    liquidation: dict[str, Any] | None = None
+    non_user_cancel: list[NonUserCancel] | None = None
+    funding: UserFunding | None = None
+    liquidation: LiquidationEvent | None = None
 
 
 # ---------------------------------------------------------------------------------------- frames
@@ -324,6 +503,11 @@ class PongFrame(_Frame, tag="pong", frozen=True):
 
 class ErrorFrame(_Frame, tag="error", frozen=True):
     data: str
+
+    @property
+    def kind(self) -> str:
+        """Bounded label for metrics (`user_cap`, `already_subscribed`, …, `other`)."""
+        return classify_error_text(self.data)
 
 
 class UserFillsFrame(_Frame, tag="userFills", frozen=True):
@@ -352,6 +536,18 @@ class SpotStateFrame(_Frame, tag="spotState", frozen=True):
     data: SpotStateData
 
 
+class OpenOrdersFrame(_Frame, tag="openOrders", frozen=True):
+    data: OpenOrdersData
+
+
+class UserTwapSliceFillsFrame(_Frame, tag="userTwapSliceFills", frozen=True):
+    data: UserTwapSliceFillsData
+
+
+class UserTwapHistoryFrame(_Frame, tag="userTwapHistory", frozen=True):
+    data: UserTwapHistoryData
+
+
 class TradesFrame(_Frame, tag="trades", frozen=True):
     data: list[WsTrade]
 
@@ -374,27 +570,16 @@ Frame: TypeAlias = (
     | ClearinghouseStateFrame
     | AllDexsClearinghouseStateFrame
     | SpotStateFrame
+    | OpenOrdersFrame
+    | UserTwapSliceFillsFrame
+    | UserTwapHistoryFrame
     | TradesFrame
     | AllMidsFrame
     | BboFrame
 )
 
-KNOWN_CHANNELS: Final = frozenset(
-    {
-        "subscriptionResponse",
-        "pong",
-        "error",
-        "userFills",
-        "orderUpdates",
-        "user",
-        "clearinghouseState",
-        "allDexsClearinghouseState",
-        "spotState",
-        "trades",
-        "allMids",
-        "bbo",
-    }
-)
+# Derived from the union so a new frame type can never be forgotten here.
+KNOWN_CHANNELS: Final[frozenset[str]] = frozenset(str(t.__struct_config__.tag) for t in get_args(Frame))
 
 
 class _Envelope(msgspec.Struct):
@@ -403,6 +588,8 @@ class _Envelope(msgspec.Struct):
 
 _FRAME_DECODER: Final = msgspec.json.Decoder(Frame)
 _ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
+# Enough of a bad frame to recognise it in a log line without copying megabytes.
+_ERROR_HEAD_CHARS: Final = 80
 
 
 def decode_frame(raw: bytes | str) -> Frame:
@@ -415,12 +602,16 @@ def decode_frame(raw: bytes | str) -> Frame:
     except msgspec.DecodeError as exc:
         # DecodeError is also the base of ValidationError; tell them apart below.
         if not isinstance(exc, msgspec.ValidationError):
-            head = raw[:80] if isinstance(raw, str) else raw[:80].decode("utf-8", "replace")
-            raise FrameDecodeError("not_json", f"{exc}: {head!r}") from None
+            head = raw[:_ERROR_HEAD_CHARS]
+            text = head if isinstance(head, str) else head.decode("utf-8", "replace")
+            raise FrameDecodeError("not_json", f"{exc}: {text!r}") from None
         channel = _channel_of(raw)
         if channel is not None and channel not in KNOWN_CHANNELS:
             raise FrameDecodeError("unknown_channel", str(exc), channel=channel) from None
         raise FrameDecodeError("invalid", str(exc), channel=channel) from None
+    except UnicodeError as exc:
+        # A str frame with lone surrogates cannot even be encoded to UTF-8: it is not JSON.
+        raise FrameDecodeError("not_json", f"{type(exc).__name__}: {exc}") from None
     except (ValueError, TypeError, RecursionError, MemoryError) as exc:
         # msgspec raises plain ValueError/RecursionError on pathological nesting; keep the one-error contract.
         raise FrameDecodeError("invalid", f"{type(exc).__name__}: {exc}") from None
@@ -466,7 +657,7 @@ def subscription_from_echo(echo: dict[str, Any]) -> Subscription:
             dex=echo.get("dex"),
             aggregate_by_time=echo.get("aggregateByTime"),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ProtocolError(f"ack echo without a subscription type: {echo!r}") from exc
 
 
@@ -480,6 +671,7 @@ _PING: Final = b'{"method":"ping"}'
 
 
 def encode_subscribe(sub: Subscription) -> bytes:
+    """`{"method":"subscribe","subscription":{...}}`, compact, unset optional keys omitted."""
     return _ENCODER.encode(_Command("subscribe", sub))
 
 
@@ -496,23 +688,48 @@ def encode_ping() -> bytes:
 
 
 class PerpUniverseEntry(_Wire, frozen=True):
+    """One `meta.universe` entry; a delisted coin keeps its index (`isDelisted: true`)."""
+
     name: str
     sz_decimals: int = 0
     max_leverage: int = 0
+    margin_table_id: int | None = None
     is_delisted: bool | None = None
     only_isolated: bool | None = None
 
 
 class PerpMeta(_Wire, frozen=True):
     universe: list[PerpUniverseEntry]
+    collateral_token: int | None = None
 
 
 class PerpAssetCtx(_Wire, frozen=True):
-    """One `metaAndAssetCtxs` context, aligned by index with `meta.universe`."""
+    """One `metaAndAssetCtxs` context, aligned by index with `meta.universe` (book-less: mid/premium null)."""
 
     day_ntl_vlm: Decimal = Decimal(0)
     mark_px: Decimal | None = None
     mid_px: Decimal | None = None
+    funding: Decimal | None = None
+    open_interest: Decimal | None = None
+    oracle_px: Decimal | None = None
+    premium: Decimal | None = None
+    prev_day_px: Decimal | None = None
+    day_base_vlm: Decimal | None = None
+    impact_pxs: tuple[Decimal, Decimal] | None = None
+
+
+class MetaAndAssetCtxs(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """REST `metaAndAssetCtxs`: the wire pair `[meta, [ctx, ...]]`, contexts aligned by index."""
+
+    meta: PerpMeta
+    asset_ctxs: list[PerpAssetCtx]
+
+    def __post_init__(self) -> None:
+        if len(self.meta.universe) != len(self.asset_ctxs):
+            raise ValueError(f"{len(self.meta.universe)} coins but {len(self.asset_ctxs)} asset contexts")
+
+    def by_coin(self) -> dict[str, PerpAssetCtx]:
+        return {entry.name: ctx for entry, ctx in zip(self.meta.universe, self.asset_ctxs, strict=True)}
 
 
 class SpotToken(_Wire, frozen=True):
@@ -521,9 +738,13 @@ class SpotToken(_Wire, frozen=True):
     sz_decimals: int = 0
     wei_decimals: int = 0
     is_canonical: bool | None = None
+    token_id: str | None = None
+    full_name: str | None = None
 
 
 class SpotPair(_Wire, frozen=True):
+    """A spot pair: `tokens` are `[base, quote]` token indexes; the wire coin is `name` (`@N` or `PURR/USDC`)."""
+
     name: str
     tokens: tuple[int, int]
     index: int
@@ -538,9 +759,14 @@ class SpotMeta(_Wire, frozen=True):
 class PerpDex(_Wire, frozen=True):
     name: str
     full_name: str | None = None
+    deployer: str | None = None
 
 
-def decode_info(raw: bytes | str, type_: type[Any]) -> Any:
+# REST `perpDexs`: the first dex is `null`, builder dexs follow.
+PerpDexs: TypeAlias = list[PerpDex | None]
+
+
+def decode_info(raw: bytes | str, type_: type[_T]) -> _T:
     """Decode a REST /info body into `type_`; raise `ProtocolError` (never anything else) on bad input."""
     try:
         return msgspec.json.decode(raw, type=type_)

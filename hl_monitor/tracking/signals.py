@@ -11,7 +11,10 @@ meanings; decimals are exact JSON numbers, never rounded floats.
 - TWAP:                  `{address}:twap{twap_id}:{dir_code}`
 - market tape block:     `{address}:tape:{coin}:{side}:{block_time}`
 - reconcile drift:       `{address}:recon:{coin}:{time}`
-`dir_code` is a short stable code of the split direction (OL, OS, CL, CS, B, S, LQ…), see `DIR_CODES`.
+`dir_code` is a short stable code of the split direction, see `DIR_CODES`: `OL OS CL CS` (perp
+open/close long/short), `B S` (spot buy/sell). Fills whose `dir` is a liquidation, ADL or settlement label
+are split by position arithmetic and coded `{family}-{part}`, e.g. `LCL-CL` (Liquidated Cross Long, closing
+a long) or `ADL-CS`. A TWAP continuation appends `:c{first_tid}` to the TWAP form as well.
 """
 
 from __future__ import annotations
@@ -43,6 +46,38 @@ LEGACY_KEYS: Final = (
     "price",
     "timestamp",
 )
+
+
+# Short stable codes for the Hyperliquid `dir` labels that can start an aggregation. Ids are built from
+# these, so they must never change once released.
+DIR_CODES: Final[dict[str, str]] = {
+    "Open Long": "OL",
+    "Open Short": "OS",
+    "Close Long": "CL",
+    "Close Short": "CS",
+    "Buy": "B",
+    "Sell": "S",
+    "Liquidated Cross Long": "LCL",
+    "Liquidated Cross Short": "LCS",
+    "Liquidated Isolated Long": "LIL",
+    "Liquidated Isolated Short": "LIS",
+    "Auto-Deleveraging": "ADL",
+    "Partial Borrow Liquidation": "PBL",
+    "Backstop Borrow Liquidation": "BBL",
+    "Settlement": "SET",
+}
+
+
+def order_signal_id(address: str, oid: int, dir_code: str, continuation_tid: int | None = None) -> str:
+    """`{address}:{oid}:{dir_code}`, or the continuation form with `:c{first_tid}`."""
+    base = f"{address}:{oid}:{dir_code}"
+    return base if continuation_tid is None else f"{base}:c{continuation_tid}"
+
+
+def twap_signal_id(address: str, twap_id: int, dir_code: str, continuation_tid: int | None = None) -> str:
+    """`{address}:twap{twap_id}:{dir_code}`, or the continuation form with `:c{first_tid}`."""
+    base = f"{address}:twap{twap_id}:{dir_code}"
+    return base if continuation_tid is None else f"{base}:c{continuation_tid}"
 
 
 class LiquidationInfo(msgspec.Struct, frozen=True):

@@ -1,0 +1,398 @@
+"""JetStream publisher: one NATS connection, the signal stream, one stored message per `signal_id`.
+
+Subject of a signal: `{signals.subject_prefix}.{address}.{symbol}.{direction}.{side}`, e.g.
+`hl.signals.0xabc….BTCUSDC.close.SHORT`, so a consumer can filter by address (`hl.signals.0xabc….>`), symbol
+(`hl.signals.*.BTCUSDC.>`), direction or side. Address and symbol go through `subject_token`: characters that
+NATS forbids in a token ('.', '*', '>', whitespace) and anything outside `[A-Za-z0-9_:/@+=-]` become `%XX` (the
+UTF-8 bytes in upper-case hex, '%' itself included, so the mapping is reversible); `@107`, `xyz:XYZ100` and
+`PURR/USDC` stay as they are. Every message carries `Nats-Msg-Id: signal_id`: JetStream stores a re-published
+id once within the stream's `duplicate_window` and answers `PubAck.duplicate`.
+
+The duplicate window (default 2 h) must cover the longest re-publish horizon: the outbox re-sends signals that
+were persisted but not acknowledged after a NATS outage or a service restart. The server keeps every id seen in
+the window in memory (roughly 150 B each), so 2 h at a sustained 100 signals/s costs about 100 MB; shorten it
+for very high rates.
+
+Legacy subject: old consumers used core NATS subscriptions on `hl_address_signal`, so the old flat payload is
+published there with core NATS, not into the stream (the stream then holds each signal exactly once, and
+`{prefix}.>` is its only subject). It is sent only when JetStream stored the signal for the first time, or when
+an earlier attempt in this process had an unknown outcome, so legacy subscribers get no duplicates from
+re-publishes; like the old service it is at-most-once (a crash between the ack and the legacy publish loses
+that copy, the stream keeps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import ssl
+import string
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig, StreamInfo
+
+from hl_monitor.config import NatsConfig, SignalsConfig
+from hl_monitor.errors import ConfigError, DeliveryError
+from hl_monitor.logging import get_logger
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.tracking.signals import Signal, encode_legacy, encode_signal
+
+__all__ = ["PublishError", "Publisher", "signal_subject", "subject_token"]
+
+log = get_logger(__name__)
+
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+CONNECTION_NAME: Final = "hl-monitor"
+CONNECT_TIMEOUT_S: Final = 2  # one TCP+handshake attempt; the client retries forever after it
+PING_INTERVAL_S: Final = 20  # the old service's value: a silently dead server is noticed within a minute
+MAX_OUTSTANDING_PINGS: Final = 3
+# Bytes nats-py may buffer while reconnecting. We refuse to publish while disconnected, so this only holds
+# requests caught mid-disconnect; bounded so a long outage cannot grow memory.
+PENDING_SIZE: Final = 2 * 1024 * 1024
+DRAIN_TIMEOUT_S: Final = 5.0  # close(): in-flight acks come back within a publish timeout; don't hang shutdown
+# Ids whose publish had an unknown outcome (timeout, dropped connection): their duplicate ack still means the
+# legacy copy was never sent. Bounded by the outbox size in practice; the cap only guards misuse.
+MAX_UNCERTAIN_IDS: Final = 100_000
+
+_SAFE_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_:/@+=-")
+_FATAL_MARKERS: Final = ("authorization violation", "authentication", "user authentication expired")
+
+
+def subject_token(value: str) -> str:
+    """`value` as one NATS subject token (see the module docstring); an empty value becomes `_`."""
+    if not value:
+        return "_"
+    if all(ch in _SAFE_CHARS for ch in value):
+        return value
+    return "".join(ch if ch in _SAFE_CHARS else "".join(f"%{b:02X}" for b in ch.encode()) for ch in value)
+
+
+def signal_subject(prefix: str, signal: Signal) -> str:
+    """The JetStream subject of `signal`."""
+    return f"{prefix}.{subject_token(signal.address)}.{subject_token(signal.symbol)}.{signal.direction}.{signal.side}"
+
+
+def _check_subject(key: str, subject: str) -> None:
+    tokens = subject.split(".")
+    if not subject or any(not t or t in ("*", ">") or any(c.isspace() for c in t) for t in tokens):
+        raise ConfigError(key, f"{subject!r} is not a NATS subject without wildcards or empty tokens")
+
+
+class PublishError(DeliveryError):
+    """One publish failed; `reason` is the `publish_errors` label, the signal stays pending."""
+
+    def __init__(self, reason: str, detail: str, signal_id: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.signal_id = signal_id
+        super().__init__(f"publish failed ({reason}): {detail}" + (f" [{signal_id}]" if signal_id else ""))
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """Errors retrying cannot fix: wrong credentials or a TLS peer we must not trust."""
+    if isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _FATAL_MARKERS)
+
+
+def _read_tls(cfg: NatsConfig, scheme: str) -> ssl.SSLContext | None:
+    if not (cfg.tls_ca or cfg.tls_cert or scheme == "tls"):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=cfg.tls_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("nats.tls_ca", f"cannot load CA file {cfg.tls_ca!r}: {exc}") from None
+    if cfg.tls_cert:
+        try:
+            context.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("nats.tls_cert", f"cannot load {cfg.tls_cert!r} / {cfg.tls_key!r}: {exc}") from None
+    elif cfg.tls_key:
+        raise ConfigError("nats.tls_key", "tls_key needs tls_cert")
+    return context
+
+
+class Publisher:
+    """The NATS connection and JetStream publishing. `connect()`, `ensure_stream()`, `publish()`, `close()`."""
+
+    def __init__(
+        self,
+        nats_cfg: NatsConfig,
+        signals_cfg: SignalsConfig,
+        metrics: Metrics,
+        *,
+        url: str | None = None,
+    ) -> None:
+        """`url` overrides `nats_cfg.url` (the embedded server's URL)."""
+        self._cfg = nats_cfg
+        self._signals = signals_cfg
+        self._metrics = metrics
+        self._url = url or nats_cfg.url
+        if self._url == "embedded":
+            raise DeliveryError("nats.url is 'embedded': pass the embedded server's url to Publisher")
+        _check_subject("signals.subject_prefix", signals_cfg.subject_prefix)
+        if signals_cfg.legacy_enabled:
+            _check_subject("signals.legacy_subject", signals_cfg.legacy_subject)
+        if nats_cfg.duplicate_window <= 0:
+            raise ConfigError("nats.duplicate_window", "must be > 0: the outbox relies on JetStream dedup")
+        if 0 < nats_cfg.max_age < nats_cfg.duplicate_window:
+            raise ConfigError("nats.duplicate_window", "must not exceed nats.max_age (JetStream refuses it)")
+        self._nc = Client()
+        self._js: JetStreamContext | None = None
+        self._connected = asyncio.Event()
+        self._fatal: asyncio.Future[BaseException] | None = None
+        self._stream_ready = False
+        self._uncertain: OrderedDict[str, None] = OrderedDict()
+        self._last_error = ""
+
+    # ---- connection ----
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def is_connected(self) -> bool:
+        """True only while the connection is up (false while reconnecting)."""
+        return self._nc.is_connected and not self._nc.is_draining
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    def _connect_options(self) -> dict[str, Any]:
+        cfg = self._cfg
+        options: dict[str, Any] = {
+            "servers": [self._url],
+            "name": CONNECTION_NAME,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": cfg.reconnect_wait,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "ping_interval": PING_INTERVAL_S,
+            "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
+            "pending_size": PENDING_SIZE,
+            "drain_timeout": DRAIN_TIMEOUT_S,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+        }
+        if cfg.user is not None:
+            options["user"] = str(cfg.user)
+        if cfg.password is not None:
+            options["password"] = str(cfg.password)
+        if cfg.token is not None:
+            options["token"] = str(cfg.token)
+        if cfg.creds is not None:
+            if importlib.util.find_spec("nkeys") is None:
+                raise ConfigError(
+                    "nats.creds", "creds-file auth needs the nkeys package (pip install 'nats-py[nkeys]')"
+                )
+            if not Path(str(cfg.creds)).is_file():
+                raise ConfigError("nats.creds", f"creds file {str(cfg.creds)!r} does not exist")
+            options["user_credentials"] = str(cfg.creds)
+        tls = _read_tls(cfg, urlsplit(self._url).scheme)
+        if tls is not None:
+            options["tls"] = tls
+        return options
+
+    async def connect(self, wait: float | None = None) -> None:
+        """Connect, retrying while the server is unreachable (up to `wait` seconds; None = forever).
+
+        Raises `DeliveryError` at once for errors retrying cannot fix (credentials, TLS), or when `wait` ran out.
+        """
+        options = self._connect_options()
+        self._fatal = asyncio.get_running_loop().create_future()
+        attempt: asyncio.Future[Any] = asyncio.create_task(self._nc.connect(**options), name="nats-connect")
+        waiters: set[asyncio.Future[Any]] = {attempt, self._fatal}
+        done, _ = await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        problem: str | None = None
+        if attempt not in done:
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await attempt
+            if self._fatal.done():
+                problem = f"NATS at {self._safe_url} refused the connection: {self._fatal.result()}"
+            else:
+                problem = f"NATS at {self._safe_url} unreachable for {wait:g} s: {self._last_error or 'no answer'}"
+        elif (exc := attempt.exception()) is not None:
+            problem = f"cannot connect to NATS at {self._safe_url}: {exc}"
+        if problem is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._metrics.nats_connected.set(0)
+            raise DeliveryError(problem)
+        self._js = self._nc.jetstream(timeout=self._cfg.publish_timeout)
+        self._metrics.nats_connected.set(1)
+        self._connected.set()
+        log.info("nats connected", url=self._safe_url)
+
+    @property
+    def _safe_url(self) -> str:
+        parts = urlsplit(self._url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.hostname else self._url
+
+    async def _on_error(self, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if self._fatal is not None and not self._fatal.done() and _is_fatal(exc):
+            self._fatal.set_result(exc)
+        # One line per distinct error: a server down for minutes would otherwise log every reconnect attempt.
+        if text != self._last_error:
+            log.warning("nats error", error=text)
+        self._last_error = text
+
+    async def _on_disconnected(self) -> None:
+        if self._connected.is_set():
+            log.warning("nats disconnected; reconnecting", url=self._safe_url)
+        self._connected.clear()
+        self._metrics.nats_connected.set(0)
+
+    async def _on_reconnected(self) -> None:
+        self._last_error = ""
+        self._metrics.nats_connected.set(1)
+        self._connected.set()
+        log.info("nats reconnected", url=self._safe_url)
+
+    async def _on_closed(self) -> None:
+        self._connected.clear()
+        self._metrics.nats_connected.set(0)
+
+    async def close(self) -> None:
+        """Drain the connection (flushes what was sent, waits for in-flight replies) and close it."""
+        self._connected.clear()
+        try:
+            if self.is_connected:
+                await self._nc.drain()
+            elif not self._nc.is_closed:
+                await self._nc.close()
+        except nats.errors.Error as exc:
+            log.warning("nats drain failed; closing", error=str(exc))
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self._metrics.nats_connected.set(0)
+        log.info("nats closed")
+
+    # ---- stream ----
+
+    def stream_config(self) -> StreamConfig:
+        cfg = self._cfg
+        return StreamConfig(
+            name=cfg.stream,
+            description="hl-monitor signals, one message per signal_id",
+            subjects=[f"{self._signals.subject_prefix}.>"],
+            retention=RetentionPolicy(cfg.retention),
+            max_age=cfg.max_age,
+            max_bytes=cfg.max_bytes,
+            storage=StorageType.FILE,
+            num_replicas=cfg.replicas,
+            duplicate_window=cfg.duplicate_window,
+            discard=DiscardPolicy.OLD,
+        )
+
+    async def ensure_stream(self) -> StreamInfo:
+        """Create the stream, or update it when its settings differ from the config."""
+        js = self._require_js()
+        wanted = self.stream_config()
+        try:
+            try:
+                info = await js.stream_info(self._cfg.stream)
+            except nats.js.errors.NotFoundError:
+                info = await js.add_stream(wanted)
+                log.info("stream created", stream=self._cfg.stream, subjects=wanted.subjects)
+            else:
+                have = info.config
+                if (
+                    have.subjects != wanted.subjects
+                    or have.duplicate_window != wanted.duplicate_window
+                    or have.max_age != wanted.max_age
+                    or have.max_bytes != wanted.max_bytes
+                    or have.retention != wanted.retention
+                    or have.num_replicas != wanted.num_replicas
+                ):
+                    info = await js.update_stream(wanted)
+                    log.info("stream updated", stream=self._cfg.stream, subjects=wanted.subjects)
+        except nats.js.errors.APIError as exc:
+            raise DeliveryError(f"cannot create or update stream {self._cfg.stream!r}: {exc.description}") from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise DeliveryError(f"cannot create or update stream {self._cfg.stream!r}: {exc!r}") from None
+        self._stream_ready = True
+        return info
+
+    def _require_js(self) -> JetStreamContext:
+        if self._js is None:
+            raise DeliveryError("publisher is not connected: call connect() first")
+        return self._js
+
+    # ---- publish ----
+
+    async def publish(self, signal: Signal) -> PubAck:
+        """Publish `signal` once; returns the ack (`duplicate` when the stream already had it).
+
+        Raises `PublishError` (counted in `publish_errors{reason}`); the caller keeps the signal pending.
+        """
+        js = self._require_js()
+        sid = signal.signal_id
+        if not self.is_connected:
+            raise self._failed("disconnected", "not connected to NATS", sid)
+        if not self._stream_ready:
+            try:
+                await self.ensure_stream()
+            except DeliveryError as exc:
+                raise self._failed("no_stream", str(exc), sid) from None
+        subject = signal_subject(self._signals.subject_prefix, signal)
+        try:
+            ack = await js.publish(
+                subject,
+                encode_signal(signal),
+                timeout=self._cfg.publish_timeout,
+                stream=self._cfg.stream,
+                headers={MSG_ID_HEADER: sid},
+            )
+        except nats.js.errors.NoStreamResponseError:
+            self._stream_ready = False  # stream gone (server reset) or JetStream not up yet: re-check next time
+            raise self._failed("no_stream", "no JetStream stream answered", sid) from None
+        except nats.js.errors.APIError as exc:
+            raise self._failed("api_error", f"{exc.err_code}: {exc.description}", sid) from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            self._remember_uncertain(sid)
+            raise self._failed("timeout", f"no ack within {self._cfg.publish_timeout:g} s", sid) from None
+        except nats.errors.Error as exc:
+            self._remember_uncertain(sid)
+            raise self._failed("disconnected", f"{type(exc).__name__}: {exc}", sid) from None
+        uncertain = sid in self._uncertain
+        self._uncertain.pop(sid, None)
+        if ack.duplicate:
+            self._metrics.publish_duplicates.inc()
+        else:
+            self._metrics.signals_published.labels(side=signal.side, symbol=signal.symbol).inc()
+            self._metrics.signal_to_ack_seconds.observe(max(0.0, time.time() - signal.detected_at / 1000))
+        if self._signals.legacy_enabled and (not ack.duplicate or uncertain):
+            await self._publish_legacy(signal)
+        return ack
+
+    async def _publish_legacy(self, signal: Signal) -> None:
+        try:
+            await self._nc.publish(self._signals.legacy_subject, encode_legacy(signal))
+        except nats.errors.Error as exc:
+            self._metrics.publish_errors.labels(reason="legacy").inc()
+            log.warning("legacy publish failed", signal_id=signal.signal_id, error=str(exc))
+
+    def _remember_uncertain(self, signal_id: str) -> None:
+        self._uncertain[signal_id] = None
+        if len(self._uncertain) > MAX_UNCERTAIN_IDS:
+            self._uncertain.popitem(last=False)
+            self._metrics.evictions.labels(kind="publish_uncertain").inc()
+
+    def _failed(self, reason: str, detail: str, signal_id: str) -> PublishError:
+        self._metrics.publish_errors.labels(reason=reason).inc()
+        return PublishError(reason, detail, signal_id)

@@ -1,0 +1,355 @@
+"""One precisely tracked address on its own connection, and its gap recovery.
+
+Subscriptions: `userFills` (aggregateByTime false: exact tids for dedup), `orderUpdates` (carries no
+user, hence one address per connection), `allDexsClearinghouseState` (positions, and the canary: it is
+re-sent about every 5 s), `spotState`, plus `bbo` of one coin (no user slot) that proves the socket
+itself flows when the canary goes quiet. Frames go, in arrival order, to the tracking engine; the
+signals it returns are awaited into the sink (backpressure).
+
+Gap recovery runs after every (re)connect, including the first one after a restart:
+1. On `Connected` the engine's fill watermark is remembered as the start of the gap; if an earlier
+   recovery never finished, its older start is kept, so a reconnect during recovery loses nothing.
+2. The `userFills` snapshot arrives by itself after the subscribe (the engine tells a snapshot of a
+   new address, which only seeds the watermark, from one after a gap).
+3. Once live: REST `userFillsByTime` from gap start − `backfill_margin` (fills older than the snapshot
+   reaches), fed to `engine.on_backfill` (dedup on tid is the engine's).
+4. REST `orderStatus` for every oid the engine still has pending (`orderUpdates` does not replay).
+5. REST `clearinghouseState` of the core dex. All dexs come anyway with the `allDexsClearinghouseState`
+   push that follows the subscribe; one 2-weight call is enough to reconcile the book now.
+Every REST answer is posted into the connection's queue and applied in order with the frames: a fill
+pushed before an `orderStatus` answer is applied before that status, so a status never flushes an
+order whose last fills are still waiting in the queue. REST goes through the weight budget (high
+priority); a failed recovery is retried with backoff, and the gap start survives until one succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from hl_monitor.config import HyperliquidConfig
+from hl_monitor.feeds.connection import (
+    Connected,
+    Connection,
+    ConnectionBudget,
+    ConnEvent,
+    Disconnected,
+    Live,
+    Posted,
+    Received,
+    SubscriptionFailed,
+)
+from hl_monitor.feeds.supervisor import Backoff
+from hl_monitor.hyperliquid.info import FillHistory
+from hl_monitor.hyperliquid.protocol import (
+    AllDexsClearinghouseStateData,
+    AllDexsClearinghouseStateFrame,
+    ClearinghouseState,
+    ClearinghouseStateData,
+    Fill,
+    OrderStatusResponse,
+    OrderUpdatesFrame,
+    SpotStateData,
+    SpotStateFrame,
+    Subscription,
+    UserFillsData,
+    UserFillsFrame,
+    WsOrder,
+)
+from hl_monitor.logging import get_logger
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.tracking.signals import Signal
+
+__all__ = [
+    "CANARY_CHANNEL",
+    "FLOW_COIN",
+    "InfoApi",
+    "SignalSink",
+    "Tracker",
+    "UserStream",
+    "user_subscriptions",
+]
+
+log = get_logger(__name__)
+
+CANARY_CHANNEL: Final = "allDexsClearinghouseState"
+# The most liquid book: its bbo changes nearly every block, so silence on it means the socket is stuck.
+FLOW_COIN: Final = "BTC"
+# Recovery retries start fast (a single lost REST reply) and settle at the weight window's length.
+RECOVERY_RETRY_INITIAL_S: Final = 1.0
+RECOVERY_RETRY_MAX_S: Final = 60.0
+
+SignalSink = Callable[[list[Signal]], Awaitable[None]]
+
+
+class Watermark(Protocol):
+    @property
+    def time(self) -> int: ...
+
+
+class Tracker(Protocol):
+    """The tracking engine as the precise tier drives it."""
+
+    def on_user_fills(self, address: str, data: UserFillsData, now_ms: int) -> list[Signal]: ...
+    def on_order_updates(self, address: str, updates: list[WsOrder], now_ms: int) -> list[Signal]: ...
+    def on_backfill(self, address: str, fills: list[Fill], now_ms: int) -> list[Signal]: ...
+    def on_order_status(self, address: str, oid: int, status: str, status_time: int, now_ms: int) -> list[Signal]: ...
+    def on_clearinghouse(
+        self, address: str, data: AllDexsClearinghouseStateData | ClearinghouseStateData, now_ms: int
+    ) -> object: ...
+    def on_spot_state(self, address: str, data: SpotStateData, now_ms: int) -> object: ...
+    def pending_oids(self, address: str) -> Iterable[int]: ...
+    def watermark(self, address: str) -> Watermark | None: ...
+
+
+class InfoApi(Protocol):
+    """The REST calls gap recovery makes (`hyperliquid.info.InfoClient`)."""
+
+    async def order_status(self, user: str, oid: int | str, *, priority: Any = ...) -> OrderStatusResponse: ...
+    async def user_fills_by_time(
+        self, user: str, start_ms: int, end_ms: int | None = None, *, priority: Any = ...
+    ) -> FillHistory: ...
+    async def clearinghouse_state(self, user: str, dex: str = "", *, priority: Any = ...) -> ClearinghouseState: ...
+
+
+def user_subscriptions(address: str, flow_coin: str = FLOW_COIN) -> list[Subscription]:
+    """userFills first: its snapshot then arrives before the other acks (the server answers in order)."""
+    subs = [
+        Subscription("userFills", user=address, aggregate_by_time=False),
+        Subscription("orderUpdates", user=address),
+        Subscription(CANARY_CHANNEL, user=address),
+        Subscription("spotState", user=address),
+    ]
+    if flow_coin:
+        subs.append(Subscription("bbo", coin=flow_coin))
+    return subs
+
+
+# ---------------------------------------------------------------------------------------- recovery events
+
+
+@dataclass(frozen=True, slots=True)
+class _Backfill(Posted):
+    fills: list[Fill]
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class _OrderStatus(Posted):
+    oid: int
+    status: str
+    status_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Positions(Posted):
+    state: ClearinghouseState
+
+
+@dataclass(frozen=True, slots=True)
+class _RecoveryDone(Posted):
+    epoch: int
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class UserStream:
+    """A precise address on connection `user-{slot}`; `run()` until `stop()` (or a user-cap refusal)."""
+
+    def __init__(
+        self,
+        address: str,
+        slot: int,
+        *,
+        cfg: HyperliquidConfig,
+        tracker: Tracker,
+        info: InfoApi,
+        budget: ConnectionBudget,
+        metrics: Metrics,
+        on_signals: SignalSink,
+        on_over_budget: Callable[[str, str], None],
+        flow_coin: str = FLOW_COIN,
+        wall_ms: Callable[[], int] = _wall_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.address = address.lower()
+        self.slot = slot
+        self._cfg = cfg
+        self._tracker = tracker
+        self._info = info
+        self._metrics = metrics
+        self._on_signals = on_signals
+        self._on_over_budget = on_over_budget
+        self._wall_ms = wall_ms
+        self._rng = rng or random.Random()
+        self.subscriptions = user_subscriptions(self.address, flow_coin)
+        self.connection = Connection(
+            name=f"user-{slot}",
+            kind="user",
+            subscriptions=self.subscriptions,
+            handler=self._handle,
+            cfg=cfg,
+            budget=budget,
+            metrics=metrics,
+            canary_channel=CANARY_CHANNEL,
+            wall_ms=wall_ms,
+            rng=self._rng,
+        )
+        self.over_budget = False
+        self.recovering = False
+        self.recoveries = 0
+        self._gap_open = False
+        self._gap_start: int | None = None
+        self._recovery: asyncio.Task[None] | None = None
+
+    @property
+    def user_subscription_count(self) -> int:
+        return sum(1 for s in self.subscriptions if s.is_user_specific)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "slot": self.slot,
+            "recovering": self.recovering,
+            "recoveries": self.recoveries,
+            "over_budget": self.over_budget,
+            **self.connection.status(),
+        }
+
+    def stop(self) -> None:
+        self.connection.stop()
+
+    async def run(self) -> None:
+        try:
+            await self.connection.run()
+        finally:
+            await self._cancel_recovery()
+
+    # ------------------------------------------------------------------ events, in arrival order
+
+    async def _handle(self, event: ConnEvent) -> None:
+        now_ms = self._wall_ms()
+        if isinstance(event, Received):
+            await self._on_frame(event)
+        elif isinstance(event, Connected):
+            if not self._gap_open:
+                watermark = self._tracker.watermark(self.address)
+                self._gap_start = None if watermark is None else watermark.time
+                self._gap_open = True
+        elif isinstance(event, Live):
+            await self._cancel_recovery()
+            self.recovering = True
+            self._recovery = asyncio.create_task(self._recover(event.epoch), name=f"recover:{self.address}")
+        elif isinstance(event, Disconnected):
+            await self._cancel_recovery()
+        elif isinstance(event, SubscriptionFailed):
+            if event.kind == "user_cap":
+                self._refused(event.text)
+            else:
+                log.error("subscription refused", address=self.address, kind=event.kind, text=event.text[:300])
+        elif isinstance(event, _Backfill):
+            try:
+                await self._emit(self._tracker.on_backfill(self.address, event.fills, now_ms))
+            finally:
+                event.done.set()
+        elif isinstance(event, _OrderStatus):
+            await self._emit(
+                self._tracker.on_order_status(self.address, event.oid, event.status, event.status_time, now_ms)
+            )
+        elif isinstance(event, _Positions):
+            data = ClearinghouseStateData(user=self.address, clearinghouse_state=event.state, dex="")
+            self._tracker.on_clearinghouse(self.address, data, now_ms)
+        elif isinstance(event, _RecoveryDone) and event.epoch == self.connection.epoch:
+            self._gap_open = False
+            self._gap_start = None
+            self.recovering = False
+            self.recoveries += 1
+
+    async def _on_frame(self, event: Received) -> None:
+        frame = event.frame
+        now_ms = event.received_ms
+        if isinstance(frame, UserFillsFrame):
+            if self._mine(frame.data.user, "userFills"):
+                if not frame.data.is_snapshot:
+                    observe = self._metrics.exchange_to_receive_seconds.labels(source="user_fills").observe
+                    for fill in frame.data.fills:
+                        observe(max(0.0, (now_ms - fill.time) / 1000))
+                await self._emit(self._tracker.on_user_fills(self.address, frame.data, now_ms))
+        elif isinstance(frame, OrderUpdatesFrame):
+            self._metrics.order_updates_received.inc(len(frame.data))
+            await self._emit(self._tracker.on_order_updates(self.address, frame.data, now_ms))
+        elif isinstance(frame, AllDexsClearinghouseStateFrame):
+            if self._mine(frame.data.user, CANARY_CHANNEL):
+                self._tracker.on_clearinghouse(self.address, frame.data, now_ms)
+        elif isinstance(frame, SpotStateFrame) and self._mine(frame.data.user, "spotState"):
+            self._tracker.on_spot_state(self.address, frame.data, now_ms)
+        # bbo (the flow canary) and anything else: liveness only, nothing to track
+
+    def _mine(self, user: str, channel: str) -> bool:
+        if user.lower() == self.address:
+            return True
+        self._metrics.frame_decode_errors.labels(kind="foreign_user").inc()
+        log.warning("frame for another user on a precise connection", address=self.address, channel=channel)
+        return False
+
+    async def _emit(self, signals: list[Signal]) -> None:
+        if signals:
+            await self._on_signals(signals)
+
+    def _refused(self, text: str) -> None:
+        if self.over_budget:
+            return  # one refusal per subscription arrives; one is enough
+        self.over_budget = True
+        log.warning("exchange refused another tracked user; address over budget", address=self.address, text=text)
+        self.connection.stop()
+        self._on_over_budget(self.address, "user_cap")
+
+    # ------------------------------------------------------------------ recovery
+
+    async def _cancel_recovery(self) -> None:
+        task, self._recovery = self._recovery, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _recover(self, epoch: int) -> None:
+        backoff = Backoff(RECOVERY_RETRY_INITIAL_S, RECOVERY_RETRY_MAX_S, rng=self._rng)
+        while True:
+            try:
+                await self._recover_once(epoch)
+                self._metrics.gap_recoveries.labels(outcome="ok").inc()
+                return
+            except Exception as exc:
+                # The gap stays open; the next attempt (or the next epoch) starts from the same watermark.
+                delay = backoff.next_delay()
+                self._metrics.gap_recoveries.labels(outcome="error").inc()
+                log.warning("gap recovery failed; retrying", address=self.address, error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+
+    async def _recover_once(self, epoch: int) -> None:
+        conn = self.connection
+        if self._gap_start is not None:
+            start = max(0, self._gap_start - int(self._cfg.backfill_margin * 1000))
+            history = await self._info.user_fills_by_time(self.address, start, priority="high")
+            newer = sum(1 for f in history.fills if f.time > self._gap_start)
+            self._metrics.backfilled_fills.labels(via="rest").inc(newer)
+            if history.truncated:
+                log.warning("backfill reached the exchange's fill horizon", address=self.address, start_ms=start)
+            backfill = _Backfill(history.fills)
+            await conn.post(backfill)
+            await backfill.done.wait()  # pending oids must include orders the backfill just revealed
+        for oid in sorted(self._tracker.pending_oids(self.address)):
+            reply = await self._info.order_status(self.address, oid, priority="high")
+            if reply.order is None:
+                log.info("order unknown to the exchange", address=self.address, oid=oid, status=reply.status)
+                continue
+            await conn.post(_OrderStatus(oid, reply.order.status, reply.order.status_timestamp))
+        state = await self._info.clearinghouse_state(self.address, "", priority="high")
+        await conn.post(_Positions(state))
+        await conn.post(_RecoveryDone(epoch))

@@ -1,0 +1,542 @@
+"""The operations surface: health, readiness, status, Prometheus metrics and the admin address API.
+
+One aiohttp application. Health and status read a `ServiceView` (the composition root implements it
+over the live components); the admin routes call an `AddressAdmin` and exist only when an admin token
+is configured. Every error answer is JSON `{"error": "..."}`; health endpoints never answer 500.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hmac
+import math
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Final, Literal, Protocol
+
+import msgspec
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from hl_monitor.config import HttpConfig, parse_listen
+from hl_monitor.errors import ConfigError, StorageError
+from hl_monitor.logging import get_logger
+from hl_monitor.ops.metrics import Metrics
+
+__all__ = [
+    "AddressAdmin",
+    "AddressInput",
+    "AuthFailureLimiter",
+    "HttpServer",
+    "Readiness",
+    "ServiceView",
+    "Tier",
+    "create_app",
+    "normalise_address",
+    "register_runtime_collectors",
+]
+
+log = get_logger(__name__)
+
+Tier = Literal["precise", "wide", "auto"]
+
+ADDRESS_RE: Final = re.compile(r"0x[0-9a-fA-F]{40}")
+LABEL_MAX_CHARS: Final = 64  # width of the label column
+# Control characters in a label would forge log lines and break terminal output.
+LABEL_FORBIDDEN_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+PRIORITY_MIN: Final = 0
+PRIORITY_MAX: Final = 1_000_000  # fits a signed INT column with room; the planner only compares them
+MAX_ENTRIES_PER_REQUEST: Final = 10_000  # one bulk import; larger lists go in several requests
+AUTH_WINDOW_S: Final = 60.0  # failed logins are counted over a sliding minute
+# Clients whose failures are remembered; beyond this the oldest entry is forgotten (and counted), so a
+# flood from many addresses costs bounded memory.
+AUTH_MAX_TRACKED_CLIENTS: Final = 4096
+AUDIT_MAX_LISTED: Final = 100  # addresses named in one audit line; the count is always exact
+# Health probes and admin calls are short; a stuck keep-alive client must not hold shutdown for long.
+SHUTDOWN_TIMEOUT_S: Final = 5.0
+BEARER_REALM: Final = 'Bearer realm="hl-monitor"'
+
+
+# ---------------------------------------------------------------- the contracts the service implements
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Why the service is not ready, one entry per failed check (e.g. `{"nats": "disconnected"}`)."""
+
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+
+class ServiceView(Protocol):
+    """Read-only view of the running service; every method is cheap and called on the event loop."""
+
+    def readiness(self) -> Readiness:
+        """Ready only when NATS and the database are reachable and no assigned feed is stale."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able: connections, watched addresses, budgets, outbox depth."""
+        ...
+
+    def health_summary(self) -> dict[str, Any]:
+        """JSON-able short summary merged into `/health` (uptime, counts, component states)."""
+        ...
+
+
+class AddressInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One address to add or update. `None` means "default for a new address, unchanged for a known one"."""
+
+    address: str
+    label: str | None = None
+    tier: Tier | None = None
+    priority: Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)] | None = None
+    is_active: bool | None = None
+
+
+class AddressAdmin(Protocol):
+    """Address book changes behind `/admin/addresses`; changes must take effect within a second."""
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        """Every watched address as JSON-able rows."""
+        ...
+
+    async def add(self, entries: Sequence[AddressInput]) -> int:
+        """Insert or update (addresses are normalised and unique); return how many were written."""
+        ...
+
+    async def remove(self, addresses: Sequence[str]) -> int:
+        """Stop watching these addresses; return how many were watched."""
+        ...
+
+    async def update(
+        self,
+        address: str,
+        *,
+        label: str | None = None,
+        tier: Tier | None = None,
+        priority: int | None = None,
+        is_active: bool | None = None,
+    ) -> dict[str, Any] | None:
+        """Change the given fields (None = unchanged); the updated row, or None when not watched."""
+        ...
+
+
+def normalise_address(value: str) -> str:
+    """`0x` + 40 hex digits, lowercased; `ValueError` otherwise."""
+    if not isinstance(value, str) or not ADDRESS_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not 0x followed by 40 hex digits")
+    return value.lower()
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class _Patch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    label: str | None = None
+    tier: Tier | None = None
+    priority: Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)] | None = None
+    is_active: bool | None = None
+
+
+class _BulkRemove(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    addresses: Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_ENTRIES_PER_REQUEST)]
+
+
+_AddBody = AddressInput | Annotated[list[AddressInput], msgspec.Meta(min_length=1, max_length=MAX_ENTRIES_PER_REQUEST)]
+
+
+class _ApiError(Exception):
+    """An error answer: status, message and extra headers (WWW-Authenticate, Retry-After)."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def _check_label(label: str | None, where: str) -> None:
+    if label is None:
+        return
+    if len(label) > LABEL_MAX_CHARS:
+        raise _ApiError(400, f"{where}.label: longer than {LABEL_MAX_CHARS} characters")
+    if LABEL_FORBIDDEN_RE.search(label):
+        raise _ApiError(400, f"{where}.label: control characters are not allowed")
+
+
+def _validated_entries(entries: Sequence[AddressInput], single: bool) -> list[AddressInput]:
+    seen: set[str] = set()
+    out: list[AddressInput] = []
+    for i, entry in enumerate(entries):
+        where = "$" if single else f"$[{i}]"
+        try:
+            address = normalise_address(entry.address)
+        except ValueError as exc:
+            raise _ApiError(400, f"{where}.address: {exc}") from None
+        _check_label(entry.label, where)
+        if address in seen:
+            raise _ApiError(400, f"{where}.address: {address} appears more than once in this request")
+        seen.add(address)
+        out.append(msgspec.structs.replace(entry, address=address))
+    return out
+
+
+def _path_address(request: web.Request) -> str:
+    try:
+        return normalise_address(request.match_info["address"])
+    except ValueError as exc:
+        raise _ApiError(400, f"address: {exc}") from None
+
+
+def _dumps(obj: Any) -> str:
+    # default=str covers Decimal (exact text) and any other value a view hands over.
+    return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+# ---------------------------------------------------------------- failed-login limiter
+
+
+class AuthFailureLimiter:
+    """Counts failed admin logins per client over a sliding window; memory is bounded."""
+
+    def __init__(
+        self,
+        limit: int,
+        window: float = AUTH_WINDOW_S,
+        max_clients: int = AUTH_MAX_TRACKED_CLIENTS,
+        clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[], None] | None = None,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._clock = clock
+        self._on_evict = on_evict
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds until `client` may try again, or None when it is not blocked."""
+        stamps = self._failures.get(client)
+        if stamps is None or len(stamps) < self.limit:
+            return None
+        wait = self.window - (self._clock() - stamps[0])
+        if wait <= 0:
+            return None
+        return wait
+
+    def record_failure(self, client: str) -> None:
+        stamps = self._failures.get(client)
+        if stamps is None:
+            while len(self._failures) >= self.max_clients:
+                self._failures.popitem(last=False)
+                if self._on_evict is not None:
+                    self._on_evict()
+            # Only the newest `limit` stamps matter: the oldest of them decides when the block ends.
+            stamps = self._failures[client] = deque(maxlen=self.limit)
+        else:
+            self._failures.move_to_end(client)
+        stamps.append(self._clock())
+
+
+# ---------------------------------------------------------------- the application
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _ApiError as exc:
+        return _json({"error": exc.message}, status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return _json({"error": exc.reason}, status=exc.status, headers=headers)
+    except Exception:
+        log.exception("http handler failed", path=request.path, method=request.method)
+        return _json({"error": "internal error"}, status=500)
+
+
+class _Ops:
+    """Health, readiness, status and metrics handlers."""
+
+    def __init__(self, view: ServiceView, metrics: Metrics) -> None:
+        self.view = view
+        self.metrics = metrics
+        self._prometheus = make_aiohttp_handler(metrics.registry)
+
+    def readiness(self) -> Readiness:
+        """The view's readiness, mirrored into the `ready` gauge; a failing check counts as not ready."""
+        try:
+            ready = self.view.readiness()
+        except Exception as exc:
+            log.exception("readiness check failed")
+            ready = Readiness({"service": f"readiness check failed: {type(exc).__name__}"})
+        self.metrics.ready.set(1 if ready.ok else 0)
+        return ready
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self.readiness()
+        return _json({"ready": ready.ok, "reasons": dict(ready.reasons)}, status=200 if ready.ok else 503)
+
+    async def health(self, request: web.Request) -> web.Response:
+        ready = self.readiness()
+        try:
+            summary = self.view.health_summary()
+        except Exception as exc:
+            log.exception("health summary failed")
+            summary = {"summary_error": type(exc).__name__}
+        body = {
+            **summary,
+            "status": "ok" if ready.ok else "unavailable",
+            "ready": ready.ok,
+            "reasons": dict(ready.reasons),
+        }
+        return _json(body, status=200 if ready.ok else 503)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(self.view.status())
+
+    async def prometheus(self, request: web.Request) -> web.StreamResponse:
+        self.readiness()  # keep `hl_monitor_ready` true at scrape time even when nobody probes /health/ready
+        return await self._prometheus(request)
+
+
+class _Admin:
+    """`/admin/addresses`: bearer-token auth, failed-login limiting, validation, audit log."""
+
+    def __init__(self, admin: AddressAdmin, metrics: Metrics, cfg: HttpConfig, token: str) -> None:
+        self.admin = admin
+        self.metrics = metrics
+        self.max_body = cfg.max_body_bytes
+        self._token = token.encode()
+        self.limiter = AuthFailureLimiter(
+            cfg.auth_failures_per_minute,
+            on_evict=metrics.evictions.labels(kind="auth_failure_client").inc,
+        )
+
+    def _outcome(self, outcome: str) -> None:
+        self.metrics.admin_requests.labels(outcome=outcome).inc()
+
+    def _authorize(self, request: web.Request) -> str:
+        client = request.remote or "unknown"
+        wait = self.limiter.retry_after(client)
+        if wait is not None:
+            self._outcome("rate_limited")
+            raise _ApiError(
+                429,
+                "too many failed authentication attempts; try again later",
+                {"Retry-After": str(math.ceil(wait))},
+            )
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
+            self.limiter.record_failure(client)
+            self._outcome("unauthorized")
+            log.warning("admin authentication failed", client=client, method=request.method, path=request.path)
+            challenge = BEARER_REALM + (', error="invalid_token"' if header else "")
+            raise _ApiError(401, "missing or invalid bearer token", {"WWW-Authenticate": challenge})
+        return client
+
+    async def _body(self, request: web.Request, type_: Any) -> Any:
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise _ApiError(413, f"request body larger than {self.max_body} bytes")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _ApiError(413, f"request body larger than {self.max_body} bytes") from None
+        if not raw.strip():
+            raise _ApiError(400, "request body is empty; expected JSON")
+        try:
+            return msgspec.json.decode(raw, type=type_)
+        except msgspec.ValidationError as exc:
+            raise _ApiError(400, f"invalid request: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise _ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+    async def _call(self, request: web.Request, action: Callable[[str], Awaitable[web.Response]]) -> web.Response:
+        """Authorize, run, and turn validation/storage failures into counted JSON errors."""
+        client = self._authorize(request)
+        try:
+            response = await action(client)
+        except _ApiError as exc:
+            self._outcome("not_found" if exc.status == 404 else "invalid")
+            raise
+        except StorageError as exc:
+            self._outcome("unavailable")
+            log.warning("admin change failed: database unavailable", client=client, error=str(exc))
+            raise _ApiError(503, f"database unavailable: {exc}") from None
+        self._outcome("ok")
+        return response
+
+    @staticmethod
+    def _audit(action: str, client: str, addresses: Sequence[str], **changes: Any) -> None:
+        log.info(
+            "admin change",
+            action=action,
+            client=client,
+            count=len(addresses),
+            addresses=list(addresses[:AUDIT_MAX_LISTED]),
+            truncated=len(addresses) > AUDIT_MAX_LISTED,
+            **changes,
+        )
+
+    async def list(self, request: web.Request) -> web.Response:
+        async def run(client: str) -> web.Response:
+            return _json({"addresses": await self.admin.list()})
+
+        return await self._call(request, run)
+
+    async def add(self, request: web.Request) -> web.Response:
+        async def run(client: str) -> web.Response:
+            body = await self._body(request, _AddBody)
+            single = isinstance(body, AddressInput)
+            entries = _validated_entries([body] if single else body, single)
+            written = await self.admin.add(entries)
+            self._audit("add", client, [e.address for e in entries])
+            return _json({"written": written, "addresses": [e.address for e in entries[:AUDIT_MAX_LISTED]]})
+
+        return await self._call(request, run)
+
+    async def remove_one(self, request: web.Request) -> web.Response:
+        async def run(client: str) -> web.Response:
+            address = _path_address(request)
+            removed = await self.admin.remove([address])
+            if removed == 0:
+                raise _ApiError(404, f"{address} is not watched")
+            self._audit("remove", client, [address])
+            return _json({"removed": removed})
+
+        return await self._call(request, run)
+
+    async def remove_many(self, request: web.Request) -> web.Response:
+        async def run(client: str) -> web.Response:
+            body: _BulkRemove = await self._body(request, _BulkRemove)
+            addresses: list[str] = []
+            for i, value in enumerate(body.addresses):
+                try:
+                    addresses.append(normalise_address(value))
+                except ValueError as exc:
+                    raise _ApiError(400, f"$.addresses[{i}]: {exc}") from None
+            addresses = builtins.list(dict.fromkeys(addresses))
+            removed = await self.admin.remove(addresses)
+            self._audit("remove", client, addresses, removed=removed)
+            return _json({"removed": removed})
+
+        return await self._call(request, run)
+
+    async def update(self, request: web.Request) -> web.Response:
+        async def run(client: str) -> web.Response:
+            address = _path_address(request)
+            patch: _Patch = await self._body(request, _Patch)
+            _check_label(patch.label, "$")
+            changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
+            if not changes:
+                raise _ApiError(400, "nothing to change: give label, tier, priority or is_active")
+            row = await self.admin.update(
+                address, label=patch.label, tier=patch.tier, priority=patch.priority, is_active=patch.is_active
+            )
+            if row is None:
+                raise _ApiError(404, f"{address} is not watched")
+            self._audit("update", client, [address], **changes)
+            return _json(row)
+
+        return await self._call(request, run)
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """Process, platform and GC metrics on the service registry (idempotent: skips ones already there)."""
+    for make in (ProcessCollector, PlatformCollector, GCCollector):
+        # ValueError: already registered on this registry by an earlier create_app.
+        with contextlib.suppress(ValueError):
+            make(registry=registry)
+
+
+def create_app(
+    state: ServiceView,
+    metrics: Metrics,
+    admin: AddressAdmin | None,
+    http_cfg: HttpConfig,
+) -> web.Application:
+    """The HTTP app; the admin routes exist only when both `admin` and `http_cfg.admin_token` are set."""
+    app = web.Application(middlewares=[_json_errors], client_max_size=http_cfg.max_body_bytes)
+    register_runtime_collectors(metrics.registry)
+    ops = _Ops(state, metrics)
+    app.router.add_get("/health/live", ops.live)
+    app.router.add_get("/health/ready", ops.ready)
+    app.router.add_get("/health", ops.health)
+    app.router.add_get("/status", ops.status)
+    app.router.add_get("/metrics", ops.prometheus)
+    token = http_cfg.admin_token
+    if admin is not None and token:
+        routes = _Admin(admin, metrics, http_cfg, token)
+        app.router.add_get("/admin/addresses", routes.list)
+        app.router.add_post("/admin/addresses", routes.add)
+        app.router.add_delete("/admin/addresses", routes.remove_many)
+        app.router.add_delete("/admin/addresses/{address}", routes.remove_one)
+        app.router.add_patch("/admin/addresses/{address}", routes.update)
+    elif token and admin is None:
+        log.warning("admin token set but no address admin wired; admin API disabled")
+    return app
+
+
+class HttpServer:
+    """Serves an app on `host:port` inside the running loop; `port` is the bound one (listen port 0 works)."""
+
+    def __init__(self, app: web.Application, listen: str) -> None:
+        self.app = app
+        self.listen = listen
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("HTTP server is not running")
+        return int(self._runner.addresses[0][1])
+
+    async def start(self) -> None:
+        """Bind and serve; a port that cannot be bound is a `ConfigError` on `http.listen`."""
+        host, port = parse_listen(self.listen)
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError("http.listen", f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
+        self._runner = runner
+        log.info("http listening", listen=self.listen, port=self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> HttpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,1302 @@
+"""In-memory exchange model behind the simulator: accounts, orders, fills, trades, positions, ledger.
+
+No I/O. Every change is reported to an `ExchangeListener` (the server) as wire-ready msgspec Structs, so a
+frame is encoded once however many connections receive it. The structs here copy the real key order and
+omit optional keys exactly where the exchange omits them (`cloid` absent, never `null`, on fills and
+order updates; `twapId: null` always present on fills; `cloid: null` present on REST frontend orders).
+
+Whale scripting (all coroutines, none of them suspend unless `interval` is given):
+
+    w = sim.exchange.whale("0xabc...")            # lowercase address; perp USDC and spot balances seeded
+    oid = await w.market_order("BTC", True, "0.5", "80000", fills=3)
+    oid = await w.limit_order("ETH", False, "2", "2400")    # orderUpdates `open`
+    await w.fill(oid, "0.5")                               # partial maker fill
+    await w.cancel(oid)                                    # `canceled` with the unfilled remainder
+    await w.close("BTC", "80100")                          # reduce-only market order of the position
+    await w.liquidate("ETH", mark_px="2500")               # dir "Liquidated Cross Short", liquidation block
+    twap_id = await w.twap("SOL", True, "30", slices=3, px="95")   # twapId set, zero hash
+    oid = await w.reject_order("SOL", True, "1000", "50", status="perpMarginRejected")
+
+Fills carry a correct `startPosition`, `dir` (flips as `Long > Short` / `Short > Long`), `closedPnl`,
+`fee`, increasing `tid`s and oids above 2^32. Every trade also appears on the public `trades` feed with
+`users: [buyer, seller]` (the counterparty is a seeded non-whale address) and the aggressor's `side`.
+`exchange.ledger` records what each order did (per `dir`: size, VWAP, fill count) for end-to-end checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, Decimal
+from typing import Final, Literal, Protocol, TypeAlias
+
+import msgspec
+
+Side: TypeAlias = Literal["B", "A"]
+Num: TypeAlias = Decimal | str | int | float
+
+ZERO: Final = Decimal(0)
+ZERO_HASH: Final = "0x" + "0" * 64
+USDC_DECIMALS: Final = Decimal("0.000001")  # USDC amounts (fees, PnL) have 6 decimals on the wire
+TAKER_FEE: Final = Decimal("0.00045")  # base-tier taker fee on Hyperliquid perps
+MAKER_FEE: Final = Decimal("0.00015")  # base-tier maker fee
+DEFAULT_USDC: Final = Decimal(1_000_000)  # a whale's starting perp collateral
+DEFAULT_SPOT_USDC: Final = Decimal(250_000)  # a whale's starting spot USDC
+DEFAULT_LEVERAGE: Final = 10  # cross leverage shown on positions
+ENTRY_SIG_FIGS: Final = 6  # entryPx is shown with about this many significant figures
+OID_BASE: Final = 300_000_000_000  # live oids are ~3e11, well above 2^32 (clients must use 64-bit ints)
+TID_BASE: Final = 100_000_000_000_000  # live tids are ~1e14-1e15 (50-bit hashes)
+TWAP_ID_BASE: Final = 2_000_000  # live twapIds are ~2e6
+LID_BASE: Final = 100_000_000  # liquidation event ids
+ID_SPREAD: Final = 1_000_000_000  # seeded offset range so two seeds give different ids
+COUNTERPARTIES: Final = 64  # size of the seeded pool of non-whale counterparties
+DEFAULT_FILL_HISTORY: Final = 10_000  # only the newest 10000 fills of a user are reachable (§8)
+DEFAULT_ORDER_HISTORY: Final = 100_000  # orders remembered per user for orderStatus; older ones are unknownOid
+DEFAULT_RECENT_TRADES: Final = 100  # public trades kept per coin for replay and recentTrades
+
+
+# --------------------------------------------------------------------------------------- wire formatting
+
+
+def wire_decimal(value: Decimal) -> str:
+    """Plain decimal string as the exchange writes it: no exponent, at least one fractional digit."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0")
+        if text.endswith("."):
+            text += "0"
+    else:
+        text += ".0"
+    return "0.0" if text == "-0.0" else text
+
+
+def to_decimal(value: Num) -> Decimal:
+    """Script input to `Decimal`; floats go through `str` so 0.1 stays 0.1."""
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, float):
+        return Decimal(str(value))
+    return Decimal(value)
+
+
+def _sig(value: Decimal, figures: int) -> Decimal:
+    if value == 0:
+        return ZERO
+    return value.quantize(Decimal(1).scaleb(value.adjusted() - figures + 1))
+
+
+class _Out(msgspec.Struct, rename="camel", omit_defaults=True, frozen=True, gc=False, kw_only=True):
+    """Outbound wire object. Only keys the exchange may omit have defaults; the rest are always written."""
+
+
+class WireLiquidation(_Out, frozen=True, kw_only=True):
+    liquidated_user: str | None = None
+    mark_px: str
+    method: str
+
+
+class WireFill(_Out, frozen=True, kw_only=True):
+    coin: str
+    px: str
+    sz: str
+    side: Side
+    time: int
+    start_position: str
+    dir: str
+    closed_pnl: str
+    hash: str
+    oid: int
+    crossed: bool
+    fee: str
+    tid: int
+    cloid: str | None = None
+    liquidation: WireLiquidation | None = None
+    fee_token: str
+    twap_id: int | None
+
+
+class WireBasicOrder(_Out, frozen=True, kw_only=True):
+    """Order inside `orderUpdates` and REST `openOrders`: no `user`, `cloid` omitted when absent."""
+
+    coin: str
+    side: Side
+    limit_px: str
+    sz: str
+    oid: int
+    timestamp: int
+    orig_sz: str
+    cloid: str | None = None
+
+
+class WireOrderUpdate(_Out, frozen=True, kw_only=True):
+    order: WireBasicOrder
+    status: str
+    status_timestamp: int
+
+
+class WireFrontendOrder(msgspec.Struct, rename="camel", frozen=True, gc=False, kw_only=True):
+    """REST frontend order (`frontendOpenOrders`, `orderStatus`, `historicalOrders`): `cloid: null` is written."""
+
+    coin: str
+    side: Side
+    limit_px: str
+    sz: str
+    oid: int
+    timestamp: int
+    trigger_condition: str
+    is_trigger: bool
+    trigger_px: str
+    children: list[WireFrontendOrder]
+    is_position_tpsl: bool
+    reduce_only: bool
+    order_type: str
+    orig_sz: str
+    tif: str | None
+    cloid: str | None
+
+
+class WireOrderStatusEntry(_Out, frozen=True, kw_only=True):
+    order: WireFrontendOrder
+    status: str
+    status_timestamp: int
+
+
+class WireTrade(_Out, frozen=True, kw_only=True):
+    coin: str
+    side: Side
+    px: str
+    sz: str
+    time: int
+    hash: str
+    tid: int
+    users: tuple[str, str]
+
+
+class WireLiquidationEvent(msgspec.Struct, frozen=True, gc=False):
+    """The `liquidation` event of the `user` channel; its keys are snake_case on the wire."""
+
+    lid: int
+    liquidator: str
+    liquidated_user: str
+    liquidated_ntl_pos: str
+    liquidated_account_value: str
+
+
+class WireCumFunding(_Out, frozen=True, kw_only=True):
+    all_time: str
+    since_open: str
+    since_change: str
+
+
+class WireLeverage(_Out, frozen=True, kw_only=True):
+    type: str
+    value: int
+    raw_usd: str | None = None
+
+
+class WirePosition(_Out, frozen=True, kw_only=True):
+    coin: str
+    cum_funding: WireCumFunding
+    entry_px: str
+    leverage: WireLeverage
+    liquidation_px: str | None
+    margin_used: str
+    max_leverage: int
+    position_value: str
+    return_on_equity: str
+    szi: str
+    unrealized_pnl: str
+
+
+class WireAssetPosition(_Out, frozen=True, kw_only=True):
+    position: WirePosition
+    type: str
+
+
+class WireMarginSummary(_Out, frozen=True, kw_only=True):
+    account_value: str
+    total_ntl_pos: str
+    total_raw_usd: str
+    total_margin_used: str
+
+
+class WireClearinghouseState(_Out, frozen=True, kw_only=True):
+    margin_summary: WireMarginSummary
+    cross_margin_summary: WireMarginSummary
+    cross_maintenance_margin_used: str
+    withdrawable: str
+    asset_positions: list[WireAssetPosition]
+    time: int
+
+
+class WireSpotBalance(_Out, frozen=True, kw_only=True):
+    coin: str
+    token: int
+    hold: str
+    total: str
+    entry_ntl: str
+
+
+class WireSpotState(_Out, frozen=True, kw_only=True):
+    balances: list[WireSpotBalance]
+
+
+# --------------------------------------------------------------------------------------- universe
+
+
+@dataclass(frozen=True, slots=True)
+class PerpAsset:
+    name: str
+    sz_decimals: int
+    max_leverage: int
+    mid: Decimal
+    margin_table_id: int
+
+    @property
+    def dex(self) -> str:
+        return self.name.split(":", 1)[0] if ":" in self.name else ""
+
+
+@dataclass(frozen=True, slots=True)
+class SpotToken:
+    name: str
+    index: int
+    sz_decimals: int
+    wei_decimals: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpotPair:
+    name: str
+    index: int
+    base: SpotToken
+    quote: SpotToken
+    mid: Decimal
+
+
+_USDC = SpotToken("USDC", 0, 8, 8)
+_PURR = SpotToken("PURR", 1, 0, 5)
+_HYPE = SpotToken("HYPE", 150, 2, 8)
+_UBTC = SpotToken("UBTC", 197, 5, 10)
+
+PERP_DEXES: Final = ("", "xyz")  # the first perp dex and one HIP-3 builder dex
+PERPS: Final = (
+    PerpAsset("BTC", 5, 40, Decimal("80000.0"), 56),
+    PerpAsset("ETH", 4, 25, Decimal("2300.0"), 55),
+    PerpAsset("SOL", 2, 20, Decimal("95.0"), 54),
+    PerpAsset("HYPE", 2, 10, Decimal("40.0"), 53),
+    PerpAsset("xyz:XYZ100", 4, 20, Decimal("25000.0"), 54),
+    PerpAsset("xyz:TSLA", 3, 10, Decimal("420.0"), 53),
+)
+SPOT_TOKENS: Final = (_USDC, _PURR, _HYPE, _UBTC)
+SPOT_PAIRS: Final = (
+    SpotPair("PURR/USDC", 0, _PURR, _USDC, Decimal("0.067")),
+    SpotPair("@107", 107, _HYPE, _USDC, Decimal("40.0")),
+    SpotPair("@142", 142, _UBTC, _USDC, Decimal("80000.0")),
+)
+
+
+class Universe:
+    """The sim's fixed markets: perps on two dexes and three spot pairs (real names and indexes)."""
+
+    def __init__(self) -> None:
+        self.perps: dict[str, PerpAsset] = {p.name: p for p in PERPS}
+        self.spot: dict[str, SpotPair] = {p.name: p for p in SPOT_PAIRS}
+        self.tokens: dict[str, SpotToken] = {t.name: t for t in SPOT_TOKENS}
+
+    def is_coin(self, coin: str) -> bool:
+        return coin in self.perps or coin in self.spot
+
+    def perps_of(self, dex: str) -> list[PerpAsset]:
+        return [p for p in PERPS if p.dex == dex]
+
+    def meta(self, dex: str) -> dict[str, object]:
+        tables = sorted({p.margin_table_id: p.max_leverage for p in self.perps_of(dex)}.items())
+        return {
+            "universe": [
+                {"szDecimals": p.sz_decimals, "name": p.name, "maxLeverage": p.max_leverage, "marginTableId": p.margin_table_id}
+                for p in self.perps_of(dex)
+            ],
+            "marginTables": [
+                [tid, {"description": "", "marginTiers": [{"lowerBound": "0.0", "maxLeverage": lev}]}] for tid, lev in tables
+            ],
+            "collateralToken": 0,
+        }
+
+    def spot_meta(self) -> dict[str, object]:
+        return {
+            "universe": [
+                {"tokens": [p.base.index, p.quote.index], "name": p.name, "index": p.index, "isCanonical": p.index == 0}
+                for p in SPOT_PAIRS
+            ],
+            "tokens": [
+                {
+                    "name": t.name,
+                    "szDecimals": t.sz_decimals,
+                    "weiDecimals": t.wei_decimals,
+                    "index": t.index,
+                    "tokenId": "0x" + hashlib.md5(t.name.encode()).hexdigest(),
+                    "isCanonical": True,
+                    "evmContract": None,
+                    "fullName": None,
+                }
+                for t in SPOT_TOKENS
+            ],
+        }
+
+    @staticmethod
+    def perp_dexs() -> list[object]:
+        return [
+            None,
+            *(
+                {
+                    "name": d,
+                    "fullName": f"{d.upper()} builder dex",
+                    "deployer": "0x" + hashlib.md5(d.encode()).hexdigest() + "00000000",
+                    "oracleUpdater": None,
+                    "feeRecipient": None,
+                    "assetToStreamingOiCap": [],
+                }
+                for d in PERP_DEXES[1:]
+            ),
+        ]
+
+
+# --------------------------------------------------------------------------------------- ledger
+
+
+@dataclass(slots=True)
+class DirTotal:
+    """What one order did under one `dir`: total size, notional and fill count."""
+
+    dir: str
+    size: Decimal = ZERO
+    notional: Decimal = ZERO
+    fills: int = 0
+
+    @property
+    def vwap(self) -> Decimal:
+        return self.notional / self.size if self.size else ZERO
+
+
+@dataclass(slots=True)
+class LedgerOrder:
+    """Ground truth for one order: per-`dir` totals in first-seen order, position before and after."""
+
+    user: str
+    oid: int
+    coin: str
+    side: Side
+    kind: str  # market | limit | liquidation | twap_slice | rejected
+    twap_id: int | None
+    status: str
+    orig_sz: Decimal
+    position_before: Decimal | None = None
+    position_after: Decimal | None = None
+    totals: dict[str, DirTotal] = field(default_factory=dict)
+
+    def key(self) -> tuple[object, ...]:
+        """Everything but wall-clock times: equal for equal seeds."""
+        return (
+            self.user,
+            self.oid,
+            self.coin,
+            self.side,
+            self.kind,
+            self.twap_id,
+            self.status,
+            str(self.orig_sz),
+            str(self.position_before),
+            str(self.position_after),
+            tuple((t.dir, str(t.size), str(t.vwap), t.fills) for t in self.totals.values()),
+        )
+
+
+class Ledger:
+    """Every order the exchange saw, by oid, in creation order."""
+
+    def __init__(self) -> None:
+        self.orders: dict[int, LedgerOrder] = {}
+
+    def for_user(self, user: str) -> list[LedgerOrder]:
+        user = user.lower()
+        return [o for o in self.orders.values() if o.user == user]
+
+    def twap_totals(self, twap_id: int) -> dict[str, DirTotal]:
+        """Per-`dir` totals over every slice of one TWAP."""
+        out: dict[str, DirTotal] = {}
+        for o in self.orders.values():
+            if o.twap_id != twap_id:
+                continue
+            for t in o.totals.values():
+                acc = out.setdefault(t.dir, DirTotal(t.dir))
+                acc.size += t.size
+                acc.notional += t.notional
+                acc.fills += t.fills
+        return out
+
+    def digest(self) -> list[tuple[object, ...]]:
+        return [o.key() for o in self.orders.values()]
+
+
+# --------------------------------------------------------------------------------------- accounts
+
+
+class ExchangeListener(Protocol):
+    """Receives every change as wire Structs. The server encodes each batch once and fans it out."""
+
+    def on_fills(self, user: str, fills: Sequence[WireFill]) -> None: ...
+
+    def on_order_updates(self, user: str, updates: Sequence[WireOrderUpdate]) -> None: ...
+
+    def on_trades(self, coin: str, trades: Sequence[WireTrade]) -> None: ...
+
+    def on_liquidation(self, user: str, event: WireLiquidationEvent) -> None: ...
+
+
+@dataclass(slots=True)
+class _PerpPosition:
+    szi: Decimal = ZERO
+    entry_px: Decimal = ZERO
+
+
+@dataclass(slots=True)
+class _SpotBalance:
+    total: Decimal = ZERO
+    entry_ntl: Decimal = ZERO
+
+
+@dataclass(slots=True)
+class Order:
+    oid: int
+    user: str
+    coin: str
+    side: Side
+    limit_px: Decimal
+    orig_sz: Decimal
+    sz: Decimal
+    timestamp: int
+    order_type: str
+    tif: str | None
+    reduce_only: bool
+    cloid: str | None
+    twap_id: int | None = None
+    status: str = "open"
+    status_timestamp: int = 0
+
+    def basic(self) -> WireBasicOrder:
+        return WireBasicOrder(
+            coin=self.coin,
+            side=self.side,
+            limit_px=wire_decimal(self.limit_px),
+            sz=wire_decimal(self.sz),
+            oid=self.oid,
+            timestamp=self.timestamp,
+            orig_sz=wire_decimal(self.orig_sz),
+            cloid=self.cloid,
+        )
+
+    def update(self) -> WireOrderUpdate:
+        return WireOrderUpdate(order=self.basic(), status=self.status, status_timestamp=self.status_timestamp)
+
+    def frontend(self) -> WireFrontendOrder:
+        return WireFrontendOrder(
+            coin=self.coin,
+            side=self.side,
+            limit_px=wire_decimal(self.limit_px),
+            sz=wire_decimal(self.sz),
+            oid=self.oid,
+            timestamp=self.timestamp,
+            trigger_condition="N/A",
+            is_trigger=False,
+            trigger_px="0.0",
+            children=[],
+            is_position_tpsl=False,
+            reduce_only=self.reduce_only,
+            order_type=self.order_type,
+            orig_sz=wire_decimal(self.orig_sz),
+            tif=self.tif,
+            cloid=self.cloid,
+        )
+
+    def status_entry(self) -> WireOrderStatusEntry:
+        return WireOrderStatusEntry(order=self.frontend(), status=self.status, status_timestamp=self.status_timestamp)
+
+
+class Account:
+    """One address: perp collateral and positions, spot balances, fill and order history."""
+
+    def __init__(self, address: str, usdc: Decimal, spot_usdc: Decimal, fill_limit: int, order_limit: int) -> None:
+        self.address = address
+        self.usdc = usdc
+        self.positions: dict[str, _PerpPosition] = {}
+        self.spot: dict[str, _SpotBalance] = {"USDC": _SpotBalance(spot_usdc, ZERO)} if spot_usdc else {}
+        self.fills: deque[WireFill] = deque(maxlen=fill_limit)
+        self.orders: OrderedDict[int, Order] = OrderedDict()
+        self.open_orders: dict[int, Order] = {}
+        self._order_limit = order_limit
+
+    def remember(self, order: Order) -> None:
+        self.orders[order.oid] = order
+        while len(self.orders) > self._order_limit:
+            self.orders.popitem(last=False)
+
+    def find_order(self, oid: int | str) -> Order | None:
+        if isinstance(oid, int):
+            return self.orders.get(oid)
+        wanted = oid.lower()
+        return next((o for o in reversed(self.orders.values()) if o.cloid is not None and o.cloid == wanted), None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    sz: Decimal
+    px: Decimal
+
+
+# --------------------------------------------------------------------------------------- exchange
+
+
+class Exchange:
+    """The in-memory exchange. Synchronous core; `Whale` wraps it in the async scripting API."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        fill_history_limit: int = DEFAULT_FILL_HISTORY,
+        order_history_limit: int = DEFAULT_ORDER_HISTORY,
+        recent_trades: int = DEFAULT_RECENT_TRADES,
+        record_ledger: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.universe = Universe()
+        self.ledger = Ledger()
+        self.listener: ExchangeListener | None = None
+        # Fault: push an order's status update before its fills (the service must park it).
+        self.status_before_fills = False
+        self._rng = random.Random(seed)
+        self._next_oid = OID_BASE + self._rng.randrange(ID_SPREAD)
+        self._next_tid = TID_BASE + self._rng.randrange(ID_SPREAD)
+        self._next_twap = TWAP_ID_BASE + self._rng.randrange(ID_SPREAD // 1000)
+        self._next_lid = LID_BASE + self._rng.randrange(ID_SPREAD // 1000)
+        self.counterparties = [self._address() for _ in range(COUNTERPARTIES)]
+        self._fill_limit = fill_history_limit
+        self._order_limit = order_history_limit
+        self._record = record_ledger
+        self._clock = clock
+        self._last_ms = 0
+        self.accounts: dict[str, Account] = {}
+        self.mids: dict[str, Decimal] = {p.name: p.mid for p in PERPS} | {s.name: s.mid for s in SPOT_PAIRS}
+        self.day_ntl_vlm: dict[str, Decimal] = dict.fromkeys(self.mids, ZERO)
+        self.recent_trades: dict[str, deque[WireTrade]] = {c: deque(maxlen=recent_trades) for c in self.mids}
+
+    # ---------------------------------------------------------------- helpers
+
+    def _address(self) -> str:
+        return f"0x{self._rng.getrandbits(160):040x}"
+
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds that never go backwards."""
+        ms = max(self._last_ms, int(self._clock() * 1000))
+        self._last_ms = ms
+        return ms
+
+    def _oid(self) -> int:
+        self._next_oid += 1
+        return self._next_oid
+
+    def _tid(self) -> int:
+        self._next_tid += 1
+        return self._next_tid
+
+    def _hash(self) -> str:
+        return f"0x{self._rng.getrandbits(256):064x}"
+
+    def _counterparty(self) -> str:
+        return self.counterparties[self._rng.randrange(COUNTERPARTIES)]
+
+    def whale(self, address: str, *, usdc: Num = DEFAULT_USDC, spot_usdc: Num = DEFAULT_SPOT_USDC) -> Whale:
+        """The scripting handle for `address` (created with starting balances on first use)."""
+        return Whale(self, self.account(address, usdc=usdc, spot_usdc=spot_usdc))
+
+    def account(self, address: str, *, usdc: Num = DEFAULT_USDC, spot_usdc: Num = DEFAULT_SPOT_USDC) -> Account:
+        addr = address.lower()
+        acct = self.accounts.get(addr)
+        if acct is None:
+            acct = Account(addr, to_decimal(usdc), to_decimal(spot_usdc), self._fill_limit, self._order_limit)
+            self.accounts[addr] = acct
+        return acct
+
+    def _check_coin(self, coin: str) -> None:
+        if not self.universe.is_coin(coin):
+            raise ValueError(f"unknown coin {coin!r}; known: {sorted(self.mids)}")
+
+    def _new_order(
+        self,
+        acct: Account,
+        coin: str,
+        is_buy: bool,
+        sz: Decimal,
+        px: Decimal,
+        *,
+        order_type: str,
+        tif: str | None,
+        reduce_only: bool,
+        cloid: str | None,
+        kind: str,
+        twap_id: int | None = None,
+    ) -> Order:
+        self._check_coin(coin)
+        if sz <= 0 or px <= 0:
+            raise ValueError(f"size and price must be positive, got sz={sz} px={px}")
+        now = self.now_ms()
+        order = Order(
+            oid=self._oid(),
+            user=acct.address,
+            coin=coin,
+            side="B" if is_buy else "A",
+            limit_px=px,
+            orig_sz=sz,
+            sz=sz,
+            timestamp=now,
+            order_type=order_type,
+            tif=tif,
+            reduce_only=reduce_only,
+            cloid=cloid.lower() if cloid else None,
+            twap_id=twap_id,
+            status_timestamp=now,
+        )
+        acct.remember(order)
+        if self._record:
+            self.ledger.orders[order.oid] = LedgerOrder(
+                acct.address, order.oid, coin, order.side, kind, twap_id, "open", sz
+            )
+        return order
+
+    def _set_status(self, order: Order, status: str) -> WireOrderUpdate:
+        order.status = status
+        order.status_timestamp = self.now_ms()
+        if self._record and (entry := self.ledger.orders.get(order.oid)) is not None:
+            entry.status = status
+        return order.update()
+
+    # ---------------------------------------------------------------- fills
+
+    def _apply(
+        self,
+        acct: Account,
+        order: Order,
+        pieces: Sequence[_Piece],
+        *,
+        aggressor: bool,
+        hash_: str,
+        liquidation: WireLiquidation | None = None,
+        liquidation_dir: str | None = None,
+    ) -> tuple[list[WireFill], list[WireTrade]]:
+        """Execute `pieces` of `order` against seeded counterparties; update state, history and ledger."""
+        is_buy = order.side == "B"
+        spot = order.coin in self.universe.spot
+        rate = TAKER_FEE if aggressor else MAKER_FEE
+        aggressor_side: Side = order.side if aggressor else ("A" if is_buy else "B")
+        now = self.now_ms()
+        fills: list[WireFill] = []
+        trades: list[WireTrade] = []
+        ledger = self.ledger.orders.get(order.oid) if self._record else None
+        for piece in pieces:
+            sz, px = piece.sz, piece.px
+            fee = (sz * px * rate).quantize(USDC_DECIMALS)
+            if spot:
+                start, dir_, pnl = self._apply_spot(acct, order.coin, is_buy, sz, px, fee)
+            else:
+                start, dir_, pnl = self._apply_perp(acct, order.coin, is_buy, sz, px)
+                acct.usdc += pnl - fee
+            if liquidation_dir is not None:
+                dir_ = liquidation_dir
+            tid = self._tid()
+            sz_s, px_s = wire_decimal(sz), wire_decimal(px)
+            fill = WireFill(
+                coin=order.coin,
+                px=px_s,
+                sz=sz_s,
+                side=order.side,
+                time=now,
+                start_position=wire_decimal(start),
+                dir=dir_,
+                closed_pnl=wire_decimal(pnl),
+                hash=hash_,
+                oid=order.oid,
+                crossed=aggressor,
+                fee=wire_decimal(fee),
+                tid=tid,
+                cloid=order.cloid,
+                liquidation=liquidation,
+                fee_token="USDC",
+                twap_id=order.twap_id,
+            )
+            fills.append(fill)
+            acct.fills.append(fill)
+            other = self._counterparty()
+            users = (acct.address, other) if is_buy else (other, acct.address)
+            trade = WireTrade(
+                coin=order.coin, side=aggressor_side, px=px_s, sz=sz_s, time=now, hash=hash_, tid=tid, users=users
+            )
+            trades.append(trade)
+            self.recent_trades[order.coin].append(trade)
+            self.mids[order.coin] = px
+            self.day_ntl_vlm[order.coin] += sz * px
+            order.sz -= sz
+            if ledger is not None:
+                if ledger.position_before is None:
+                    ledger.position_before = start
+                ledger.position_after = start + sz if is_buy else start - sz
+                total = ledger.totals.get(dir_)
+                if total is None:
+                    total = ledger.totals[dir_] = DirTotal(dir_)
+                total.size += sz
+                total.notional += sz * px
+                total.fills += 1
+        return fills, trades
+
+    @staticmethod
+    def _apply_perp(acct: Account, coin: str, is_buy: bool, sz: Decimal, px: Decimal) -> tuple[Decimal, str, Decimal]:
+        pos = acct.positions.get(coin)
+        if pos is None:
+            pos = acct.positions[coin] = _PerpPosition()
+        start = pos.szi
+        new = start + sz if is_buy else start - sz
+        pnl = ZERO
+        if start == 0 or (start > 0) == is_buy:
+            dir_ = "Open Long" if is_buy else "Open Short"
+            pos.entry_px = (pos.entry_px * abs(start) + px * sz) / abs(new)
+        elif sz <= abs(start):
+            dir_ = "Close Long" if start > 0 else "Close Short"
+            pnl = ((px - pos.entry_px) * (sz if start > 0 else -sz)).quantize(USDC_DECIMALS)
+            if new == 0:
+                pos.entry_px = ZERO
+        else:
+            dir_ = "Long > Short" if start > 0 else "Short > Long"
+            pnl = ((px - pos.entry_px) * start).quantize(USDC_DECIMALS)
+            pos.entry_px = px
+        pos.szi = new
+        if new == 0:
+            del acct.positions[coin]
+        return start, dir_, pnl
+
+    def _apply_spot(
+        self, acct: Account, coin: str, is_buy: bool, sz: Decimal, px: Decimal, fee: Decimal
+    ) -> tuple[Decimal, str, Decimal]:
+        pair = self.universe.spot[coin]
+        bal = acct.spot.setdefault(pair.base.name, _SpotBalance())
+        usdc = acct.spot.setdefault("USDC", _SpotBalance())
+        start = bal.total
+        pnl = ZERO
+        if is_buy:
+            bal.total += sz
+            bal.entry_ntl += sz * px
+            usdc.total -= sz * px + fee
+            dir_ = "Buy"
+        else:
+            avg = bal.entry_ntl / bal.total if bal.total else ZERO
+            pnl = ((px - avg) * sz).quantize(USDC_DECIMALS)
+            bal.entry_ntl -= avg * sz
+            bal.total -= sz
+            usdc.total += sz * px - fee
+            dir_ = "Sell"
+        return start, dir_, pnl
+
+    def _emit(
+        self,
+        user: str,
+        fills: Sequence[WireFill],
+        trades: Sequence[WireTrade],
+        updates: Sequence[WireOrderUpdate],
+        coin: str,
+    ) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        if updates and self.status_before_fills:
+            listener.on_order_updates(user, updates)
+        if fills:
+            listener.on_fills(user, fills)
+            listener.on_trades(coin, trades)
+        if updates and not self.status_before_fills:
+            listener.on_order_updates(user, updates)
+
+    def split(self, coin: str, sz: Decimal, px: Decimal, parts: int, px_step: Decimal, is_buy: bool) -> list[_Piece]:
+        """`parts` fills summing exactly to `sz` (sizes at the coin's lot size), price walking by `px_step`."""
+        lot = Decimal(1).scaleb(-self._sz_decimals(coin))
+        parts = max(1, min(parts, int(sz / lot)))
+        each = (sz / parts).quantize(lot, rounding=ROUND_DOWN)
+        sizes = [each] * (parts - 1) + [sz - each * (parts - 1)]
+        step = px_step if is_buy else -px_step
+        return [_Piece(s, px + step * i) for i, s in enumerate(sizes) if s > 0]
+
+    def _sz_decimals(self, coin: str) -> int:
+        perp = self.universe.perps.get(coin)
+        return perp.sz_decimals if perp is not None else self.universe.spot[coin].base.sz_decimals
+
+    # ---------------------------------------------------------------- order flows (synchronous core)
+
+    def market_order(
+        self,
+        user: str,
+        coin: str,
+        is_buy: bool,
+        sz: Num,
+        px: Num,
+        *,
+        fills: int = 1,
+        px_step: Num = 0,
+        reduce_only: bool = False,
+        cloid: str | None = None,
+    ) -> int:
+        """An aggressive order filled at once in `fills` pieces; orderUpdates `open` + `filled` in one frame."""
+        acct = self.account(user)
+        size, price, step = to_decimal(sz), to_decimal(px), to_decimal(px_step)
+        self._check_coin(coin)
+        self._check_spot_sell(acct, coin, is_buy, size)
+        pieces = self.split(coin, size, price, fills, step, is_buy)
+        worst = pieces[-1].px
+        order = self._new_order(
+            acct, coin, is_buy, size, worst, order_type="Market", tif="FrontendMarket",
+            reduce_only=reduce_only, cloid=cloid, kind="market",
+        )  # fmt: skip
+        opened = order.update()
+        out_fills, trades = self._apply(acct, order, pieces, aggressor=True, hash_=self._hash())
+        self._emit(acct.address, out_fills, trades, [opened, self._set_status(order, "filled")], coin)
+        return order.oid
+
+    def limit_order(
+        self,
+        user: str,
+        coin: str,
+        is_buy: bool,
+        sz: Num,
+        px: Num,
+        *,
+        reduce_only: bool = False,
+        cloid: str | None = None,
+        tif: str = "Gtc",
+    ) -> int:
+        """A resting order: orderUpdates `open`; fill it with `fill_order`, end it with `cancel_order`."""
+        acct = self.account(user)
+        order = self._new_order(
+            acct, coin, is_buy, to_decimal(sz), to_decimal(px), order_type="Limit", tif=tif,
+            reduce_only=reduce_only, cloid=cloid, kind="limit",
+        )  # fmt: skip
+        acct.open_orders[order.oid] = order
+        self._emit(acct.address, (), (), [order.update()], coin)
+        return order.oid
+
+    def fill_order(self, user: str, oid: int, sz: Num | None = None, px: Num | None = None) -> None:
+        """A maker fill of a resting order (all of the remainder by default); `filled` when nothing is left."""
+        acct = self.account(user)
+        order = acct.open_orders.get(oid)
+        if order is None:
+            raise ValueError(f"order {oid} is not open for {acct.address}")
+        size = order.sz if sz is None else to_decimal(sz)
+        if not 0 < size <= order.sz:
+            raise ValueError(f"fill size {size} outside (0, {order.sz}] for order {oid}")
+        self._check_spot_sell(acct, order.coin, order.side == "B", size)
+        price = order.limit_px if px is None else to_decimal(px)
+        out_fills, trades = self._apply(acct, order, [_Piece(size, price)], aggressor=False, hash_=self._hash())
+        updates: list[WireOrderUpdate] = []
+        if order.sz == 0:
+            del acct.open_orders[oid]
+            updates.append(self._set_status(order, "filled"))
+        self._emit(acct.address, out_fills, trades, updates, order.coin)
+
+    def cancel_order(self, user: str, oid: int, status: str = "canceled") -> None:
+        """End a resting order; the update keeps the unfilled remainder as `sz`."""
+        acct = self.account(user)
+        order = acct.open_orders.pop(oid, None)
+        if order is None:
+            raise ValueError(f"order {oid} is not open for {acct.address}")
+        self._emit(acct.address, (), (), [self._set_status(order, status)], order.coin)
+
+    def reject_order(self, user: str, coin: str, is_buy: bool, sz: Num, px: Num, status: str) -> int:
+        """An order rejected at placement: one update with the rejection status, no fills."""
+        acct = self.account(user)
+        order = self._new_order(
+            acct, coin, is_buy, to_decimal(sz), to_decimal(px), order_type="Limit", tif="Gtc",
+            reduce_only=False, cloid=None, kind="rejected",
+        )  # fmt: skip
+        self._emit(acct.address, (), (), [self._set_status(order, status)], coin)
+        return order.oid
+
+    def liquidate(
+        self,
+        user: str,
+        coin: str,
+        *,
+        mark_px: Num,
+        px: Num | None = None,
+        fills: int = 1,
+        method: str = "market",
+        order_updates: bool = False,
+    ) -> int:
+        """Close the whole perp position as a liquidation (dir `Liquidated Cross Long/Short`).
+
+        The user channel also gets a `liquidation` event. orderUpdates for the system's LiquidationMarket
+        order are not sent unless `order_updates` (UNVERIFIED whether the exchange sends them).
+        """
+        acct = self.account(user)
+        pos = acct.positions.get(coin)
+        if pos is None or pos.szi == 0:
+            raise ValueError(f"{acct.address} has no {coin} position to liquidate")
+        mark = to_decimal(mark_px)
+        price = mark if px is None else to_decimal(px)
+        is_buy = pos.szi < 0
+        size = abs(pos.szi)
+        label = "Liquidated Cross Short" if is_buy else "Liquidated Cross Long"
+        pieces = self.split(coin, size, price, fills, ZERO, is_buy)
+        order = self._new_order(
+            acct, coin, is_buy, size, price, order_type="Market", tif="LiquidationMarket",
+            reduce_only=True, cloid=None, kind="liquidation",
+        )  # fmt: skip
+        block = WireLiquidation(liquidated_user=acct.address, mark_px=wire_decimal(mark), method=method)
+        ntl = size * mark
+        opened = order.update()
+        out_fills, trades = self._apply(
+            acct, order, pieces, aggressor=True, hash_=self._hash(), liquidation=block, liquidation_dir=label
+        )
+        filled = self._set_status(order, "filled")
+        self._emit(acct.address, out_fills, trades, [opened, filled] if order_updates else [], coin)
+        if self.listener is not None:
+            self._next_lid += 1
+            self.listener.on_liquidation(
+                acct.address,
+                WireLiquidationEvent(
+                    lid=self._next_lid,
+                    liquidator=self._counterparty(),
+                    liquidated_user=acct.address,
+                    liquidated_ntl_pos=wire_decimal(ntl.quantize(USDC_DECIMALS)),
+                    liquidated_account_value=wire_decimal(self.account_value(acct, "").quantize(USDC_DECIMALS)),
+                ),
+            )
+        return order.oid
+
+    def twap_slice(
+        self, user: str, coin: str, is_buy: bool, sz: Num, px: Num, twap_id: int, *, order_updates: bool = False
+    ) -> int:
+        """One TWAP slice: its own oid, one taker fill with `twapId` and an all-zero hash."""
+        acct = self.account(user)
+        size = to_decimal(sz)
+        self._check_coin(coin)
+        self._check_spot_sell(acct, coin, is_buy, size)
+        order = self._new_order(
+            acct, coin, is_buy, size, to_decimal(px), order_type="Twap Slice", tif=None,
+            reduce_only=False, cloid=None, kind="twap_slice", twap_id=twap_id,
+        )  # fmt: skip
+        opened = order.update()
+        out_fills, trades = self._apply(acct, order, [_Piece(size, order.limit_px)], aggressor=True, hash_=ZERO_HASH)
+        filled = self._set_status(order, "filled")
+        self._emit(acct.address, out_fills, trades, [opened, filled] if order_updates else [], coin)
+        return order.oid
+
+    def new_twap_id(self) -> int:
+        self._next_twap += 1
+        return self._next_twap
+
+    def _check_spot_sell(self, acct: Account, coin: str, is_buy: bool, sz: Decimal) -> None:
+        pair = self.universe.spot.get(coin)
+        if pair is None or is_buy:
+            return
+        held = acct.spot.get(pair.base.name, _SpotBalance()).total
+        if sz > held:
+            raise ValueError(f"{acct.address} sells {sz} {pair.base.name} but holds {held}")
+
+    # ---------------------------------------------------------------- state views (REST and WS pushes)
+
+    def account_value(self, acct: Account, dex: str) -> Decimal:
+        upnl = sum(
+            ((self.mids[c] - p.entry_px) * p.szi for c, p in acct.positions.items() if self._dex_of(c) == dex), ZERO
+        )
+        if dex == "":
+            return acct.usdc + upnl
+        margin = sum(
+            (abs(p.szi) * self.mids[c] / DEFAULT_LEVERAGE for c, p in acct.positions.items() if self._dex_of(c) == dex),
+            ZERO,
+        )
+        return margin + upnl
+
+    @staticmethod
+    def _dex_of(coin: str) -> str:
+        return coin.split(":", 1)[0] if ":" in coin else ""
+
+    def clearinghouse_state(self, user: str, dex: str = "") -> WireClearinghouseState:
+        """Perp state of one dex (a flat account for unknown addresses)."""
+        acct = self.accounts.get(user.lower())
+        now = self.now_ms()
+        positions: list[WireAssetPosition] = []
+        ntl = margin = ZERO
+        value = ZERO
+        if acct is not None:
+            for coin, pos in sorted(acct.positions.items()):
+                if self._dex_of(coin) != dex:
+                    continue
+                mark = self.mids[coin]
+                value_pos = abs(pos.szi) * mark
+                used = value_pos / DEFAULT_LEVERAGE
+                upnl = (mark - pos.entry_px) * pos.szi
+                ntl += value_pos
+                margin += used
+                positions.append(
+                    WireAssetPosition(
+                        position=WirePosition(
+                            coin=coin,
+                            cum_funding=WireCumFunding(all_time="0.0", since_open="0.0", since_change="0.0"),
+                            entry_px=wire_decimal(_sig(pos.entry_px, ENTRY_SIG_FIGS)),
+                            leverage=WireLeverage(type="cross", value=DEFAULT_LEVERAGE),
+                            liquidation_px=None,
+                            margin_used=wire_decimal(used.quantize(USDC_DECIMALS)),
+                            max_leverage=self.universe.perps[coin].max_leverage,
+                            position_value=wire_decimal(value_pos.quantize(USDC_DECIMALS)),
+                            return_on_equity=wire_decimal(_sig(upnl / used, ENTRY_SIG_FIGS) if used else ZERO),
+                            szi=wire_decimal(pos.szi),
+                            unrealized_pnl=wire_decimal(upnl.quantize(USDC_DECIMALS)),
+                        ),
+                        type="oneWay",
+                    )
+                )
+            value = self.account_value(acct, dex)
+        summary = WireMarginSummary(
+            account_value=wire_decimal(value.quantize(USDC_DECIMALS)),
+            total_ntl_pos=wire_decimal(ntl.quantize(USDC_DECIMALS)),
+            total_raw_usd=wire_decimal((value - ntl).quantize(USDC_DECIMALS)),
+            total_margin_used=wire_decimal(margin.quantize(USDC_DECIMALS)),
+        )
+        return WireClearinghouseState(
+            margin_summary=summary,
+            cross_margin_summary=summary,
+            cross_maintenance_margin_used=wire_decimal((margin / 2).quantize(USDC_DECIMALS)),
+            withdrawable=wire_decimal(max(value - margin, ZERO).quantize(USDC_DECIMALS)),
+            asset_positions=positions,
+            time=now,
+        )
+
+    def all_dexs_state(self, user: str) -> list[tuple[str, WireClearinghouseState]]:
+        return [(dex, self.clearinghouse_state(user, dex)) for dex in PERP_DEXES]
+
+    def spot_state(self, user: str) -> WireSpotState:
+        acct = self.accounts.get(user.lower())
+        balances: list[WireSpotBalance] = []
+        if acct is not None:
+            for token in SPOT_TOKENS:
+                bal = acct.spot.get(token.name)
+                if bal is None:
+                    continue
+                balances.append(
+                    WireSpotBalance(
+                        coin=token.name,
+                        token=token.index,
+                        hold="0.0",
+                        total=wire_decimal(bal.total),
+                        entry_ntl=wire_decimal(bal.entry_ntl.quantize(USDC_DECIMALS)),
+                    )
+                )
+        return WireSpotState(balances=balances)
+
+    def user_fills(self, user: str, limit: int) -> list[WireFill]:
+        """Newest first, at most `limit`."""
+        acct = self.accounts.get(user.lower())
+        if acct is None:
+            return []
+        out: list[WireFill] = []
+        for fill in reversed(acct.fills):
+            if len(out) >= limit:
+                break
+            out.append(fill)
+        return out
+
+    def fills_snapshot(self, user: str, limit: int) -> list[WireFill]:
+        """The newest `limit` fills, oldest first (the order of the live `userFills` snapshot)."""
+        fills = self.user_fills(user, limit)
+        fills.reverse()
+        return fills
+
+    def user_fills_by_time(
+        self, user: str, start: int, end: int | None, limit: int, *, newest_first: bool = False
+    ) -> list[WireFill]:
+        """Fills with `start <= time <= end` among the reachable history, oldest first, at most `limit`."""
+        acct = self.accounts.get(user.lower())
+        if acct is None:
+            return []
+        hi = end if end is not None else self.now_ms()
+        source: Iterable[WireFill] = reversed(acct.fills) if newest_first else acct.fills
+        out: list[WireFill] = []
+        for fill in source:
+            if start <= fill.time <= hi:
+                out.append(fill)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def order_status(self, user: str, oid: int | str) -> WireOrderStatusEntry | None:
+        acct = self.accounts.get(user.lower())
+        order = acct.find_order(oid) if acct is not None else None
+        return order.status_entry() if order is not None else None
+
+    def open_orders(self, user: str, dex: str = "") -> list[Order]:
+        acct = self.accounts.get(user.lower())
+        if acct is None:
+            return []
+        spot_ok = dex == ""  # spot orders are listed with the first perp dex only
+        return [
+            o
+            for o in acct.open_orders.values()
+            if (o.coin in self.universe.spot and spot_ok) or (o.coin in self.universe.perps and self._dex_of(o.coin) == dex)
+        ]
+
+    def historical_orders(self, user: str, limit: int) -> list[WireOrderStatusEntry]:
+        """Newest first, one entry per order with its latest status."""
+        acct = self.accounts.get(user.lower())
+        if acct is None:
+            return []
+        out: list[WireOrderStatusEntry] = []
+        for order in reversed(acct.orders.values()):
+            if len(out) >= limit:
+                break
+            out.append(order.status_entry())
+        return out
+
+    def mids_of(self, dex: str) -> dict[str, str]:
+        """Mid prices of one dex; spot pairs are listed with the first dex only (like allMids)."""
+        out = {p.name: wire_decimal(self.mids[p.name]) for p in self.universe.perps_of(dex)}
+        if dex == "":
+            out.update({s.name: wire_decimal(self.mids[s.name]) for s in SPOT_PAIRS})
+        return out
+
+    def asset_ctxs(self, dex: str) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for p in self.universe.perps_of(dex):
+            mid = wire_decimal(self.mids[p.name])
+            out.append(
+                {
+                    "funding": "0.0000125",
+                    "openInterest": "1000.0",
+                    "prevDayPx": wire_decimal(p.mid),
+                    "dayNtlVlm": wire_decimal(self.day_ntl_vlm[p.name].quantize(USDC_DECIMALS)),
+                    "premium": "0.0",
+                    "oraclePx": mid,
+                    "markPx": mid,
+                    "midPx": mid,
+                    "impactPxs": [mid, mid],
+                    "dayBaseVlm": "0.0",
+                }
+            )
+        return out
+
+
+# --------------------------------------------------------------------------------------- whale handle
+
+
+class Whale:
+    """Async scripting handle for one address. Methods return oids (or the twapId) for later checks."""
+
+    def __init__(self, exchange: Exchange, account: Account) -> None:
+        self.exchange = exchange
+        self.account = account
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+    def position(self, coin: str) -> Decimal:
+        pos = self.account.positions.get(coin)
+        return pos.szi if pos is not None else ZERO
+
+    def spot_balance(self, token: str) -> Decimal:
+        bal = self.account.spot.get(token)
+        return bal.total if bal is not None else ZERO
+
+    async def market_order(
+        self,
+        coin: str,
+        is_buy: bool,
+        sz: Num,
+        px: Num,
+        *,
+        fills: int = 1,
+        px_step: Num = 0,
+        reduce_only: bool = False,
+        cloid: str | None = None,
+    ) -> int:
+        return self.exchange.market_order(
+            self.address, coin, is_buy, sz, px, fills=fills, px_step=px_step, reduce_only=reduce_only, cloid=cloid
+        )
+
+    async def limit_order(
+        self,
+        coin: str,
+        is_buy: bool,
+        sz: Num,
+        px: Num,
+        *,
+        reduce_only: bool = False,
+        cloid: str | None = None,
+        tif: str = "Gtc",
+    ) -> int:
+        return self.exchange.limit_order(
+            self.address, coin, is_buy, sz, px, reduce_only=reduce_only, cloid=cloid, tif=tif
+        )
+
+    async def fill(self, oid: int, sz: Num | None = None, px: Num | None = None) -> None:
+        self.exchange.fill_order(self.address, oid, sz, px)
+
+    async def cancel(self, oid: int, status: str = "canceled") -> None:
+        self.exchange.cancel_order(self.address, oid, status)
+
+    async def reject_order(self, coin: str, is_buy: bool, sz: Num, px: Num, status: str = "perpMarginRejected") -> int:
+        return self.exchange.reject_order(self.address, coin, is_buy, sz, px, status)
+
+    async def close(self, coin: str, px: Num, *, fills: int = 1) -> int:
+        """Reduce-only market order for the whole perp position (or the whole spot balance)."""
+        pair = self.exchange.universe.spot.get(coin)
+        size = self.spot_balance(pair.base.name) if pair is not None else self.position(coin)
+        if size == 0:
+            raise ValueError(f"{self.address} has nothing to close on {coin}")
+        return self.exchange.market_order(self.address, coin, size < 0, abs(size), px, fills=fills, reduce_only=True)
+
+    async def liquidate(
+        self,
+        coin: str,
+        *,
+        mark_px: Num,
+        px: Num | None = None,
+        fills: int = 1,
+        method: str = "market",
+        order_updates: bool = False,
+    ) -> int:
+        return self.exchange.liquidate(
+            self.address, coin, mark_px=mark_px, px=px, fills=fills, method=method, order_updates=order_updates
+        )
+
+    async def twap(
+        self,
+        coin: str,
+        is_buy: bool,
+        total_sz: Num,
+        *,
+        slices: int,
+        px: Num,
+        px_step: Num = 0,
+        interval: float = 0.0,
+        order_updates: bool = False,
+    ) -> int:
+        """Run a TWAP: `slices` taker fills sharing one twapId, `interval` seconds apart. Returns the twapId."""
+        ex = self.exchange
+        twap_id = ex.new_twap_id()
+        pieces = ex.split(coin, to_decimal(total_sz), to_decimal(px), slices, to_decimal(px_step), is_buy)
+        for i, piece in enumerate(pieces):
+            if i and interval > 0:
+                await asyncio.sleep(interval)
+            ex.twap_slice(self.address, coin, is_buy, piece.sz, piece.px, twap_id, order_updates=order_updates)
+        return twap_id

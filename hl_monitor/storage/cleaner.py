@@ -1,0 +1,107 @@
+"""Retention: delete old aggregations and signals in small batches, never an unpublished signal.
+
+Each batch selects at most `retention.batch_size` primary keys and deletes them in its own short
+transaction, so the batch writer never waits on the cleaner for longer than one batch (on SQLite, whose
+single write lock both share, that is what keeps the writer's latency flat). Rules (the old service's
+defaults): closed aggregations older than `retention.aggregations` (2 h); never-closed ones idle for
+`retention.open_aggregations` (their order ended long ago); published signals older than
+`retention.signals` (7 d); then, while more than `retention.max_signals` rows remain, the oldest
+published ones. Unpublished signals are the outbox and stay until delivery marks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hl_monitor.config import RetentionConfig
+from hl_monitor.logging import get_logger
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.storage import tables as t
+from hl_monitor.storage.repository import is_transient, now_ms
+
+log = get_logger(__name__)
+
+MS_PER_S: Final = 1000
+
+
+class RetentionCleaner:
+    """Runs `run_once` at start and then every `retention.interval` seconds."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cfg: RetentionConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.metrics = metrics
+        self._clock = clock
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.metrics.db_up.set(0)
+                log.warning("retention run failed; next run at the interval", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.cfg.interval)
+
+    async def run_once(self) -> dict[str, int]:
+        """One pass over every rule; returns rows deleted per table."""
+        now = self._clock()
+        a, s = t.aggregations.c, t.signals.c
+        deleted = {
+            "aggregations": await self._delete_where(
+                t.aggregations,
+                sa.or_(
+                    sa.and_(a.closed == sa.true(), a.updated_at < now - int(self.cfg.aggregations * MS_PER_S)),
+                    sa.and_(a.closed == sa.false(), a.updated_at < now - int(self.cfg.open_aggregations * MS_PER_S)),
+                ),
+            ),
+            "signals": await self._delete_where(
+                t.signals, sa.and_(s.published == sa.true(), s.created_at < now - int(self.cfg.signals * MS_PER_S))
+            ),
+        }
+        deleted["signals"] += await self._cap_signals()
+        for table, count in deleted.items():
+            if count:
+                self.metrics.retention_deleted.labels(table=table).inc(count)
+        self.metrics.db_up.set(1)
+        if any(deleted.values()):
+            log.info("retention deleted rows", **deleted)
+        return deleted
+
+    async def _cap_signals(self) -> int:
+        """Delete the oldest published signals while the table holds more than `max_signals` rows."""
+        async with self.engine.connect() as conn:
+            total = int((await conn.execute(sa.select(sa.func.count()).select_from(t.signals))).scalar_one())
+        excess = total - self.cfg.max_signals
+        if excess <= 0:
+            return 0
+        return await self._delete_where(t.signals, t.signals.c.published == sa.true(), limit=excess)
+
+    async def _delete_where(self, table: sa.Table, where: sa.ColumnElement[bool], limit: int | None = None) -> int:
+        """Delete matching rows oldest id first, one bounded batch per transaction; at most `limit` rows."""
+        pk = table.c.id
+        deleted = 0
+        while limit is None or deleted < limit:
+            size = self.cfg.batch_size if limit is None else min(self.cfg.batch_size, limit - deleted)
+            async with self.engine.begin() as conn:
+                ids = (await conn.execute(sa.select(pk).where(where).order_by(pk).limit(size))).scalars().all()
+                if ids:
+                    await conn.execute(sa.delete(table).where(pk.in_(ids), where))
+            deleted += len(ids)
+            if len(ids) < size:
+                break
+            await asyncio.sleep(0)  # let the writer and the rest of the loop in between batches
+        return deleted

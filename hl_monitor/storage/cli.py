@@ -1,0 +1,274 @@
+"""`hl-monitor db upgrade|current` and `hl-monitor addresses add|remove|list|import`.
+
+Address commands write `hlm_addresses` directly; a running service notices within a second (it polls
+the table's change marker). Invalid input (an address that is not 0x + 40 hex digits, an unknown tier,
+a malformed import line) is reported with its position and exits 2 without writing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hl_monitor.config import Config, mask_url
+from hl_monitor.errors import StorageError
+from hl_monitor.feeds.addresses import InvalidAddressError, normalize_address
+from hl_monitor.storage import migrate
+from hl_monitor.storage.repository import AddressTable, create_engine
+from hl_monitor.storage.tables import LABEL_LEN, TIERS
+
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2  # same as the top-level CLI's config/usage code: do not restart-loop on it
+PRIORITY_MAX: Final = 2**31 - 1  # the column is a signed INT
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    address: str
+    label: str | None = None
+    tier: str | None = None
+    priority: int | None = None
+    is_active: bool | None = None
+    server_id: int | None = None
+
+
+# ---------------------------------------------------------------- validation (argparse types)
+
+
+def _address(value: str) -> str:
+    try:
+        return normalize_address(value)
+    except InvalidAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _label(value: str) -> str:
+    if len(value) > LABEL_LEN:
+        raise argparse.ArgumentTypeError(f"label is {len(value)} characters; at most {LABEL_LEN}")
+    return value
+
+
+def _priority(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if not 0 <= number <= PRIORITY_MAX:
+        raise argparse.ArgumentTypeError(f"priority must be between 0 and {PRIORITY_MAX}, got {number}")
+    return number
+
+
+# ---------------------------------------------------------------- running
+
+
+def _with_engine(args: argparse.Namespace, action: Callable[[AsyncEngine, Config], Awaitable[T]]) -> T:
+    from hl_monitor.cli import config_from_args
+
+    cfg = config_from_args(args)
+
+    async def main() -> T:
+        engine = create_engine(cfg)
+        try:
+            return await action(engine, cfg)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database {mask_url(cfg.database.url)}: {type(exc).__name__}: {exc.args[0]}") from None
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from hl_monitor.cli import config_from_args
+
+    cfg = config_from_args(args)
+    try:
+        asyncio.run(migrate.upgrade(cfg.database_url(), args.revision))
+    except SQLAlchemyError as exc:
+        raise StorageError(f"database {mask_url(cfg.database.url)}: {type(exc).__name__}: {exc.args[0]}") from None
+    revision = migrate.head_revision() if args.revision == "head" else args.revision
+    print(f"database {mask_url(cfg.database.url)} is at revision {revision}")
+    return EXIT_OK
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    async def action(engine: AsyncEngine, cfg: Config) -> int:
+        current = await migrate.current_revision(engine)
+        head = migrate.head_revision()
+        state = "up to date" if current == head else "outdated: run `hl-monitor db upgrade`"
+        print(f"current: {current or 'none'}  head: {head}  ({state})")
+        return EXIT_OK
+
+    return _with_engine(args, action)
+
+
+async def _table(engine: AsyncEngine) -> AddressTable:
+    await migrate.check_schema(engine)
+    return AddressTable(engine)
+
+
+def _addresses_add(args: argparse.Namespace) -> int:
+    changes = [
+        _Change(a, label=args.label, tier=args.tier, priority=args.priority, server_id=args.server_id)
+        for a in dict.fromkeys(args.address)
+    ]
+
+    async def action(engine: AsyncEngine, cfg: Config) -> int:
+        count = await (await _table(engine)).add(changes)
+        print(f"added or updated {count} address{'es' if count != 1 else ''}")
+        return EXIT_OK
+
+    return _with_engine(args, action)
+
+
+def _addresses_remove(args: argparse.Namespace) -> int:
+    async def action(engine: AsyncEngine, cfg: Config) -> int:
+        count = await (await _table(engine)).remove(args.address, purge=args.purge)
+        unknown = len(set(args.address)) - count
+        print(f"{'deleted' if args.purge else 'deactivated'} {count}" + (f"; {unknown} not watched" if unknown else ""))
+        return EXIT_OK
+
+    return _with_engine(args, action)
+
+
+def _addresses_list(args: argparse.Namespace) -> int:
+    async def action(engine: AsyncEngine, cfg: Config) -> list[dict[str, Any]]:
+        return await (await _table(engine)).list(include_inactive=args.all)
+
+    rows = _with_engine(args, action)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        server = "-" if row["server_id"] is None else str(row["server_id"])
+        active = "active" if row["is_active"] else "inactive"
+        print(
+            f"{row['address']}  {row['tier']:<7}  prio {row['priority']:<6}  server {server:<4}  "
+            f"{active:<8}  {row['label']}"
+        )
+    print(f"{len(rows)} address{'es' if len(rows) != 1 else ''}", file=sys.stderr)
+    return EXIT_OK
+
+
+def parse_import(lines: Sequence[str], source: str) -> tuple[dict[str, str | None], list[str]]:
+    """Addresses (with optional labels) from `address` or `address,label` lines; also the list of errors.
+
+    Blank lines, `#` comments and a leading `address,label` header are skipped; a later line for the
+    same address wins.
+    """
+    entries: dict[str, str | None] = {}
+    errors: list[str] = []
+    for number, fields in enumerate(csv.reader(lines), start=1):
+        cells = [f.strip() for f in fields]
+        if not cells or not any(cells) or cells[0].startswith("#"):
+            continue
+        if not entries and not errors and cells[0].lower() == "address":
+            continue
+        if len(cells) > 2:
+            errors.append(f"{source}:{number}: expected `address` or `address,label`, got {len(cells)} fields")
+            continue
+        try:
+            address = normalize_address(cells[0])
+        except InvalidAddressError as exc:
+            errors.append(f"{source}:{number}: {exc}")
+            continue
+        label = cells[1] if len(cells) == 2 and cells[1] else None
+        if label is not None and len(label) > LABEL_LEN:
+            errors.append(f"{source}:{number}: label is {len(label)} characters; at most {LABEL_LEN}")
+            continue
+        entries[address] = label
+    return entries, errors
+
+
+def _addresses_import(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"hl-monitor: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    entries, errors = parse_import(text.splitlines(), str(path))
+    if errors:
+        for error in errors:
+            print(f"hl-monitor: {error}", file=sys.stderr)
+        print(
+            f"hl-monitor: nothing imported ({len(errors)} invalid line{'s' if len(errors) != 1 else ''})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not entries:
+        print(f"hl-monitor: {path} holds no addresses", file=sys.stderr)
+        return EXIT_USAGE
+    changes = [
+        _Change(address, label=label, tier=args.tier, priority=args.priority, server_id=args.server_id)
+        for address, label in entries.items()
+    ]
+
+    async def action(engine: AsyncEngine, cfg: Config) -> int:
+        count = await (await _table(engine)).add(changes)
+        print(f"imported {count} address{'es' if count != 1 else ''} from {path}")
+        return EXIT_OK
+
+    return _with_engine(args, action)
+
+
+# ---------------------------------------------------------------- registration
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hl_monitor.cli import add_config_arg
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    up = db_sub.add_parser("upgrade", help="apply migrations (run before `run`, after every upgrade)")
+    add_config_arg(up)
+    up.add_argument("--revision", default="head", help="target revision (default: head)")
+    up.set_defaults(handler=_db_upgrade)
+    current = db_sub.add_parser("current", help="show the database's schema revision")
+    add_config_arg(current)
+    current.set_defaults(handler=_db_current)
+
+    addr = sub.add_parser("addresses", help="manage watched addresses")
+    addr_sub = addr.add_subparsers(dest="addresses_command", metavar="ACTION", required=True)
+
+    def fields(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--tier", choices=TIERS, default=None, help="precise | wide | auto (new rows: auto)")
+        parser.add_argument("--priority", type=_priority, default=None, help="higher gets precise slots first")
+        parser.add_argument("--server-id", type=int, default=None, help="pin to the instance with this server_id")
+
+    add = addr_sub.add_parser("add", help="watch addresses (or update their fields)")
+    add_config_arg(add)
+    add.add_argument("address", nargs="+", type=_address, metavar="ADDRESS")
+    add.add_argument("--label", type=_label, default=None)
+    fields(add)
+    add.set_defaults(handler=_addresses_add)
+
+    remove = addr_sub.add_parser("remove", help="stop watching addresses")
+    add_config_arg(remove)
+    remove.add_argument("address", nargs="+", type=_address, metavar="ADDRESS")
+    remove.add_argument("--purge", action="store_true", help="delete the rows instead of deactivating them")
+    remove.set_defaults(handler=_addresses_remove)
+
+    listing = addr_sub.add_parser("list", help="list watched addresses")
+    add_config_arg(listing)
+    listing.add_argument("--all", action="store_true", help="include inactive addresses")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_addresses_list)
+
+    imp = addr_sub.add_parser("import", help="watch every address in a file (`address` or `address,label` lines)")
+    add_config_arg(imp)
+    imp.add_argument("file", type=Path, metavar="FILE")
+    fields(imp)
+    imp.set_defaults(handler=_addresses_import)

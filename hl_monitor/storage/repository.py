@@ -1,0 +1,536 @@
+"""Engine creation, dialect-aware statements and every read/direct write the service makes.
+
+The hot path (signals, aggregations, watermarks, positions) is written by `BatchWriter`; this module
+holds the statements it uses (so their shape is defined once) and the queries for everything else:
+the address book (new table or the old `hl_active_addresses`), `pair_configs`, the signal outbox
+and the state reloaded at start.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Insert
+
+from hl_monitor.config import Config
+from hl_monitor.feeds.addresses import WatchedAddress, normalize_address
+from hl_monitor.storage import tables as t
+from hl_monitor.storage.migrate import ensure_sqlite_dir
+from hl_monitor.tracking.signals import Signal, decode_signal, encode_signal
+from hl_monitor.tracking.state import AggregationRecord, EngineState, Watermark
+
+# SQLite binds at most 32766 parameters per statement (its default since 3.32); stay below with headroom.
+SQLITE_MAX_PARAMS: Final = 30_000
+# MySQL binds at most 65535 placeholders per prepared statement; aiomysql interpolates client-side, but
+# keeping the same ceiling keeps each statement well under max_allowed_packet.
+MYSQL_MAX_PARAMS: Final = 60_000
+
+AggKey = tuple[str, int, str]  # (address, oid, direction)
+
+_JSON: Final = msgspec.json.Encoder()
+_RECORD: Final = msgspec.json.Decoder(AggregationRecord)
+_WATERMARK: Final = msgspec.json.Decoder(Watermark)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode_json(payload: bytes | str | Mapping[str, Any] | msgspec.Struct | Sequence[Any]) -> str:
+    """Engine payloads (msgspec Structs, dicts, or already-encoded JSON) as JSON text for a text column."""
+    if isinstance(payload, bytes):
+        return payload.decode()
+    if isinstance(payload, str):
+        return payload
+    return _JSON.encode(payload).decode()
+
+
+# ---------------------------------------------------------------- engine
+
+
+def create_engine(cfg: Config) -> AsyncEngine:
+    """The service's engine: pre-ping and recycle for MySQL's idle disconnects, WAL and a busy timeout for SQLite."""
+    url = cfg.database_url()
+    db = cfg.database
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        ensure_sqlite_dir(url)
+        engine = create_async_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=db.pool_size,
+            max_overflow=db.max_overflow,
+            connect_args={"timeout": db.sqlite_busy_timeout},
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {"connect_timeout": db.connect_timeout}
+    if "charset" not in parsed.query:
+        connect_args["charset"] = "utf8mb4"  # the server default may be latin1; labels are unicode
+    if db.tls_ca:
+        connect_args["ssl"] = ssl.create_default_context(cafile=db.tls_ca)
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_recycle=db.pool_recycle,
+        pool_size=db.pool_size,
+        max_overflow=db.max_overflow,
+        connect_args=connect_args,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (status, outbox scan) run while the writer commits; NORMAL sync is still crash-safe
+    # for a killed process (only an OS crash can lose the last commits).
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the server went away, a lock or deadlock, a timeout. Not: a row the database refuses."""
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError):
+        return False
+    return isinstance(exc, sa.exc.SQLAlchemyError | OSError | TimeoutError)
+
+
+# ---------------------------------------------------------------- statements
+
+
+Updater = Callable[[Any], Any]  # given the "inserted row" namespace, the new value of one column
+
+
+def max_rows_per_statement(dialect: str, table: sa.Table, wanted: int) -> int:
+    """Rows per multi-row statement: `wanted`, lowered so the bound parameters stay under the dialect's limit."""
+    limit = SQLITE_MAX_PARAMS if dialect == "sqlite" else MYSQL_MAX_PARAMS
+    return max(1, min(wanted, limit // len(table.columns)))
+
+
+def upsert(
+    dialect: str, table: sa.Table, rows: list[dict[str, Any]], keys: Sequence[str], update: Mapping[str, Updater]
+) -> Insert:
+    """One multi-row `INSERT … ON DUPLICATE KEY UPDATE` (MySQL/MariaDB) or `… ON CONFLICT DO UPDATE` (SQLite).
+
+    A single statement on purpose: on MySQL >= 8.0.20 SQLAlchemy renders the row alias `AS new`, and
+    aiomysql's executemany does not recognise that form and would send one statement per row.
+    """
+    if dialect in ("mysql", "mariadb"):
+        my = mysql.insert(table).values(rows)
+        return my.on_duplicate_key_update({col: fn(my.inserted) for col, fn in update.items()})
+    if dialect == "sqlite":
+        lite = sqlite.insert(table).values(rows)
+        return lite.on_conflict_do_update(
+            index_elements=list(keys), set_={col: fn(lite.excluded) for col, fn in update.items()}
+        )
+    raise ValueError(f"unsupported database dialect {dialect!r}")
+
+
+def _take(col: str) -> Updater:
+    return lambda new: getattr(new, col)
+
+
+def replace_all(table: sa.Table, keys: Sequence[str]) -> dict[str, Updater]:
+    """Upsert that overwrites every non-key column with the new row (last write wins)."""
+    return {c.name: _take(c.name) for c in table.columns if c.name not in keys and not c.primary_key}
+
+
+AGG_KEYS: Final = ("address", "oid", "direction")
+SIGNAL_KEYS: Final = ("signal_id",)
+ADDRESS_KEYS: Final = ("address",)
+
+# A signal's content never changes once stored (same id = same exchange data); only its publish state may
+# advance, and never back: a replayed insert with published=false must not re-open the outbox.
+SIGNAL_UPDATE: Final[dict[str, Updater]] = {
+    "published": lambda new: sa.case((new.published, sa.true()), else_=t.signals.c.published),
+    "published_at": lambda new: sa.func.coalesce(t.signals.c.published_at, new.published_at),
+}
+AGG_UPDATE: Final = replace_all(t.aggregations, AGG_KEYS)
+BY_ADDRESS_UPDATE: Final = {"payload": _take("payload"), "updated_at": _take("updated_at")}
+ADDRESS_UPDATE: Final = {
+    col: _take(col) for col in ("label", "is_active", "tier", "priority", "server_id", "updated_at")
+}
+
+
+def mark_published_statement(marks: Mapping[str, int]) -> sa.Update:
+    """Set published for these signal ids (each with its own ack time) in one statement."""
+    times = set(marks.values())
+    at: Any = next(iter(times)) if len(times) == 1 else sa.case(marks, value=t.signals.c.signal_id)
+    return (
+        sa.update(t.signals)
+        .where(t.signals.c.signal_id.in_(list(marks)), t.signals.c.published == sa.false())
+        .values(published=True, published_at=at)
+    )
+
+
+def close_aggregations_statement(keys: Sequence[AggKey], status: str | None, at_ms: int) -> sa.Update:
+    """Mark flushed aggregations closed (kept until retention so a restart knows they were emitted)."""
+    values: dict[str, Any] = {"closed": True, "closed_at": at_ms, "updated_at": at_ms}
+    if status is not None:
+        values["status"] = status
+    cols = t.aggregations.c
+    return sa.update(t.aggregations).where(sa.tuple_(cols.address, cols.oid, cols.direction).in_(keys)).values(values)
+
+
+def void_pending_statement(addresses: list[str]) -> sa.Delete:
+    """Drop the pending (never flushed) aggregations of addresses no longer tracked."""
+    a = t.aggregations.c
+    return sa.delete(t.aggregations).where(a.address.in_(addresses), a.closed == sa.false())
+
+
+def signal_row(signal: Signal, created_at: int, published_at: int | None = None) -> dict[str, Any]:
+    """The signals-table row of one signal: every field as a column plus the exact JSON."""
+    row: dict[str, Any] = {f: getattr(signal, f) for f in signal.__struct_fields__ if f != "liquidation"}
+    row["liquidation"] = encode_json(signal.liquidation) if signal.liquidation is not None else None
+    row["payload"] = encode_signal(signal).decode()
+    row["published"] = published_at is not None
+    row["published_at"] = published_at
+    row["created_at"] = created_at
+    return row
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAggregation:
+    """A persisted aggregation; `record` is the engine's JSON as it was written."""
+
+    address: str
+    oid: int
+    direction: str
+    twap_id: int | None
+    coin: str
+    status: str
+    fill_count: int
+    first_fill_time: int
+    last_fill_time: int
+    record: bytes
+    closed: bool
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSignal:
+    signal: Signal
+    published: bool
+    published_at: int | None
+    created_at: int
+
+
+# ---------------------------------------------------------------- repository
+
+
+class Repository:
+    """Queries and small direct writes; one short transaction each."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    # ---- outbox ----
+
+    async def fetch_unpublished(self, limit: int, older_than_ms: int | None = None) -> list[Signal]:
+        """Oldest unpublished signals first; with `older_than_ms` (epoch ms) only those stored before it."""
+        s = t.signals.c
+        query = sa.select(s.payload).where(s.published == sa.false()).order_by(s.id).limit(limit)
+        if older_than_ms is not None:
+            query = query.where(s.created_at < older_than_ms)
+        async with self.engine.connect() as conn:
+            payloads = (await conn.execute(query)).scalars().all()
+        return [decode_signal(p) for p in payloads]
+
+    async def mark_published(self, signal_ids: Sequence[str], at_ms: int) -> int:
+        """Record JetStream acks for signals already stored; returns how many changed state."""
+        if not signal_ids:
+            return 0
+        async with self.engine.begin() as conn:
+            result = await conn.execute(mark_published_statement(dict.fromkeys(signal_ids, at_ms)))
+        return int(result.rowcount)
+
+    async def count_unpublished(self) -> int:
+        query = sa.select(sa.func.count()).select_from(t.signals).where(t.signals.c.published == sa.false())
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def list_signals(self, *, address: str | None = None, limit: int = 1000) -> list[StoredSignal]:
+        """Stored signals in insertion order (status pages, tests)."""
+        s = t.signals.c
+        query = sa.select(s.payload, s.published, s.published_at, s.created_at).order_by(s.id).limit(limit)
+        if address is not None:
+            query = query.where(s.address == address)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [StoredSignal(decode_signal(p), bool(pub), at, created) for p, pub, at, created in rows]
+
+    async def load_signal_ids(self, since_ms: int) -> set[str]:
+        """Ids of signals stored since `since_ms`: what a restarted engine must not emit again."""
+        query = sa.select(t.signals.c.signal_id).where(t.signals.c.created_at >= since_ms)
+        async with self.engine.connect() as conn:
+            return set((await conn.execute(query)).scalars().all())
+
+    # ---- state reloaded at start ----
+
+    async def load_pending_aggregations(self) -> list[StoredAggregation]:
+        """Aggregations not yet flushed into a signal, oldest first."""
+        return await self._aggregations(t.aggregations.c.closed == sa.false())
+
+    async def load_closed_keys(self, since_ms: int) -> set[AggKey]:
+        """Keys flushed since `since_ms` (a late snapshot fill of these must not start a second signal)."""
+        a = t.aggregations.c
+        query = sa.select(a.address, a.oid, a.direction).where(a.closed == sa.true(), a.updated_at >= since_ms)
+        async with self.engine.connect() as conn:
+            return {(addr, oid, d) for addr, oid, d in (await conn.execute(query)).all()}
+
+    async def load_aggregation(self, address: str, oid: int, direction: str) -> StoredAggregation | None:
+        a = t.aggregations.c
+        found = await self._aggregations(sa.and_(a.address == address, a.oid == oid, a.direction == direction))
+        return found[0] if found else None
+
+    async def _aggregations(self, where: sa.ColumnElement[bool]) -> list[StoredAggregation]:
+        a = t.aggregations.c
+        query = sa.select(t.aggregations).where(where).order_by(a.first_fill_time, a.id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [
+            StoredAggregation(
+                address=r["address"],
+                oid=r["oid"],
+                direction=r["direction"],
+                twap_id=r["twap_id"],
+                coin=r["coin"],
+                status=r["status"],
+                fill_count=r["fill_count"],
+                first_fill_time=r["first_fill_time"],
+                last_fill_time=r["last_fill_time"],
+                record=r["record"].encode(),
+                closed=bool(r["closed"]),
+                updated_at=r["updated_at"],
+            )
+            for r in rows
+        ]
+
+    async def load_engine_state(self, flushed_since_ms: int) -> EngineState:
+        """What `TrackingEngine.import_state` needs after a restart: pending records, records flushed since
+        `flushed_since_ms` (so their orders do not emit again) and every watermark."""
+        a = t.aggregations.c
+        rows = await self._aggregations(sa.or_(a.closed == sa.false(), a.updated_at >= flushed_since_ms))
+        return EngineState(
+            aggregations=[_RECORD.decode(row.record) for row in rows],
+            watermarks=[_WATERMARK.decode(raw) for raw in (await self.load_watermarks()).values()],
+        )
+
+    async def load_watermarks(self) -> dict[str, bytes]:
+        return await self._by_address(t.watermarks)
+
+    async def load_positions(self) -> dict[str, bytes]:
+        return await self._by_address(t.positions)
+
+    async def _by_address(self, table: sa.Table) -> dict[str, bytes]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(table.c.address, table.c.payload))).all()
+        return {address: payload.encode() for address, payload in rows}
+
+    async def ping(self) -> None:
+        """One round trip (readiness)."""
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+
+# ---------------------------------------------------------------- address book
+
+
+class AddressChange(Protocol):
+    """One address to add or update; None fields keep the stored value (or the default for a new row)."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def tier(self) -> str | None: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def is_active(self) -> bool | None: ...
+
+
+def _address_dict(row: sa.RowMapping) -> dict[str, Any]:
+    return {
+        "address": row["address"],
+        "label": row["label"] or "",
+        "tier": row["tier"],
+        "priority": row["priority"],
+        "is_active": bool(row["is_active"]),
+        "server_id": row["server_id"],
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+    }
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat(sep=" ") if value is not None else None
+
+
+class AddressTable:
+    """`hlm_addresses`: the address-book source (`load`, `change_marker`) and its admin operations.
+
+    Every write sets `updated_at` with sub-second precision, so `change_marker` (row count, highest
+    id, newest `updated_at`) moves on each change and a running service picks it up within its poll.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    async def load(self) -> list[WatchedAddress]:
+        """Active rows, highest priority first, as stored (the address book validates and lower-cases them)."""
+        return [
+            WatchedAddress(
+                address=row["address"],
+                label=row["label"] or "",
+                tier=row["tier"],
+                priority=row["priority"],
+                server_id=row["server_id"],
+            )
+            for row in await self._rows(active_only=True)
+        ]
+
+    async def change_marker(self) -> object:
+        a = t.addresses.c
+        query = sa.select(sa.func.count(), sa.func.max(a.id), sa.func.max(a.updated_at))
+        async with self.engine.connect() as conn:
+            return tuple((await conn.execute(query)).one())
+
+    async def list(self, *, include_inactive: bool = True) -> list[dict[str, Any]]:
+        """Rows as JSON-able dicts (CLI `addresses list`, `/admin/addresses`)."""
+        return [_address_dict(row) for row in await self._rows(active_only=not include_inactive)]
+
+    async def get(self, address: str) -> dict[str, Any] | None:
+        query = sa.select(t.addresses).where(t.addresses.c.address == normalize_address(address))
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return _address_dict(row) if row is not None else None
+
+    async def _rows(self, *, active_only: bool) -> Sequence[sa.RowMapping]:
+        a = t.addresses.c
+        query = sa.select(t.addresses).order_by(a.priority.desc(), a.address)
+        if active_only:
+            query = query.where(a.is_active == sa.true())
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query)).mappings().all()
+
+    async def add(self, entries: Sequence[AddressChange]) -> int:
+        """Insert new addresses, update the given fields of known ones (an add re-activates unless told otherwise).
+
+        One transaction: either every entry is written or none. Returns how many were written.
+        """
+        if not entries:
+            return 0
+        now = t.precise_now()
+        async with self.engine.begin() as conn:
+            for entry in entries:
+                address = normalize_address(entry.address)
+                changes: dict[str, Any] = {
+                    k: v for k in ("label", "tier", "priority", "is_active") if (v := getattr(entry, k)) is not None
+                }
+                changes.setdefault("is_active", True)
+                if (server_id := getattr(entry, "server_id", None)) is not None:  # optional on AddressChange
+                    changes["server_id"] = server_id
+                updated = await conn.execute(
+                    sa.update(t.addresses).where(t.addresses.c.address == address).values(**changes, updated_at=now)
+                )
+                if updated.rowcount == 0:
+                    await conn.execute(
+                        sa.insert(t.addresses).values(address=address, **changes, created_at=now, updated_at=now)
+                    )
+        return len(entries)
+
+    async def remove(self, addresses: Sequence[str], *, purge: bool = False) -> int:
+        """Stop watching (is_active=false, or with `purge` delete the rows); returns how many were watched."""
+        normalized = [normalize_address(a) for a in addresses]
+        a = t.addresses.c
+        async with self.engine.begin() as conn:
+            watched = (
+                await conn.execute(
+                    sa.select(sa.func.count()).where(a.address.in_(normalized), a.is_active == sa.true())
+                )
+            ).scalar_one()
+            if purge:
+                await conn.execute(sa.delete(t.addresses).where(a.address.in_(normalized)))
+            else:
+                await conn.execute(
+                    sa.update(t.addresses)
+                    .where(a.address.in_(normalized), a.is_active == sa.true())
+                    .values(is_active=False, updated_at=t.precise_now())
+                )
+        return int(watched)
+
+    async def update(
+        self,
+        address: str,
+        *,
+        label: str | None = None,
+        tier: str | None = None,
+        priority: int | None = None,
+        is_active: bool | None = None,
+        server_id: int | None = None,
+    ) -> dict[str, Any] | None:
+        """Change the given fields (None = unchanged); the updated row, or None when the address is unknown."""
+        given = {"label": label, "tier": tier, "priority": priority, "is_active": is_active, "server_id": server_id}
+        changes = {k: v for k, v in given.items() if v is not None}
+        normalized = normalize_address(address)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(t.addresses)
+                .where(t.addresses.c.address == normalized)
+                .values(**changes, updated_at=t.precise_now())
+            )
+        return await self.get(normalized)
+
+
+class LegacyAddressTable:
+    """The old service's `hl_active_addresses` as an address-book source, honouring `server_id`
+    (the old loader ignored it, so instances could not share the table)."""
+
+    def __init__(self, engine: AsyncEngine, server_id: int | None) -> None:
+        self.engine = engine
+        self.server_id = server_id
+
+    async def load(self) -> list[WatchedAddress]:
+        legacy = t.legacy_active_addresses
+        query = sa.select(legacy.c.address, legacy.c.server_id).distinct()
+        if self.server_id is not None:
+            query = query.where(legacy.c.server_id == self.server_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        # Owned elsewhere: rows are passed as stored; the address book validates and counts malformed ones.
+        return [WatchedAddress(address=address, server_id=server_id) for address, server_id in rows]
+
+
+def address_source(engine: AsyncEngine, cfg: Config) -> AddressTable | LegacyAddressTable:
+    """The configured source: `hlm_addresses`, or `hl_active_addresses` with `database.legacy_addresses_table`."""
+    if cfg.database.legacy_addresses_table:
+        return LegacyAddressTable(engine, cfg.addresses.server_id)
+    return AddressTable(engine)
+
+
+async def load_pair_categories(engine: AsyncEngine) -> dict[str, int] | None:
+    """`pair_configs` symbol (upper case) → category 1-5, or None when the table does not exist in this database."""
+    p = t.legacy_pair_configs
+    async with engine.connect() as conn:
+        exists = await conn.run_sync(lambda sync: sa.inspect(sync).has_table(p.name))
+        if not exists:
+            return None
+        rows = (await conn.execute(sa.select(p.c.symbol, p.c.category))).all()
+    return {str(symbol).upper(): int(category) for symbol, category in rows if symbol and category is not None}

@@ -1,0 +1,239 @@
+"""The schema: one SQLAlchemy Core `MetaData` shared by the writer, the repository and the migrations.
+
+Every table is prefixed `hlm_` so the service can share a database with the old Go service (its
+`hl_*` tables differ in shape) and with the tables other services own (`hl_active_addresses`,
+`pair_configs`, declared at the bottom as read-only legacy sources, never created here).
+
+Times of exchange events and of our own writes are epoch milliseconds (BIGINT): exact, no time zones.
+Sizes and prices are `ExactDecimal`: DECIMAL(65,30) on MySQL/MariaDB (35 integer and 30 fractional
+digits: a 1e15 meme-token size times any price, a 1e-10 price and a VWAP quotient all fit; the old
+decimal(18,8) overflowed above 1e10), exact decimal text on SQLite (which has no decimal type and
+would silently turn numbers into doubles). JSON payloads are stored as text, not as a JSON column,
+because MySQL's JSON type parses numbers into doubles and would round exact decimals.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+
+ADDRESS_LEN: Final = 42  # 0x + 40 hex digits
+LABEL_LEN: Final = 128
+# Long enough for every signal_id form (tape ids carry address, coin, side and block time) and still under
+# the 767-byte index prefix limit of utf8mb4 on old MySQL row formats (191 * 4 bytes).
+SIGNAL_ID_LEN: Final = 191
+COIN_LEN: Final = 64  # HIP-3 coins look like `xyz:XYZ100`; spot pairs like `@1234` or `PURR/USDC`
+STATUS_LEN: Final = 64  # Hyperliquid statuses such as `openInterestIncreaseRejected` exceed the old varchar(16)
+DIR_LEN: Final = 64  # Hyperliquid `dir` after the split, including liquidation labels
+SHORT_LEN: Final = 16  # enumerations: direction, side, asset_type, source, trigger, tier
+INSTANCE_LEN: Final = 255  # instance ids are host name + data directory
+
+DECIMAL_PRECISION: Final = 65  # MySQL's maximum
+DECIMAL_SCALE: Final = 30  # MySQL's maximum; the remaining 35 digits are the integer part
+_DECIMAL_TEXT_LEN: Final = 80  # exact text on SQLite: sign, 65 digits, point, exponent-free
+
+TIERS: Final = ("precise", "wide", "auto")
+
+# Alembic's bookkeeping table, named so it cannot clash with another application's Alembic in the same database.
+VERSION_TABLE: Final = "hlm_alembic_version"
+
+
+class ExactDecimal(sa.types.TypeDecorator[Decimal]):
+    """A decimal stored exactly: DECIMAL(65,30) on MySQL/MariaDB, plain text on SQLite.
+
+    Values are bound as fixed-point strings: MySQL parses a string into DECIMAL exactly, whereas a
+    scientific literal such as `1E-10` would be read as a DOUBLE first.
+    """
+
+    impl = sa.String(_DECIMAL_TEXT_LEN)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DECIMAL(DECIMAL_PRECISION, DECIMAL_SCALE))
+        return dialect.type_descriptor(sa.String(_DECIMAL_TEXT_LEN))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        return format(Decimal(value), "f")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+class JsonText(sa.types.TypeDecorator[str]):
+    """JSON kept verbatim as text (MEDIUMTEXT on MySQL: an order with thousands of fills exceeds TEXT's 64 KiB)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.MEDIUMTEXT())
+        return dialect.type_descriptor(sa.Text())
+
+
+class precise_now(sa.sql.expression.FunctionElement[Any]):
+    """The database's current time with sub-second precision, usable as a column default.
+
+    The address table's `updated_at` is part of the change marker other processes poll; a second-resolution
+    timestamp would hide two edits within one second.
+    """
+
+    type = sa.DateTime()
+    inherit_cache = True
+
+
+@compiles(precise_now)
+def _precise_now_default(element: precise_now, compiler: Any, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(precise_now, "mysql")
+def _precise_now_mysql(element: precise_now, compiler: Any, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP(6)"
+
+
+@compiles(precise_now, "sqlite")
+def _precise_now_sqlite(element: precise_now, compiler: Any, **kw: Any) -> str:
+    return "(STRFTIME('%Y-%m-%d %H:%M:%f', 'now'))"
+
+
+PreciseDateTime = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+# BIGINT autoincrement keys; SQLite only auto-increments an INTEGER PRIMARY KEY (its rowid alias).
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata: Final = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Who to watch. Written by the CLI, the admin API or directly by another service; read every reload interval.
+addresses: Final = sa.Table(
+    "hlm_addresses",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("address", sa.String(ADDRESS_LEN), nullable=False, unique=True),
+    sa.Column("label", sa.String(LABEL_LEN), nullable=False, server_default=""),
+    sa.Column("is_active", sa.Boolean(), nullable=False, server_default=sa.true()),
+    sa.Column("tier", sa.String(SHORT_LEN), nullable=False, server_default="auto"),
+    sa.Column("priority", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("server_id", sa.Integer(), nullable=True),  # NULL: any instance; else pinned to that instance
+    sa.Column("created_at", PreciseDateTime, nullable=False, server_default=precise_now()),
+    sa.Column("updated_at", PreciseDateTime, nullable=False, server_default=precise_now()),
+    sa.CheckConstraint("tier IN ('precise', 'wide', 'auto')", name="tier"),
+)
+
+# Last known positions per address (the engine's own JSON), one row per address.
+positions: Final = sa.Table(
+    "hlm_positions",
+    metadata,
+    sa.Column("address", sa.String(ADDRESS_LEN), primary_key=True),
+    sa.Column("payload", JsonText(), nullable=False),
+    sa.Column("updated_at", sa.BigInteger(), nullable=False),
+)
+
+# Orders being folded into signals, and for a while after their flush (`closed`), so a restart neither loses
+# a pending order nor emits a flushed one again.
+aggregations: Final = sa.Table(
+    "hlm_aggregations",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("address", sa.String(ADDRESS_LEN), nullable=False),
+    sa.Column("oid", sa.BigInteger(), nullable=False),
+    sa.Column("direction", sa.String(DIR_LEN), nullable=False),
+    sa.Column("twap_id", sa.BigInteger(), nullable=True),
+    sa.Column("coin", sa.String(COIN_LEN), nullable=False),
+    sa.Column("status", sa.String(STATUS_LEN), nullable=False),
+    sa.Column("fill_count", sa.Integer(), nullable=False),
+    sa.Column("first_fill_time", sa.BigInteger(), nullable=False),
+    sa.Column("last_fill_time", sa.BigInteger(), nullable=False),
+    sa.Column("record", JsonText(), nullable=False),  # the engine's record: fills and all aggregation state
+    sa.Column("closed", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("closed_at", sa.BigInteger(), nullable=True),
+    sa.Column("updated_at", sa.BigInteger(), nullable=False),
+    sa.UniqueConstraint("address", "oid", "direction"),
+    sa.Index(None, "closed", "updated_at"),
+)
+
+# Every signal ever emitted (and the outbox: `published` false until JetStream acknowledged it).
+signals: Final = sa.Table(
+    "hlm_signals",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("signal_id", sa.String(SIGNAL_ID_LEN), nullable=False, unique=True),
+    sa.Column("address", sa.String(ADDRESS_LEN), nullable=False, index=True),
+    sa.Column("asset_type", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("symbol", sa.String(COIN_LEN), nullable=False, index=True),
+    sa.Column("coin_type", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("direction", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("side", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("position_rate", ExactDecimal(), nullable=False),
+    sa.Column("close_rate", ExactDecimal(), nullable=False),
+    sa.Column("size", ExactDecimal(), nullable=False),
+    sa.Column("price", ExactDecimal(), nullable=False),
+    sa.Column("timestamp", sa.BigInteger(), nullable=False),
+    sa.Column("schema_version", sa.Integer(), nullable=False),
+    sa.Column("source", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("coin", sa.String(COIN_LEN), nullable=False),
+    sa.Column("dir", sa.String(DIR_LEN), nullable=False),
+    sa.Column("oid", sa.BigInteger(), nullable=True),
+    sa.Column("twap_id", sa.BigInteger(), nullable=True),
+    sa.Column("status", sa.String(STATUS_LEN), nullable=True),
+    sa.Column("trigger", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("fill_count", sa.Integer(), nullable=False),
+    sa.Column("first_fill_time", sa.BigInteger(), nullable=False),
+    sa.Column("last_fill_time", sa.BigInteger(), nullable=False),
+    sa.Column("notional_usd", ExactDecimal(), nullable=False),
+    sa.Column("position_before", ExactDecimal(), nullable=True),
+    sa.Column("position_after", ExactDecimal(), nullable=True),
+    sa.Column("full_close", sa.Boolean(), nullable=False),
+    sa.Column("liquidation", JsonText(), nullable=True),
+    sa.Column("backfilled", sa.Boolean(), nullable=False),
+    sa.Column("lateness_ms", sa.BigInteger(), nullable=True),
+    sa.Column("label", sa.String(LABEL_LEN), nullable=True),
+    sa.Column("detected_at", sa.BigInteger(), nullable=False),
+    sa.Column("detected_by", sa.String(INSTANCE_LEN), nullable=True),
+    sa.Column("payload", JsonText(), nullable=False),  # the exact JSON published, so a re-publish is byte-identical
+    sa.Column("published", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("published_at", sa.BigInteger(), nullable=True),
+    sa.Column("created_at", sa.BigInteger(), nullable=False, index=True),
+    sa.Index(None, "published", "id"),
+)
+
+# Per-address fill high-water mark (the engine's JSON: time and tid), for gap backfill after a restart.
+watermarks: Final = sa.Table(
+    "hlm_watermarks",
+    metadata,
+    sa.Column("address", sa.String(ADDRESS_LEN), primary_key=True),
+    sa.Column("payload", JsonText(), nullable=False),
+    sa.Column("updated_at", sa.BigInteger(), nullable=False),
+)
+
+# ---- tables owned by other services: read only, never created or migrated here ----
+
+legacy_active_addresses: Final = sa.table(
+    "hl_active_addresses",
+    sa.column("server_id", sa.Integer()),
+    sa.column("address", sa.String()),
+)
+
+legacy_pair_configs: Final = sa.table(
+    "pair_configs",
+    sa.column("symbol", sa.String()),
+    sa.column("platform", sa.String()),
+    sa.column("category", sa.Integer()),
+)

@@ -1,0 +1,482 @@
+"""The batch writer: coalesce by natural key, write chunked multi-row upserts, retry forever, lose nothing.
+
+Puts land in a buffer keyed by each table's natural key (signal_id, address+oid+direction, address);
+a newer put for a buffered key replaces or merges into the buffered row (counted as
+`batch_dedup_cache_hit`). The buffer is bounded (`writer.queue_size` distinct rows, counting those being
+written): a put that needs a new slot waits (backpressure, counted in `writer_queue_full`), it never drops.
+
+A flush swaps the buffer out and writes it in ONE transaction, one statement per chunk of
+`writer.batch_size` rows per table, in this order: voided pending aggregations of removed addresses,
+signal inserts, publish marks, aggregation upserts, aggregation closes, watermarks, positions.
+On a transient error (server gone, lock, timeout) the same batch is retried with exponential backoff
+until it commits, while new puts keep coalescing into the next buffer. A row the database refuses as
+invalid (DataError/IntegrityError) cannot succeed by waiting: the batch is then written chunk by
+chunk and row by row, and only the refused rows are logged in full and counted (`writer_rejected`)
+instead of blocking every later write forever.
+
+Ordering contract with delivery: call `put_signal` before handing the signal to the publisher, so the
+"mark published" that follows its ack is always queued after the insert (FIFO), either merged into the
+buffered insert or written as an UPDATE after the insert committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Final
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from hl_monitor.config import WriterConfig
+from hl_monitor.errors import StorageError
+from hl_monitor.logging import get_logger
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.storage import tables as t
+from hl_monitor.storage.repository import (
+    AGG_KEYS,
+    AGG_UPDATE,
+    BY_ADDRESS_UPDATE,
+    SIGNAL_KEYS,
+    SIGNAL_UPDATE,
+    AggKey,
+    close_aggregations_statement,
+    encode_json,
+    is_transient,
+    mark_published_statement,
+    max_rows_per_statement,
+    now_ms,
+    signal_row,
+    upsert,
+    void_pending_statement,
+)
+from hl_monitor.tracking.signals import Signal
+from hl_monitor.tracking.state import AggregationRecord, StateDelta
+
+log = get_logger(__name__)
+
+Payload = bytes | str | Mapping[str, Any] | msgspec.Struct
+Row = dict[str, Any]
+
+# Backoff jitter: each pause is the nominal delay times a factor in [1 - JITTER, 1 + JITTER], so several
+# instances hitting one recovering database do not retry in lockstep.
+JITTER: Final = 0.2
+# A refused row is logged in full but cut to this many characters (a huge fills record must not flood logs).
+MAX_LOGGED_ROW_CHARS: Final = 4000
+
+
+@dataclass
+class _Buffer:
+    """Rows waiting to be written, by natural key; insertion order is kept (dicts)."""
+
+    signals: dict[str, Row] = field(default_factory=dict)
+    marks: dict[str, int] = field(default_factory=dict)  # publish acks for signals no longer buffered
+    aggregations: dict[AggKey, Row] = field(default_factory=dict)
+    closes: dict[AggKey, tuple[str | None, int]] = field(default_factory=dict)  # (status, at) for unbuffered rows
+    watermarks: dict[str, Row] = field(default_factory=dict)
+    positions: dict[str, Row] = field(default_factory=dict)
+    voided: set[str] = field(default_factory=set)  # addresses whose stored pending aggregations are void
+
+    def __len__(self) -> int:
+        return (
+            len(self.voided)
+            + len(self.signals)
+            + len(self.marks)
+            + len(self.aggregations)
+            + len(self.closes)
+            + len(self.watermarks)
+            + len(self.positions)
+        )
+
+
+@dataclass
+class _Op:
+    """One kind of write: its rows, and how to turn a chunk of them into one statement."""
+
+    table: str
+    rows: list[Any]
+    build: Callable[[list[Any]], sa.Executable]
+    chunk: int
+
+
+class BatchWriter:
+    """Buffered, coalescing, retrying writer for the hot tables. Run `run()` in the service TaskGroup."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cfg: WriterConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.metrics = metrics
+        self.dialect = engine.dialect.name
+        self._clock = clock
+        self._pending = _Buffer()
+        self._inflight: _Buffer | None = None
+        self._inflight_seq = 0
+        self._put_seq = 0  # puts accepted so far
+        self._written_seq = 0  # every put up to this one is committed
+        self._lock = asyncio.Lock()  # one flush at a time: no two writers race on the same keys
+        self._space = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._stopped = asyncio.Event()
+        self._current_table = ""
+
+    # ------------------------------------------------------------ puts
+
+    async def put_signal(self, signal: Signal) -> None:
+        """Persist a signal (unpublished). Idempotent on signal_id: a repeated put changes nothing stored."""
+        buf = await self._slot(signal.signal_id in self._pending.signals)
+        existing = buf.signals.get(signal.signal_id)
+        if existing is not None:
+            self._hit("signals")
+        else:
+            at = buf.marks.pop(signal.signal_id, None)
+            buf.signals[signal.signal_id] = signal_row(signal, self._clock(), at)
+        self._accepted()
+
+    async def mark_published(self, signal_id: str, at_ms: int) -> None:
+        """Record the JetStream ack of a signal (merged into its buffered insert when still buffered)."""
+        buf = await self._slot(signal_id in self._pending.signals or signal_id in self._pending.marks)
+        row = buf.signals.get(signal_id)
+        if row is not None:
+            self._hit("signals")
+            if not row["published"]:
+                row["published"], row["published_at"] = True, at_ms
+        elif signal_id in buf.marks:
+            self._hit("signals")
+        else:
+            buf.marks[signal_id] = at_ms
+        self._accepted()
+
+    async def put_aggregation(
+        self,
+        address: str,
+        oid: int,
+        direction: str,
+        record: Payload,
+        *,
+        coin: str,
+        status: str,
+        fill_count: int,
+        first_fill_time: int,
+        last_fill_time: int,
+        twap_id: int | None = None,
+        closed: bool = False,
+    ) -> None:
+        """Upsert an aggregation row; `record` is the engine's own JSON/Struct. `closed`: its signal was built."""
+        key = (address, oid, direction)
+        buf = await self._slot(key in self._pending.aggregations or key in self._pending.closes)
+        if key in buf.aggregations or key in buf.closes:
+            self._hit("aggregations")
+        buf.closes.pop(key, None)  # the later upsert decides the row's state
+        now = self._clock()
+        buf.aggregations[key] = {
+            "address": address,
+            "oid": oid,
+            "direction": direction,
+            "twap_id": twap_id,
+            "coin": coin,
+            "status": status,
+            "fill_count": fill_count,
+            "first_fill_time": first_fill_time,
+            "last_fill_time": last_fill_time,
+            "record": encode_json(record),
+            "closed": closed,
+            "closed_at": now if closed else None,
+            "updated_at": now,
+        }
+        self._accepted()
+
+    async def close_aggregation(self, address: str, oid: int, direction: str, *, status: str | None = None) -> None:
+        """Mark an aggregation flushed (its signal was emitted); retention deletes it later."""
+        key = (address, oid, direction)
+        at = self._clock()
+        buf = await self._slot(key in self._pending.aggregations or key in self._pending.closes)
+        row = buf.aggregations.get(key)
+        if row is not None:
+            self._hit("aggregations")
+            row.update(closed=True, closed_at=at, updated_at=at)
+            if status is not None:
+                row["status"] = status
+        else:
+            if key in buf.closes:
+                self._hit("aggregations")
+            buf.closes[key] = (status, at)
+        self._accepted()
+
+    async def put_record(self, record: AggregationRecord) -> None:
+        """Upsert one engine record (pending, or flushed: then the row is closed and kept for a restart)."""
+        await self.put_aggregation(
+            record.address,
+            record.oid,
+            record.direction,
+            record,
+            coin=record.coin,
+            status=record.status or "",
+            fill_count=len(record.fills),
+            first_fill_time=record.first_fill_time,
+            last_fill_time=record.last_fill_time,
+            twap_id=record.twap_id,
+            closed=record.state == "flushed",
+        )
+
+    async def put_delta(self, delta: StateDelta) -> None:
+        """Persist what `TrackingEngine.take_dirty()` returned."""
+        for address in delta.removed_addresses:
+            await self.void_pending(address)
+        for record in chain(delta.upserted, delta.closed):
+            await self.put_record(record)
+        for watermark in delta.watermarks:
+            await self.put_watermark(watermark.address, watermark)
+
+    async def void_pending(self, address: str) -> None:
+        """Delete the address's stored pending aggregations (it stopped being tracked); flushed rows stay."""
+        buf = await self._slot(address in self._pending.voided)
+        for key in [k for k, row in buf.aggregations.items() if k[0] == address and not row["closed"]]:
+            del buf.aggregations[key]  # older than the void: superseded by it
+        buf.voided.add(address)
+        self._accepted()
+
+    async def put_watermark(self, address: str, payload: Payload) -> None:
+        """Upsert an address's fill high-water mark (last write wins)."""
+        await self._put_by_address("watermarks", address, payload)
+
+    async def put_position(self, address: str, payload: Payload) -> None:
+        """Upsert an address's position snapshot (last write wins)."""
+        await self._put_by_address("positions", address, payload)
+
+    async def _put_by_address(self, table: str, address: str, payload: Payload) -> None:
+        buf = await self._slot(address in getattr(self._pending, table))
+        rows: dict[str, Row] = getattr(buf, table)
+        if address in rows:
+            self._hit(table)
+        rows[address] = {"address": address, "payload": encode_json(payload), "updated_at": self._clock()}
+        self._accepted()
+
+    async def _slot(self, coalesces: bool) -> _Buffer:
+        """The buffer to put into, after waiting for space unless the put only replaces a buffered row."""
+        if self._closed:
+            raise StorageError("batch writer is closed")
+        if not coalesces and self._depth() >= self.cfg.queue_size:
+            self.metrics.writer_queue_full.inc()
+            self._wake.set()
+            async with self._space:
+                await self._space.wait_for(lambda: self._depth() < self.cfg.queue_size)
+        return self._pending
+
+    def _hit(self, table: str) -> None:
+        self.metrics.batch_dedup_cache_hit.labels(table=table).inc()
+
+    def _accepted(self) -> None:
+        self._put_seq += 1
+        depth = self._depth()
+        self.metrics.writer_queue_depth.set(depth)
+        if len(self._pending) >= self.cfg.batch_size:
+            self._wake.set()
+
+    def _depth(self) -> int:
+        return len(self._pending) + (len(self._inflight) if self._inflight is not None else 0)
+
+    # ------------------------------------------------------------ flushing
+
+    async def run(self) -> None:
+        """Flush every `flush_interval`, or at once when a batch is full, until `close()`."""
+        try:
+            while not self._closed:
+                try:
+                    async with asyncio.timeout(self.cfg.flush_interval):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                await self._flush_once()
+        finally:
+            self._stopped.set()
+
+    async def flush(self) -> None:
+        """Return once everything put before this call is committed (retrying as long as it takes)."""
+        target = self._put_seq
+        while self._written_seq < target:
+            await self._flush_once()
+
+    async def close(self) -> None:
+        """Refuse new puts, write everything buffered, stop `run()`."""
+        self._closed = True
+        await self.flush()
+        self._wake.set()
+
+    @property
+    def depth(self) -> int:
+        """Rows buffered or being written."""
+        return self._depth()
+
+    async def _flush_once(self) -> None:
+        async with self._lock:
+            if self._inflight is None:
+                if not self._pending:
+                    self._written_seq = self._put_seq
+                    return
+                self._inflight, self._pending = self._pending, _Buffer()
+                self._inflight_seq = self._put_seq
+            batch = self._inflight
+            delay = self.cfg.retry_initial_delay
+            while True:
+                try:
+                    await self._write(batch)
+                    break
+                except Exception as exc:
+                    if not is_transient(exc):
+                        log.warning("batch refused, isolating bad rows", table=self._current_table, error=str(exc))
+                        try:
+                            await self._write_isolating(batch)
+                            break
+                        except Exception as again:
+                            if not is_transient(again):
+                                raise
+                            exc = again
+                    self.metrics.db_up.set(0)
+                    self.metrics.writer_retries.labels(table=self._current_table or "connect").inc()
+                    log.warning(
+                        "database write failed, retrying",
+                        table=self._current_table,
+                        rows=len(batch),
+                        retry_in=round(delay, 3),
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    await asyncio.sleep(delay * random.uniform(1 - JITTER, 1 + JITTER))
+                    delay = min(delay * 2, self.cfg.retry_max_delay)
+            self.metrics.db_up.set(1)
+            self._inflight = None
+            self._written_seq = self._inflight_seq
+            self.metrics.writer_queue_depth.set(self._depth())
+        async with self._space:
+            self._space.notify_all()
+
+    def _ops(self, batch: _Buffer) -> list[_Op]:
+        d = self.dialect
+        size = self.cfg.batch_size
+        ops = [
+            _Op(
+                "aggregations",
+                sorted(batch.voided),
+                void_pending_statement,
+                max_rows_per_statement(d, t.aggregations, size),
+            ),
+            _Op(
+                "signals",
+                list(batch.signals.values()),
+                lambda rows: upsert(d, t.signals, rows, SIGNAL_KEYS, SIGNAL_UPDATE),
+                max_rows_per_statement(d, t.signals, size),
+            ),
+            _Op(
+                "signals",
+                list(batch.marks.items()),
+                lambda marks: mark_published_statement(dict(marks)),
+                max_rows_per_statement(d, t.signals, size),
+            ),
+            _Op(
+                "aggregations",
+                list(batch.aggregations.values()),
+                lambda rows: upsert(d, t.aggregations, rows, AGG_KEYS, AGG_UPDATE),
+                max_rows_per_statement(d, t.aggregations, size),
+            ),
+        ]
+        closes_by_status: dict[str | None, list[tuple[AggKey, int]]] = {}
+        for key, (status, at) in batch.closes.items():
+            closes_by_status.setdefault(status, []).append((key, at))
+        for status, items in closes_by_status.items():
+            ops.append(
+                _Op(
+                    "aggregations",
+                    items,
+                    _closer(status),
+                    max_rows_per_statement(d, t.aggregations, size),
+                )
+            )
+        for name, table in (("watermarks", t.watermarks), ("positions", t.positions)):
+            ops.append(
+                _Op(
+                    name,
+                    list(getattr(batch, name).values()),
+                    _by_address(d, table),
+                    max_rows_per_statement(d, table, size),
+                )
+            )
+        return [op for op in ops if op.rows]
+
+    async def _write(self, batch: _Buffer) -> None:
+        """The whole batch in one transaction, one statement per chunk."""
+        self._current_table = ""
+        written: dict[str, int] = {}
+        async with self.engine.begin() as conn:
+            for op in self._ops(batch):
+                for chunk in _chunks(op.rows, op.chunk):
+                    await self._execute(conn, op, chunk)
+                    written[op.table] = written.get(op.table, 0) + len(chunk)
+        for table, count in written.items():
+            self.metrics.writer_rows.labels(table=table).inc(count)
+
+    async def _execute(self, conn: AsyncConnection, op: _Op, chunk: list[Any]) -> None:
+        self._current_table = op.table
+        started = time.perf_counter()
+        await conn.execute(op.build(chunk))
+        self.metrics.batch_write_duration_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_write_size.observe(len(chunk))
+
+    async def _write_isolating(self, batch: _Buffer) -> None:
+        """Slow path after a refused batch: each chunk in its own transaction, a refused chunk row by row."""
+        for op in self._ops(batch):
+            for chunk in _chunks(op.rows, op.chunk):
+                try:
+                    await self._commit(op, chunk)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    for row in chunk:
+                        try:
+                            await self._commit(op, [row])
+                        except Exception as row_exc:
+                            if is_transient(row_exc):
+                                raise
+                            self.metrics.writer_rejected.labels(table=op.table).inc()
+                            log.error(
+                                "database refused a row; it is not retried",
+                                table=op.table,
+                                row=repr(row)[:MAX_LOGGED_ROW_CHARS],
+                                error=f"{type(row_exc).__name__}: {row_exc}",
+                            )
+
+    async def _commit(self, op: _Op, chunk: list[Any]) -> None:
+        async with self.engine.begin() as conn:
+            await self._execute(conn, op, chunk)
+        self.metrics.writer_rows.labels(table=op.table).inc(len(chunk))
+
+
+def _chunks(rows: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(rows), size):
+        yield list(rows[start : start + size])
+
+
+def _closer(status: str | None) -> Callable[[list[Any]], sa.Executable]:
+    def build(chunk: list[Any]) -> sa.Executable:
+        return close_aggregations_statement([key for key, _ in chunk], status, max(at for _, at in chunk))
+
+    return build
+
+
+def _by_address(dialect: str, table: sa.Table) -> Callable[[list[Any]], sa.Executable]:
+    def build(rows: list[Any]) -> sa.Executable:
+        return upsert(dialect, table, rows, ("address",), BY_ADDRESS_UPDATE)
+
+    return build

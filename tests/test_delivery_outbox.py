@@ -1,0 +1,290 @@
+"""Outbox relay against a real nats-server: nothing lost, nothing twice, across NATS and service restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal as os_signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+from hl_monitor.config import Config, DatabaseConfig, NatsConfig, SignalsConfig, WriterConfig
+from hl_monitor.delivery.outbox import Outbox
+from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.storage import migrate
+from hl_monitor.storage.repository import Repository, create_engine
+from hl_monitor.storage.writer import BatchWriter
+from hl_monitor.tracking.signals import Signal, decode_signal
+from tests.conftest import NatsServer
+from tests.test_delivery_publisher import make_signal, nats_cfg, read_stream, sample, wait_until
+
+
+class MemoryStore:
+    """The signals table reduced to what the relay needs: rows, a published flag, optional write failures."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Signal] = {}
+        self.published: dict[str, int] = {}
+        self.fail_marks = False
+
+    def add(self, signal: Signal) -> None:
+        self.rows.setdefault(signal.signal_id, signal)
+
+    async def fetch_unpublished(self, limit: int, older_than_ms: int | None = None) -> list[Signal]:
+        rows = [
+            s
+            for sid, s in self.rows.items()
+            if sid not in self.published and (older_than_ms is None or s.detected_at < older_than_ms)
+        ]
+        return rows[:limit]
+
+    async def count_unpublished(self) -> int:
+        return sum(1 for sid in self.rows if sid not in self.published)
+
+    async def mark_published(self, signal_id: str, at_ms: int) -> None:
+        if self.fail_marks:
+            raise ConnectionError("database down")
+        self.published[signal_id] = at_ms
+
+    def all_published(self) -> bool:
+        return len(self.published) == len(self.rows)
+
+
+class Relay:
+    """A publisher + outbox pair running in the background, as the service runs them."""
+
+    def __init__(self, url: str, store: MemoryStore, cfg: NatsConfig, submit_wait: float = 1.0) -> None:
+        self.store = store
+        self.metrics = Metrics()
+        self.publisher = Publisher(cfg, SignalsConfig(), self.metrics, url=url)
+        self.outbox = Outbox(self.publisher, store, store, self.metrics, cfg, submit_wait=submit_wait)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.publisher.connect(wait=5)
+        await self.publisher.ensure_stream()
+        self.task = asyncio.create_task(self.outbox.run())
+
+    async def submit(self, signal: Signal) -> None:
+        self.store.add(signal)  # persisted first, as the service does
+        await self.outbox.submit(signal)
+
+    async def stop(self, grace: float = 5.0) -> int:
+        left = await self.outbox.drain(grace)
+        assert self.task is not None
+        await self.task
+        await self.publisher.close()
+        return left
+
+    async def crash(self) -> None:
+        """Like kill -9 for this process's part: no drain, in-flight publishes abandoned mid-way."""
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.publisher._nc.close()
+
+
+@contextlib.asynccontextmanager
+async def relay(url: str, store: MemoryStore, cfg: NatsConfig | None = None, **kw: float) -> AsyncIterator[Relay]:
+    r = Relay(url, store, cfg or nats_cfg(), **kw)
+    await r.start()
+    try:
+        yield r
+    finally:
+        if r.task is not None and not r.task.done():
+            await r.stop()
+
+
+async def assert_stream_holds_exactly(url: str, signals: list[Signal]) -> None:
+    messages = await read_stream(url)
+    ids = [msg_id for _, msg_id, _ in messages]
+    assert sorted(ids) == sorted(s.signal_id for s in signals), "each signal_id exactly once"
+    by_id = {s.signal_id: s for s in signals}
+    for _, msg_id, payload in messages:
+        assert decode_signal(payload) == by_id[msg_id]  # exact decimals survive
+
+
+async def test_submitted_signals_are_published_once_and_marked(nats_server: NatsServer) -> None:
+    store = MemoryStore()
+    signals = [make_signal(i) for i in range(50)]
+    async with relay(nats_server.url, store) as r:
+        for s in signals:
+            await r.submit(s)
+        await r.submit(signals[0])  # a second submit of a held or acked signal changes nothing
+        await wait_until(store.all_published, what="all marked published")
+        assert r.outbox.depth == 0
+        assert sample(r.metrics, "outbox_depth") == 0
+    await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+@pytest.mark.parametrize("outage", ["stop", "kill", "freeze"])
+async def test_exactly_once_when_nats_goes_away_mid_stream(nats_server: NatsServer, outage: str) -> None:
+    """NATS stopped, killed -9 or frozen (slow) while signals flow: afterwards every id is in the stream once."""
+    store = MemoryStore()
+    signals = [make_signal(i) for i in range(300)]
+    async with relay(nats_server.url, store, nats_cfg(publish_timeout=0.3)) as r:
+
+        async def produce() -> None:
+            for s in signals:
+                await r.submit(s)
+                await asyncio.sleep(0.003)
+
+        producer = asyncio.create_task(produce())
+        await wait_until(lambda: len(store.published) >= 60, what="publishing under way")
+        assert nats_server.proc is not None
+        pid = nats_server.proc.pid
+        if outage == "stop":
+            nats_server.stop()
+        elif outage == "kill":
+            nats_server.proc.kill()
+            nats_server.proc.wait()
+            nats_server.proc = None
+        else:
+            os.kill(pid, os_signal.SIGSTOP)
+        await asyncio.sleep(0.5)
+        assert r.outbox.depth > 0
+        published_during_outage = len(store.published)
+        await asyncio.sleep(0.2)
+        assert len(store.published) == published_during_outage
+        if outage == "freeze":
+            os.kill(pid, os_signal.SIGCONT)
+        else:
+            nats_server.start()
+        await producer
+        await wait_until(store.all_published, what="all marked published")
+        assert r.outbox.depth == 0
+    await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+async def test_service_crash_then_restart_republishes_from_the_store_once(nats_server: NatsServer) -> None:
+    """A crash with acks not yet recorded (and publishes in flight) is healed by the next start's store scan."""
+    store = MemoryStore()
+    signals = [make_signal(i) for i in range(200)]
+    first = Relay(nats_server.url, store, nats_cfg())
+    await first.start()
+    store.fail_marks = True  # the database is not recording acks: the rows stay unpublished
+    for s in signals[:150]:
+        await first.submit(s)
+    await wait_until(lambda: len(first.outbox._held) < 100, what="some acks")
+    for s in signals[150:]:
+        store.add(s)  # persisted, then the process died before handing them to the outbox
+    await first.crash()
+    assert not store.published
+    store.fail_marks = False
+    async with relay(nats_server.url, store) as second:
+        await wait_until(store.all_published, what="all marked published after restart")
+        assert sample(second.metrics, "publish_duplicates_total") > 0  # the first run's acks, absorbed by dedup
+    await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+async def test_full_outbox_leaves_signals_to_the_store_scan(nats_server: NatsServer) -> None:
+    """With NATS down and memory full, submit() does not stall the tracker; the store carries the rest."""
+    store = MemoryStore()
+    signals = [make_signal(i) for i in range(40)]
+    async with relay(nats_server.url, store, nats_cfg(outbox_size=10), submit_wait=0.01) as r:
+        nats_server.stop()
+        await wait_until(lambda: not r.publisher.is_connected, what="disconnect")
+        for s in signals:
+            await r.submit(s)
+        assert r.outbox.held == 10
+        assert sample(r.metrics, "outbox_spilled_total") == 30
+        assert r.outbox.depth == 40
+        nats_server.start()
+        await wait_until(store.all_published, what="all marked published")
+        assert r.outbox.depth == 0
+    await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+async def test_unpublished_rows_from_before_are_published_at_start(nats_server: NatsServer) -> None:
+    store = MemoryStore()
+    signals = [make_signal(i) for i in range(20)]
+    for s in signals:
+        store.add(s)
+    async with relay(nats_server.url, store):
+        await wait_until(store.all_published, what="backlog published")
+    await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+async def test_drain_publishes_what_is_held_then_stops(nats_server: NatsServer) -> None:
+    store = MemoryStore()
+    signals = [make_signal(i) for i in range(100)]
+    r = Relay(nats_server.url, store, nats_cfg())
+    await r.start()
+    for s in signals:
+        await r.submit(s)
+    assert await r.stop(grace=10) == 0
+    assert store.all_published()
+    assert r.task is not None
+    assert r.task.done()
+    await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+async def test_drain_with_nats_down_returns_and_leaves_signals_in_the_store(nats_server: NatsServer) -> None:
+    store = MemoryStore()
+    r = Relay(nats_server.url, store, nats_cfg())
+    await r.start()
+    nats_server.stop()
+    await wait_until(lambda: not r.publisher.is_connected, what="disconnect")
+    for i in range(5):
+        await r.submit(make_signal(i))
+    assert await r.stop(grace=30) == 5  # returns at once: waiting cannot help while NATS is down
+    assert await store.count_unpublished() == 5
+
+
+async def test_with_the_real_sqlite_store_and_writer(nats_server: NatsServer, sqlite_url: str) -> None:
+    """The service's own pieces: BatchWriter persists then marks, Repository feeds the scan; NATS restarts
+    mid-stream and a crashed run's leftovers are published by the next start, each id once."""
+    await migrate.upgrade(sqlite_url)
+    engine = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
+    metrics = Metrics()
+    writer = BatchWriter(engine, WriterConfig(flush_interval=0.02), metrics)
+    writer_task = asyncio.create_task(writer.run())
+    repo = Repository(engine)
+    cfg = nats_cfg(publish_timeout=0.3)
+    signals = [make_signal(i) for i in range(120)]
+    try:
+        publisher = Publisher(cfg, SignalsConfig(), metrics, url=nats_server.url)
+        await publisher.connect(wait=5)
+        await publisher.ensure_stream()
+        outbox = Outbox(publisher, repo, writer, metrics, cfg)
+        run = asyncio.create_task(outbox.run())
+        for s in signals[:50]:
+            await writer.put_signal(s)
+            await outbox.submit(s)
+        nats_server.stop()
+        for s in signals[50:100]:
+            await writer.put_signal(s)
+            await outbox.submit(s)
+        nats_server.start()
+        await wait_until(lambda: outbox.held == 0, what="held signals acked")
+        run.cancel()  # the process dies right after persisting the last ones, before handing them over
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        await publisher._nc.close()
+        for s in signals[100:]:
+            await writer.put_signal(s)
+        await writer.flush()
+        assert await repo.count_unpublished() == 20
+
+        publisher = Publisher(cfg, SignalsConfig(), metrics, url=nats_server.url)
+        await publisher.connect(wait=5)
+        outbox = Outbox(publisher, repo, writer, metrics, cfg)
+        run = asyncio.create_task(outbox.run())
+
+        async def all_marked() -> bool:
+            await writer.flush()
+            return await repo.count_unpublished() == 0
+
+        await wait_until(all_marked, what="leftovers published and marked")
+        assert await outbox.drain(5) == 0
+        await run
+        await publisher.close()
+    finally:
+        await writer.close()
+        await writer_task
+        await engine.dispose()
+    await assert_stream_holds_exactly(nats_server.url, signals)

@@ -1,0 +1,217 @@
+"""Address book: validation, grace on removal, fast refresh paths, a real database as the source."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from hl_monitor.config import Config, DatabaseConfig
+from hl_monitor.feeds.addresses import (
+    AddressBook,
+    AddressDiff,
+    AddressRow,
+    CallableSource,
+    InvalidAddressError,
+    StaticSource,
+    WatchedAddress,
+    is_valid_address,
+    normalize_address,
+)
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.storage.migrate import upgrade
+from hl_monitor.storage.repository import AddressTable, create_engine
+from tests.test_feeds_connection import wait_until
+
+A = "0x" + "a" * 40
+B = "0x" + "b" * 40
+C = "0x" + "c" * 40
+
+
+@dataclass(frozen=True)
+class Change:
+    """What `hl-monitor addresses add` hands to the table."""
+
+    address: str
+    label: str | None = None
+    tier: str | None = None
+    priority: int | None = None
+    is_active: bool | None = None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MutableSource:
+    def __init__(self, *entries: WatchedAddress) -> None:
+        self.entries = list(entries)
+        self.fail = False
+
+    async def load(self) -> Sequence[AddressRow]:
+        if self.fail:
+            raise ConnectionError("database unreachable")
+        return list(self.entries)
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(f"hl_monitor_{name}", labels or None)
+    return 0.0 if value is None else value
+
+
+def test_addresses_are_validated_and_lowercased() -> None:
+    assert normalize_address("  0x" + "AbC" * 13 + "d ") == "0x" + "abc" * 13 + "d"
+    for bad in ("0x123", "abc", "0x" + "g" * 40, None, 42, "0x" + "a" * 41):
+        assert not is_valid_address(bad)
+        with pytest.raises(InvalidAddressError, match="0x followed by 40 hex digits"):
+            normalize_address(bad)
+
+
+async def test_reload_normalises_rows_and_skips_invalid_ones() -> None:
+    metrics = Metrics()
+    source = StaticSource(
+        [
+            WatchedAddress(address=A.upper().replace("0X", "0x"), label="whale", tier="precise", priority=5),
+            WatchedAddress(address="0xnot-an-address"),
+            WatchedAddress(address=B, tier="nonsense"),  # type: ignore[arg-type]  # as a foreign table may hold
+            WatchedAddress(address=C, tier="wide", label="tape"),
+        ]
+    )
+    book = AddressBook([source], metrics, reload_interval=60, remove_grace=300)
+    diff = await book.reload()
+    assert diff == AddressDiff(added=(A, C))
+    assert book.entries()[A] == WatchedAddress(address=A, label="whale", tier="precise", priority=5)
+    assert book.entries()[C].tier == "wide"
+    assert _value(metrics, "address_reloads_total", outcome="invalid_address") == 2
+
+
+async def test_removal_waits_for_the_grace_and_a_readd_cancels_it() -> None:
+    clock = Clock()
+    source = MutableSource(WatchedAddress(address=A), WatchedAddress(address=B))
+    changes: list[AddressDiff] = []
+
+    async def on_change(diff: AddressDiff) -> None:
+        changes.append(diff)
+
+    book = AddressBook([source], Metrics(), reload_interval=60, remove_grace=300, on_change=on_change, clock=clock)
+    await book.reload()
+    source.entries = [WatchedAddress(address=A)]
+    assert not await book.reload()
+    assert B in book.entries()  # still tracked during the grace
+    assert book.removing() == {B: 1300.0}
+
+    clock.now += 299
+    assert not await book.reload()
+    clock.now += 1
+    assert await book.reload() == AddressDiff(removed=(B,))
+    assert B not in book.entries()
+
+    # Removed and re-added within the grace: nothing happens at all.
+    source.entries = []
+    await book.reload()
+    clock.now += 100
+    source.entries = [WatchedAddress(address=A, priority=3)]
+    assert await book.reload() == AddressDiff(updated=(A,))
+    clock.now += 1000
+    assert not await book.reload()
+    assert list(book.entries()) == [A]
+    assert changes == [AddressDiff(added=(A, B)), AddressDiff(removed=(B,)), AddressDiff(updated=(A,))]
+
+
+async def test_run_applies_refresh_now_and_expires_graces_without_a_reload() -> None:
+    source = MutableSource(WatchedAddress(address=A))
+    book = AddressBook([source], Metrics(), reload_interval=3600, remove_grace=0.2, poll_interval=0.05)
+    task = asyncio.create_task(book.run())
+    try:
+        await asyncio.wait_for(book.wait_loaded(), 2)
+        version = book.version
+        source.entries = [WatchedAddress(address=A), WatchedAddress(address=B)]
+        book.refresh_now()  # the admin API path
+        version = await asyncio.wait_for(book.wait_changed(version), 1)
+        assert set(book.entries()) == {A, B}
+        source.entries = [WatchedAddress(address=B)]
+        book.refresh_now()
+        await asyncio.sleep(0.1)
+        assert set(book.entries()) == {A, B}  # A in grace
+        await asyncio.wait_for(book.wait_changed(book.version), 1)  # the grace ran out on its own
+        assert set(book.entries()) == {B}
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+async def test_a_failing_source_keeps_the_last_good_set() -> None:
+    metrics = Metrics()
+    source = MutableSource(WatchedAddress(address=A))
+    book = AddressBook([source], metrics, reload_interval=0.05, remove_grace=0.0, poll_interval=0.05)
+    task = asyncio.create_task(book.run())
+    try:
+        await asyncio.wait_for(book.wait_loaded(), 2)
+        source.fail = True
+        await wait_until(lambda: _value(metrics, "address_reloads_total", outcome="error") >= 2)
+        assert list(book.entries()) == [A]
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+async def test_server_id_pins_rows_to_one_instance() -> None:
+    source = StaticSource(
+        [
+            WatchedAddress(address=A, server_id=1),
+            WatchedAddress(address=B, server_id=2),
+            WatchedAddress(address=C),
+        ]
+    )
+    pinned = AddressBook([source], Metrics(), reload_interval=60, remove_grace=0, server_id=1)
+    await pinned.reload()
+    assert set(pinned.entries()) == {A, C}
+    unpinned = AddressBook([source], Metrics(), reload_interval=60, remove_grace=0)
+    await unpinned.reload()
+    assert set(unpinned.entries()) == {A, B, C}
+
+
+async def test_cli_writes_to_the_table_take_effect_within_a_second(sqlite_url: str) -> None:
+    """The CLI is another process: it only writes the table; the change marker makes that visible fast."""
+    await upgrade(sqlite_url)
+    engine = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
+    table = AddressTable(engine)
+    loads = 0
+
+    async def load() -> Sequence[AddressRow]:
+        nonlocal loads
+        loads += 1
+        return await table.load()
+
+    book = AddressBook(
+        [CallableSource(load, table.change_marker)],
+        Metrics(),
+        reload_interval=3600,
+        remove_grace=0.0,
+        poll_interval=0.05,
+    )
+    task = asyncio.create_task(book.run())
+    try:
+        await asyncio.wait_for(book.wait_loaded(), 2)
+        assert not book.entries()
+        quiet_loads = loads
+        await asyncio.sleep(0.3)
+        assert loads == quiet_loads  # an unchanged marker costs no reload
+        version = book.version
+        await table.add([Change(A.upper().replace("0X", "0x"), label="cli", tier="precise", priority=2)])
+        await asyncio.wait_for(book.wait_changed(version), 1)
+        assert book.entries()[A] == WatchedAddress(address=A, label="cli", tier="precise", priority=2)
+        version = book.version
+        await table.remove([A])
+        await asyncio.wait_for(book.wait_changed(version), 1)
+        assert not book.entries()
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+        await engine.dispose()

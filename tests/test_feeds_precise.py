@@ -1,0 +1,357 @@
+"""The precise tier end to end against `hl-monitor sim` over real WebSockets and REST, with the real engine.
+
+Every test runs the real chain: address book → PreciseManager → UserStream/Connection → sim, and the
+sim's REST `/info` through the real InfoClient and Budgets; signals come out of the real TrackingEngine
+and are compared with the sim's ledger (ground truth per order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from hl_monitor.config import AggregationConfig, HyperliquidConfig
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff, AddressRow, WatchedAddress
+from hl_monitor.feeds.budget import Budgets, ManualClock
+from hl_monitor.feeds.connection import ConnState
+from hl_monitor.feeds.precise import PreciseManager
+from hl_monitor.hyperliquid.info import InfoClient
+from hl_monitor.hyperliquid.symbols import SymbolMap
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.sim.server import SimConfig, SimServer
+from hl_monitor.tracking.engine import TrackingEngine
+from hl_monitor.tracking.signals import Signal
+from tests.test_feeds_connection import _value, wait_until
+
+W1 = "0x" + "1" * 40
+W2 = "0x" + "2" * 40
+W3 = "0x" + "3" * 40
+W4 = "0x" + "4" * 40
+
+
+class MutableSource:
+    def __init__(self, *entries: WatchedAddress) -> None:
+        self.entries = list(entries)
+
+    async def load(self) -> Sequence[AddressRow]:
+        return list(self.entries)
+
+
+class GatedBudgets(Budgets):
+    """The real budgets plus a gate on dialling, to hold a connection in its gap while the whale trades."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def new_connection_permit(self) -> None:
+        await self.gate.wait()
+        await super().new_connection_permit()
+
+
+@dataclass
+class Harness:
+    sim: SimServer
+    cfg: HyperliquidConfig
+    metrics: Metrics
+    budgets: Budgets
+    engine: TrackingEngine
+    source: MutableSource
+    book: AddressBook
+    manager: PreciseManager
+    signals: list[Signal] = field(default_factory=list)
+    unassigned: list[frozenset[str]] = field(default_factory=list)
+
+    def signals_of(self, address: str) -> list[Signal]:
+        return [s for s in self.signals if s.address == address]
+
+    async def live(self, address: str) -> None:
+        """Until the address's stream is live and its first gap recovery is done."""
+
+        def ready() -> bool:
+            stream = self.manager.stream(address)
+            return stream is not None and stream.connection.state is ConnState.LIVE and stream.recoveries >= 1
+
+        await wait_until(ready)
+
+
+def fast_cfg(sim: SimServer, **overrides: Any) -> HyperliquidConfig:
+    values: dict[str, Any] = {
+        "ws_url": sim.ws_url,
+        "info_url": sim.info_url,
+        "ping_interval": 0.5,
+        "pong_timeout": 1.0,
+        "ack_timeout": 0.5,
+        "stale_after": 5.0,
+        "reconnect_initial_delay": 0.05,
+        "reconnect_max_delay": 0.2,
+        "over_budget_retry": 0.3,
+        "request_timeout": 2.0,
+    }
+    values.update(overrides)
+    return HyperliquidConfig(**values)
+
+
+@contextlib.asynccontextmanager
+async def harness(
+    *entries: WatchedAddress,
+    sim_config: SimConfig | None = None,
+    remove_grace: float = 0.0,
+    budgets_class: type[Budgets] = Budgets,
+    manual_clock: ManualClock | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
+    metrics = Metrics()
+    sim_kwargs: dict[str, Any] = {} if manual_clock is None else {"clock": manual_clock.now}
+    async with SimServer(sim_config or SimConfig(clearinghouse_push_interval=0.2), **sim_kwargs) as sim:
+        cfg = fast_cfg(sim, **overrides)
+        budgets = budgets_class(cfg, metrics, clock=manual_clock)
+        engine = TrackingEngine(AggregationConfig(), SymbolMap.empty())
+        source = MutableSource(*entries)
+
+        async def on_change(diff: AddressDiff) -> None:
+            for address in diff.added:
+                engine.add_address(address)
+            for address in diff.removed:
+                engine.remove_address(address)
+
+        book = AddressBook(
+            [source], metrics, reload_interval=3600, remove_grace=remove_grace, on_change=on_change, poll_interval=0.05
+        )
+        async with InfoClient.from_config(cfg, budgets, metrics) as info:
+            h: Harness | None = None
+
+            async def sink(batch: list[Signal]) -> None:
+                assert h is not None
+                h.signals.extend(batch)
+
+            async def unassigned(addresses: frozenset[str]) -> None:
+                assert h is not None
+                h.unassigned.append(addresses)
+
+            manager = PreciseManager(
+                cfg,
+                book,
+                tracker=engine,
+                info=info,
+                budget=budgets,
+                metrics=metrics,
+                on_signals=sink,
+                on_unassigned=unassigned,
+            )
+            h = Harness(sim, cfg, metrics, budgets, engine, source, book, manager)
+            book_task = asyncio.create_task(book.run())
+            await book.wait_loaded()
+            manager_task = asyncio.create_task(manager.run())
+            try:
+                yield h
+            finally:
+                for task in (manager_task, book_task):
+                    task.cancel()
+                await asyncio.wait([manager_task, book_task])
+                for task in (manager_task, book_task):
+                    failure = None if task.cancelled() else task.exception()
+                    if failure is not None:
+                        raise failure
+
+
+def expected_orders(sim: SimServer, address: str) -> dict[tuple[int, str], tuple[Decimal, Decimal, int]]:
+    """Ground truth: (oid, dir) → (size, VWAP, fill count) for every order that filled something."""
+    out = {}
+    for order in sim.exchange.ledger.for_user(address):
+        for total in order.totals.values():
+            if total.fills:
+                out[(order.oid, total.dir)] = (total.size, total.vwap, total.fills)
+    return out
+
+
+def observed_orders(signals: Sequence[Signal]) -> dict[tuple[int, str], tuple[Decimal, Decimal, int]]:
+    out = {}
+    for s in signals:
+        assert s.oid is not None
+        key = (s.oid, s.dir)
+        assert key not in out, f"duplicate signal for {key}"
+        out[key] = (s.size, s.price, s.fill_count)
+    return out
+
+
+async def test_live_orders_come_out_once_with_exact_size_and_vwap() -> None:
+    async with harness(WatchedAddress(address=W1, tier="precise")) as h:
+        await h.live(W1)
+        whale = h.sim.exchange.whale(W1)
+        await whale.market_order("BTC", True, "1.5", "80000", fills=3, px_step="5")
+        oid = await whale.limit_order("ETH", False, "4", "2400")
+        await whale.fill(oid, "1")
+        await whale.fill(oid, "1.5", px="2401")
+        await whale.cancel(oid)
+        await wait_until(lambda: len(h.signals) == 2)
+        assert observed_orders(h.signals) == expected_orders(h.sim, W1)
+        assert not any(s.backfilled for s in h.signals)
+        assert _value(h.metrics, "addresses_by_tier", tier="precise", state="assigned") == 1
+        assert _value(h.metrics, "connection_state", kind="user", state="live") == 1
+
+
+async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> None:
+    # A 2-fill snapshot cannot cover the gap: the older gap fills must come from userFillsByTime.
+    sim_config = SimConfig(clearinghouse_push_interval=0.2, fills_snapshot_size=2)
+    async with harness(
+        WatchedAddress(address=W1, tier="precise"), sim_config=sim_config, budgets_class=GatedBudgets
+    ) as h:
+        assert isinstance(h.budgets, GatedBudgets)
+        await h.live(W1)
+        whale = h.sim.exchange.whale(W1)
+        before = await whale.market_order("ETH", True, "2", "2400", fills=2)
+        resting = await whale.limit_order("BTC", True, "1", "80000")
+        await whale.fill(resting, "0.3")
+        partly = await whale.limit_order("SOL", False, "10", "100")
+        await whale.fill(partly, "4")
+        await wait_until(lambda: len(h.signals) == 1)  # the first order completed live
+        assert h.signals[0].oid == before
+
+        stream = h.manager.stream(W1)
+        assert stream is not None
+        h.budgets.gate.clear()
+        assert h.sim.faults.abrupt_close_all() == 1
+        await wait_until(lambda: stream.connection.state is not ConnState.LIVE)
+        assert h.manager.not_live() == [W1]  # readiness sees the gap
+
+        # While disconnected: the resting order fills up, a new order runs start to end, one is cancelled.
+        await whale.fill(resting, "0.7", px="80010")
+        during = await whale.market_order("ETH", True, "3", "2410", fills=3, px_step="1")
+        await whale.cancel(partly)
+
+        h.budgets.gate.set()
+        await wait_until(lambda: len(h.signals) == 4)
+        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
+
+        assert observed_orders(h.signals) == expected_orders(h.sim, W1)
+        by_oid = {s.oid: s for s in h.signals}
+        assert by_oid[resting].fill_count == 2
+        assert by_oid[during].backfilled
+        assert by_oid[partly].status == "canceled"
+        assert by_oid[partly].size == Decimal("4")
+        assert len({s.signal_id for s in h.signals}) == 4
+        assert _value(h.metrics, "reconnects_total", kind="user", reason="dropped") == 1
+        assert _value(h.metrics, "backfilled_fills_total", via="rest") >= 2
+        assert _value(h.metrics, "gap_recoveries_total", outcome="ok") == 2
+
+
+async def test_stalled_channels_on_a_live_socket_are_detected_and_recovered() -> None:
+    async with harness(WatchedAddress(address=W1, tier="precise"), stale_after=0.6) as h:
+        await h.live(W1)
+        whale = h.sim.exchange.whale(W1)
+        # The user's channels go silent while the socket, pongs and orderUpdates keep flowing.
+        h.sim.faults.stall("allDexsClearinghouseState", user=W1)
+        h.sim.faults.stall("userFills", user=W1)
+        oid = await whale.market_order("BTC", False, "0.25", "80000", fills=2)
+        await wait_until(lambda: len(h.signals) == 1)
+        stale = _value(h.metrics, "reconnects_total", kind="user", reason="stale_canary") + _value(
+            h.metrics, "reconnects_total", kind="user", reason="stale_connection"
+        )
+        assert stale == 1
+        assert _value(h.metrics, "reconnects_total", kind="user", reason="pong_timeout") == 0
+        assert observed_orders(h.signals) == expected_orders(h.sim, W1)
+        assert h.signals[0].oid == oid
+        assert h.signals[0].backfilled
+        stream = h.manager.stream(W1)
+        assert stream is not None
+        await wait_until(lambda: stream.connection.feed_age() < 0.5)  # the canary flows again
+
+
+async def test_user_cap_refusal_marks_over_budget_and_retries_until_a_slot_frees() -> None:
+    sim_config = SimConfig(clearinghouse_push_interval=0.2, max_users=2)
+    entries = [
+        WatchedAddress(address=W1, tier="precise", priority=3),
+        WatchedAddress(address=W2, tier="precise", priority=2),
+        WatchedAddress(address=W3, tier="auto", priority=1),
+    ]
+    async with harness(*entries, sim_config=sim_config) as h:
+        await h.live(W1)
+        await h.live(W2)
+        await wait_until(lambda: W3 in h.manager.over_budget())
+        assert h.manager.over_budget()[W3].reason == "user_cap"
+        assert _value(h.metrics, "error_frames_total", kind="user_cap") >= 1
+        assert _value(h.metrics, "addresses_by_tier", tier="precise", state="over_budget") == 1
+        status = h.manager.status()
+        assert [o["address"] for o in status["over_budget"]] == [W3]
+        assert W3 in h.manager.unassigned()
+        await wait_until(
+            lambda: h.manager.over_budget().get(W3) is not None and h.manager.over_budget()[W3].refusals >= 2
+        )
+
+        h.source.entries = entries[:1] + entries[2:]  # W2 leaves the book: the exchange frees its user
+        h.book.refresh_now()
+        await h.live(W3)
+        assert W3 not in h.manager.over_budget()
+        assert set(h.manager.assigned()) == {W1, W3}
+        assert frozenset() in h.unassigned  # the wide tier was told nobody is left over
+
+
+async def test_slots_go_by_priority_and_the_rest_are_reported_unassigned() -> None:
+    entries = [
+        WatchedAddress(address=W1, priority=1),
+        WatchedAddress(address=W2, priority=2),
+        WatchedAddress(address=W3, priority=3, tier="wide"),  # never precise
+    ]
+    async with harness(*entries, user_slots=1) as h:
+        await h.live(W2)
+        assert h.manager.unassigned() == {W1}
+        assert h.unassigned[-1] == {W1}
+        assert _value(h.metrics, "addresses_by_tier", tier="precise", state="unassigned") == 1
+
+        h.source.entries = [*entries, WatchedAddress(address=W4, priority=9, tier="precise")]
+        h.book.refresh_now()
+        await h.live(W4)  # the new higher-priority address takes the slot
+        await wait_until(lambda: h.manager.unassigned() == {W1, W2})
+        assert h.manager.assigned() == {W4: 0}
+        await wait_until(lambda: _value(h.metrics, "connection_state", kind="user", state="live") == 1)
+
+
+async def test_removed_address_keeps_its_stream_for_the_grace_then_frees_the_slot() -> None:
+    async with harness(WatchedAddress(address=W1), WatchedAddress(address=W2), remove_grace=0.5) as h:
+        await h.live(W1)
+        await h.live(W2)
+        h.source.entries = [WatchedAddress(address=W2)]
+        h.book.refresh_now()
+        await asyncio.sleep(0.2)
+        assert W1 in h.manager.assigned()  # still tracked during the grace
+        await wait_until(lambda: W1 not in h.manager.assigned())
+        users = {sub.get("user") for conn in h.sim.connections for sub in conn.subscriptions}
+        await wait_until(
+            lambda: W1 not in {sub.get("user") for conn in h.sim.connections for sub in conn.subscriptions}
+        )
+        assert W2 in users
+        assert not h.engine.is_watched(W1)
+        assert h.manager.assigned() == {W2: 1}
+
+
+async def test_reconnect_storm_stays_within_the_new_connection_budget() -> None:
+    clock = ManualClock()
+    per_minute = 6
+    sim_config = SimConfig(clearinghouse_push_interval=0.2, max_new_connections_per_minute=per_minute)
+    whales = [WatchedAddress(address=a) for a in (W1, W2, W3, W4)]
+    async with harness(
+        *whales, sim_config=sim_config, manual_clock=clock, max_new_connections_per_minute=per_minute
+    ) as h:
+        for whale in whales:
+            await h.live(whale.address)
+        for _ in range(3):  # three storms in the same minute
+            h.sim.faults.abrupt_close_all()
+            await asyncio.sleep(0.5)
+        assert h.sim.stats.connections_opened == per_minute
+        assert h.sim.stats.connections_refused == 0  # we never even asked the server for a 7th
+        assert _value(h.metrics, "budget_refusals_total", budget="new_connections") >= 1
+        streams = [h.manager.stream(w.address) for w in whales]
+        waiting = [s for s in streams if s is not None and s.connection.state is not ConnState.LIVE]
+        assert waiting  # held back by the budget, not by the server
+
+        clock.advance(61.0)  # the next minute: the waiting connections get their permits
+        for whale in whales:
+            await h.live(whale.address)
+        assert h.sim.stats.connections_opened <= 2 * per_minute
+        assert h.sim.stats.connections_refused == 0
