@@ -1,30 +1,452 @@
 """Composition root: builds every component from the config and runs them under one TaskGroup.
 
-Shutdown order (SIGTERM/SIGINT): stop intake → flush complete aggregations → persist the rest →
-drain the writer and the outbox → drain NATS → dispose the engine → stop HTTP.
+Start order: instance lock → database (schema must be current) → NATS (embedded or external) and
+the stream → writer and outbox → REST client and budgets → symbols → tracking engine (persisted
+state re-imported) → address book → precise tier → HTTP.
+
+Shutdown order (SIGTERM/SIGINT), within `service.shutdown_timeout`: stop intake (feeds, address
+book) → flush aggregations that are due and persist the rest → drain the outbox (publish what is
+held) → drain the writer → drain NATS → stop the embedded server → dispose the database engine →
+stop HTTP → release the lock. Anything unacknowledged stays in the outbox table and is re-published
+(deduplicated by JetStream) at the next start.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
+import time
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final
 
+import msgspec
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hl_monitor import __version__
 from hl_monitor.config import Config
+from hl_monitor.delivery.embedded_nats import EmbeddedNats
+from hl_monitor.delivery.outbox import Outbox
+from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.errors import DeliveryError, StorageError
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource
+from hl_monitor.feeds.budget import Budgets
+from hl_monitor.feeds.precise import PreciseManager
+from hl_monitor.hyperliquid.info import InfoClient
+from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import configure_logging, get_logger
+from hl_monitor.ops.http import AddressInput, HttpServer, Readiness, create_app
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.ops.process import InstanceLock, LoopWatchdog
+from hl_monitor.storage.cleaner import RetentionCleaner
+from hl_monitor.storage.migrate import check_schema
+from hl_monitor.storage.repository import AddressTable, Repository, address_source, create_engine
+from hl_monitor.storage.writer import BatchWriter
+from hl_monitor.tracking.engine import TrackingEngine
+from hl_monitor.tracking.signals import Signal
 
 log = get_logger(__name__)
+
+# How often the database is probed for readiness; a failed writer flush also marks it down at once.
+DB_PROBE_INTERVAL_S: Final = 5.0
+# Engine counters are copied into Prometheus this often (cheap: a few dozen integers).
+STATS_SYNC_INTERVAL_S: Final = 1.0
+# Share of the shutdown deadline given to publishing what the outbox holds; the rest is for the writer/NATS.
+OUTBOX_DRAIN_SHARE: Final = 0.5
+# How long `run` waits for an external NATS at start before giving up with a clear error.
+NATS_CONNECT_WAIT_S: Final = 30.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _CounterSync:
+    """Copies the engine's plain monotonic counters into Prometheus counters by delta."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], int] = {}
+
+    def inc(self, counter: Any, key: tuple[str, str], value: int, *labels: str) -> None:
+        delta = value - self._last.get(key, 0)
+        if delta > 0:
+            (counter.labels(*labels) if labels else counter).inc(delta)
+        self._last[key] = value
+
+
+class Service:
+    """The running service. `run(stop)` returns after an orderly shutdown."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.metrics.build_info.labels(__version__).set(1)
+        self.started_at = time.monotonic()
+        self.instance_id = cfg.instance_id
+        self.db_ok = False
+        self.db_error = "not checked yet"
+        self._sync = _CounterSync()
+        # Filled in by run(); the HTTP view reads them.
+        self.publisher: Publisher | None = None
+        self.outbox: Outbox | None = None
+        self.writer: BatchWriter | None = None
+        self.engine: TrackingEngine | None = None
+        self.book: AddressBook | None = None
+        self.precise: PreciseManager | None = None
+        self.budgets: Budgets | None = None
+        self.http: HttpServer | None = None
+        self.ready_event = asyncio.Event()
+
+    # ------------------------------------------------------------------ signal path
+
+    async def on_signals(self, signals: Sequence[Signal]) -> None:
+        """The one sink: persist first (the outbox row), then hand to the publisher; awaiting = backpressure."""
+        assert self.writer is not None
+        assert self.outbox is not None
+        for sig in signals:
+            stamped = sig if sig.detected_by else _with_instance(sig, self.instance_id)
+            await self.writer.put_signal(stamped)
+            await self.outbox.submit(stamped)
+            self.metrics.signals_built.labels(stamped.source, stamped.direction).inc()
+            self.metrics.order_fills_per_order.observe(stamped.fill_count)
+            self.metrics.receive_to_signal_seconds.labels(stamped.trigger).observe(
+                max(0.0, (now_ms() - stamped.detected_at) / 1000)
+            )
+
+    async def _on_address_change(self, diff: AddressDiff) -> None:
+        assert self.engine is not None
+        entries = self.book.entries() if self.book is not None else {}
+        for address in diff.added:
+            entry = entries.get(address)
+            self.engine.add_address(address, entry.label if entry is not None and entry.label else None)
+        for address in diff.removed:
+            # Pending orders of a removed address are flushed, not dropped: the whale really traded them.
+            await self.on_signals(self.engine.flush_address(address, now_ms(), trigger="shutdown"))
+            self.engine.remove_address(address)
+        self.metrics.addresses_subscribed.set(len(entries))
+
+    # ------------------------------------------------------------------ periodic tasks
+
+    async def _tick_loop(self) -> None:
+        """Timeouts since the last fill, TTL evictions, and persisting the engine's changed state."""
+        assert self.engine is not None
+        assert self.writer is not None
+        interval = min(self.cfg.aggregation.scan_interval, self.cfg.writer.flush_interval)
+        while True:
+            await asyncio.sleep(interval)
+            await self._tick_once()
+
+    async def _tick_once(self) -> None:
+        assert self.engine is not None
+        assert self.writer is not None
+        signals = self.engine.tick(now_ms())
+        if signals:
+            await self.on_signals(signals)
+        delta = self.engine.take_dirty()
+        await self.writer.put_delta(delta)
+
+    async def _db_probe_loop(self, repo: Repository) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(DB_PROBE_INTERVAL_S):
+                    await repo.ping()
+                self.db_ok, self.db_error = True, ""
+            except (StorageError, OSError, TimeoutError, Exception) as exc:  # any failure = not reachable
+                self.db_ok, self.db_error = False, f"{type(exc).__name__}: {exc}"[:200]
+            await asyncio.sleep(DB_PROBE_INTERVAL_S)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            self._sync_stats()
+            await asyncio.sleep(STATS_SYNC_INTERVAL_S)
+
+    def _sync_stats(self) -> None:
+        if self.engine is None:
+            return
+        s, m, sync = self.engine.stats, self.metrics, self._sync
+        sync.inc(m.trades_processed, ("fills", ""), s.fills_processed, "fill")
+        sync.inc(m.trades_deduplicated, ("dup", ""), s.duplicate_fills)
+        sync.inc(m.backfilled_fills, ("backfill", ""), s.backfilled_fills, "snapshot_or_rest")
+        sync.inc(m.late_fills, ("late", "dropped"), s.late_fills_dropped, "dropped")
+        sync.inc(m.late_fills, ("late", "continuation"), s.continuations, "continuation")
+        sync.inc(m.unknown_dirs, ("unknown_dirs", ""), s.unknown_dirs)
+        sync.inc(m.order_updates_received, ("statuses", ""), s.statuses_received)
+        for trigger, count in s.flushes_by_trigger.items():
+            sync.inc(m.order_flush, ("flush", trigger), count, trigger)
+        for kind, count in s.evictions_by_kind.items():
+            sync.inc(m.evictions, ("evict", kind), count, kind)
+        m.order_aggregation_active.set(s.pending_orders)
+        m.parked_statuses.set(s.parked_statuses)
+        m.positions_total.set(self.engine.positions.open_positions())
+        if self.book is not None:
+            m.addresses_subscribed.set(len(self.book.entries()))
+        if self.writer is not None:
+            m.writer_queue_depth.set(self.writer.depth)
+
+    # ------------------------------------------------------------------ HTTP view
+
+    def readiness(self) -> Readiness:
+        reasons: dict[str, str] = {}
+        if self.publisher is None or not self.publisher.is_connected:
+            reasons["nats"] = "disconnected"
+        if not self.db_ok:
+            reasons["database"] = self.db_error or "unreachable"
+        if self.precise is not None:
+            for address in self.precise.not_live():
+                reasons[f"feed:{address}"] = "not live (stale or reconnecting)"
+        if not self.ready_event.is_set():
+            reasons["service"] = "starting"
+        return Readiness(reasons)
+
+    def health_summary(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "watched_addresses": len(self.book.entries()) if self.book is not None else 0,
+            "nats_connected": bool(self.publisher is not None and self.publisher.is_connected),
+            "database_ok": self.db_ok,
+            "outbox_depth": self.outbox.depth if self.outbox is not None else 0,
+        }
+
+    def status(self) -> dict[str, Any]:
+        engine = self.engine
+        addresses: list[dict[str, Any]] = []
+        if self.book is not None and engine is not None:
+            assigned = self.precise.assigned() if self.precise is not None else {}
+            over = self.precise.over_budget() if self.precise is not None else {}
+            removing = self.book.removing()
+            for address, entry in sorted(self.book.entries().items()):
+                watermark = engine.watermark(address)
+                addresses.append(
+                    {
+                        "address": address,
+                        "label": entry.label,
+                        "tier": entry.tier,
+                        "priority": entry.priority,
+                        "connection": assigned.get(address),
+                        "state": "precise"
+                        if address in assigned
+                        else "over_budget"
+                        if address in over
+                        else "unassigned",
+                        "removing": address in removing,
+                        "watermark_time": getattr(watermark, "time", None),
+                        "pending_orders": engine.pending_oids(address),
+                    }
+                )
+        return {
+            "instance_id": self.instance_id,
+            "version": __version__,
+            "ready": self.readiness().ok,
+            "readiness": dict(self.readiness().reasons),
+            "connections": self.precise.status() if self.precise is not None else {},
+            "addresses": addresses,
+            "budgets": self.budgets.snapshot() if self.budgets is not None else {},
+            "outbox_depth": self.outbox.depth if self.outbox is not None else 0,
+            "writer_queue_depth": self.writer.depth if self.writer is not None else 0,
+            "engine": _engine_stats(engine),
+        }
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.cfg
+        data_dir = Path(cfg.service.data_dir)
+        with InstanceLock(data_dir, self.instance_id):
+            db = create_engine(cfg)
+            try:
+                await check_schema(db)
+                await self._run_with_db(db, stop)
+            finally:
+                await db.dispose()
+
+    async def _run_with_db(self, db: AsyncEngine, stop: asyncio.Event) -> None:
+        cfg, metrics = self.cfg, self.metrics
+        repo = Repository(db)
+        embedded: EmbeddedNats | None = None
+        if cfg.nats.url == "embedded":
+            embedded = EmbeddedNats(cfg.nats, metrics)
+            await embedded.start()
+        try:
+            self.publisher = Publisher(
+                cfg.nats, cfg.signals, metrics, url=embedded.url if embedded is not None else None
+            )
+            await self.publisher.connect(wait=NATS_CONNECT_WAIT_S)
+            try:
+                await self.publisher.ensure_stream()
+                await self._run_pipeline(db, repo, embedded, stop)
+            finally:
+                with contextlib.suppress(DeliveryError):
+                    await self.publisher.close()
+        finally:
+            if embedded is not None:
+                await embedded.stop()
+
+    async def _run_pipeline(
+        self, db: AsyncEngine, repo: Repository, embedded: EmbeddedNats | None, stop: asyncio.Event
+    ) -> None:
+        cfg, metrics = self.cfg, self.metrics
+        assert self.publisher is not None
+        self.writer = writer = BatchWriter(db, cfg.writer, metrics)
+        self.outbox = outbox = Outbox(self.publisher, repo, writer, metrics, cfg.nats)
+        self.budgets = budgets = Budgets(cfg.hyperliquid, metrics)
+        self.engine = engine = TrackingEngine(cfg.aggregation, SymbolMap.empty(), instance_id=self.instance_id)
+        state = await repo.load_engine_state(flushed_since_ms=now_ms() - int(cfg.aggregation.flushed_ttl * 1000))
+        engine.import_state(state)
+        log.info("engine state restored", aggregations=len(state.aggregations), watermarks=len(state.watermarks))
+        table = address_source(db, cfg)
+        self.book = book = AddressBook(
+            [table, StaticSource(cfg.addresses.initial)],
+            metrics,
+            reload_interval=cfg.addresses.reload_interval,
+            remove_grace=cfg.addresses.remove_grace,
+            server_id=cfg.addresses.server_id,
+            on_change=self._on_address_change,
+        )
+        admin = _Admin(AddressTable(db), book) if isinstance(table, AddressTable) else None
+        watchdog = LoopWatchdog(metrics)
+        cleaner = RetentionCleaner(db, cfg.retention, metrics)
+        async with InfoClient.from_config(cfg.hyperliquid, budgets, metrics) as info:
+            self.precise = precise = PreciseManager(
+                cfg.hyperliquid,
+                book,
+                tracker=engine,
+                info=info,
+                budget=budgets,
+                metrics=metrics,
+                on_signals=self.on_signals,
+            )
+            self.http = http = HttpServer(create_app(self, metrics, admin, cfg.http), cfg.http.listen)
+            await http.start()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    background = [
+                        tg.create_task(writer.run(), name="writer"),
+                        tg.create_task(outbox.run(), name="outbox"),
+                        tg.create_task(watchdog.run(), name="watchdog"),
+                        tg.create_task(cleaner.run(), name="cleaner"),
+                        tg.create_task(self._db_probe_loop(repo), name="db-probe"),
+                        tg.create_task(self._stats_loop(), name="stats"),
+                    ]
+                    if embedded is not None:
+                        background.append(tg.create_task(embedded.run(), name="embedded-nats"))
+                    intake = [tg.create_task(book.run(), name="address-book")]
+                    await _first(book.wait_loaded(), stop.wait())
+                    intake.append(tg.create_task(precise.run(), name="precise"))
+                    intake.append(tg.create_task(self._tick_loop(), name="tick"))
+                    self.ready_event.set()
+                    log.info("service ready", listen=cfg.http.listen, addresses=len(book.entries()))
+                    await stop.wait()
+                    log.info("shutdown: stopping intake")
+                    self.ready_event.clear()
+                    await _cancel(intake)
+                    await self._shutdown(background)
+            finally:
+                await http.stop()
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        """Everything after intake stopped; bounded by service.shutdown_timeout."""
+        assert self.engine is not None
+        assert self.writer is not None
+        assert self.outbox is not None
+        deadline = self.cfg.service.shutdown_timeout
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(deadline):
+                await self._tick_once()  # due flushes, then persist every pending aggregation and watermark
+                left = await self.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
+                await self.writer.close()
+                log.info(
+                    "shutdown: drained",
+                    unacknowledged=left,
+                    seconds=round(time.monotonic() - started, 2),
+                )
+        except TimeoutError:
+            log.error("shutdown deadline reached; unflushed rows are recovered at next start", deadline_s=deadline)
+        await _cancel(background)
+
+
+def _with_instance(sig: Signal, instance_id: str) -> Signal:
+    return msgspec.structs.replace(sig, detected_by=instance_id)
+
+
+def _engine_stats(engine: TrackingEngine | None) -> dict[str, Any]:
+    if engine is None:
+        return {}
+    data: dict[str, Any] = msgspec.to_builtins(engine.stats)
+    return data
+
+
+class _Admin:
+    """`/admin/addresses` on the address table; each change wakes the address book so it applies within a second."""
+
+    def __init__(self, table: AddressTable, book: AddressBook) -> None:
+        self._table = table
+        self._book = book
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self._table.list()
+
+    async def add(self, entries: Sequence[AddressInput]) -> int:
+        count = await self._table.add(entries)
+        self._book.refresh_now()
+        return count
+
+    async def remove(self, addresses: Sequence[str]) -> int:
+        count = await self._table.remove(addresses)
+        self._book.refresh_now()
+        return count
+
+    async def update(
+        self,
+        address: str,
+        *,
+        label: str | None = None,
+        tier: str | None = None,
+        priority: int | None = None,
+        is_active: bool | None = None,
+    ) -> dict[str, Any] | None:
+        row = await self._table.update(address, label=label, tier=tier, priority=priority, is_active=is_active)
+        self._book.refresh_now()
+        return row
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of `aws` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _cancel(tasks)
+
+
+async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def run_service(cfg: Config, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("service starting", instance_id=cfg.instance_id)
-    await stop.wait()
-    log.info("service stopped")
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        log.info("service starting", instance_id=cfg.instance_id, version=__version__)
+        await Service(cfg).run(stop)
+        log.info("service stopped")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -42,3 +464,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="run the service")
     add_config_arg(run)
     run.set_defaults(handler=_run)
+
+
+__all__ = ["Service", "run_service"]

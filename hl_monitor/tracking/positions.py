@@ -139,5 +139,9 @@ class PositionBook:
             return None
         return dex.positions.get(coin, _ZERO)
 
+    def open_positions(self) -> int:
+        """Non-flat perp positions across every address and dex (the positions_total gauge)."""
+        return sum(len(dex.positions) for entry in self._by_address.values() for dex in entry.dexes.values())
+
     def remove(self, address: str) -> None:
         self._by_address.pop(address, None)
