@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.tracking.signals import Signal, decode_signal
 from tests.conftest import NatsServer, free_port
+from tests.test_feeds_connection import wait_until
 from tests.test_feeds_precise import expected_orders
 
 W1 = "0x" + "a1" * 20
@@ -58,19 +59,13 @@ async def running(cfg: Config) -> AsyncIterator[Service]:
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
-        await wait_until(lambda: service.ready_event.is_set() or task.done(), timeout=20)
+        await wait_until(lambda: service.ready_event.is_set() or task.done(), within=20)
         if task.done():
             task.result()
         yield service
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 async def stream_signals(nats_url: str, stream: str = "HL_SIGNALS") -> list[tuple[str, Signal]]:
@@ -105,7 +100,7 @@ async def live(service: Service, *addresses: str) -> None:
         precise = service.precise
         return precise is not None and not precise.not_live() and set(addresses) <= set(precise.assigned())
 
-    await wait_until(ok, timeout=20)
+    await wait_until(ok, within=20)
 
 
 async def get_json(url: str) -> tuple[int, Any]:
@@ -140,7 +135,7 @@ async def test_signals_reach_stream_and_table_exactly_once_across_a_restart(
             await other.market_order("SOL", False, "10", "150", fills=2)
             await whale.market_order("BTC", False, "3", "80100", fills=2)  # flip: close 1.5 long, open 1.5 short
             want = {**expected_orders(sim, W1), **expected_orders(sim, W2)}
-            await wait_until(lambda: _built(service) >= len(want))
+            await wait_until(lambda: _built(service) >= len(want), within=15)
             status, ready = await get_json(f"http://{cfg.http.listen}/health/ready")
             assert status == 200, ready
         # Trades while the service is down come back through the snapshot / userFillsByTime on restart.
@@ -189,18 +184,18 @@ async def test_readiness_follows_nats_and_status_lists_addresses(nats_server: Na
         async with running(cfg) as service:
             await live(service, W1, W2)
             base = f"http://{cfg.http.listen}"
-            await wait_until(lambda: service.readiness().ok)
+            await wait_until(lambda: service.readiness().ok, within=15)
             status, body = await get_json(f"{base}/status")
             assert status == 200
             assert {a["address"] for a in body["addresses"]} == {W1, W2}
             assert all(a["state"] == "precise" for a in body["addresses"])
             nats_server.stop()
-            await wait_until(lambda: not service.readiness().ok)
+            await wait_until(lambda: not service.readiness().ok, within=15)
             status, body = await get_json(f"{base}/health/ready")
             assert status == 503
             assert body["reasons"]["nats"] == "disconnected"
             nats_server.start()
-            await wait_until(lambda: service.readiness().ok, timeout=20)
+            await wait_until(lambda: service.readiness().ok, within=20)
             status, _ = await get_json(f"{base}/health/ready")
             assert status == 200
 
