@@ -78,7 +78,7 @@ async def stream_signals(nats_url: str, stream: str = "HL_SIGNALS") -> list[tupl
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(stream, seq)
             msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-            if msg.subject.startswith("hl.signals."):
+            if msg.subject and msg.subject.startswith("hl.signals.") and msg.data is not None:
                 out.append((msg_id, decode_signal(msg.data)))
         return out
     finally:
