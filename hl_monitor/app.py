@@ -88,6 +88,7 @@ class Service:
         self.db_ok = False
         self.db_error = "not checked yet"
         self._sync = _CounterSync()
+        self._position_stamps: dict[str, tuple[int | None, int | None]] = {}
         # Filled in by run(); the HTTP view reads them.
         self.publisher: Publisher | None = None
         self.outbox: Outbox | None = None
@@ -160,7 +161,24 @@ class Service:
     async def _stats_loop(self) -> None:
         while True:
             self._sync_stats()
+            await self._persist_positions()
             await asyncio.sleep(STATS_SYNC_INTERVAL_S)
+
+    async def _persist_positions(self) -> None:
+        """Write the position cache row of every address whose perp or spot state changed since the last write."""
+        if self.engine is None or self.writer is None:
+            return
+        book = self.engine.positions
+        for address in list(book):
+            entry = book.get(address)
+            if entry is None:
+                continue
+            stamp = (entry.perp_updated_at, entry.spot_updated_at)
+            if self._position_stamps.get(address) != stamp:
+                self._position_stamps[address] = stamp
+                await self.writer.put_position(address, entry)
+        for gone in self._position_stamps.keys() - set(book):
+            del self._position_stamps[gone]
 
     def _sync_stats(self) -> None:
         if self.engine is None:
@@ -173,6 +191,11 @@ class Service:
         sync.inc(m.late_fills, ("late", "continuation"), s.continuations, "continuation")
         sync.inc(m.unknown_dirs, ("unknown_dirs", ""), s.unknown_dirs)
         sync.inc(m.order_updates_received, ("statuses", ""), s.statuses_received)
+        sync.inc(m.position_updates, ("positions", ""), s.position_frames, "applied")
+        sync.inc(m.margin_updates, ("margin", ""), s.position_frames, "applied")
+        sync.inc(m.position_updates, ("spot", ""), s.spot_frames, "spot")
+        sync.inc(m.cache_hit, ("dedup_hit", ""), s.duplicate_fills, "dedup")
+        sync.inc(m.cache_miss, ("dedup_miss", ""), s.fills_processed, "dedup")
         for trigger, count in s.flushes_by_trigger.items():
             sync.inc(m.order_flush, ("flush", trigger), count, trigger)
         for kind, count in s.evictions_by_kind.items():

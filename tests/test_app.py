@@ -161,6 +161,8 @@ async def test_signals_reach_stream_and_table_exactly_once_across_a_restart(
         assert all(r.published for r in rows)
         assert {r.signal.signal_id: r.signal for r in rows} == {sig.signal_id: sig for _, sig in stored}
         assert await Repository(engine).count_unpublished() == 0
+        positions = await Repository(engine).load_positions()
+        assert {W1, W2} <= positions.keys(), "the position cache holds one row per watched address"
     finally:
         await engine.dispose()
 

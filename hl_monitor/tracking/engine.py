@@ -705,12 +705,14 @@ class TrackingEngine:
         self, address: str, data: AllDexsClearinghouseStateData | ClearinghouseStateData, now_ms: int
     ) -> None:
         addr = _norm(address)
+        self.stats.position_frames += 1
         if isinstance(data, AllDexsClearinghouseStateData):
             self.positions.apply_all_dexs(addr, data.clearinghouse_states, now_ms)
         else:
             self.positions.apply_dex(addr, data.dex, data.clearinghouse_state, now_ms)
 
     def on_spot_state(self, address: str, data: SpotStateData, now_ms: int) -> None:
+        self.stats.spot_frames += 1
         self.positions.apply_spot(_norm(address), data.spot_state.balances, now_ms)
 
     # ------------------------------------------------------------------------------------ queries

@@ -159,6 +159,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     unwatched_frames: int = 0
     user_mismatch: int = 0
     signals_built: int = 0
+    position_frames: int = 0  # clearinghouse states applied to the position book
+    spot_frames: int = 0  # spot balance states applied
     flushes_by_trigger: dict[str, int] = msgspec.field(default_factory=dict)
     evictions_by_kind: dict[str, int] = msgspec.field(default_factory=dict)
     unknown_dir_names: dict[str, int] = msgspec.field(default_factory=dict)  # bounded sample for logs
