@@ -380,6 +380,7 @@ class Service:
         try:
             async with asyncio.timeout(deadline):
                 await self._tick_once()  # due flushes, then persist every pending aggregation and watermark
+                await self._persist_positions()
                 left = await self.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
                 await self.writer.close()
                 log.info(
