@@ -3,7 +3,8 @@
 PY ?= python3
 UV_VERSION := 0.13.8
 UV := .tools/bin/uv
-export UV_PYTHON := $(shell command -v $(PY))
+# The real interpreter path (not a pyenv shim), so uv never sees a different Python and rebuilds .venv.
+export UV_PYTHON := $(shell $(PY) -c 'import sys; print(sys.executable)')
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
 CONFIG ?= cfg.toml
@@ -24,7 +25,8 @@ $(UV):
 
 install: .venv/.synced ## install the service and dev tools into .venv
 
-run: install ## run the service on embedded defaults (SQLite + embedded NATS), console logs
+run: install ## migrate the database, then run the service on embedded defaults (SQLite + embedded NATS)
+	$(UV) run --locked hl-monitor db upgrade --config $(CONFIG)
 	HL_MONITOR__LOG__FORMAT=$${HL_MONITOR__LOG__FORMAT:-console} $(UV) run --locked hl-monitor run --config $(CONFIG)
 
 lint: install ## ruff + mypy --strict

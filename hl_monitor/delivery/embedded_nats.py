@@ -178,13 +178,21 @@ class EmbeddedNats:
                 delay = min(delay * 2, self._restart_max_delay)
                 try:
                     await self._spawn()
-                    break
                 except DeliveryError as exc:
                     log.error("embedded nats-server restart failed", error=str(exc), next_delay=delay)
+                    continue
+                if self._stopping.is_set():  # stop() ran while this restart was starting up
+                    await self._terminate(STOP_TIMEOUT_S)
+                    return
+                break
 
     async def stop(self, grace: float = STOP_TIMEOUT_S) -> None:
         """Stop the server gracefully (SIGTERM, then SIGKILL after `grace` seconds)."""
         self._stopping.set()
+        await self._terminate(grace)
+        log.info("embedded nats-server stopped")
+
+    async def _terminate(self, grace: float) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             proc.terminate()
@@ -196,7 +204,6 @@ class EmbeddedNats:
                 await proc.wait()
         if self._reader is not None:
             await self._reader
-        log.info("embedded nats-server stopped")
 
     async def _spawn(self) -> None:
         assert self._binary is not None
@@ -210,6 +217,8 @@ class EmbeddedNats:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # Own process group: a terminal Ctrl-C reaches only us, and we stop the server after draining.
+                process_group=0,
             )
         except OSError as exc:
             raise DeliveryError(f"cannot run {self._binary!r}: {exc.strerror or exc}") from None
