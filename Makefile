@@ -10,7 +10,7 @@ export UV_LINK_MODE := copy
 CONFIG ?= cfg.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install tools run test lint fmt sim db-upgrade clean
+.PHONY: help install tools run test lint fmt sim db-upgrade chaos bench clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,12 @@ sim: install ## run the fake Hyperliquid on 127.0.0.1:8765
 
 db-upgrade: install ## apply database migrations
 	$(UV) run --locked hl-monitor db upgrade --config $(CONFIG)
+
+chaos: install ## fault scenarios end to end, full length (~15 min; MariaDB at HL_TEST_MYSQL_URL); table → chaos-results.md
+	$(UV) run --locked python -m hl_monitor.chaos --out chaos-results.md
+
+bench: install ## run the benchmarks (< 10 min on 2 cores); writes bench-results/results.json and results.md
+	$(UV) run --locked hl-monitor bench --out bench-results
 
 clean: ## remove the virtualenvs and caches (keeps ./data)
 	rm -rf .venv .tools .pytest_cache .mypy_cache .ruff_cache

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,9 +31,13 @@ from hl_monitor.delivery.embedded_nats import EmbeddedNats
 from hl_monitor.delivery.outbox import Outbox
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.errors import DeliveryError, StorageError
-from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource, WatchedAddress
 from hl_monitor.feeds.budget import Budgets
-from hl_monitor.feeds.precise import PreciseManager
+from hl_monitor.feeds.cluster import Cluster, EngineHandover
+from hl_monitor.feeds.market_tape import MarketTape
+from hl_monitor.feeds.planner import TierPlanner
+from hl_monitor.feeds.precise import AddressView, PreciseManager
+from hl_monitor.feeds.wide import WideManager
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import configure_logging, get_logger
@@ -46,6 +50,7 @@ from hl_monitor.storage.repository import AddressTable, Repository, address_sour
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.signals import Signal
+from hl_monitor.tracking.tape import TapeTracker
 
 log = get_logger(__name__)
 
@@ -55,6 +60,8 @@ DB_PROBE_INTERVAL_S: Final = 5.0
 STATS_SYNC_INTERVAL_S: Final = 1.0
 # Share of the shutdown deadline given to publishing what the outbox holds; the rest is for the writer/NATS.
 OUTBOX_DRAIN_SHARE: Final = 0.5
+# Signals shown by GET /addresses/{address}.
+LAST_SIGNALS: Final = 20
 # How long `run` waits for an external NATS at start before giving up with a clear error.
 NATS_CONNECT_WAIT_S: Final = 30.0
 
@@ -96,7 +103,13 @@ class Service:
         self.engine: TrackingEngine | None = None
         self.book: AddressBook | None = None
         self.precise: PreciseManager | None = None
+        self.cluster: Cluster | None = None  # cluster.mode = "nats" only
         self.budgets: Budgets | None = None
+        self.tape: MarketTape | None = None
+        self.tape_tracker: TapeTracker | None = None
+        self.wide: WideManager | None = None
+        self.planner: TierPlanner | None = None
+        self.repo: Repository | None = None
         self.http: HttpServer | None = None
         self.ready_event = asyncio.Event()
 
@@ -142,7 +155,10 @@ class Service:
     async def _tick_once(self) -> None:
         assert self.engine is not None
         assert self.writer is not None
-        signals = self.engine.tick(now_ms())
+        now = now_ms()
+        signals = self.engine.tick(now)
+        if self.tape_tracker is not None:
+            signals.extend(self.tape_tracker.tick(now))
         if signals:
             await self.on_signals(signals)
         delta = self.engine.take_dirty()
@@ -219,6 +235,9 @@ class Service:
         if self.precise is not None:
             for address in self.precise.not_live():
                 reasons[f"feed:{address}"] = "not live (stale or reconnecting)"
+        wide_in_use = self.planner is not None and "wide" in self.planner.tiers().values()
+        if self.tape is not None and wide_in_use and self.tape.continuous_since_ms() is None:
+            reasons["tape"] = "in a gap (stale or reconnecting)"
         if not self.ready_event.is_set():
             reasons["service"] = "starting"
         return Readiness(reasons)
@@ -234,44 +253,76 @@ class Service:
             "outbox_depth": self.outbox.depth if self.outbox is not None else 0,
         }
 
-    def status(self) -> dict[str, Any]:
+    def _address_row(self, address: str, entry: WatchedAddress) -> dict[str, Any]:
         engine = self.engine
+        assert engine is not None
+        assigned = self.precise.assigned() if self.precise is not None else {}
+        over = self.precise.over_budget() if self.precise is not None else {}
+        tier = self.planner.tier(address) if self.planner is not None else None
+        if address in assigned:
+            state = "precise"
+        elif address in over:
+            state = "over_budget"
+        elif tier is not None:
+            state = tier
+        elif self.cluster is not None and address in self.cluster.precise_elsewhere():
+            state = "precise_elsewhere"
+        else:
+            state = "unassigned"
+        watermark = engine.watermark(address)
+        return {
+            "address": address,
+            "label": entry.label,
+            "tier": entry.tier,
+            "priority": entry.priority,
+            "state": state,
+            "connection": assigned.get(address),
+            "removing": address in (self.book.removing() if self.book is not None else {}),
+            "watermark": None
+            if watermark is None
+            else {"time": watermark.time, "tid": watermark.tid, "floor": watermark.floor},
+            "pending_orders": engine.pending_oids(address),
+        }
+
+    def status(self) -> dict[str, Any]:
         addresses: list[dict[str, Any]] = []
-        if self.book is not None and engine is not None:
-            assigned = self.precise.assigned() if self.precise is not None else {}
-            over = self.precise.over_budget() if self.precise is not None else {}
-            removing = self.book.removing()
-            for address, entry in sorted(self.book.entries().items()):
-                watermark = engine.watermark(address)
-                addresses.append(
-                    {
-                        "address": address,
-                        "label": entry.label,
-                        "tier": entry.tier,
-                        "priority": entry.priority,
-                        "connection": assigned.get(address),
-                        "state": "precise"
-                        if address in assigned
-                        else "over_budget"
-                        if address in over
-                        else "unassigned",
-                        "removing": address in removing,
-                        "watermark_time": getattr(watermark, "time", None),
-                        "pending_orders": engine.pending_oids(address),
-                    }
-                )
+        if self.book is not None and self.engine is not None:
+            addresses = [self._address_row(a, e) for a, e in sorted(self.book.entries().items())]
+        readiness = self.readiness()
         return {
             "instance_id": self.instance_id,
             "version": __version__,
-            "ready": self.readiness().ok,
-            "readiness": dict(self.readiness().reasons),
+            "ready": readiness.ok,
+            "readiness": dict(readiness.reasons),
             "connections": self.precise.status() if self.precise is not None else {},
+            "tape": self.tape.status() if self.tape is not None else None,
+            "wide": self.wide.status() if self.wide is not None else None,
+            "tiers": self.planner.status() if self.planner is not None else None,
             "addresses": addresses,
             "budgets": self.budgets.snapshot() if self.budgets is not None else {},
             "outbox_depth": self.outbox.depth if self.outbox is not None else 0,
             "writer_queue_depth": self.writer.depth if self.writer is not None else 0,
-            "engine": _engine_stats(engine),
+            "engine": _engine_stats(self.engine),
+            "cluster": self.cluster.status() if self.cluster is not None else {"mode": self.cfg.cluster.mode},
         }
+
+    async def address_detail(self, address: str) -> dict[str, Any] | None:
+        """`GET /addresses/{address}`: tier, connection, positions, pending orders, watermark, last signals."""
+        if self.book is None or self.engine is None:
+            return None
+        entry = self.book.entries().get(address)
+        if entry is None:
+            return None
+        row = self._address_row(address, entry)
+        positions = self.engine.positions.get(address)
+        row["positions"] = msgspec.to_builtins(positions) if positions is not None else None
+        row["wide"] = self.wide.address_status(address) if self.wide is not None else None
+        row["last_signals"] = []
+        if self.repo is not None:
+            with contextlib.suppress(StorageError, OSError):
+                stored = await self.repo.list_signals(address=address, limit=LAST_SIGNALS)
+                row["last_signals"] = [msgspec.to_builtins(s.signal) for s in stored]
+        return row
 
     # ------------------------------------------------------------------ run
 
@@ -288,7 +339,7 @@ class Service:
 
     async def _run_with_db(self, db: AsyncEngine, stop: asyncio.Event) -> None:
         cfg, metrics = self.cfg, self.metrics
-        repo = Repository(db)
+        self.repo = repo = Repository(db)
         embedded: EmbeddedNats | None = None
         if cfg.nats.url == "embedded":
             embedded = EmbeddedNats(cfg.nats, metrics)
@@ -317,9 +368,10 @@ class Service:
         self.outbox = outbox = Outbox(self.publisher, repo, writer, metrics, cfg.nats)
         self.budgets = budgets = Budgets(cfg.hyperliquid, metrics)
         self.engine = engine = TrackingEngine(cfg.aggregation, SymbolMap.empty(), instance_id=self.instance_id)
-        state = await repo.load_engine_state(flushed_since_ms=now_ms() - int(cfg.aggregation.flushed_ttl * 1000))
-        engine.import_state(state)
-        log.info("engine state restored", aggregations=len(state.aggregations), watermarks=len(state.watermarks))
+        if cfg.cluster.mode != "nats":  # cluster: with leases, each address's state is imported when it is claimed
+            state = await repo.load_engine_state(flushed_since_ms=now_ms() - int(cfg.aggregation.flushed_ttl * 1000))
+            engine.import_state(state)
+            log.info("engine state restored", aggregations=len(state.aggregations), watermarks=len(state.watermarks))
         table = address_source(db, cfg)
         self.book = book = AddressBook(
             [table, StaticSource(cfg.addresses.initial)],
@@ -330,18 +382,84 @@ class Service:
             on_change=self._on_address_change,
         )
         admin = _Admin(AddressTable(db), book) if isinstance(table, AddressTable) else None
+        # ---- cluster (begin): in nats mode the precise tier sees only the addresses this instance holds a lease for
+        precise_book: AddressView = book
+        if cfg.cluster.mode == "nats":
+            handover = EngineHandover(
+                engine, writer, repo, flushed_ttl=cfg.aggregation.flushed_ttl, label=lambda a: _label(book, a)
+            )
+            self.cluster = Cluster(
+                cfg.cluster,
+                book,
+                self.publisher.client,
+                handover,
+                metrics,
+                member_id=self.instance_id,
+                precise_slots=cfg.hyperliquid.user_slots,
+                server_id=cfg.addresses.server_id,
+                http=cfg.http.listen,
+                is_running=lambda a: self.precise is not None and a in self.precise.assigned(),
+            )
+            precise_book = self.cluster.owned()
+        # ---- cluster (end)
         watchdog = LoopWatchdog(metrics)
         cleaner = RetentionCleaner(db, cfg.retention, metrics)
         async with InfoClient.from_config(cfg.hyperliquid, budgets, metrics) as info:
+            # ---- wide tier: the trades tape of every coin for addresses without a precise stream (issue 7)
+            wide_enabled = cfg.wide.enabled and (cfg.cluster.mode != "nats" or cfg.cluster.tape_role == "active")
+            if wide_enabled:
+                self.tape_tracker = tracker = TapeTracker(
+                    engine.symbols,
+                    block_settle_ms=round(cfg.wide.block_settle * 1000),
+                    hold_ms=round(cfg.wide.handover_hold * 1000),
+                    instance_id=self.instance_id,
+                )
+                self.tape = tape = MarketTape(
+                    cfg.hyperliquid,
+                    cfg.wide,
+                    tracker=tracker,
+                    info=info,
+                    budget=budgets,
+                    metrics=metrics,
+                    on_signals=self.on_signals,
+                )
+                self.wide = WideManager(
+                    cfg.wide,
+                    cfg.hyperliquid,
+                    tracker=tracker,
+                    info=info,
+                    tape=tape,
+                    clock=budgets.clock,
+                    metrics=metrics,
+                    on_signals=self.on_signals,
+                    dexes=lambda: tape.universe.dexes if tape.universe else [],
+                )
+                # In cluster mode an address placed precise on another instance is that instance's: the tape
+                # here must not report it too (its tape ids differ from the precise ids, so dedup cannot help).
+                planner_book: AddressView = book
+                if self.cluster is not None:
+                    planner_book = _ExcludingView(book, self.cluster.precise_elsewhere, self.cluster)
+                self.planner = TierPlanner(
+                    planner_book,
+                    tracker=tracker,
+                    engine=engine,
+                    wide=self.wide,
+                    metrics=metrics,
+                    on_signals=self.on_signals,
+                    max_addresses=cfg.wide.max_addresses,
+                )
             self.precise = precise = PreciseManager(
                 cfg.hyperliquid,
-                book,
+                precise_book,
                 tracker=engine,
                 info=info,
                 budget=budgets,
                 metrics=metrics,
                 on_signals=self.on_signals,
+                on_unassigned=self.planner.on_unassigned if self.planner is not None else None,
             )
+            if self.planner is not None:
+                self.planner.precise = precise
             self.http = http = HttpServer(create_app(self, metrics, admin, cfg.http), cfg.http.listen)
             await http.start()
             try:
@@ -359,6 +477,12 @@ class Service:
                     intake = [tg.create_task(book.run(), name="address-book")]
                     await _first(book.wait_loaded(), stop.wait())
                     intake.append(tg.create_task(precise.run(), name="precise"))
+                    if self.planner is not None and self.tape is not None and self.wide is not None:
+                        intake.append(tg.create_task(self.planner.run(), name="planner"))
+                        intake.append(tg.create_task(self.tape.run(), name="tape"))
+                        intake.append(tg.create_task(self.wide.run(), name="wide"))
+                    if self.cluster is not None:  # cluster
+                        intake.append(tg.create_task(self.cluster.run(), name="cluster"))
                     intake.append(tg.create_task(self._tick_loop(), name="tick"))
                     self.ready_event.set()
                     log.info("service ready", listen=cfg.http.listen, addresses=len(book.entries()))
@@ -366,6 +490,8 @@ class Service:
                     log.info("shutdown: stopping intake")
                     self.ready_event.clear()
                     await _cancel(intake)
+                    if self.cluster is not None:  # cluster: hand leases over (state persisted) before draining
+                        await self.cluster.leave()
                     await self._shutdown(background)
             finally:
                 await http.stop()
@@ -379,6 +505,8 @@ class Service:
         started = time.monotonic()
         try:
             async with asyncio.timeout(deadline):
+                if self.tape_tracker is not None:  # open tape blocks are complete once intake stopped
+                    await self.on_signals(self.tape_tracker.tick(now_ms() + round(self.cfg.wide.block_settle * 1000)))
                 await self._tick_once()  # due flushes, then persist every pending aggregation and watermark
                 await self._persist_positions()
                 left = await self.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
@@ -391,6 +519,42 @@ class Service:
         except TimeoutError:
             log.error("shutdown deadline reached; unflushed rows are recovered at next start", deadline_s=deadline)
         await _cancel(background)
+
+
+class _ExcludingView:
+    """The address book without the addresses `exclude()` names; changes when either side changes."""
+
+    def __init__(self, book: AddressView, exclude: Callable[[], frozenset[str]], cluster: Cluster) -> None:
+        self._book = book
+        self._exclude = exclude
+        self._cluster = cluster
+
+    @property
+    def version(self) -> int:
+        return self._book.version * 1_000_003 + self._cluster.placement_version
+
+    def entries(self) -> Mapping[str, WatchedAddress]:
+        excluded = self._exclude()
+        return {a: e for a, e in self._book.entries().items() if a not in excluded}
+
+    async def wait_changed(self, seen_version: int) -> int:
+        book_v, placement_v = self._book.version, self._cluster.placement_version
+        if self.version != seen_version:
+            return self.version
+        waiters = [
+            asyncio.ensure_future(self._book.wait_changed(book_v)),
+            asyncio.ensure_future(self._cluster.wait_placement_changed(placement_v)),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel(waiters)
+        return self.version
+
+
+def _label(book: AddressBook, address: str) -> str | None:
+    entry = book.entries().get(address)
+    return entry.label or None if entry is not None else None
 
 
 def _with_instance(sig: Signal, instance_id: str) -> Signal:

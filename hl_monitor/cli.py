@@ -24,8 +24,10 @@ Handler = Callable[[argparse.Namespace], int]
 # Modules that add subcommands: each has `register(subparsers)`; handlers are set with `set_defaults(handler=...)`.
 _COMMAND_MODULES: tuple[str, ...] = (
     "hl_monitor.app",
+    "hl_monitor.bench.cli",
     "hl_monitor.ops.healthcheck",
     "hl_monitor.storage.cli",
+    "hl_monitor.sim.cli",
 )
 
 

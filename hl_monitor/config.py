@@ -129,6 +129,24 @@ class AggregationConfig(_Section, frozen=True):
     status_grace: float = 10.0  # a terminal status waits this long for the fills it accounts for
     seen_window: float = 3600.0  # fill keys kept per address so replays/backfills in this window dedupe exactly
     max_seen_per_address: int = 20_000  # caps one very active address's keys (its dedup floor rises instead)
+    unknown_coin_hold: float = 60.0  # a signal of a coin missing from metadata waits this long for a reload
+
+
+class WideConfig(_Section, frozen=True):
+    """The wide tier (design.md §1): the `trades` tape of every coin, filtered by the watched set."""
+
+    enabled: bool = True  # run the tape at all (cluster mode: also needs cluster.tape_role = "active")
+    subscription_budget: int = 900  # `trades` subscriptions; leaves 100 of the 1000 for precise users and retries
+    stale_after: float = 10.0  # no trade on a tape connection for this long → stale, reconnect and backfill
+    block_settle: float = 0.5  # a tape block is complete this long after its last trade (or when the coin moves on)
+    dedup_window: float = 120.0  # trade ids kept per coin; covers the ~30-trade replay after every (re)subscribe
+    backfill_max_coins: int = 8  # REST recentTrades after a tape reconnect (20+ weight each), watched coins first
+    reconcile_interval: float = 300.0  # each wide address's positions are re-read from REST at most this often
+    reconcile_settle: float = 2.0  # a REST answer is compared once the tape had this long to deliver older trades
+    rest_share: float = 0.5  # share of rest_weight_per_minute the wide tier may use (the rest: precise, metadata)
+    max_addresses: int = 10_000  # watched addresses the tape tracks; beyond this they are reported, not tracked
+    universe_refresh: float = 3600.0  # coin list and 24 h volumes are re-read this often (new listings)
+    handover_hold: float = 600.0  # tape signals of a precise address are held this long in case it moves back to wide
 
 
 class AddressesConfig(_Section, frozen=True):
@@ -156,6 +174,26 @@ class RetentionConfig(_Section, frozen=True):
     batch_size: int = 5000
 
 
+class SymbolsConfig(_Section, frozen=True):
+    refresh_interval: float = 7200.0  # exchange metadata (perps of every dex, spot pairs) reload, as the old service
+    retry_initial_delay: float = 5.0  # first retry after a failed load; doubles up to retry_max_delay
+    retry_max_delay: float = 300.0  # a long metadata outage is retried every 5 minutes
+    reload_min_interval: float = 10.0  # on-demand reloads (unknown coin in a frame) at most this often: REST weight
+
+
+class ClusterConfig(_Section, frozen=True):
+    """Scale-out (design.md §6): how this instance shares the precise addresses with others."""
+
+    # single: one instance (as before); static: addresses pinned by addresses.server_id; nats: leases on JetStream KV.
+    mode: Literal["single", "static", "nats"] = "single"
+    failover: float = 15.0  # upper bound for a dead instance's addresses to be tracked elsewhere (lease_ttl + 2 beats)
+    lease_ttl: float = 10.0  # server-side expiry of a lease or member key; a holder fences itself at half of it
+    heartbeat: float = 2.0  # membership beat, lease renewal and placement cadence (≤ lease_ttl/4: 2 tries to renew)
+    members_bucket: str = "hl_members"  # KV bucket: one key per live instance with its capacity
+    leases_bucket: str = "hl_leases"  # KV bucket: one key per precisely tracked address, value = holder
+    tape_role: Literal["active", "none"] = "active"  # advertised: whether this instance runs the wide tier's tape
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -165,6 +203,8 @@ class ServiceConfig(_Section, frozen=True):
     instance_id: str = ""
     data_dir: str = "./data"
     shutdown_timeout: float = 25.0
+    lease_ttl: float = 30.0  # shared-database instance lease: a crashed holder's lease is taken over after this
+    lease_renew_interval: float = 10.0  # renew three times per TTL so two failed renewals still keep the lease
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -176,8 +216,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     aggregation: AggregationConfig = msgspec.field(default_factory=AggregationConfig)
     addresses: AddressesConfig = msgspec.field(default_factory=AddressesConfig)
+    wide: WideConfig = msgspec.field(default_factory=WideConfig)
     writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    symbols: SymbolsConfig = msgspec.field(default_factory=SymbolsConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
@@ -256,8 +299,11 @@ def _section_fields(section_type: Any) -> dict[str, Any]:
         "HttpConfig": HttpConfig,
         "AggregationConfig": AggregationConfig,
         "AddressesConfig": AddressesConfig,
+        "WideConfig": WideConfig,
         "WriterConfig": WriterConfig,
         "RetentionConfig": RetentionConfig,
+        "SymbolsConfig": SymbolsConfig,
+        "ClusterConfig": ClusterConfig,
         "LogConfig": LogConfig,
     }
     cls = sections[section_type if isinstance(section_type, str) else section_type.__name__]
@@ -343,7 +389,13 @@ def validate(cfg: Config) -> None:
         "writer.batch_size": cfg.writer.batch_size,
         "writer.queue_size": cfg.writer.queue_size,
         "service.shutdown_timeout": cfg.service.shutdown_timeout,
+        "service.lease_renew_interval": cfg.service.lease_renew_interval,
+        "symbols.refresh_interval": cfg.symbols.refresh_interval,
+        "symbols.retry_initial_delay": cfg.symbols.retry_initial_delay,
         "http.auth_failures_per_minute": cfg.http.auth_failures_per_minute,
+        "wide.stale_after": cfg.wide.stale_after,
+        "wide.block_settle": cfg.wide.block_settle,
+        "wide.rest_share": cfg.wide.rest_share,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -354,9 +406,43 @@ def validate(cfg: Config) -> None:
             f"{cfg.hyperliquid.user_slots} slots need as many connections; max_connections is "
             f"{cfg.hyperliquid.max_connections}",
         )
+    if cfg.wide.rest_share > 1:
+        raise ConfigError("wide.rest_share", f"must be a share of the REST budget in (0, 1], got {cfg.wide.rest_share}")
+    if cfg.service.lease_renew_interval >= cfg.service.lease_ttl:
+        raise ConfigError(
+            "service.lease_renew_interval",
+            f"{cfg.service.lease_renew_interval} must be shorter than service.lease_ttl ({cfg.service.lease_ttl})",
+        )
+    _validate_cluster(cfg)
     for addr in cfg.addresses.initial:
         if not re.fullmatch(r"0x[0-9a-fA-F]{40}", addr):
             raise ConfigError("addresses.initial", f"{addr!r} is not 0x + 40 hex digits")
+
+
+def _validate_cluster(cfg: Config) -> None:
+    c = cfg.cluster
+    for key, value in {
+        "cluster.failover": c.failover,
+        "cluster.lease_ttl": c.lease_ttl,
+        "cluster.heartbeat": c.heartbeat,
+    }.items():
+        if value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value}")
+    if c.mode == "static" and cfg.addresses.server_id is None:
+        raise ConfigError("cluster.mode", "static mode pins addresses by server_id: set addresses.server_id")
+    if c.mode == "nats" and cfg.nats.url == "embedded":
+        raise ConfigError("cluster.mode", "nats mode needs a NATS shared by every instance: set nats.url")
+    if c.heartbeat > c.lease_ttl / 4:
+        raise ConfigError("cluster.heartbeat", f"{c.heartbeat} must be ≤ cluster.lease_ttl / 4 ({c.lease_ttl / 4})")
+    if c.lease_ttl + 2 * c.heartbeat > c.failover:
+        raise ConfigError(
+            "cluster.failover",
+            f"{c.failover} cannot be met: a dead holder's lease expires after lease_ttl ({c.lease_ttl}) and is "
+            f"claimed within 2 heartbeats ({2 * c.heartbeat}); raise failover or lower lease_ttl/heartbeat",
+        )
+    for key, bucket in {"cluster.members_bucket": c.members_bucket, "cluster.leases_bucket": c.leases_bucket}.items():
+        if not re.fullmatch(r"[a-zA-Z0-9_-]+", bucket):
+            raise ConfigError(key, f"{bucket!r} is not a KeyValue bucket name (letters, digits, _ and -)")
 
 
 def mask_url(url: str) -> str:

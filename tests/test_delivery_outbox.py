@@ -19,7 +19,7 @@ from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.signals import Signal, decode_signal
 from tests.conftest import NatsServer
-from tests.test_delivery_publisher import make_signal, nats_cfg, read_stream, sample, wait_until
+from tests.test_delivery_publisher import freeze, make_signal, nats_cfg, read_stream, sample, wait_until
 
 
 class MemoryStore:
@@ -138,13 +138,13 @@ async def test_exactly_once_when_nats_goes_away_mid_stream(nats_server: NatsServ
         assert nats_server.proc is not None
         pid = nats_server.proc.pid
         if outage == "stop":
-            nats_server.stop()
+            await asyncio.to_thread(nats_server.stop)
         elif outage == "kill":
             nats_server.proc.kill()
-            nats_server.proc.wait()
+            await asyncio.to_thread(nats_server.proc.wait)
             nats_server.proc = None
         else:
-            os.kill(pid, os_signal.SIGSTOP)
+            freeze(pid)
         await asyncio.sleep(0.5)
         assert r.outbox.depth > 0
         published_during_outage = len(store.published)
@@ -153,7 +153,7 @@ async def test_exactly_once_when_nats_goes_away_mid_stream(nats_server: NatsServ
         if outage == "freeze":
             os.kill(pid, os_signal.SIGCONT)
         else:
-            nats_server.start()
+            await asyncio.to_thread(nats_server.start)
         await producer
         await wait_until(store.all_published, what="all marked published")
         assert r.outbox.depth == 0
@@ -186,16 +186,37 @@ async def test_full_outbox_leaves_signals_to_the_store_scan(nats_server: NatsSer
     store = MemoryStore()
     signals = [make_signal(i) for i in range(40)]
     async with relay(nats_server.url, store, nats_cfg(outbox_size=10), submit_wait=0.01) as r:
-        nats_server.stop()
+        await asyncio.to_thread(nats_server.stop)
         await wait_until(lambda: not r.publisher.is_connected, what="disconnect")
         for s in signals:
             await r.submit(s)
         assert r.outbox.held == 10
         assert sample(r.metrics, "outbox_spilled_total") == 30
         assert r.outbox.depth == 40
-        nats_server.start()
+        await asyncio.to_thread(nats_server.start)
         await wait_until(store.all_published, what="all marked published")
         assert r.outbox.depth == 0
+    await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+async def test_slow_nats_applies_backpressure_instead_of_spilling(nats_server: NatsServer) -> None:
+    """NATS up but not answering and memory full: submit() waits for room rather than dropping to the store."""
+    store = MemoryStore()
+    signals = [make_signal(i) for i in range(6)]
+    async with relay(nats_server.url, store, nats_cfg(outbox_size=5), submit_wait=30) as r:
+        assert nats_server.proc is not None
+        freeze(nats_server.proc.pid)
+        try:
+            for s in signals[:5]:
+                await r.submit(s)
+            blocked = asyncio.create_task(r.submit(signals[5]))
+            await asyncio.sleep(0.2)
+            assert not blocked.done()
+        finally:
+            os.kill(nats_server.proc.pid, os_signal.SIGCONT)
+        await blocked
+        await wait_until(store.all_published, what="all marked published")
+        assert sample(r.metrics, "outbox_spilled_total") == 0
     await assert_stream_holds_exactly(nats_server.url, signals)
 
 
@@ -227,7 +248,7 @@ async def test_drain_with_nats_down_returns_and_leaves_signals_in_the_store(nats
     store = MemoryStore()
     r = Relay(nats_server.url, store, nats_cfg())
     await r.start()
-    nats_server.stop()
+    await asyncio.to_thread(nats_server.stop)
     await wait_until(lambda: not r.publisher.is_connected, what="disconnect")
     for i in range(5):
         await r.submit(make_signal(i))
@@ -236,43 +257,48 @@ async def test_drain_with_nats_down_returns_and_leaves_signals_in_the_store(nats
 
 
 async def test_with_the_real_sqlite_store_and_writer(nats_server: NatsServer, sqlite_url: str) -> None:
-    """The service's own pieces: BatchWriter persists then marks, Repository feeds the scan; NATS restarts
-    mid-stream and a crashed run's leftovers are published by the next start, each id once."""
+    """The service's own storage: BatchWriter persists then marks, Repository feeds the scan. NATS restarts
+    mid-stream, then the process dies (writer buffer lost, no drain); the next start publishes what is left."""
     await migrate.upgrade(sqlite_url)
-    engine = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
-    metrics = Metrics()
-    writer = BatchWriter(engine, WriterConfig(flush_interval=0.02), metrics)
-    writer_task = asyncio.create_task(writer.run())
-    repo = Repository(engine)
     cfg = nats_cfg(publish_timeout=0.3)
     signals = [make_signal(i) for i in range(120)]
-    try:
-        publisher = Publisher(cfg, SignalsConfig(), metrics, url=nats_server.url)
-        await publisher.connect(wait=5)
-        await publisher.ensure_stream()
-        outbox = Outbox(publisher, repo, writer, metrics, cfg)
-        run = asyncio.create_task(outbox.run())
-        for s in signals[:50]:
-            await writer.put_signal(s)
-            await outbox.submit(s)
-        nats_server.stop()
-        for s in signals[50:100]:
-            await writer.put_signal(s)
-            await outbox.submit(s)
-        nats_server.start()
-        await wait_until(lambda: outbox.held == 0, what="held signals acked")
-        run.cancel()  # the process dies right after persisting the last ones, before handing them over
-        with contextlib.suppress(asyncio.CancelledError):
-            await run
-        await publisher._nc.close()
-        for s in signals[100:]:
-            await writer.put_signal(s)
-        await writer.flush()
-        assert await repo.count_unpublished() == 20
 
-        publisher = Publisher(cfg, SignalsConfig(), metrics, url=nats_server.url)
+    engine = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
+    writer = BatchWriter(engine, WriterConfig(flush_interval=0.02), Metrics())
+    writer_task = asyncio.create_task(writer.run())
+    publisher = Publisher(cfg, SignalsConfig(), Metrics(), url=nats_server.url)
+    await publisher.connect(wait=5)
+    await publisher.ensure_stream()
+    outbox = Outbox(publisher, Repository(engine), writer, Metrics(), cfg)
+    run = asyncio.create_task(outbox.run())
+    for s in signals[:50]:
+        await writer.put_signal(s)
+        await outbox.submit(s)
+    await asyncio.to_thread(nats_server.stop)
+    for s in signals[50:100]:
+        await writer.put_signal(s)
+        await outbox.submit(s)
+    await asyncio.to_thread(nats_server.start)
+    await wait_until(lambda: outbox.held == 0, what="held signals acked")
+    for s in signals[100:]:
+        await writer.put_signal(s)  # persisted, then the process dies before handing them over
+    await writer.flush()
+    for task in (run, writer_task):  # kill -9: nothing drains, buffered acks are lost
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await publisher._nc.close()
+    await engine.dispose()
+
+    engine = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
+    repo = Repository(engine)
+    assert await repo.count_unpublished() >= 20
+    writer = BatchWriter(engine, WriterConfig(flush_interval=0.02), Metrics())
+    writer_task = asyncio.create_task(writer.run())
+    try:
+        publisher = Publisher(cfg, SignalsConfig(), Metrics(), url=nats_server.url)
         await publisher.connect(wait=5)
-        outbox = Outbox(publisher, repo, writer, metrics, cfg)
+        outbox = Outbox(publisher, repo, writer, Metrics(), cfg)
         run = asyncio.create_task(outbox.run())
 
         async def all_marked() -> bool:

@@ -11,10 +11,9 @@ import json
 import os
 import shutil
 import signal as os_signal
-import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -135,29 +134,40 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-@contextlib.contextmanager
-def nats_with(tmp_path: Path, *extra: str) -> Iterator[str]:
+def freeze(pid: int) -> None:
+    """SIGSTOP a process and wait until it is really stopped (signal delivery is asynchronous)."""
+    os.kill(pid, os_signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "T":
+        assert time.monotonic() < deadline, "process did not stop"
+        time.sleep(0.001)
+
+
+@contextlib.asynccontextmanager
+async def nats_with(tmp_path: Path, *extra: str) -> AsyncIterator[str]:
     """A nats-server with extra command-line options (auth, TLS); yields its client URL (host:port)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "extra"), *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = await asyncio.create_subprocess_exec(
+        *[nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "extra"), *extra],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                    break
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+                break
             except OSError:
-                assert proc.poll() is None, "nats-server exited at start"
+                assert proc.returncode is None, "nats-server exited at start"
                 assert time.monotonic() < deadline, "nats-server did not start"
-                time.sleep(0.02)
+                await asyncio.sleep(0.02)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(5)
+        await proc.wait()
 
 
 # ---- subjects ----
@@ -297,22 +307,24 @@ async def test_publish_with_unknown_outcome_still_sends_legacy_once(nats_server:
     """A publish that timed out (server frozen) but was stored: the retry is a duplicate and sends the legacy copy."""
     assert nats_server.proc is not None
     listener = await nats.connect(nats_server.url)
-    sub = await listener.subscribe("hl_address_signal")
-    await listener.flush()
     publisher, metrics = await connected_publisher(nats_server.url, nats_cfg(publish_timeout=0.3))
-    signal = make_signal()
-    os.kill(nats_server.proc.pid, os_signal.SIGSTOP)
     try:
-        with pytest.raises(PublishError) as err:
-            await publisher.publish(signal)
-        assert err.value.reason == "timeout"
+        sub = await listener.subscribe("hl_address_signal")
+        await listener.flush()
+        signal = make_signal()
+        freeze(nats_server.proc.pid)
+        try:
+            with pytest.raises(PublishError) as err:
+                await publisher.publish(signal)
+            assert err.value.reason == "timeout"
+        finally:
+            os.kill(nats_server.proc.pid, os_signal.SIGCONT)
+        ack = await publisher.publish(signal)
+        assert ack.duplicate  # the frozen server stored the first attempt once it resumed
+        assert len(await received(sub)) == 1
     finally:
-        os.kill(nats_server.proc.pid, os_signal.SIGCONT)
-    ack = await publisher.publish(signal)
-    await publisher.close()
-    assert ack.duplicate  # the frozen server stored the first attempt once it resumed
-    assert len(await received(sub)) == 1
-    await listener.close()
+        await publisher.close()
+        await listener.close()
     assert sample(metrics, "publish_errors_total", reason="timeout") == 1
     assert [m[1] for m in await read_stream(nats_server.url)] == [signal.signal_id]
 
@@ -330,13 +342,13 @@ async def test_connected_gauge_is_zero_while_reconnecting(nats_server: NatsServe
     try:
         assert up()
         assert sample(metrics, "nats_connected") == 1
-        nats_server.stop()
+        await asyncio.to_thread(nats_server.stop)
         await wait_until(lambda: sample(metrics, "nats_connected") == 0, what="gauge 0")
         assert not up()
         with pytest.raises(PublishError) as err:
             await publisher.publish(make_signal())
         assert err.value.reason == "disconnected"
-        nats_server.start()
+        await asyncio.to_thread(nats_server.start)
         await wait_until(up, what="reconnect")
         assert sample(metrics, "nats_connected") == 1
         assert not (await publisher.publish(make_signal())).duplicate
@@ -350,9 +362,9 @@ async def test_stream_is_recreated_after_the_server_lost_its_store(nats_server: 
     publisher, metrics = await connected_publisher(nats_server.url)
     try:
         await publisher.publish(make_signal(0))
-        nats_server.stop()
+        await asyncio.to_thread(nats_server.stop)
         shutil.rmtree(nats_server.store)
-        nats_server.start()
+        await asyncio.to_thread(nats_server.start)
         await wait_until(lambda: publisher.is_connected, what="reconnect")
         reasons = []
         for _ in range(5):
@@ -393,7 +405,7 @@ async def test_auth_from_secrets_and_wrong_credentials_fail_fast(
     tmp_path: Path, server_args: tuple[str, ...], good: dict[str, Secret], bad: dict[str, Secret]
 ) -> None:
     """Credentials come from the (env-only) secrets; wrong ones are a clear DeliveryError, not an endless retry."""
-    with nats_with(tmp_path, *server_args) as hostport:
+    async with nats_with(tmp_path, *server_args) as hostport:
         publisher, _ = await connected_publisher(f"nats://{hostport}", nats_cfg(**good))
         try:
             assert not (await publisher.publish(make_signal())).duplicate
@@ -427,10 +439,10 @@ async def test_mutual_tls_with_a_local_ca(tmp_path: Path) -> None:
     """tls_ca verifies the server, tls_cert/tls_key authenticate us; an untrusted server is a clear DeliveryError."""
     pki = tmp_path / "pki"
     pki.mkdir()
-    _make_pki(pki)
+    await asyncio.to_thread(_make_pki, pki)
     args = ("--tlsverify", "--tlscert", str(pki / "server.pem"), "--tlskey", str(pki / "server.key"),
             "--tlscacert", str(pki / "ca.pem"))  # fmt: skip
-    with nats_with(tmp_path, *args) as hostport:
+    async with nats_with(tmp_path, *args) as hostport:
         cfg = nats_cfg(tls_ca=str(pki / "ca.pem"), tls_cert=str(pki / "client.pem"), tls_key=str(pki / "client.key"))
         publisher, _ = await connected_publisher(f"tls://{hostport}", cfg)
         try:
@@ -439,7 +451,7 @@ async def test_mutual_tls_with_a_local_ca(tmp_path: Path) -> None:
             await publisher.close()
         other = tmp_path / "other"
         other.mkdir()
-        _make_pki(other)
+        await asyncio.to_thread(_make_pki, other)
         untrusting = Publisher(
             nats_cfg(tls_ca=str(other / "ca.pem"), tls_cert=str(pki / "client.pem"), tls_key=str(pki / "client.key")),
             SignalsConfig(),

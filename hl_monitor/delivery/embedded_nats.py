@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import shutil
 import signal
@@ -20,6 +19,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -95,10 +95,19 @@ def _prepare_store(path: Path, min_free_bytes: int) -> None:
         )
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """Ask Linux to SIGTERM the server when its parent dies, so a killed service leaves no orphan."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM the server when its parent dies (no orphan after kill -9).
+
+    libc is resolved here, in the parent: the hook runs between fork and exec while the event loop waits.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # the process's own symbols include libc's
+
+    def hook() -> None:  # pragma: no cover - runs in the forked child
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
 
 
 class EmbeddedNats:
@@ -129,6 +138,7 @@ class EmbeddedNats:
         self._started_at = 0.0
         self._stopping = asyncio.Event()
         self.restarts = 0
+        self._preexec = _die_with_parent_hook()
 
     @property
     def url(self) -> str:
@@ -216,7 +226,7 @@ class EmbeddedNats:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=self._preexec,
                 # Own process group: a terminal Ctrl-C reaches only us, and we stop the server after draining.
                 process_group=0,
             )

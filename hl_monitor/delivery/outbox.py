@@ -5,9 +5,9 @@ signal to the storage writer first and then `submit()` it here. The relay publis
 (at most `nats.max_inflight` un-acked), tells the writer `mark_published` on each ack, and on a failure keeps the
 signal and retries after a jittered exponential backoff, oldest first. Every `nats.outbox_scan_interval` (and at
 start) it re-reads signals the store still has unpublished: those a crash or restart left behind, and those that
-did not fit in memory. When memory is full (`nats.outbox_size`), `submit()` waits briefly (backpressure for a
-slow NATS) and then leaves the signal to the store scan instead of stalling the tracker during an outage
-(`outbox_spilled`). JetStream dedup by `Nats-Msg-Id` turns every re-publish into one stored message.
+did not fit in memory. When memory is full (`nats.outbox_size`), `submit()` waits briefly if NATS is up but slow
+(backpressure), and otherwise leaves the signal to the store scan instead of stalling the tracker during an
+outage (`outbox_spilled`). JetStream dedup by `Nats-Msg-Id` turns every re-publish into one stored message.
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ __all__ = ["Outbox", "OutboxStore", "PublishedMarker"]
 
 log = get_logger(__name__)
 
-# A burst on a slow NATS is absorbed by waiting this long for room; past it the store carries the signal.
+# A burst on a slow (connected) NATS is absorbed by waiting this long for room; past it the store carries it.
 SUBMIT_WAIT_S: Final = 1.0
 # Acked ids are skipped by the store scan for this long: the writer persists the published flag in batches,
 # so a scan right after an ack could still see the row unpublished (it would only cost a duplicate ack).
 RECENT_ACK_TTL_S: Final = 60.0
 RETRY_JITTER: Final = 0.2  # ±20 % spreads retries of several instances after a shared NATS outage
-DRAIN_POLL_S: Final = 0.05  # how often drain() re-checks that NATS is still up while it waits
+DRAIN_POLL_S: Final = 0.05
+# Rows re-read per scan: decoding and publishing them must not hold the loop; the next batch is read as soon
+# as this one is acknowledged.
+SCAN_BATCH: Final = 1000  # how often drain() re-checks that NATS is still up while it waits
 
 
 class OutboxStore(Protocol):
@@ -104,6 +107,7 @@ class Outbox:
         self._backlog = 0  # unpublished rows the last scan saw beyond what memory holds
         self._tg: asyncio.TaskGroup | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._scanned: set[str] = set()  # ids the last store scan handed over that are not acked yet
 
     @property
     def depth(self) -> int:
@@ -124,6 +128,9 @@ class Outbox:
             self._spill(signal, "closing")
             return
         if len(self._held) >= self._capacity:
+            if not self._publisher.is_connected:  # an outage: waiting would only stall the tracker
+                self._spill(signal, "full")
+                return
             try:
                 async with asyncio.timeout(self._submit_wait):
                     while len(self._held) >= self._capacity:
@@ -208,6 +215,9 @@ class Outbox:
             task = self._tg.create_task(self._publish_one(held[1]))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+            # Yield after each one: with a backlog nothing else here awaits, and thousands of dispatches in one
+            # step would hold the loop (and every feed) for tens of milliseconds.
+            await asyncio.sleep(0)
 
     async def _publish_one(self, signal: Signal) -> None:
         try:
@@ -252,8 +262,12 @@ class Outbox:
             self._room.set()
         if not self._held:
             self._empty.set()
-            if self._backlog:
-                self._scan_now.set()
+        batch_done = False
+        if sid in self._scanned:
+            self._scanned.discard(sid)
+            batch_done = not self._scanned
+        if self._backlog and (batch_done or not self._held):
+            self._scan_now.set()  # the last store batch (or everything) is through: read the next one now
         self._set_depth()
         try:
             await self._writer.mark_published(sid, _now_ms())
@@ -284,7 +298,7 @@ class Outbox:
             self._scan_now.clear()
 
     async def _scan(self, older_than_ms: int | None) -> bool:
-        room = self._capacity - len(self._held)
+        room = min(self._capacity - len(self._held), SCAN_BATCH)
         if room <= 0:
             return False
         try:
@@ -298,6 +312,7 @@ class Outbox:
         for signal in signals:
             if signal.signal_id not in self._held and signal.signal_id not in self._recent:
                 self._hold(signal)
+                self._scanned.add(signal.signal_id)
                 taken += 1
         self._backlog = max(0, unpublished - len(self._held))
         self._set_depth()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 import ssl
 import string
 import time
@@ -106,6 +107,21 @@ def _is_fatal(exc: BaseException) -> bool:
     return any(marker in text for marker in _FATAL_MARKERS)
 
 
+class _StartTlsEofNoise(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using ssl".
+
+    nats-py upgrades to TLS after the server's INFO (STARTTLS style); its stream protocol still answers
+    `eof_received()` as for plain TCP, so asyncio warns on every server-side close of a TLS connection.
+    Harmless, and noise in every outage; only that exact message is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("returning true from eof_received() has no effect")
+
+
+_TLS_EOF_FILTER: Final = _StartTlsEofNoise()
+
+
 def _read_tls(cfg: NatsConfig, scheme: str) -> ssl.SSLContext | None:
     if not (cfg.tls_ca or cfg.tls_cert or scheme == "tls"):
         return None
@@ -159,6 +175,11 @@ class Publisher:
     # ---- connection ----
 
     @property
+    def client(self) -> Client:
+        """The NATS connection, shared with the cluster's KeyValue leases (one connection per instance)."""
+        return self._nc
+
+    @property
     def url(self) -> str:
         return self._url
 
@@ -204,6 +225,7 @@ class Publisher:
         tls = _read_tls(cfg, urlsplit(self._url).scheme)
         if tls is not None:
             options["tls"] = tls
+            logging.getLogger("asyncio").addFilter(_TLS_EOF_FILTER)  # idempotent: a filter is added once
         return options
 
     async def connect(self, wait: float | None = None) -> None:

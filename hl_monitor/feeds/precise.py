@@ -37,7 +37,8 @@ log = get_logger(__name__)
 class AddressView(Protocol):
     """The part of `AddressBook` the planner reads."""
 
-    version: int
+    @property
+    def version(self) -> int: ...
 
     def entries(self) -> Mapping[str, WatchedAddress]: ...
 

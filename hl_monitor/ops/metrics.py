@@ -109,13 +109,28 @@ class Metrics:
         self.handler_errors = counter("handler_errors", "Frame handler crashes (the connection reconnects).", ("kind",))
         self.gap_recoveries = counter("gap_recoveries", "Gap recoveries after (re)connects by outcome.", ("outcome",))
         self.address_reloads = counter("address_reloads", "Address book reloads and skipped rows.", ("outcome",))
+        self.tape_uncovered_coins = gauge("tape_uncovered_coins", "Coins without a trades subscription (over budget).")
+        self.tape_events = counter("tape_events", "Wide-tier tape and reconcile events by kind.", ("kind",))
+        self.drift_corrections = counter("drift_corrections", "Wide positions fixed by reconcile.", ("asset_type",))
+        self.wide_address_memory_bytes = gauge("wide_address_memory_bytes", "Tape state per wide address.", ("stat",))
 
         # ---- tracking ----
         self.late_fills = counter("late_fills", "Fills for an already flushed order.", ("outcome",))
         self.unknown_dirs = counter("unknown_dirs", "Fills whose dir is not in the direction table.")
         self.parked_statuses = gauge("parked_statuses", "Order statuses waiting for their first fill.")
         self.evictions = counter("evictions", "Tracking state evicted by TTL or size.", ("kind",))
+        self.symbol_reloads = counter(
+            "symbol_reloads", "Exchange metadata (symbol map) loads by outcome.", ("outcome",)
+        )
+        self.held_signals = counter("held_signals", "Signals held for an unknown coin, by outcome.", ("outcome",))
         self.signals_built = counter("signals_built", "Signals built by source and direction.", ("source", "direction"))
+
+        # ---- cluster (feeds/cluster.py) ----
+        self.cluster_members = gauge("cluster_members", "Live instances in the membership bucket (self included).")
+        self.cluster_owned_addresses = gauge("cluster_owned_addresses", "Precise addresses leased by this instance.")
+        self.cluster_lease_takeovers = counter("cluster_lease_takeovers", "Leases claimed from another instance.")
+        self.cluster_lease_losses = counter("cluster_lease_losses", "Leases given up by reason.", ("reason",))
+        self.cluster_kv_errors = counter("cluster_kv_errors", "Failed or timed-out KeyValue operations by op.", ("op",))
 
         # ---- delivery / storage ----
         self.outbox_depth = gauge("outbox_depth", "Signals persisted but not yet acknowledged by JetStream.")
@@ -129,6 +144,9 @@ class Metrics:
         self.writer_rejected = counter("writer_rejected", "Rows the database refused as invalid.", ("table",))
         self.db_up = gauge("db_up", "1 when the last database operation succeeded.")
         self.retention_deleted = counter("retention_deleted", "Rows deleted by the retention cleaner.", ("table",))
+        self.lease_renewals = counter(
+            "lease_renewals", "Shared-database instance lease renewals by outcome.", ("outcome",)
+        )
         self.loop_stalls = counter("loop_stalls", "Event-loop stalls longer than the watchdog threshold.")
         self.ready = gauge("ready", "1 when /health/ready answers 200.")
         self.admin_requests = counter("admin_requests", "Admin API requests by outcome.", ("outcome",))

@@ -41,6 +41,7 @@ Side: TypeAlias = Literal["B", "A"]
 Num: TypeAlias = Decimal | str | int | float
 
 ZERO: Final = Decimal(0)
+MS_PER_S: Final = 1000
 ZERO_HASH: Final = "0x" + "0" * 64
 USDC_DECIMALS: Final = Decimal("0.000001")  # USDC amounts (fees, PnL) have 6 decimals on the wire
 TAKER_FEE: Final = Decimal("0.00045")  # base-tier taker fee on Hyperliquid perps
@@ -53,10 +54,13 @@ OID_BASE: Final = 300_000_000_000  # live oids are ~3e11, well above 2^32 (clien
 TID_BASE: Final = 100_000_000_000_000  # live tids are ~1e14-1e15 (50-bit hashes)
 TWAP_ID_BASE: Final = 2_000_000  # live twapIds are ~2e6
 LID_BASE: Final = 100_000_000  # liquidation event ids
-ID_SPREAD: Final = 1_000_000_000  # seeded offset range so two seeds give different ids
+ID_SPREAD: Final = 1_000_000_000  # seeded offset range so two seeds give different oids/tids
+SMALL_ID_SPREAD: Final = 1_000_000  # the same for the smaller twapId/lid ranges
 COUNTERPARTIES: Final = 64  # size of the seeded pool of non-whale counterparties
 DEFAULT_FILL_HISTORY: Final = 10_000  # only the newest 10000 fills of a user are reachable (§8)
 DEFAULT_ORDER_HISTORY: Final = 100_000  # orders remembered per user for orderStatus; older ones are unknownOid
+FAKE_FUNDING: Final = "0.0000125"  # the exchange's resting hourly funding rate
+FAKE_OPEN_INTEREST: Final = "1000.0"  # asset contexts need a value; nothing reads it
 DEFAULT_RECENT_TRADES: Final = 100  # public trades kept per coin for replay and recentTrades
 
 
@@ -319,11 +323,17 @@ class Universe:
         tables = sorted({p.margin_table_id: p.max_leverage for p in self.perps_of(dex)}.items())
         return {
             "universe": [
-                {"szDecimals": p.sz_decimals, "name": p.name, "maxLeverage": p.max_leverage, "marginTableId": p.margin_table_id}
+                {
+                    "szDecimals": p.sz_decimals,
+                    "name": p.name,
+                    "maxLeverage": p.max_leverage,
+                    "marginTableId": p.margin_table_id,
+                }
                 for p in self.perps_of(dex)
             ],
             "marginTables": [
-                [tid, {"description": "", "marginTiers": [{"lowerBound": "0.0", "maxLeverage": lev}]}] for tid, lev in tables
+                [tid, {"description": "", "marginTiers": [{"lowerBound": "0.0", "maxLeverage": lev}]}]
+                for tid, lev in tables
             ],
             "collateralToken": 0,
         }
@@ -583,8 +593,8 @@ class Exchange:
         self._rng = random.Random(seed)
         self._next_oid = OID_BASE + self._rng.randrange(ID_SPREAD)
         self._next_tid = TID_BASE + self._rng.randrange(ID_SPREAD)
-        self._next_twap = TWAP_ID_BASE + self._rng.randrange(ID_SPREAD // 1000)
-        self._next_lid = LID_BASE + self._rng.randrange(ID_SPREAD // 1000)
+        self._next_twap = TWAP_ID_BASE + self._rng.randrange(SMALL_ID_SPREAD)
+        self._next_lid = LID_BASE + self._rng.randrange(SMALL_ID_SPREAD)
         self.counterparties = [self._address() for _ in range(COUNTERPARTIES)]
         self._fill_limit = fill_history_limit
         self._order_limit = order_history_limit
@@ -601,9 +611,18 @@ class Exchange:
     def _address(self) -> str:
         return f"0x{self._rng.getrandbits(160):040x}"
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Wall clock (seconds) that stamps fills and orders; replace it to simulate skew or jumps."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+
     def now_ms(self) -> int:
         """Wall-clock milliseconds that never go backwards."""
-        ms = max(self._last_ms, int(self._clock() * 1000))
+        ms = max(self._last_ms, int(self._clock() * MS_PER_S))
         self._last_ms = ms
         return ms
 
@@ -831,12 +850,16 @@ class Exchange:
 
     def split(self, coin: str, sz: Decimal, px: Decimal, parts: int, px_step: Decimal, is_buy: bool) -> list[_Piece]:
         """`parts` fills summing exactly to `sz` (sizes at the coin's lot size), price walking by `px_step`."""
-        lot = Decimal(1).scaleb(-self._sz_decimals(coin))
+        lot = self.lot_size(coin)
         parts = max(1, min(parts, int(sz / lot)))
         each = (sz / parts).quantize(lot, rounding=ROUND_DOWN)
         sizes = [each] * (parts - 1) + [sz - each * (parts - 1)]
         step = px_step if is_buy else -px_step
         return [_Piece(s, px + step * i) for i, s in enumerate(sizes) if s > 0]
+
+    def lot_size(self, coin: str) -> Decimal:
+        """Smallest size step of `coin` (from its szDecimals)."""
+        return Decimal(1).scaleb(-self._sz_decimals(coin))
 
     def _sz_decimals(self, coin: str) -> int:
         perp = self.universe.perps.get(coin)
@@ -1152,7 +1175,8 @@ class Exchange:
         return [
             o
             for o in acct.open_orders.values()
-            if (o.coin in self.universe.spot and spot_ok) or (o.coin in self.universe.perps and self._dex_of(o.coin) == dex)
+            if (o.coin in self.universe.spot and spot_ok)
+            or (o.coin in self.universe.perps and self._dex_of(o.coin) == dex)
         ]
 
     def historical_orders(self, user: str, limit: int) -> list[WireOrderStatusEntry]:
@@ -1180,8 +1204,8 @@ class Exchange:
             mid = wire_decimal(self.mids[p.name])
             out.append(
                 {
-                    "funding": "0.0000125",
-                    "openInterest": "1000.0",
+                    "funding": FAKE_FUNDING,
+                    "openInterest": FAKE_OPEN_INTEREST,
                     "prevDayPx": wire_decimal(p.mid),
                     "dayNtlVlm": wire_decimal(self.day_ntl_vlm[p.name].quantize(USDC_DECIMALS)),
                     "premium": "0.0",

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import string
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -79,6 +80,12 @@ MAX_CLIENT_FRAME: Final = 1 << 20  # client messages are small JSON commands
 RECENT_TRADES_REST: Final = 30  # REST recentTrades length (newest first)
 BBO_HALF_SPREAD: Final = Decimal("0.0001")  # fake book: bid/ask 1 bp either side of the last trade
 BBO_SIG_FIGS: Final = 5  # prices have at most 5 significant figures on Hyperliquid
+BBO_LEVEL_SZ: Final = "1.0"  # the fake book shows one order of size 1 on each side
+ADDRESS_LEN: Final = 42  # "0x" + 40 hex digits
+_HEX_DIGITS: Final = frozenset(string.hexdigits)
+HTTP_TOO_MANY: Final = 429
+HTTP_UNPROCESSABLE: Final = 422  # axum's status for a body that parses but does not fit the request type
+HTTP_BAD_REQUEST: Final = 400
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_GOING_AWAY: Final = 1001
 
@@ -349,6 +356,8 @@ class _Conn:
         self.subs: dict[str, _Sub] = {}
         self.queue: deque[bytes] = deque()
         self.wake = asyncio.Event()
+        self.drained = asyncio.Event()  # set while the send queue is empty
+        self.drained.set()
         self.closed = False
         self.close_code: int | None = None
 
@@ -360,6 +369,7 @@ class _Conn:
             self.abort()
             return
         self.queue.append(data)
+        self.drained.clear()
         self.wake.set()
 
     def abort(self) -> None:
@@ -381,6 +391,8 @@ class _Conn:
                 while queue and not self.closed:
                     await ws.send_frame(queue.popleft(), WSMsgType.TEXT)
                     stats.frames_sent += 1
+                if not queue:
+                    self.drained.set()
         except ConnectionError:
             self.closed = True
 
@@ -398,12 +410,10 @@ class _BadRequest(Exception):
 
 
 def _address(value: Any) -> str:
-    if not isinstance(value, str) or len(value) != 42 or not value.startswith("0x"):
+    if not isinstance(value, str) or len(value) != ADDRESS_LEN or not value.startswith("0x"):
         raise _ParseError
-    try:
-        int(value[2:], 16)
-    except ValueError:
-        raise _ParseError from None
+    if not set(value[2:]) <= _HEX_DIGITS:
+        raise _ParseError
     return value.lower()
 
 
@@ -567,12 +577,20 @@ class Faults:
 class SimServer:
     """The fake exchange: one aiohttp app serving `/ws` and `/info`; use as `async with SimServer(cfg) as sim`."""
 
-    def __init__(self, config: SimConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock` drives the per-minute limits, `wall_clock` the exchange's timestamps (tests inject both)."""
         self.config = config or SimConfig()
         self.exchange = Exchange(
             seed=self.config.seed,
             fill_history_limit=self.config.fill_history_limit,
             record_ledger=self.config.record_ledger,
+            clock=wall_clock,
         )
         self.exchange.listener = self
         self.faults = Faults(self)
@@ -682,7 +700,7 @@ class SimServer:
             self._clock(), 1, cfg.max_new_connections_per_minute
         ):
             self.stats.connections_refused += 1
-            return web.json_response({"error": "Too many connections"}, status=429)
+            return web.json_response({"error": "Too many connections"}, status=HTTP_TOO_MANY)
         ws = web.WebSocketResponse(
             compress=cfg.compression, autoping=True, max_msg_size=MAX_CLIENT_FRAME, decode_text=False,
             timeout=CLOSE_TIMEOUT_S,
@@ -732,8 +750,9 @@ class SimServer:
                 self._error(conn, MESSAGE_RATE_ERROR.format(n=cfg.max_client_messages_per_minute))
                 conn.close_code = CLOSE_POLICY_VIOLATION
                 # Let the writer flush the error frame, then close with a close frame.
-                while conn.queue and not conn.closed:
-                    await asyncio.sleep(0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await conn.drained.wait()
                 await self._close(conn)
                 return
             raw: bytes = msg.data if isinstance(msg.data, bytes) else str(msg.data).encode()
@@ -902,7 +921,10 @@ class SimServer:
         mid = self.exchange.mids[coin]
         bid = (mid * (1 - BBO_HALF_SPREAD)).quantize(Decimal(1).scaleb(mid.adjusted() - BBO_SIG_FIGS + 1))
         ask = (mid * (1 + BBO_HALF_SPREAD)).quantize(Decimal(1).scaleb(mid.adjusted() - BBO_SIG_FIGS + 1))
-        levels = (_Level(px=wire_decimal(bid), sz="1.0", n=1), _Level(px=wire_decimal(ask), sz="1.0", n=1))
+        levels = (
+            _Level(px=wire_decimal(bid), sz=BBO_LEVEL_SZ, n=1),
+            _Level(px=wire_decimal(ask), sz=BBO_LEVEL_SZ, n=1),
+        )
         return _ENC.encode(_BboOut(_Bbo(coin=coin, time=self.exchange.now_ms(), bbo=levels)))
 
     def push_state(self) -> None:
@@ -952,19 +974,25 @@ class SimServer:
         try:
             req = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
-            return web.Response(status=400, text=f"Failed to parse the request body as JSON: {exc}")
+            return web.Response(status=HTTP_BAD_REQUEST, text=f"Failed to parse the request body as JSON: {exc}")
         kind = req.get("type") if isinstance(req, dict) else None
         if not isinstance(req, dict) or not isinstance(kind, str):
-            return web.Response(status=422, text="Failed to deserialize the JSON body into the target type: missing field `type`")
+            return web.Response(
+                status=HTTP_UNPROCESSABLE,
+                text="Failed to deserialize the JSON body into the target type: missing field `type`",
+            )
         try:
             result, items = self._info(req)
         except _BadRequest as exc:
-            return web.Response(status=422, text=f"Failed to deserialize the JSON body into the target type: {exc}")
+            return web.Response(
+                status=HTTP_UNPROCESSABLE, text=f"Failed to deserialize the JSON body into the target type: {exc}"
+            )
         weight = hl.info_weight(kind, items)
         state = self._ip(request.remote or "unknown")
         if not state.rest.try_take(self._clock(), weight, self.config.rest_weight_per_minute):
             self.stats.rest_429s += 1
-            return web.json_response({"code": 429, "msg": "Too many requests", "data": None}, status=429)
+            refusal = {"code": HTTP_TOO_MANY, "msg": "Too many requests", "data": None}
+            return web.json_response(refusal, status=HTTP_TOO_MANY)
         self.stats.rest_requests += 1
         self.stats.rest_weight_used += weight
         return web.Response(body=_ENC.encode(result), content_type="application/json")

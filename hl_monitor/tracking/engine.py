@@ -30,6 +30,13 @@ when the order was flushed under a terminal status (`final`); when it was flushe
 status was open or unknown, the fill starts a continuation record with its own id (`…:c{first_tid}`).
 TWAPs have no terminal status here: they flush by timeout and continue the same way.
 
+Unknown coins. When the engine has a way to ask for fresh exchange metadata (`on_unknown_coin` is set),
+a fill whose coin the symbol map does not know reports the coin at once (once per coin per map), and a
+signal of such a coin is held, not emitted with a raw-coin symbol: `tick` emits it as soon as
+`set_symbols` brings a map that knows the coin (`held_released`), or after `aggregation.unknown_coin_hold`
+with the symbol the rules give without metadata, as the old service did (`held_expired`). A held record
+stays `pending` in `take_dirty`/`export_state` until it is emitted, so a restart rebuilds its signal.
+
 Gap recovery: fills older than the floor are never reprocessed, so a REST backfill recovers a gap only
 within `aggregation.seen_window` of the newest fill (default 1 h); older ones are counted as stale.
 
@@ -44,11 +51,13 @@ Time: `now_ms` is the caller's wall clock; timers assume it does not go backward
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from itertools import chain
 from operator import attrgetter
 from typing import Final, Literal
+
+import msgspec
 
 from hl_monitor.config import AggregationConfig
 from hl_monitor.hyperliquid.constants import is_terminal_status
@@ -84,6 +93,10 @@ MAX_UNKNOWN_DIR_NAMES: Final = 32
 # REST orderStatus answer for an oid the exchange does not know; not an order status.
 UNKNOWN_OID: Final = "unknownOid"
 MS: Final = 1000
+# Signals held for an unknown coin; past this the oldest is emitted with its metadata-less symbol (bounded memory).
+MAX_HELD_SIGNALS: Final = 10_000
+# Distinct unknown coins remembered as already reported; beyond that a coin is reported again (the loader debounces).
+MAX_REPORTED_COINS: Final = 1024
 
 Via = Literal["status", "reconcile"]
 _fill_order: Final = attrgetter("time", "tid")
@@ -122,6 +135,20 @@ class _Addr:
         self.twaps: dict[int, _Order] = {}
         self.slices: dict[int, int] = {}  # TWAP slice oid → twap id: their statuses need no action
         self.parked: dict[int, ParkedStatus] = {}
+
+
+class _Held:
+    """A built signal waiting for metadata of its coin, with what its record needs once it is emitted."""
+
+    __slots__ = ("deadline", "final", "flushed_at", "record", "signal", "trigger")
+
+    def __init__(self, deadline: int, signal: Signal, record: AggregationRecord, trigger: Trigger, final: bool) -> None:
+        self.deadline = deadline
+        self.signal = signal
+        self.record = record
+        self.trigger = trigger
+        self.final = final
+        self.flushed_at = signal.detected_at
 
 
 class _Order:
@@ -178,10 +205,24 @@ def _record_order(record: AggregationRecord) -> tuple[int, int, str]:
 class TrackingEngine:
     """Pure state machine; the feeds call `on_*`, the app calls `tick` every `aggregation.scan_interval`."""
 
-    def __init__(self, config: AggregationConfig, symbols: SymbolMap, *, instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: AggregationConfig,
+        symbols: SymbolMap,
+        *,
+        instance_id: str | None = None,
+        on_unknown_coin: Callable[[str], None] | None = None,
+    ) -> None:
         self._config = config
         self._symbols = symbols
         self._instance_id = instance_id
+        # Called (must not raise) with a coin the map does not know; setting it enables holding such signals.
+        self.on_unknown_coin = on_unknown_coin
+        self._hold_ms = round(config.unknown_coin_hold * MS)
+        self._held: deque[_Held] = deque()
+        self._held_new: dict[int, AggregationRecord] = {}  # id → held record not yet handed out as pending
+        self._reported: set[str] = set()
+        self._symbols_changed = False
         self._timeout_ms = round(config.timeout * MS)
         self._grace_ms = round(config.status_grace * MS)
         self._park_ttl_ms = round(config.status_park_ttl * MS)
@@ -235,7 +276,26 @@ class TrackingEngine:
         return _norm(address) in self._watched
 
     def set_symbols(self, symbols: SymbolMap) -> None:
+        """Use a reloaded map; held signals whose coin it knows are emitted by the next `tick`."""
         self._symbols = symbols
+        self._reported.clear()
+        self._symbols_changed = True
+
+    def held_coins(self) -> list[str]:
+        """Coins with signals held for metadata (for `/status` and the loader)."""
+        return sorted({held.record.coin for held in self._held})
+
+    def _holding(self) -> bool:
+        return self.on_unknown_coin is not None and self._hold_ms > 0
+
+    def _report_unknown(self, coin: str) -> None:
+        callback = self.on_unknown_coin
+        if callback is None or coin in self._reported:
+            return
+        if len(self._reported) < MAX_REPORTED_COINS:
+            self._reported.add(coin)
+        self.stats.unknown_coins += 1
+        callback(coin)
 
     @property
     def symbols(self) -> SymbolMap:
@@ -438,6 +498,8 @@ class TrackingEngine:
                 fill=fill,
                 now_ms=now,
             )
+            if self.on_unknown_coin is not None and not self._symbols.is_known(fill.coin):
+                self._report_unknown(fill.coin)
         rec.fills.append(fill)
         rec.size += fill.sz
         t = fill.time
@@ -598,24 +660,27 @@ class TrackingEngine:
         status = order.status if order.terminal else None
         signals: list[Signal] = []
         records = order.records.values()
+        holding = self._holding()
         for rec in sorted(records, key=_record_order) if len(records) > 1 else records:
             if rec.asset_type == "spot":
                 balance = self.positions.spot_total_usd(st.address)
             else:
                 balance = self.positions.account_value(st.address)
-            signals.append(
-                build_signal(
-                    rec,
-                    trigger=trigger,
-                    status=status,
-                    symbols=self._symbols,
-                    balance=balance,
-                    label=label,
-                    now_ms=now,
-                    instance_id=self._instance_id,
-                )
+            signal = build_signal(
+                rec,
+                trigger=trigger,
+                status=status,
+                symbols=self._symbols,
+                balance=balance,
+                label=label,
+                now_ms=now,
+                instance_id=self._instance_id,
             )
             self._sync(rec, order)
+            if holding and not self._symbols.is_known(rec.coin):
+                self._hold(_Held(now + self._hold_ms, signal, rec, trigger, order.terminal), signals)
+                continue
+            signals.append(signal)
             rec.state = "flushed"
             rec.trigger = trigger
             rec.flushed_at = now
@@ -634,6 +699,47 @@ class TrackingEngine:
         flushes = self.stats.flushes_by_trigger
         flushes[trigger] = flushes.get(trigger, 0) + 1
         return signals
+
+    def _hold(self, held: _Held, out: list[Signal]) -> None:
+        while len(self._held) >= MAX_HELD_SIGNALS:
+            self._evict("held_signals")
+            out.append(self._release(self._held.popleft(), known=False))
+        self._held.append(held)
+        self._held_new[id(held.record)] = held.record
+        self._report_unknown(held.record.coin)
+
+    def _release(self, held: _Held, *, known: bool) -> Signal:
+        """Emit a held signal with the symbol the current map gives its coin."""
+        rec = held.record
+        rec.state = "flushed"
+        rec.trigger = held.trigger
+        rec.flushed_at = held.flushed_at
+        rec.final = held.final
+        self._closed.append(rec)
+        self._held_new.pop(id(rec), None)
+        if known:
+            self.stats.held_released += 1
+        else:
+            self.stats.held_expired += 1
+        info = self._symbols.lookup(rec.coin, spot=rec.asset_type == "spot")
+        return msgspec.structs.replace(held.signal, symbol=info.symbol, coin_type=info.coin_type)
+
+    def _release_held(self, now: int, out: list[Signal]) -> None:
+        held = self._held
+        if not held:
+            return
+        if self._symbols_changed:
+            waiting: deque[_Held] = deque()
+            for entry in held:
+                if self._symbols.is_known(entry.record.coin):
+                    out.append(self._release(entry, known=True))
+                    self.stats.signals_built += 1
+                else:
+                    waiting.append(entry)
+            self._held = held = waiting
+        while held and held[0].deadline <= now:
+            out.append(self._release(held.popleft(), known=False))
+            self.stats.signals_built += 1
 
     def _remember(self, order: _Order, flushed_at: int) -> None:
         self._n_done += 1
@@ -669,8 +775,10 @@ class TrackingEngine:
         return out
 
     def tick(self, now_ms: int) -> list[Signal]:
-        """Timeouts since the last fill, status grace expiries, TTL evictions."""
+        """Timeouts since the last fill, status grace expiries, held signals now emittable, TTL evictions."""
         out: list[Signal] = []
+        self._release_held(now_ms, out)
+        self._symbols_changed = False
         activity = self._activity
         while activity:
             order = next(iter(activity))
@@ -724,6 +832,34 @@ class TrackingEngine:
             return []
         return sorted(oid for oid, order in st.orders.items() if not order.done)
 
+    def pending_orders(self, address: str) -> list[dict[str, object]]:
+        """Unflushed aggregations of one address, oldest first, as JSON-able rows (address detail views)."""
+        st = self._addrs.get(_norm(address))
+        if st is None:
+            return []
+        rows: list[tuple[int, str, dict[str, object]]] = []
+        for order in chain(st.orders.values(), st.twaps.values()):
+            if order.done:
+                continue
+            for rec in order.records.values():
+                row: dict[str, object] = {
+                    "oid": None if order.twap else order.key,
+                    "twap_id": order.key if order.twap else None,
+                    "coin": rec.coin,
+                    "dir": rec.dir,
+                    "direction": rec.open_close,
+                    "side": rec.side,
+                    "size": rec.size,
+                    "fill_count": len(rec.fills),
+                    "first_fill_time": rec.first_fill_time,
+                    "last_fill_time": rec.last_fill_time,
+                    "status": order.status,
+                    "signal_id": rec.signal_id,
+                }
+                rows.append((rec.first_fill_time, rec.signal_id, row))
+        rows.sort(key=lambda item: item[:2])
+        return [row for _, _, row in rows]
+
     def watermark(self, address: str) -> Watermark | None:
         st = self._addrs.get(_norm(address))
         if st is None or not (st.seeded or st.seen):
@@ -731,14 +867,14 @@ class TrackingEngine:
         return self._watermark_of(st)
 
     @staticmethod
-    def _watermark_of(st: _Addr) -> Watermark:
+    def _watermark_of(st: _Addr, *, with_seen: bool = True) -> Watermark:
         return Watermark(
             address=st.address,
             time=st.wm_time,
             tid=st.wm_tid,
             floor=st.floor,
             seeded=st.seeded,
-            seen=list(st.seen.items()),
+            seen=list(st.seen.items()) if with_seen else [],
         )
 
     # ------------------------------------------------------------------------------------ persistence
@@ -764,8 +900,14 @@ class TrackingEngine:
                 self._sync(rec, order)
                 upserted.append(rec)
         self._dirty = {}
+        upserted.extend(self._held_new.values())
+        self._held_new = {}
         closed, self._closed = self._closed, []
-        watermarks = [self._watermark_of(st) for st in self._dirty_addrs.values() if st.live]
+        # Persisted watermarks leave out the seen keys (up to max_seen_per_address each, rewritten on every
+        # flush): `import_state` rebuilds them from the stored aggregation records, which hold every fill
+        # that can make a signal; a replayed fill outside any record (dust, vault netting, a dropped late
+        # fill) makes no signal again.
+        watermarks = [self._watermark_of(st, with_seen=False) for st in self._dirty_addrs.values() if st.live]
         self._dirty_addrs = {}
         removed, self._removed = self._removed, []
         return StateDelta(upserted=upserted, closed=closed, watermarks=watermarks, removed_addresses=removed)
@@ -795,6 +937,7 @@ class TrackingEngine:
             state.parked.extend(st.parked.values())
             if st.seeded or st.seen:
                 state.watermarks.append(self._watermark_of(st))
+        state.aggregations.extend(held.record for held in self._held)  # still pending: emitted after a restart
         return state
 
     def import_state(self, state: EngineState) -> None:
@@ -916,3 +1059,4 @@ class TrackingEngine:
         stats.flushed_orders = self._n_done
         stats.watched_addresses = len(self._watched)
         stats.active_addresses = len(self._addrs)
+        stats.held_signals = len(self._held)

@@ -1,0 +1,105 @@
+"""Writes a benchmark `Report` as `results.json` (everything, every run) and `results.md` (the README tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from hl_monitor.bench.results import BenchResult, Report, Stat
+
+__all__ = ["JSON_NAME", "MARKDOWN_NAME", "render_markdown", "write_report"]
+
+JSON_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+
+
+def _num(value: float, unit: str) -> str:
+    if unit in ("s", "ms"):
+        return f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
+    return f"{value:,.0f}"
+
+
+def _cell(s: Stat) -> str:
+    return f"{_num(s.median, s.unit)} ({_num(s.min, s.unit)}–{_num(s.max, s.unit)})"
+
+
+def _bench_md(bench: BenchResult) -> list[str]:
+    lines = [f"### {bench.title}", "", f"Input: {bench.input}.", ""]
+    keys: list[str] = []
+    for case in bench.cases:
+        keys.extend(k for k in case.metrics if k not in keys)
+    units = {k: next(c.metrics[k].unit for c in bench.cases if k in c.metrics) for k in keys}
+    subject = next((c for c in bench.cases if not c.baseline), None)
+    lead = keys[0] if keys else None
+    header = ["case", *(f"{k} [{units[k]}]" for k in keys)]
+    if subject is not None and lead is not None and any(c.baseline for c in bench.cases):
+        header.append("subject ÷ case")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for case in bench.cases:
+        row = [("" if not case.baseline else "baseline: ") + case.name]
+        row.extend(_cell(case.metrics[k]) if k in case.metrics else "–" for k in keys)
+        if len(header) > len(keys) + 1:
+            assert subject is not None
+            assert lead is not None
+            mine, theirs = subject.metrics.get(lead), case.metrics.get(lead)
+            row.append(f"{mine.median / theirs.median:.2f}×" if mine and theirs and theirs.median else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for target, verdict in bench.targets.items():
+        lines.append(f"- Target {target}: **{verdict}**")
+    zero = [c for c in bench.cases if "zero_loss_all_runs" in c.info]
+    for case in zero:
+        lines.append(f"- Zero loss ({case.name}): **{'held' if case.info['zero_loss_all_runs'] else 'FAILED'}**")
+    lines.extend(f"- {note}" for note in bench.notes)
+    lines.append("")
+    return lines
+
+
+def _profile_md(profile: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### CPU profile of the end-to-end run (py-spy, {profile['rate_hz']} Hz, {profile['samples']:,} event-loop "
+        "samples)",
+        "",
+        "| inclusive % | function | | self % | function |",
+        "|---|---|---|---|---|",
+    ]
+    inclusive, own = profile["inclusive"], profile["self"]
+    for i in range(max(len(inclusive), len(own))):
+        a = inclusive[i] if i < len(inclusive) else ("", "")
+        b = own[i] if i < len(own) else ("", "")
+        lines.append(f"| {a[1]} | `{a[0]}` | | {b[1]} | `{b[0]}` |")
+    lines.append("")
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    meta = report.meta
+    machine = meta["machine"]
+    packages = ", ".join(f"{k} {v}" for k, v in meta["packages"].items())
+    lines = [
+        "## Benchmark results",
+        "",
+        f"Commit `{meta['commit']}`, {meta['date_utc']}, run took {meta.get('duration_s', 0):,.0f} s. "
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['os']}. "
+        f"{meta['python']}; {packages}; {meta['nats_server']}; MariaDB {meta['mariadb']}; SQLite {meta['sqlite']}.",
+        "",
+        "Cells are median (min–max) over the runs; baselines ran in the same invocation on the same input.",
+        "",
+    ]
+    for bench in report.benches:
+        lines.extend(_bench_md(bench))
+    if "profile" in meta:
+        lines.extend(_profile_md(meta["profile"]))
+    return "\n".join(lines)
+
+
+def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / JSON_NAME
+    md_path = out_dir / MARKDOWN_NAME
+    json_path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    md_path.write_text(render_markdown(report) + "\n")
+    return json_path, md_path

@@ -1,0 +1,579 @@
+"""The market tape: `trades` of every coin on a few shared connections, deduplicated, fed to the tape tracker.
+
+Coverage. Every perp of every dex (delisted ones excluded) and every spot pair is a candidate, one
+`trades` subscription each. At most `wide.subscription_budget` (default 900 of the per-IP 1000, leaving
+room for precise users) are subscribed, and never more than the shared subscription budget grants; when
+there are more coins, the busiest by 24 h notional volume (`metaAndAssetCtxs`, spot volumes when a
+provider is given) are covered and the rest are reported (`/status`, `tape_uncovered_coins`). Positions
+on uncovered coins still change through the wide tier's REST reconcile. The coin list is re-read every
+`wide.universe_refresh`; a changed list rebuilds the tape connections.
+
+Sharding. The covered coins, busiest first, are dealt round-robin over `max_connections - user_slots`
+connections (`tape-0`, `tape-1`, …), so every connection carries liquid coins and "no trade for
+`wide.stale_after`" (the `Connection` stale detector with `trades` as the canary) means a stuck socket.
+
+Dedup. The server replays ~30 recent trades on every (re)subscribe, and REST backfills overlap the
+stream: a trade is new unless its `(time, tid)` was seen on its coin within `wide.dedup_window` of the
+coin's newest trade (older ones count as seen). Trades older than the tape's start are history: dropped.
+
+Gaps. After a reconnect the replay is the first recovery; then REST `recentTrades` (low priority, at
+most `wide.backfill_max_coins` coins, those held by watched addresses first) fills what the replay
+missed, posted into the connection's queue so it is applied in order with the stream. Trades that
+arrive this way carry `backfilled`. `continuous_since_ms()` tells the wide manager from when on the tape
+is complete, so a REST answer is never compared against a tape that may have missed trades.
+
+Symbols: the tracker needs a `SymbolMap` with spot metadata (a spot trade moves its base token). The
+tape does not set it: the app's symbol loader feeds `TapeTracker.set_symbols` like the engine's; every
+loaded universe also goes to `on_universe` (`TapeUniverse.symbols()` builds a map from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from hl_monitor.config import HyperliquidConfig, WideConfig
+from hl_monitor.errors import HlMonitorError
+from hl_monitor.feeds.connection import (
+    Connected,
+    Connection,
+    ConnectionBudget,
+    ConnEvent,
+    Disconnected,
+    Live,
+    Posted,
+    Received,
+    SubscriptionFailed,
+)
+from hl_monitor.feeds.supervisor import Backoff
+from hl_monitor.feeds.user_stream import SignalSink
+from hl_monitor.hyperliquid.protocol import (
+    MetaAndAssetCtxs,
+    PerpDexs,
+    PerpMeta,
+    SpotMeta,
+    Subscription,
+    TradesFrame,
+    WsTrade,
+)
+from hl_monitor.hyperliquid.symbols import SymbolMap
+from hl_monitor.logging import get_logger
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.tracking.signals import Signal
+from hl_monitor.tracking.tape import TapeStats, TapeTracker
+
+__all__ = [
+    "CoveragePlan",
+    "MarketTape",
+    "TapeCoin",
+    "TapeUniverse",
+    "TradeDedup",
+    "load_universe",
+    "plan_coverage",
+    "shard",
+]
+
+log = get_logger(__name__)
+
+# Keys per coin the dedup keeps at most (BTC at 10x a busy day is ~50 trades/s × the 120 s window).
+MAX_KEYS_PER_COIN: Final = 20_000
+# Tick of the block-settle / hold timers: a fraction of the settle time so a block is late by little.
+MAX_TICK_S: Final = 0.1
+# Memory per wide address is measured on a sample this large, this often (it walks every structure).
+MEMORY_SAMPLE: Final = 200
+MEMORY_EVERY_S: Final = 10.0
+# Universe (re)load retries: fast for a lost reply, then at the weight window's pace.
+LOAD_RETRY_INITIAL_S: Final = 1.0
+LOAD_RETRY_MAX_S: Final = 60.0
+# How many uncovered coins /status lists by name (the count is always exact).
+STATUS_UNCOVERED: Final = 50
+
+SpotVolumes = Callable[[], Awaitable[Mapping[str, Decimal]]]
+
+
+class TapeInfoApi(Protocol):
+    """The REST calls the tape makes (`hyperliquid.info.InfoClient`)."""
+
+    async def perp_dexs(self, *, priority: Any = ...) -> PerpDexs: ...
+    async def meta_and_asset_ctxs(self, dex: str = "", *, priority: Any = ...) -> MetaAndAssetCtxs: ...
+    async def spot_meta(self, *, priority: Any = ...) -> SpotMeta: ...
+    async def recent_trades(self, coin: str, *, priority: Any = ...) -> list[WsTrade]: ...
+
+
+class TapeBudget(ConnectionBudget, Protocol):
+    def try_add_subscriptions(self, n: int = 1) -> bool: ...
+    def release_subscriptions(self, n: int = 1, *, after_close: bool = False) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------- dedup
+
+
+class _Seen:
+    __slots__ = ("floor", "keys", "newest", "order")
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self.newest = 0
+        self.keys: set[tuple[int, int]] = set()
+        self.order: deque[tuple[int, int]] = deque()
+
+
+class TradeDedup:
+    """Drops trades already seen, per coin, by `(time, tid)`; see the module docstring. Pure, bounded."""
+
+    def __init__(self, window_ms: int, *, start_ms: int = 0, max_per_coin: int = MAX_KEYS_PER_COIN) -> None:
+        self.window_ms = window_ms
+        self.start_ms = start_ms
+        self.max_per_coin = max_per_coin
+        self._coins: dict[str, _Seen] = {}
+        self.duplicates = 0
+        self.history = 0  # older than the tape's start
+
+    def fresh(self, coin: str, trades: Sequence[WsTrade]) -> list[WsTrade]:
+        seen = self._coins.get(coin)
+        if seen is None:
+            seen = self._coins[coin] = _Seen()
+        keys = seen.keys
+        order = seen.order
+        floor = max(seen.floor, self.start_ms)
+        newest = seen.newest
+        out: list[WsTrade] = []
+        for trade in trades:
+            t = trade.time
+            if t < floor:
+                if t < self.start_ms:
+                    self.history += 1
+                else:
+                    self.duplicates += 1
+                continue
+            key = (t, trade.tid)
+            if key in keys:
+                self.duplicates += 1
+                continue
+            keys.add(key)
+            order.append(key)
+            if t > newest:
+                newest = t
+            out.append(trade)
+        seen.newest = newest
+        cutoff = newest - self.window_ms
+        if cutoff > seen.floor:
+            seen.floor = cutoff
+            while order and order[0][0] < cutoff:
+                keys.discard(order.popleft())
+        while len(order) > self.max_per_coin:
+            evicted = order.popleft()
+            keys.discard(evicted)
+            seen.floor = max(seen.floor, evicted[0] + 1)  # anything at or before it now counts as seen
+        return out
+
+    def keys(self) -> int:
+        return sum(len(s.keys) for s in self._coins.values())
+
+
+# ---------------------------------------------------------------------------------------- universe
+
+
+class TapeCoin(msgspec.Struct, frozen=True):
+    coin: str
+    volume: Decimal  # 24 h notional volume (0 when unknown)
+    spot: bool
+
+
+class TapeUniverse(msgspec.Struct, frozen=True):
+    """Every tradable coin plus the metadata it came from (enough to build a `SymbolMap`)."""
+
+    coins: list[TapeCoin]
+    perp_metas: dict[str, PerpMeta]
+    spot_meta: SpotMeta
+    perp_dexs: PerpDexs
+
+    @property
+    def dexes(self) -> list[str]:
+        return list(self.perp_metas)
+
+    def symbols(self, pair_categories: Mapping[str, int] | None = None) -> SymbolMap:
+        return SymbolMap.build(
+            perp_metas=self.perp_metas,
+            spot_meta=self.spot_meta,
+            perp_dexs=self.perp_dexs,
+            pair_categories=pair_categories,
+        )
+
+
+async def load_universe(info: TapeInfoApi, *, spot_volumes: SpotVolumes | None = None) -> TapeUniverse:
+    """perpDexs, metaAndAssetCtxs per dex and spotMeta (20 weight each); spot volumes from the optional provider."""
+    dexs = await info.perp_dexs()
+    names = ["", *(d.name for d in dexs if d is not None)]
+    metas: dict[str, PerpMeta] = {}
+    coins: list[TapeCoin] = []
+    for dex in names:
+        mac = await info.meta_and_asset_ctxs(dex)
+        metas[dex] = mac.meta
+        for entry, ctx in zip(mac.meta.universe, mac.asset_ctxs, strict=True):
+            if not entry.is_delisted:
+                coins.append(TapeCoin(entry.name, ctx.day_ntl_vlm, False))
+    spot = await info.spot_meta()
+    volumes = await spot_volumes() if spot_volumes is not None else {}
+    coins.extend(TapeCoin(pair.name, volumes.get(pair.name, Decimal(0)), True) for pair in spot.universe)
+    return TapeUniverse(coins=coins, perp_metas=metas, spot_meta=spot, perp_dexs=dexs)
+
+
+class CoveragePlan(msgspec.Struct, frozen=True):
+    covered: list[TapeCoin]  # busiest first
+    uncovered: list[TapeCoin]
+
+
+def plan_coverage(coins: Sequence[TapeCoin], budget: int) -> CoveragePlan:
+    """The `budget` busiest coins (24 h volume; perps before spot on a tie, then by name) and the rest."""
+    ranked = sorted(coins, key=lambda c: (-c.volume, c.spot, c.coin))
+    budget = max(0, budget)
+    return CoveragePlan(covered=ranked[:budget], uncovered=ranked[budget:])
+
+
+def shard(coins: Sequence[str], connections: int) -> list[list[str]]:
+    """Deal coins (busiest first) round-robin over `connections`; empty shards are dropped."""
+    if connections <= 0:
+        return []
+    return [part for part in (list(coins[i::connections]) for i in range(connections)) if part]
+
+
+# ---------------------------------------------------------------------------------------- feed
+
+
+@dataclass(frozen=True, slots=True)
+class _Backfill(Posted):
+    coin: str
+    trades: list[WsTrade]
+
+
+@dataclass(frozen=True, slots=True)
+class _BackfillDone(Posted):
+    epoch: int
+
+
+class _Shard:
+    __slots__ = ("backfill", "coins", "connected_ms", "connection", "continuous_since", "epochs", "in_gap", "index")
+
+    def __init__(self, index: int, coins: list[str]) -> None:
+        self.index = index
+        self.coins = coins
+        self.connection: Connection | None = None
+        self.connected_ms = 0
+        self.continuous_since: int | None = None
+        self.epochs = 0
+        self.in_gap = True
+        self.backfill: asyncio.Task[None] | None = None
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MarketTape:
+    """Runs the tape; `run()` until cancelled. See the module docstring."""
+
+    def __init__(
+        self,
+        cfg: HyperliquidConfig,
+        wide: WideConfig,
+        *,
+        tracker: TapeTracker,
+        info: TapeInfoApi,
+        budget: TapeBudget,
+        metrics: Metrics,
+        on_signals: SignalSink,
+        spot_volumes: SpotVolumes | None = None,
+        on_universe: Callable[[TapeUniverse], None] | None = None,
+        wall_ms: Callable[[], int] = _wall_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        # The tape's own stale threshold; everything else (ping, acks, backoff) as for every connection.
+        self._conn_cfg = msgspec.structs.replace(cfg, stale_after=wide.stale_after)
+        self._cfg = cfg
+        self._wide = wide
+        self._tracker = tracker
+        self._info = info
+        self._budget = budget
+        self._metrics = metrics
+        self._on_signals = on_signals
+        self._spot_volumes = spot_volumes
+        self._on_universe = on_universe
+        self._wall_ms = wall_ms
+        self._rng = rng or random.Random()
+        self._dedup = TradeDedup(round(wide.dedup_window * 1000))
+        self.universe: TapeUniverse | None = None
+        self._plan: CoveragePlan | None = None
+        self._shards: list[_Shard] = []
+        self._subscribed = 0
+        self._started = False
+        self._processed = metrics.trades_processed.labels(type="tape")
+        self._latency = metrics.exchange_to_receive_seconds.labels(source="tape")
+        self._stats_seen = TapeStats()
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def dedup(self) -> TradeDedup:
+        return self._dedup
+
+    def connections(self) -> list[Connection]:
+        return [s.connection for s in self._shards if s.connection is not None]
+
+    def uncovered(self) -> list[str]:
+        return [] if self._plan is None else [c.coin for c in self._plan.uncovered]
+
+    def covered(self) -> list[str]:
+        return [coin for s in self._shards for coin in s.coins]
+
+    def continuous_since_ms(self) -> int | None:
+        """Wall ms from which every covered coin's trades have been applied; None while any shard is in a gap."""
+        if not self._started:
+            return None
+        if not self._shards:
+            return 0  # no tape: positions change only through REST, any answer may be compared
+        since = 0
+        for s in self._shards:
+            if s.in_gap or s.continuous_since is None:
+                return None
+            since = max(since, s.continuous_since)
+        return since
+
+    def status(self) -> dict[str, Any]:
+        uncovered = self.uncovered()
+        return {
+            "connections": [{**s.connection.status(), "coins": len(s.coins)} for s in self._shards if s.connection],
+            "covered": sum(len(s.coins) for s in self._shards),
+            "uncovered_count": len(uncovered),
+            "uncovered": uncovered[:STATUS_UNCOVERED],
+            "continuous_since_ms": self.continuous_since_ms(),
+            "dedup_keys": self._dedup.keys(),
+            "open_blocks": self._tracker.open_blocks(),
+        }
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        self._dedup.start_ms = self._wall_ms()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._tick_loop(), name="tape:tick")
+                universe = await self._load()
+                while True:
+                    universe = await self._run_plan(universe)
+        finally:
+            self._release_subscriptions()
+
+    async def _load(self) -> TapeUniverse:
+        backoff = Backoff(LOAD_RETRY_INITIAL_S, LOAD_RETRY_MAX_S, rng=self._rng)
+        while True:
+            try:
+                universe = await load_universe(self._info, spot_volumes=self._spot_volumes)
+            except (HlMonitorError, OSError) as exc:
+                delay = backoff.next_delay()
+                self._metrics.tape_events.labels(kind="universe_error").inc()
+                log.warning("tape universe load failed; retrying", error=repr(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            if self._on_universe is not None:
+                self._on_universe(universe)
+            return universe
+
+    def _reserve(self, wanted: int) -> int:
+        """Take as many subscriptions as the shared budget grants, up to `wanted`."""
+        n = wanted
+        while n > 0 and not self._budget.try_add_subscriptions(n):
+            n = n * 9 // 10 if n > 10 else n - 1
+        self._subscribed = n
+        return n
+
+    def _release_subscriptions(self) -> None:
+        if self._subscribed:
+            self._budget.release_subscriptions(self._subscribed, after_close=True)
+            self._subscribed = 0
+
+    async def _run_plan(self, universe: TapeUniverse) -> TapeUniverse:
+        """Run connections for `universe` until a refresh changes the coin list; return the new universe."""
+        self.universe = universe
+        connections = max(0, self._cfg.max_connections - self._cfg.user_slots)
+        budget = min(self._wide.subscription_budget, len(universe.coins)) if connections else 0
+        granted = self._reserve(budget)
+        plan = plan_coverage(universe.coins, granted)
+        self._plan = plan
+        self._metrics.tape_uncovered_coins.set(len(plan.uncovered))
+        if plan.uncovered:
+            log.warning(
+                "tape cannot cover every coin; busiest covered",
+                covered=len(plan.covered),
+                uncovered=len(plan.uncovered),
+                budget=self._wide.subscription_budget,
+                granted=granted,
+            )
+        self._shards = [_Shard(i, coins) for i, coins in enumerate(shard([c.coin for c in plan.covered], connections))]
+        self._started = True
+        log.info("tape planned", coins=len(plan.covered), connections=len(self._shards))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for s in self._shards:
+                    s.connection = self._connection(s)
+                    tg.create_task(s.connection.run(), name=f"tape-{s.index}")
+                new = await self._wait_for_change(universe)
+                for s in self._shards:
+                    assert s.connection is not None
+                    s.connection.stop()
+        finally:
+            for s in self._shards:
+                await self._cancel_backfill(s)
+            self._release_subscriptions()
+        log.info("tape coin list changed; rebuilding connections", coins=len(new.coins))
+        return new
+
+    async def _wait_for_change(self, current: TapeUniverse) -> TapeUniverse:
+        wanted = {c.coin for c in current.coins}
+        while True:
+            await asyncio.sleep(self._wide.universe_refresh)
+            try:
+                new = await load_universe(self._info, spot_volumes=self._spot_volumes)
+            except (HlMonitorError, OSError) as exc:
+                self._metrics.tape_events.labels(kind="universe_error").inc()
+                log.warning("tape universe refresh failed; keeping the current coins", error=repr(exc))
+                continue
+            if self._on_universe is not None:
+                self._on_universe(new)
+            if {c.coin for c in new.coins} != wanted:
+                return new
+            self.universe = new
+
+    def _connection(self, s: _Shard) -> Connection:
+        async def handler(event: ConnEvent) -> None:
+            await self._handle(s, event)
+
+        return Connection(
+            name=f"tape-{s.index}",
+            kind="tape",
+            subscriptions=[Subscription("trades", coin=coin) for coin in s.coins],
+            handler=handler,
+            cfg=self._conn_cfg,
+            budget=self._budget,
+            metrics=self._metrics,
+            canary_channel="trades",
+            wall_ms=self._wall_ms,
+            rng=self._rng,
+        )
+
+    # ------------------------------------------------------------------ events, in arrival order per shard
+
+    async def _handle(self, s: _Shard, event: ConnEvent) -> None:
+        if isinstance(event, Received):
+            frame = event.frame
+            if isinstance(frame, TradesFrame) and frame.data:
+                await self._on_trades(s, frame.data, event.received_ms, backfilled=False)
+        elif isinstance(event, Connected):
+            s.epochs += 1
+            s.connected_ms = self._wall_ms()
+            s.in_gap = True
+        elif isinstance(event, Live):
+            if s.epochs == 1:
+                s.in_gap = False
+                s.continuous_since = s.connected_ms
+            else:
+                await self._cancel_backfill(s)
+                s.backfill = asyncio.create_task(self._backfill(s, event.epoch), name=f"tape-{s.index}:backfill")
+        elif isinstance(event, Disconnected):
+            await self._cancel_backfill(s)
+            s.in_gap = True
+        elif isinstance(event, SubscriptionFailed):
+            self._metrics.tape_events.labels(kind="subscription_refused").inc()
+            log.error("tape subscription refused", connection=f"tape-{s.index}", kind=event.kind, text=event.text[:300])
+        elif isinstance(event, _Backfill):
+            if event.trades:
+                trades = sorted(event.trades, key=lambda t: (t.time, t.tid))
+                await self._on_trades(s, trades, self._wall_ms(), backfilled=True)
+        elif isinstance(event, _BackfillDone) and s.connection is not None and event.epoch == s.connection.epoch:
+            s.in_gap = False
+            s.continuous_since = s.connected_ms
+
+    async def _on_trades(self, s: _Shard, trades: Sequence[WsTrade], now_ms: int, *, backfilled: bool) -> None:
+        coin = trades[0].coin
+        fresh = self._dedup.fresh(coin, trades)
+        dropped = len(trades) - len(fresh)
+        if dropped:
+            self._metrics.trades_deduplicated.inc(dropped)
+        if not fresh:
+            return
+        self._processed.inc(len(fresh))
+        newest = fresh[-1].time
+        if not backfilled:
+            self._latency.observe(max(0.0, (now_ms - newest) / 1000))
+            # Replayed trades that happened while this shard was disconnected are late: flag them.
+            backfilled = s.epochs > 1 and fresh[0].time < s.connected_ms
+        await self._emit(self._tracker.on_trades(coin, fresh, now_ms, backfilled=backfilled))
+
+    async def _emit(self, signals: list[Signal]) -> None:
+        if signals:
+            built = self._metrics.signals_built
+            for signal in signals:
+                built.labels(source=signal.source, direction=signal.direction).inc()
+            await self._on_signals(signals)
+
+    async def _cancel_backfill(self, s: _Shard) -> None:
+        task, s.backfill = s.backfill, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _backfill(self, s: _Shard, epoch: int) -> None:
+        conn = s.connection
+        assert conn is not None
+        interest = self._tracker.coins_of_interest()
+        coins = [c for c in s.coins if c in interest] + [c for c in s.coins if c not in interest]
+        for coin in coins[: self._wide.backfill_max_coins]:
+            try:
+                trades = await self._info.recent_trades(coin, priority="low")
+            except (HlMonitorError, OSError) as exc:
+                self._metrics.tape_events.labels(kind="backfill_error").inc()
+                log.warning("tape backfill failed", coin=coin, error=repr(exc))
+                continue
+            self._metrics.tape_events.labels(kind="backfill_request").inc()
+            await conn.post(_Backfill(coin, trades))
+        # Whatever the replay and backfill could not bring back is lost to the tape; REST reconcile finds it.
+        await conn.post(_BackfillDone(epoch))
+
+    # ------------------------------------------------------------------ timers
+
+    async def _tick_loop(self) -> None:
+        tick = min(MAX_TICK_S, self._wide.block_settle / 2)
+        last_memory = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            await self._emit(self._tracker.tick(self._wall_ms()))
+            self._export_stats()
+            now = time.monotonic()
+            if now - last_memory >= MEMORY_EVERY_S:
+                last_memory = now
+                self.export_memory()
+
+    def export_memory(self) -> None:
+        addresses = self._tracker.addresses()[:MEMORY_SAMPLE]
+        sizes = self._tracker.memory_bytes(addresses)
+        gauge = self._metrics.wide_address_memory_bytes
+        gauge.labels(stat="mean").set(sum(sizes) / len(sizes) if sizes else 0)
+        gauge.labels(stat="max").set(max(sizes, default=0))
+
+    def _export_stats(self) -> None:
+        stats = self._tracker.stats
+        seen = self._stats_seen
+        events = self._metrics.tape_events
+        for name in TapeStats.__struct_fields__:
+            delta = getattr(stats, name) - getattr(seen, name)
+            if delta:
+                events.labels(kind=name).inc(delta)
+        self._stats_seen = msgspec.structs.replace(stats)

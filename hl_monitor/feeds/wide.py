@@ -1,0 +1,353 @@
+"""The wide tier's REST side: bootstrap and periodic reconcile of every tracked address's positions.
+
+Each tracked address is read with `clearinghouseState` for every perp dex plus `spotClearinghouseState`
+(2 weight each): first as soon as it is added (bootstrap), then every `wide.reconcile_interval`, oldest
+first. Fair share: all wide reads together never take more than `wide.rest_share` of the per-IP REST
+weight a minute (a paced schedule: the next read starts when the previous one's weight has "drained" at
+that rate), every read is low priority (the budget keeps `budget_high_priority_reserve` for precise gap
+recovery) and the shared `Budgets` window is the hard limit nobody can exceed. With N addresses the
+effective interval is max(`reconcile_interval`, N × weight per read ÷ share rate), shown on `/status`.
+
+A REST answer is compared with the tape only when it is safe: `wide.reconcile_settle` after the answer
+(the tape has delivered every older trade by then) and only if the tape has been continuous since before
+the request (`MarketTape.continuous_since_ms`); otherwise it is dropped and the read is retried soon.
+The tracker does the arithmetic (`TapeTracker.apply_rest`): trades inside the request's window are
+ambiguous and skip their position this round; a drift is corrected, counted (`drift_corrections`) and
+reported as a `reconcile` signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final, Protocol
+
+from hl_monitor.config import HyperliquidConfig, WideConfig
+from hl_monitor.errors import HlMonitorError
+from hl_monitor.feeds.budget import Clock
+from hl_monitor.feeds.user_stream import SignalSink
+from hl_monitor.hyperliquid.protocol import ClearinghouseState, SpotClearinghouseState
+from hl_monitor.logging import get_logger
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.tracking.positions import PositionBook
+from hl_monitor.tracking.signals import Signal
+from hl_monitor.tracking.tape import Owner, RestPositions, TapeTracker
+
+__all__ = ["READ_WEIGHT_PER_DEX", "WideManager", "rest_positions"]
+
+log = get_logger(__name__)
+
+# clearinghouseState and spotClearinghouseState both weigh 2 (hyperliquid-api.md §7.1).
+READ_WEIGHT_PER_DEX: Final = 2
+# Exchange time vs our wall clock (NTP skew, block time resolution): trades this close to a request's
+# send/receive time may or may not be in its answer.
+AMBIGUITY_MARGIN_MS: Final = 500
+# A read that failed, or could not be compared (tape gap, ambiguous trades), is retried after this.
+RETRY_S: Final = 5.0
+# How often pending answers are checked for their settle time (real time, not the budget clock).
+EVALUATE_EVERY_S: Final = 0.05
+# Answers waiting for their settle time; one read at a time is in flight, so this never fills in practice.
+MAX_PENDING: Final = 1024
+
+
+class WideInfoApi(Protocol):
+    async def clearinghouse_state(self, user: str, dex: str = "", *, priority: Any = ...) -> ClearinghouseState: ...
+    async def spot_clearinghouse_state(self, user: str, *, priority: Any = ...) -> SpotClearinghouseState: ...
+
+
+class TapeView(Protocol):
+    def continuous_since_ms(self) -> int | None: ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    owner: Owner
+    due: float
+    version: int = 0
+    reads: int = 0
+    drifts: int = 0
+    last_read_ms: int | None = None
+    errors: int = 0
+
+
+def rest_positions(
+    states: Sequence[tuple[str, ClearinghouseState]],
+    spot: SpotClearinghouseState | None,
+    *,
+    window: tuple[int, int],
+    now_ms: int,
+) -> RestPositions:
+    """What one REST read says, in the tracker's terms (account value and spot USD as `PositionBook` values them)."""
+    book = PositionBook()
+    book.apply_all_dexs("", states, now_ms)
+    perp: dict[str, Decimal] = {}
+    marks: dict[str, Decimal] = {}
+    for _, state in states:
+        for ap in state.asset_positions:
+            pos = ap.position
+            if pos.szi:
+                perp[pos.coin] = pos.szi
+                if pos.position_value:
+                    marks[pos.coin] = pos.position_value / abs(pos.szi)
+    spot_map: dict[str, Decimal] | None = None
+    if spot is not None:
+        book.apply_spot("", spot.balances, now_ms)
+        spot_map = {b.coin: b.total for b in spot.balances if b.total}
+    times = [state.time for _, state in states if state.time]
+    return RestPositions(
+        perp=perp,
+        dexes=frozenset(dex for dex, _ in states),
+        spot=spot_map,
+        account_value=book.account_value(""),
+        spot_usd=book.spot_total_usd(""),
+        marks=marks,
+        window=window,
+        state_time=max(times) if times else window[1],
+    )
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class WideManager:
+    """Schedules REST reads of tracked addresses and applies them; `run()` until cancelled."""
+
+    def __init__(
+        self,
+        cfg: WideConfig,
+        hl: HyperliquidConfig,
+        *,
+        tracker: TapeTracker,
+        info: WideInfoApi,
+        tape: TapeView,
+        clock: Clock,
+        metrics: Metrics,
+        on_signals: SignalSink,
+        dexes: Callable[[], Sequence[str]],
+        wall_ms: Callable[[], int] = _wall_ms,
+    ) -> None:
+        self._cfg = cfg
+        self._tracker = tracker
+        self._info = info
+        self._tape = tape
+        self._clock = clock
+        self._metrics = metrics
+        self._on_signals = on_signals
+        self._dexes = dexes
+        self._wall_ms = wall_ms
+        # Weight per second the wide tier may spend.
+        self._rate = cfg.rest_share * hl.rest_weight_per_minute / 60.0
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, int, str, int]] = []
+        self._seq = itertools.count()
+        self._next_slot = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._pending: deque[tuple[str, RestPositions]] = deque()
+        self.reads = 0
+        self.weight_spent = 0
+
+    # ------------------------------------------------------------------ addresses
+
+    def set_addresses(self, owners: Mapping[str, Owner]) -> None:
+        """Every address the tracker follows and which tier owns it (the planner calls this on each change)."""
+        now = self._clock.now()
+        for address in self._entries.keys() - owners.keys():
+            del self._entries[address]
+        for address, owner in owners.items():
+            entry = self._entries.get(address)
+            if entry is None:
+                self._entries[address] = entry = _Entry(owner, now)
+                self._push(address, entry)
+            entry.owner = owner
+        self._wake()
+
+    def _push(self, address: str, entry: _Entry) -> None:
+        entry.version += 1
+        heapq.heappush(self._heap, (entry.due, next(self._seq), address, entry.version))
+
+    def _schedule(self, address: str, delay: float) -> None:
+        entry = self._entries.get(address)
+        if entry is not None:
+            entry.due = self._clock.now() + delay
+            self._push(address, entry)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def sleeping(self) -> bool:
+        """Waiting for the clock (its pacing or the next due read), not for a reply."""
+        return self._waiter is not None and not self._waiter.done()
+
+    def read_weight(self) -> int:
+        return READ_WEIGHT_PER_DEX * (len(self._dexes()) + 1)
+
+    def effective_interval(self) -> float:
+        """Seconds between two reads of one address with the current address count and share."""
+        if self._rate <= 0:
+            return math.inf
+        return max(self._cfg.reconcile_interval, len(self._entries) * self.read_weight() / self._rate)
+
+    def address_status(self, address: str) -> dict[str, Any] | None:
+        entry = self._entries.get(address)
+        if entry is None:
+            return None
+        return {
+            "owner": entry.owner,
+            "bootstrapped": self._tracker.is_bootstrapped(address),
+            "reads": entry.reads,
+            "drifts": entry.drifts,
+            "last_read_ms": entry.last_read_ms,
+            "read_errors": entry.errors,
+        }
+
+    def status(self) -> dict[str, Any]:
+        bootstrapped = sum(1 for a in self._entries if self._tracker.is_bootstrapped(a))
+        return {
+            "addresses": len(self._entries),
+            "bootstrapped": bootstrapped,
+            "reads": self.reads,
+            "weight_spent": self.weight_spent,
+            "weight_per_read": self.read_weight(),
+            "rest_share_per_minute": round(self._rate * 60),
+            "effective_interval_s": round(self.effective_interval(), 1),
+            "pending_answers": len(self._pending),
+        }
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._evaluate_loop(), name="wide:evaluate")
+            while True:
+                address = await self._next_due()
+                if not self._dexes():
+                    self._schedule(address, RETRY_S / 5)  # a read must cover every dex: the coin list is not loaded
+                    continue
+                await self._pace(self.read_weight())
+                if address in self._entries:
+                    await self._read(address)
+
+    async def _sleep(self, delay: float | None) -> None:
+        """Sleep on the budget clock (tests drive it by hand), None = until woken; `set_addresses` cuts it short."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+
+        def done() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = None if delay is None else self._clock.call_later(delay, done)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+
+    async def _next_due(self) -> str:
+        while True:
+            while self._heap:
+                due, _, address, version = self._heap[0]
+                entry = self._entries.get(address)
+                if entry is None or entry.version != version:
+                    heapq.heappop(self._heap)
+                    continue
+                now = self._clock.now()
+                if due <= now:
+                    heapq.heappop(self._heap)
+                    return address
+                await self._sleep(due - now)
+                break
+            else:
+                await self._sleep(None)
+
+    async def _pace(self, weight: int) -> None:
+        now = self._clock.now()
+        start = max(now, self._next_slot)
+        self._next_slot = start + weight / self._rate
+        while (now := self._clock.now()) < start:
+            await self._sleep(start - now)  # a wake-up from `set_addresses` must not skip the pacing
+
+    async def _read(self, address: str) -> None:
+        entry = self._entries[address]
+        dexes = list(self._dexes())
+        sent = self._wall_ms()
+        try:
+            perps, spot = await asyncio.gather(
+                asyncio.gather(*(self._info.clearinghouse_state(address, dex, priority="low") for dex in dexes)),
+                self._info.spot_clearinghouse_state(address, priority="low"),
+            )
+        except (HlMonitorError, OSError) as exc:
+            entry.errors += 1
+            self._metrics.tape_events.labels(kind="read_error").inc()
+            log.warning("wide position read failed; retrying", address=address, error=repr(exc), retry_in=RETRY_S)
+            self._schedule(address, RETRY_S)
+            return
+        received = self._wall_ms()
+        self.reads += 1
+        self.weight_spent += self.read_weight()
+        states = list(zip(dexes, perps, strict=True))
+        window = (sent - AMBIGUITY_MARGIN_MS, received + AMBIGUITY_MARGIN_MS)
+        rest = rest_positions(states, spot, window=window, now_ms=received)
+        if len(self._pending) >= MAX_PENDING:
+            self._metrics.tape_events.labels(kind="answer_dropped").inc()
+            self._schedule(address, RETRY_S)
+            return
+        self._pending.append((address, rest))
+        entry.reads += 1
+        entry.last_read_ms = received
+        self._schedule(address, self._cfg.reconcile_interval)
+
+    async def _evaluate_loop(self) -> None:
+        settle_ms = round(self._cfg.reconcile_settle * 1000)
+        while True:
+            await asyncio.sleep(EVALUATE_EVERY_S)
+            now = self._wall_ms()
+            while self._pending and self._pending[0][1].window[1] + settle_ms <= now:
+                address, rest = self._pending.popleft()
+                await self._apply(address, rest, now)
+
+    async def _apply(self, address: str, rest: RestPositions, now: int) -> None:
+        entry = self._entries.get(address)
+        if entry is None:
+            return
+        bootstrapped = self._tracker.is_bootstrapped(address)
+        since = self._tape.continuous_since_ms()
+        if bootstrapped and (since is None or since > rest.window[0]):
+            # The tape may have missed trades the answer includes: comparing now would invent a drift.
+            self._metrics.tape_events.labels(kind="reconcile_deferred").inc()
+            self._schedule(address, RETRY_S)
+            return
+        stats = self._tracker.stats
+        before = (stats.drifts_perp, stats.drifts_spot, stats.bootstraps)
+        signals = self._tracker.apply_rest(address, rest, now)
+        perp, spot, boots = stats.drifts_perp - before[0], stats.drifts_spot - before[1], stats.bootstraps - before[2]
+        if perp:
+            self._metrics.drift_corrections.labels(asset_type="futures").inc(perp)
+        if spot:
+            self._metrics.drift_corrections.labels(asset_type="spot").inc(spot)
+        entry.drifts += perp + spot
+        if perp or spot:
+            log.info("wide position drift corrected", address=address, perp=perp, spot=spot, signals=len(signals))
+        if not bootstrapped and not boots:
+            self._schedule(address, RETRY_S / 5)  # trades inside the window: read again shortly
+        await self._emit(signals)
+
+    async def _emit(self, signals: list[Signal]) -> None:
+        if signals:
+            for signal in signals:
+                self._metrics.signals_built.labels(source=signal.source, direction=signal.direction).inc()
+            await self._on_signals(signals)

@@ -1,0 +1,79 @@
+"""`hl-monitor sim`: run the fake Hyperliquid (and optionally a scenario) until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from hl_monitor.hyperliquid import constants as hl
+from hl_monitor.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_PORT = 8765  # the Makefile's `make sim` port
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM); the scenario runs alongside and may end first."""
+    from hl_monitor.sim.scenarios import run_scenario
+    from hl_monitor.sim.server import SimConfig, SimServer
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    config = SimConfig(
+        host=args.host,
+        port=args.port,
+        seed=args.seed,
+        max_users=args.max_users,
+        idle_timeout=args.idle_timeout,
+        clearinghouse_push_interval=args.push_interval,
+        send_greeting=args.greeting,
+        record_ledger=args.scenario != "load",
+    )
+    async with SimServer(config) as sim:
+        log.info("sim ready", ws_url=sim.ws_url, info_url=sim.info_url, scenario=args.scenario)
+        async with asyncio.TaskGroup() as tg:
+            if args.scenario:
+                scenario = tg.create_task(
+                    run_scenario(sim, args.scenario, args.seed, rate=args.rate, whales=args.whales,
+                                 step_delay=args.step_delay),
+                    name=f"scenario-{args.scenario}",
+                )  # fmt: skip
+                scenario.add_done_callback(_log_scenario_end)
+            await stop.wait()
+            if args.scenario:
+                scenario.cancel()
+    log.info("sim stopped", stats=str(sim.stats))
+
+
+def _log_scenario_end(task: asyncio.Task[list[str]]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        log.info("scenario ended; the server keeps running until Ctrl-C", whales=task.result())
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, "console")
+    asyncio.run(serve(args))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hl_monitor.sim.scenarios import SCENARIOS
+
+    p = sub.add_parser("sim", help="run the fake Hyperliquid (WebSocket /ws + REST /info on one port)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 = a free port")
+    p.add_argument("--scenario", choices=SCENARIOS, default=None, help="scripted whale behaviour to run")
+    p.add_argument("--seed", type=int, default=0, help="makes the scenario and ids reproducible")
+    p.add_argument("--rate", type=float, default=1000.0, help="load scenario: fills per second")
+    p.add_argument("--whales", type=int, default=None, help="number of whales (scenario default if omitted)")
+    p.add_argument("--step-delay", type=float, default=1.0, help="seconds between scripted steps")
+    p.add_argument("--max-users", type=int, default=hl.MAX_USERS, help="distinct-user cap per IP")
+    p.add_argument("--idle-timeout", type=float, default=hl.SERVER_IDLE_TIMEOUT_S)
+    p.add_argument("--push-interval", type=float, default=5.0, help="allDexsClearinghouseState cadence (s)")
+    p.add_argument("--greeting", action="store_true", help="send 'Websocket connection established.' first")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(handler=_run)

@@ -1,0 +1,319 @@
+"""Scripted whale behaviour for the simulator, deterministic from a seed.
+
+    whales = scenario_whales("demo", seed=7)                  # the addresses it will trade with, known upfront
+    await run_scenario(sim, "demo", seed=7, cycles=1, step_delay=0)
+    sim.exchange.ledger.digest()                               # equal for equal seeds (and equal SimConfig.seed)
+
+Scenarios:
+- `demo`: a few whales cycling through open, add (limit, partial fills), partial fill + cancel, flip, close,
+  spot buy/sell on `@107` and `PURR/USDC`, a liquidation and a TWAP, perps on both dexes. Loops forever
+  unless `cycles` is given; `step_delay` seconds between steps (good for `make run` against the sim).
+- `flip`: open long, flip to short, flip back to long, close (`Long > Short`, `Short > Long`).
+- `liquidation`: a long and a short position, each liquidated (`Liquidated Cross Long/Short`).
+- `twap`: a TWAP buy, then a TWAP sell that closes it (slices share a twapId, zero hashes).
+- `load`: `rate` fills per second across `whales` whales (market orders of `fills_per_order` fills,
+  alternating sides so positions stay bounded) until `max_fills`; drives benchmarks.
+
+Steps run one after another in a single task, so oids, tids and the ledger do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from decimal import ROUND_DOWN, Decimal
+from typing import Final
+
+from hl_monitor.sim.exchange import Exchange, Whale
+from hl_monitor.sim.server import SimServer
+
+__all__ = ["SCENARIOS", "run_scenario", "scenario_whales"]
+
+SCENARIOS: Final = ("demo", "flip", "liquidation", "twap", "load")
+WHALE_SALT: Final = 0x5CE9A1  # keeps scenario addresses apart from the exchange's counterparty stream
+DEFAULT_WHALES: Final = {"demo": 3, "flip": 1, "liquidation": 1, "twap": 1, "load": 8}
+DEFAULT_STEP_DELAY_S: Final = 1.0  # demo pace: a human can follow the signals
+DEFAULT_LOAD_RATE: Final = 1000.0  # fills per second
+DEFAULT_FILLS_PER_ORDER: Final = 4
+LOAD_TICK_S: Final = 0.005  # scheduling granularity of the load generator
+LOAD_MAX_BURST_TICKS: Final = 20  # after a stall, catch up at most this many ticks of fills at once
+MIN_NOTIONAL: Final = 20_000  # USD size range of a demo order
+MAX_NOTIONAL: Final = 200_000
+PRICE_JITTER: Final = 0.002  # demo prices wander up to ±0.2% around the mid
+LOAD_COINS: Final = ("BTC", "ETH", "SOL", "HYPE", "xyz:XYZ100")
+LIQUIDATION_DISCOUNT: Final = Decimal("0.9")  # a liquidated long is closed 10% below its mark
+
+
+def scenario_whales(name: str, seed: int = 0, whales: int | None = None) -> list[str]:
+    """The whale addresses `run_scenario(name, seed, whales=...)` trades with, in order."""
+    _check(name)
+    count = whales if whales is not None else DEFAULT_WHALES[name]
+    rng = random.Random(seed ^ WHALE_SALT)
+    return [f"0x{rng.getrandbits(160):040x}" for _ in range(count)]
+
+
+def _check(name: str) -> None:
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
+
+
+async def run_scenario(
+    sim: SimServer,
+    name: str,
+    seed: int = 0,
+    *,
+    rate: float = DEFAULT_LOAD_RATE,
+    whales: int | None = None,
+    cycles: int | None = None,
+    step_delay: float = DEFAULT_STEP_DELAY_S,
+    max_fills: int | None = None,
+    fills_per_order: int = DEFAULT_FILLS_PER_ORDER,
+) -> list[str]:
+    """Run scenario `name` against `sim`; returns the whale addresses once it ends.
+
+    `cycles` bounds the demo loop (None = forever); `rate`, `max_fills` (None = forever) and
+    `fills_per_order` drive `load`. Everything random comes from `seed`.
+    """
+    addresses = scenario_whales(name, seed, whales)
+    rng = random.Random(seed)
+    ex = sim.exchange
+    players = [ex.whale(a) for a in addresses]
+    if name == "load":
+        if rate <= 0 or fills_per_order < 1:
+            raise ValueError("load needs rate > 0 and fills_per_order >= 1")
+        await _load(ex, addresses, rng, rate, max_fills, fills_per_order)
+        return addresses
+    script = _SCRIPTS[name]
+    cycle = 0
+    while cycles is None or cycle < cycles:
+        # Interleave the whales step by step: one whale's step k, the next whale's step k, ...
+        pending = [script(_Ctx(ex, w, rng)) for w in players]
+        while pending:
+            for it in list(pending):
+                try:
+                    await it.__anext__()
+                except StopAsyncIteration:
+                    pending.remove(it)
+                    continue
+                await asyncio.sleep(step_delay)  # also yields at 0 so the server keeps serving
+        cycle += 1
+    return addresses
+
+
+class _Ctx:
+    """Helpers for scripts: seeded sizes and prices near the current mid, at the coin's lot size."""
+
+    def __init__(self, ex: Exchange, whale: Whale, rng: random.Random) -> None:
+        self.ex = ex
+        self.w = whale
+        self.rng = rng
+
+    def px(self, coin: str) -> Decimal:
+        mid = self.ex.mids[coin]
+        jitter = Decimal(str(round(self.rng.uniform(-PRICE_JITTER, PRICE_JITTER), 6)))
+        raw = mid * (1 + jitter)
+        return raw.quantize(Decimal(1).scaleb(raw.adjusted() - 4))  # 5 significant figures like the exchange
+
+    def sz(self, coin: str, px: Decimal) -> Decimal:
+        lot = self.ex.lot_size(coin)
+        notional = Decimal(self.rng.randrange(MIN_NOTIONAL, MAX_NOTIONAL))
+        return max(lot, (notional / px).quantize(lot, rounding=ROUND_DOWN))
+
+    def fills(self) -> int:
+        return self.rng.randint(1, 4)
+
+
+class AsyncSteps:
+    """An async iterator over the steps of one whale's script (each `__anext__` runs one step)."""
+
+    def __init__(self, steps: list[Callable[[], Awaitable[object]]]) -> None:
+        self._steps = steps
+        self._i = 0
+
+    def __aiter__(self) -> AsyncSteps:
+        return self
+
+    async def __anext__(self) -> None:
+        if self._i >= len(self._steps):
+            raise StopAsyncIteration
+        step = self._steps[self._i]
+        self._i += 1
+        await step()
+
+
+def _demo(c: _Ctx) -> AsyncSteps:
+    w = c.w
+
+    async def open_long() -> None:
+        px = c.px("BTC")
+        await w.market_order("BTC", True, c.sz("BTC", px), px, fills=c.fills(), px_step=1)
+
+    async def add_limit() -> None:
+        px = c.px("BTC")
+        size = c.sz("BTC", px)
+        oid = await w.limit_order("BTC", True, size, px)
+        lot = c.ex.lot_size("BTC")
+        part = max(lot, (size / 3).quantize(lot, rounding=ROUND_DOWN))
+        await w.fill(oid, part)
+        await w.fill(oid)
+
+    async def short_partial_cancel() -> None:
+        px = c.px("ETH")
+        size = c.sz("ETH", px)
+        oid = await w.limit_order("ETH", False, size, px)
+        lot = c.ex.lot_size("ETH")
+        await w.fill(oid, max(lot, (size / 2).quantize(lot, rounding=ROUND_DOWN)))
+        await w.cancel(oid)
+
+    async def flip_btc() -> None:
+        px = c.px("BTC")
+        await w.market_order("BTC", False, w.position("BTC") * 2, px)  # one fill: `Long > Short`
+
+    async def close_btc() -> None:
+        await w.close("BTC", c.px("BTC"), fills=c.fills())
+
+    async def builder_dex() -> None:
+        px = c.px("xyz:XYZ100")
+        await w.market_order("xyz:XYZ100", True, c.sz("xyz:XYZ100", px), px, fills=2)
+
+    async def close_builder() -> None:
+        await w.close("xyz:XYZ100", c.px("xyz:XYZ100"))
+
+    async def spot_buy() -> None:
+        px = c.px("@107")
+        size = (c.sz("@107", px) / 10).quantize(c.ex.lot_size("@107"), rounding=ROUND_DOWN)
+        await w.market_order("@107", True, size, px, fills=2)
+        purr = c.px("PURR/USDC")
+        await w.market_order("PURR/USDC", True, Decimal(c.rng.randrange(10_000, 100_000)), purr)
+
+    async def spot_sell() -> None:
+        hype = w.spot_balance("HYPE")
+        await w.market_order("@107", False, hype, c.px("@107"))
+        await w.market_order("PURR/USDC", False, w.spot_balance("PURR"), c.px("PURR/USDC"))
+
+    async def liquidation() -> None:
+        px = c.px("SOL")
+        await w.market_order("SOL", True, c.sz("SOL", px), px)
+        mark = (px * LIQUIDATION_DISCOUNT).quantize(Decimal("0.01"))
+        await w.liquidate("SOL", mark_px=mark, fills=2)
+
+    async def twap() -> None:
+        px = c.px("HYPE")
+        await w.twap("HYPE", True, c.sz("HYPE", px), slices=3, px=px, px_step="0.01")
+
+    async def close_rest() -> None:
+        for coin in ("HYPE", "ETH"):
+            if w.position(coin) != 0:
+                await w.close(coin, c.px(coin))
+
+    return AsyncSteps(
+        [
+            open_long,
+            add_limit,
+            short_partial_cancel,
+            flip_btc,
+            close_btc,
+            builder_dex,
+            close_builder,
+            spot_buy,
+            spot_sell,
+            liquidation,
+            twap,
+            close_rest,
+        ]
+    )
+
+
+def _flip(c: _Ctx) -> AsyncSteps:
+    w = c.w
+
+    async def open_long() -> None:
+        px = c.px("ETH")
+        await w.market_order("ETH", True, c.sz("ETH", px), px, fills=3)
+
+    async def to_short() -> None:
+        # Two lots over twice the position: the first fill crosses zero, so it is a `Long > Short` fill.
+        size = w.position("ETH") * 2 + c.ex.lot_size("ETH") * 2
+        await w.market_order("ETH", False, size, c.px("ETH"), fills=2)
+
+    async def to_long() -> None:
+        await w.market_order("ETH", True, -w.position("ETH") * 3, c.px("ETH"), fills=2)
+
+    async def close() -> None:
+        await w.close("ETH", c.px("ETH"), fills=2)
+
+    return AsyncSteps([open_long, to_short, to_long, close])
+
+
+def _liquidation(c: _Ctx) -> AsyncSteps:
+    w = c.w
+
+    async def open_long() -> None:
+        px = c.px("BTC")
+        await w.market_order("BTC", True, c.sz("BTC", px), px, fills=2)
+
+    async def liquidate_long() -> None:
+        mark = (c.ex.mids["BTC"] * LIQUIDATION_DISCOUNT).quantize(Decimal(1))
+        await w.liquidate("BTC", mark_px=mark, fills=3)
+
+    async def open_short() -> None:
+        px = c.px("ETH")
+        await w.market_order("ETH", False, c.sz("ETH", px), px)
+
+    async def liquidate_short() -> None:
+        mark = (c.ex.mids["ETH"] * (2 - LIQUIDATION_DISCOUNT)).quantize(Decimal("0.1"))
+        await w.liquidate("ETH", mark_px=mark)
+
+    return AsyncSteps([open_long, liquidate_long, open_short, liquidate_short])
+
+
+def _twap(c: _Ctx) -> AsyncSteps:
+    w = c.w
+
+    async def buy() -> None:
+        px = c.px("SOL")
+        await w.twap("SOL", True, c.sz("SOL", px), slices=5, px=px, px_step="0.01")
+
+    async def sell() -> None:
+        await w.twap("SOL", False, w.position("SOL"), slices=4, px=c.px("SOL"), px_step="0.01")
+
+    return AsyncSteps([buy, sell])
+
+
+_SCRIPTS: Final[dict[str, Callable[[_Ctx], AsyncSteps]]] = {
+    "demo": _demo,
+    "flip": _flip,
+    "liquidation": _liquidation,
+    "twap": _twap,
+}
+
+
+async def _load(
+    ex: Exchange, addresses: list[str], rng: random.Random, rate: float, max_fills: int | None, per_order: int
+) -> None:
+    """Market orders at `rate` fills/s, round-robin over whales and coins; sides alternate per position."""
+    loop = asyncio.get_running_loop()
+    sizes = {coin: ex.lot_size(coin) * per_order * 10 for coin in LOAD_COINS}
+    ticks = {coin: ex.mids[coin] / 10_000 for coin in LOAD_COINS}  # one price step = 1 bp
+    burst = max(per_order, int(rate * LOAD_TICK_S * LOAD_MAX_BURST_TICKS))
+    start = loop.time()
+    done = 0
+    k = 0
+    while max_fills is None or done < max_fills:
+        due = min(int((loop.time() - start) * rate) - done, burst)
+        if max_fills is not None:
+            due = min(due, max_fills - done)
+        while due > 0:
+            user = addresses[k % len(addresses)]
+            coin = LOAD_COINS[(k // len(addresses)) % len(LOAD_COINS)]
+            k += 1
+            n = min(per_order, due)
+            pos = ex.accounts[user].positions.get(coin)
+            is_buy = pos is None or pos.szi <= 0
+            base = ex.mids[coin] if pos is None else pos.entry_px
+            px = (base + ticks[coin] * rng.randint(-5, 5)).quantize(ticks[coin])
+            ex.market_order(user, coin, is_buy, sizes[coin], px, fills=n)
+            done += n
+            due -= n
+        await asyncio.sleep(LOAD_TICK_S)

@@ -1,0 +1,651 @@
+"""The wide tier's tracking: public trades of watched addresses in, one signal per tape block out (pure, no I/O).
+
+A tape block is what one address did on one coin in one exchange block: its trades share `time`. Each
+trade is turned into a fill the precise tier would have seen: side from `users` (`[buyer, seller]`),
+`startPosition` from the position this tracker keeps, `dir` derived from that position exactly as the
+exchange labels it (open, close, or a flip `Long > Short`), then split into legs by `fills.split_fill`
+and folded by `aggregator.build_signal`, so size, VWAP, close ratio, position before/after and
+`position_rate` follow the precise tier's rules. What the tape cannot know stays null: `oid`, `status`,
+`liquidation` (a liquidation shows as an ordinary close), `twap_id`.
+
+`signal_id` = `{address}:tape:{coin}:{code}:{block_time}` where `code` is the leg's dir code
+(`OL OS CL CS B S`): it refines the trade side (every code has one side) and keeps the two halves of
+a flip apart. Two instances reading the same tape build the same ids. A block is complete when the
+coin's tape moves to a later block, or `block_settle` after its last trade.
+
+Positions (perps per coin on every dex, spot per token) are bootstrapped and reconciled from REST by
+`feeds.wide`; trades seen before the bootstrap are buffered and replayed from the REST answer, so even
+they get exact start positions. Each applied trade is remembered for a short while, so a REST answer can
+be compared with the tracked position as it stood when the exchange answered. A difference is a drift:
+the position is corrected and a signal with `source`/`trigger` `reconcile` and id
+`{address}:recon:{coin}:{time}` (the open half of a flip: `…:{time}:open`) reports it; its price is the
+position's mark price from the REST answer, else the last tape price of the coin, else 0.
+
+Ownership (tier handover, see `feeds.planner`): the tracker follows every watched address, but emits a
+block only when the address is `wide`-owned and the block is newer than its `cut`; blocks of a
+`precise`-owned address are held (bounded by count and age) so a handover can release exactly the
+blocks the other tier did not cover.
+
+Memory per address is bounded: positions (one entry per held coin), at most MAX_HISTORY applied trades
+per position, MAX_BUFFERED trades before the bootstrap, MAX_HELD held signals, open blocks.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import Final, Literal, TypeAlias
+
+import msgspec
+
+from hl_monitor.hyperliquid.protocol import Fill, Side, WsTrade
+from hl_monitor.hyperliquid.symbols import SymbolMap
+from hl_monitor.tracking.aggregator import build_signal, new_record
+from hl_monitor.tracking.fills import Leg, split_fill
+from hl_monitor.tracking.positions import STABLE_TOKENS
+from hl_monitor.tracking.signals import Signal, Source, Trigger
+from hl_monitor.tracking.state import AggregationRecord
+
+__all__ = [
+    "MAX_BUFFERED",
+    "MAX_HELD",
+    "MAX_HISTORY",
+    "Owner",
+    "RestPositions",
+    "TapeStats",
+    "TapeTracker",
+    "perp_dir",
+    "recon_signal_id",
+    "tape_signal_id",
+]
+
+Owner: TypeAlias = Literal["wide", "precise"]
+
+# Trades of one address seen before its REST bootstrap; a whale trading hundreds of times in the few
+# seconds a bootstrap takes is rare, and beyond this the oldest are dropped (counted; positions stay exact).
+MAX_BUFFERED: Final = 256
+# Applied trades remembered per position for reconcile arithmetic: a reconcile needs the trades of the
+# last few seconds only; an address trading faster than this on one coin skips that coin's reconcile.
+MAX_HISTORY: Final = 128
+# How long an applied trade is remembered (ms): the REST round trip plus `reconcile_settle` with room.
+HISTORY_MS: Final = 120_000
+# Held signals per precise-owned address (its tape blocks, released if it moves back to wide).
+MAX_HELD: Final = 256
+# Flushed block keys remembered per address, so a late trade of a flushed block gets a continuation id.
+MAX_FLUSHED_KEYS: Final = 64
+_ZERO: Final = Decimal(0)
+_NO_HASH: Final = "0x" + "0" * 64
+
+
+def tape_signal_id(address: str, coin: str, code: str, block_time: int, continuation_tid: int | None = None) -> str:
+    base = f"{address}:tape:{coin}:{code}:{block_time}"
+    return base if continuation_tid is None else f"{base}:c{continuation_tid}"
+
+
+def recon_signal_id(address: str, coin: str, time: int, *, second_half: bool = False) -> str:
+    base = f"{address}:recon:{coin}:{time}"
+    return f"{base}:open" if second_half else base
+
+
+def perp_dir(start: Decimal, buy: bool, sz: Decimal) -> str:
+    """The exchange's `dir` label of a perp fill from the position before it."""
+    if start == 0 or (start > 0) == buy:
+        return "Open Long" if buy else "Open Short"
+    if sz <= abs(start):
+        return "Close Long" if start > 0 else "Close Short"
+    return "Long > Short" if start > 0 else "Short > Long"
+
+
+class RestPositions(msgspec.Struct, kw_only=True):
+    """One REST read of an address: perps of the dexes in `dexes` (coin → szi), spot (token → total) or None.
+
+    `window` is `(sent_ms, received_ms)` on the local wall clock widened by the caller's margin: trades
+    inside it may or may not be in the answer, so positions they touched are not compared this round.
+    """
+
+    perp: dict[str, Decimal]
+    dexes: frozenset[str]
+    spot: dict[str, Decimal] | None
+    account_value: Decimal | None
+    spot_usd: Decimal | None
+    marks: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    window: tuple[int, int]
+    state_time: int
+
+
+class TapeStats(msgspec.Struct, kw_only=True):
+    trades_matched: int = 0
+    buffered: int = 0
+    buffer_dropped: int = 0
+    blocks: int = 0
+    signals_emitted: int = 0
+    signals_held: int = 0
+    held_dropped: int = 0
+    signals_suppressed: int = 0  # covered by the precise tier (at or before the cut)
+    late_trades: int = 0  # a trade of an already flushed block (continuation id)
+    bootstraps: int = 0
+    reconciles: int = 0
+    reconcile_skipped: int = 0  # positions not compared: ambiguous window or history too short
+    drifts_perp: int = 0
+    drifts_spot: int = 0
+    unwatched: int = 0
+
+
+class _Block:
+    __slots__ = ("backfilled", "coin", "last_arrival", "owner", "records", "time")
+
+    def __init__(self, owner: _Wide, coin: str, time: int, now: int) -> None:
+        self.owner = owner
+        self.coin = coin
+        self.time = time
+        self.last_arrival = now
+        self.records: dict[str, AggregationRecord] = {}
+        self.backfilled = False
+
+
+class _Wide:
+    """Tracking state of one watched address."""
+
+    __slots__ = (
+        "account_value",
+        "address",
+        "blocks",
+        "bootstrapped",
+        "buffer",
+        "cut",
+        "flushed",
+        "held",
+        "history",
+        "label",
+        "marks",
+        "owner",
+        "perp",
+        "spot",
+        "spot_usd",
+    )
+
+    def __init__(self, address: str, label: str | None) -> None:
+        self.address = address
+        self.label = label
+        self.owner: Owner = "wide"
+        self.cut = -1  # wide emits blocks strictly newer than this (the precise tier covered the rest)
+        self.bootstrapped = False
+        self.perp: dict[str, Decimal] = {}
+        self.spot: dict[str, Decimal] = {}
+        self.account_value: Decimal | None = None
+        self.spot_usd: Decimal | None = None
+        self.marks: dict[str, Decimal] = {}
+        self.history: dict[str, deque[tuple[int, Decimal]]] = {}  # position key → (trade time, delta)
+        self.buffer: deque[tuple[str, WsTrade, Side, bool]] = deque(maxlen=MAX_BUFFERED)
+        self.blocks: dict[tuple[str, int], _Block] = {}
+        self.flushed: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.held: deque[Signal] = deque(maxlen=MAX_HELD)
+
+
+def _deep_size(obj: object, seen: set[int]) -> int:
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(_deep_size(k, seen) + _deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, list | tuple | deque | set | frozenset):
+        size += sum(_deep_size(item, seen) for item in obj)
+    elif isinstance(obj, msgspec.Struct):
+        size += sum(_deep_size(getattr(obj, f), seen) for f in obj.__struct_fields__)
+    elif hasattr(obj, "__slots__") and not isinstance(obj, str | bytes | int | Decimal):
+        size += sum(_deep_size(getattr(obj, s, None), seen) for s in obj.__slots__)
+    return size
+
+
+class TapeTracker:
+    """Pure state machine of the wide tier; see the module docstring. `now_ms` is the caller's wall clock."""
+
+    def __init__(
+        self,
+        symbols: SymbolMap,
+        *,
+        block_settle_ms: int,
+        hold_ms: int,
+        instance_id: str | None = None,
+    ) -> None:
+        self._symbols = symbols
+        self._settle_ms = block_settle_ms
+        self._hold_ms = hold_ms
+        self._instance_id = instance_id
+        self.stats = TapeStats()
+        # address → state; the tape matches `users` against this dict (one lookup per side of a trade).
+        self._watched: dict[str, _Wide] = {}
+        self._open: OrderedDict[_Block, None] = OrderedDict()  # by last arrival, oldest first
+        self._open_by_coin: dict[str, dict[_Block, None]] = {}
+        self._last_px: dict[str, Decimal] = {}
+
+    # ------------------------------------------------------------------------------------ addresses
+
+    def set_symbols(self, symbols: SymbolMap) -> None:
+        self._symbols = symbols
+
+    def add_address(self, address: str, label: str | None = None) -> None:
+        """Track an address (or relabel it); new addresses start wide-owned and un-bootstrapped."""
+        st = self._watched.get(address)
+        if st is None:
+            self._watched[address] = _Wide(address, label)
+        else:
+            st.label = label
+
+    def remove_address(self, address: str, now_ms: int) -> list[Signal]:
+        """Stop tracking: open blocks are flushed (emitted if the address is wide-owned), state is dropped."""
+        st = self._watched.get(address)
+        if st is None:
+            return []
+        out: list[Signal] = []
+        for block in list(st.blocks.values()):
+            out.extend(self._flush(block, now_ms))
+        del self._watched[address]
+        return out
+
+    def is_watched(self, address: str) -> bool:
+        return address in self._watched
+
+    def addresses(self) -> list[str]:
+        return list(self._watched)
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+    def is_bootstrapped(self, address: str) -> bool:
+        st = self._watched.get(address)
+        return st is not None and st.bootstrapped
+
+    def owner(self, address: str) -> Owner | None:
+        st = self._watched.get(address)
+        return None if st is None else st.owner
+
+    def position(self, address: str, coin: str) -> Decimal | None:
+        """Tracked perp size of `coin`, or spot balance of a token; None before the bootstrap."""
+        st = self._watched.get(address)
+        if st is None or not st.bootstrapped:
+            return None
+        if coin in st.perp:
+            return st.perp[coin]
+        return st.spot.get(coin, _ZERO)
+
+    def positions(self, address: str) -> tuple[dict[str, Decimal], dict[str, Decimal]] | None:
+        st = self._watched.get(address)
+        if st is None or not st.bootstrapped:
+            return None
+        return dict(st.perp), dict(st.spot)
+
+    def coins_of_interest(self) -> set[str]:
+        """Perp coins and spot pairs watched addresses hold (the ones worth a backfill after a tape gap)."""
+        out: set[str] = set()
+        for st in self._watched.values():
+            out.update(st.perp)
+            for token in st.spot:
+                pair = self._symbols.stable_pair(token)
+                if pair is not None:
+                    out.add(pair)
+        return out
+
+    # ------------------------------------------------------------------------------------ ownership
+
+    def set_owner(self, address: str, owner: Owner, now_ms: int, *, cut: int | None = None) -> list[Signal]:
+        """Hand an address between tiers.
+
+        `precise`: from now on its blocks are held, not emitted. `wide`: blocks newer than `cut` (the last
+        fill time the precise tier processed; None keeps the current cut) are emitted, held ones included.
+        """
+        st = self._watched.get(address)
+        if st is None:
+            return []
+        if owner == "precise":
+            st.owner = "precise"
+            return []
+        if cut is not None:
+            st.cut = cut
+        st.owner = "wide"
+        out = [s for s in st.held if s.timestamp > st.cut]
+        self.stats.signals_suppressed += len(st.held) - len(out)
+        st.held.clear()
+        self.stats.signals_emitted += len(out)
+        return out
+
+    def release_held(self, address: str, upto: int) -> list[Signal]:
+        """The precise tier took over with every fill at or before `upto` already behind it: emit those blocks."""
+        st = self._watched.get(address)
+        if st is None:
+            return []
+        out = [s for s in st.held if s.timestamp <= upto]
+        if out:
+            st.held = deque((s for s in st.held if s.timestamp > upto), maxlen=MAX_HELD)
+            self.stats.signals_emitted += len(out)
+        return out
+
+    # ------------------------------------------------------------------------------------ trades
+
+    def on_trades(self, coin: str, trades: Sequence[WsTrade], now_ms: int, *, backfilled: bool = False) -> list[Signal]:
+        """One deduplicated `trades` frame of `coin` (every trade of the frame, watched or not)."""
+        out: list[Signal] = []
+        watched = self._watched
+        newest = 0
+        for trade in trades:
+            if trade.time > newest:
+                newest = trade.time
+            users = trade.users
+            if users is None:
+                continue
+            buyer = watched.get(users[0])
+            seller = watched.get(users[1])
+            if buyer is None and seller is None:
+                continue
+            if buyer is not None:
+                self._on_fill(buyer, coin, trade, "B", now_ms, backfilled, out)
+            if seller is not None:
+                self._on_fill(seller, coin, trade, "A", now_ms, backfilled, out)
+        if trades:
+            self._last_px[coin] = trades[-1].px
+        pending = self._open_by_coin.get(coin)
+        if pending:
+            # The coin's tape moved to a later block: earlier blocks of this coin are complete.
+            for block in [b for b in pending if b.time < newest]:
+                out.extend(self._flush(block, now_ms))
+        return out
+
+    def _on_fill(
+        self, st: _Wide, coin: str, trade: WsTrade, side: Side, now: int, backfilled: bool, out: list[Signal]
+    ) -> None:
+        self.stats.trades_matched += 1
+        if not st.bootstrapped:
+            if len(st.buffer) == MAX_BUFFERED:
+                self.stats.buffer_dropped += 1
+            st.buffer.append((coin, trade, side, backfilled))
+            self.stats.buffered += 1
+            return
+        self._apply(st, coin, trade, side, now, backfilled, out)
+
+    def _apply(
+        self, st: _Wide, coin: str, trade: WsTrade, side: Side, now: int, backfilled: bool, out: list[Signal]
+    ) -> None:
+        info = self._symbols.lookup(coin)
+        spot = info.asset_type == "spot"
+        book = st.spot if spot else st.perp
+        key = info.token if spot else coin
+        start = book.get(key, _ZERO)
+        buy = side == "B"
+        sz = trade.sz
+        if spot:
+            dir_ = "Buy" if buy else "Sell"
+            after = start + sz if buy else max(_ZERO, start - sz)
+        else:
+            dir_ = perp_dir(start, buy, sz)
+            after = start + sz if buy else start - sz
+        if after:
+            book[key] = after
+        else:
+            book.pop(key, None)
+        self._remember(st, key if not spot else f"spot:{key}", trade.time, after - start, now)
+        fill = Fill(
+            coin=coin,
+            px=trade.px,
+            sz=sz,
+            side=side,
+            time=trade.time,
+            start_position=start,
+            dir=dir_,
+            closed_pnl=_ZERO,
+            hash=trade.hash or _NO_HASH,
+            oid=0,
+            crossed=trade.side == side,
+            fee=_ZERO,
+            tid=trade.tid,
+        )
+        parts = split_fill(fill)
+        assert parts is not None  # derived dirs are always in the table
+        block_key = (coin, trade.time)
+        block = st.blocks.get(block_key)
+        if block is None:
+            block = st.blocks[block_key] = _Block(st, coin, trade.time, now)
+            self._open_by_coin.setdefault(coin, {})[block] = None
+        else:
+            block.last_arrival = now
+        self._open[block] = None
+        self._open.move_to_end(block)
+        late = block_key in st.flushed
+        if late:
+            self.stats.late_trades += 1
+        block.backfilled = block.backfilled or backfilled
+        for leg, part in parts:
+            self._add(block, leg, part, now, continuation_tid=trade.tid if late else None)
+
+    def _add(self, block: _Block, leg: Leg, fill: Fill, now: int, continuation_tid: int | None) -> None:
+        rec = block.records.get(leg.code)
+        if rec is None:
+            address = block.owner.address
+            rec = block.records[leg.code] = new_record(
+                address, key=0, twap=False, continuation_tid=None, leg=leg, fill=fill, now_ms=now
+            )
+            rec.signal_id = tape_signal_id(address, block.coin, leg.code, block.time, continuation_tid)
+        rec.fills.append(fill)
+        rec.size += fill.sz
+        rec.last_activity_ms = now
+
+    def _remember(self, st: _Wide, key: str, time: int, delta: Decimal, now: int) -> None:
+        history = st.history.get(key)
+        if history is None:
+            history = st.history[key] = deque(maxlen=MAX_HISTORY)
+        history.append((time, delta))
+        horizon = now - HISTORY_MS
+        while history and history[0][0] < horizon and len(history) > 1:
+            history.popleft()
+
+    # ------------------------------------------------------------------------------------ flush
+
+    def _flush(self, block: _Block, now: int) -> list[Signal]:
+        st = block.owner
+        st.blocks.pop((block.coin, block.time), None)
+        self._open.pop(block, None)
+        by_coin = self._open_by_coin.get(block.coin)
+        if by_coin is not None:
+            by_coin.pop(block, None)
+            if not by_coin:
+                del self._open_by_coin[block.coin]
+        st.flushed[(block.coin, block.time)] = None
+        while len(st.flushed) > MAX_FLUSHED_KEYS:
+            st.flushed.popitem(last=False)
+        if st.address not in self._watched:
+            return []
+        self.stats.blocks += 1
+        signals = [
+            self._signal(st, rec, trigger="tape_block", source="market_tape", now=now, backfilled=block.backfilled)
+            for rec in sorted(block.records.values(), key=lambda r: r.open_close != "close")
+        ]
+        return self._route(st, signals, now)
+
+    def _route(self, st: _Wide, signals: list[Signal], now: int) -> list[Signal]:
+        if st.owner == "precise":
+            for signal in signals:
+                if len(st.held) == MAX_HELD:
+                    self.stats.held_dropped += 1
+                st.held.append(signal)
+            self.stats.signals_held += len(signals)
+            return []
+        out = [s for s in signals if s.timestamp > st.cut]
+        self.stats.signals_suppressed += len(signals) - len(out)
+        self.stats.signals_emitted += len(out)
+        return out
+
+    def _signal(
+        self,
+        st: _Wide,
+        rec: AggregationRecord,
+        *,
+        trigger: Trigger,
+        source: Source,
+        now: int,
+        backfilled: bool = False,
+        fill_count: int | None = None,
+    ) -> Signal:
+        if backfilled:
+            rec.backfilled = True
+            rec.lateness_ms = now - max(f.time for f in rec.fills)
+        balance = st.spot_usd if rec.asset_type == "spot" else st.account_value
+        signal = build_signal(
+            rec,
+            trigger=trigger,
+            status=None,
+            symbols=self._symbols,
+            balance=balance,
+            label=st.label,
+            now_ms=now,
+            instance_id=self._instance_id,
+        )
+        if fill_count is None:
+            return msgspec.structs.replace(signal, oid=None, source=source)
+        return msgspec.structs.replace(signal, oid=None, source=source, fill_count=fill_count)
+
+    def tick(self, now_ms: int) -> list[Signal]:
+        """Flush blocks quiet for `block_settle`; drop held signals older than the hold."""
+        out: list[Signal] = []
+        open_ = self._open
+        while open_:
+            block = next(iter(open_))
+            if block.last_arrival + self._settle_ms > now_ms:
+                break
+            out.extend(self._flush(block, now_ms))
+        horizon = now_ms - self._hold_ms
+        for st in self._watched.values():
+            held = st.held
+            while held and held[0].detected_at < horizon:
+                held.popleft()
+                self.stats.held_dropped += 1
+        return out
+
+    def open_blocks(self) -> int:
+        return len(self._open)
+
+    # ------------------------------------------------------------------------------------ REST
+
+    def apply_rest(self, address: str, rest: RestPositions, now_ms: int) -> list[Signal]:
+        """A REST read: bootstraps an un-bootstrapped address, otherwise reconciles it (drift → signals)."""
+        st = self._watched.get(address)
+        if st is None:
+            self.stats.unwatched += 1
+            return []
+        if rest.account_value is not None:
+            st.account_value = rest.account_value
+        if rest.spot_usd is not None:
+            st.spot_usd = rest.spot_usd
+        st.marks.update(rest.marks)
+        if not st.bootstrapped:
+            return self._bootstrap(st, rest, now_ms)
+        return self._reconcile(st, rest, now_ms)
+
+    def _bootstrap(self, st: _Wide, rest: RestPositions, now: int) -> list[Signal]:
+        lo, hi = rest.window
+        if any(lo <= trade.time <= hi for _, trade, _, _ in st.buffer):
+            self.stats.reconcile_skipped += 1  # cannot tell whether those trades are in the answer: read again
+            return []
+        perp = {c: v for c, v in rest.perp.items() if v}
+        spot = {t: v for t, v in (rest.spot or {}).items() if v}
+        buffered = sorted(st.buffer, key=lambda item: (item[1].time, item[1].tid))
+        # Trades before the answer are in it: wind them back to get the position before the first one.
+        for coin, trade, side, _ in buffered:
+            if trade.time >= lo:
+                continue
+            info = self._symbols.lookup(coin)
+            book, key = (spot, info.token) if info.asset_type == "spot" else (perp, coin)
+            book[key] = book.get(key, _ZERO) - (trade.sz if side == "B" else -trade.sz)
+        st.perp = {c: v for c, v in perp.items() if v}
+        st.spot = {t: v for t, v in spot.items() if v}
+        st.buffer.clear()
+        st.bootstrapped = True
+        self.stats.bootstraps += 1
+        out: list[Signal] = []
+        for coin, trade, side, backfilled in buffered:
+            self._apply(st, coin, trade, side, now, backfilled, out)
+        return out
+
+    def _reconcile(self, st: _Wide, rest: RestPositions, now: int) -> list[Signal]:
+        self.stats.reconciles += 1
+        lo, hi = rest.window
+        out: list[Signal] = []
+        keys: set[tuple[bool, str]] = set()
+        for coin in (*st.perp, *rest.perp):
+            if _dex(coin) in rest.dexes:
+                keys.add((False, coin))
+        if rest.spot is not None:
+            # Stablecoins are the cash side of every spot trade, which the tape does not follow: not positions.
+            keys.update((True, token) for token in (*st.spot, *rest.spot) if token not in STABLE_TOKENS)
+        for spot, key in sorted(keys):
+            book = st.spot if spot else st.perp
+            history = st.history.get(f"spot:{key}" if spot else key, ())
+            if history and (len(history) == MAX_HISTORY and history[0][0] >= lo):
+                self.stats.reconcile_skipped += 1  # trades older than the window fell out of the history
+                continue
+            if any(lo <= t <= hi for t, _ in history):
+                self.stats.reconcile_skipped += 1  # a trade the answer may or may not include
+                continue
+            tracked = book.get(key, _ZERO)
+            later = sum((d for t, d in history if t > hi), _ZERO)
+            expected = tracked - later
+            actual = (rest.spot or {}).get(key, _ZERO) if spot else rest.perp.get(key, _ZERO)
+            if actual == expected:
+                continue
+            if spot:
+                self.stats.drifts_spot += 1
+            else:
+                self.stats.drifts_perp += 1
+            corrected = actual + later
+            if corrected:
+                book[key] = corrected
+            else:
+                book.pop(key, None)
+            if st.owner == "wide":  # a precise-owned address's changes are the precise tier's to report
+                out.extend(self._drift_signals(st, spot, key, expected, actual, rest.state_time, now))
+        return out
+
+    def _drift_signals(
+        self, st: _Wide, spot: bool, key: str, before: Decimal, after: Decimal, time: int, now: int
+    ) -> list[Signal]:
+        coin = (self._symbols.stable_pair(key) or key) if spot else key
+        buy = after > before
+        sz = abs(after - before)
+        px = st.marks.get(coin) or self._last_px.get(coin) or _ZERO
+        fill = Fill(
+            coin=coin,
+            px=px,
+            sz=sz,
+            side="B" if buy else "A",
+            time=time,
+            start_position=before,
+            dir=("Buy" if buy else "Sell") if spot else perp_dir(before, buy, sz),
+            closed_pnl=_ZERO,
+            hash=_NO_HASH,
+            oid=0,
+            crossed=False,
+            fee=_ZERO,
+            tid=0,
+        )
+        parts = split_fill(fill)
+        assert parts is not None
+        signals: list[Signal] = []
+        for index, (leg, part) in enumerate(parts):
+            rec = new_record(st.address, key=0, twap=False, continuation_tid=None, leg=leg, fill=part, now_ms=now)
+            rec.signal_id = recon_signal_id(st.address, coin, time, second_half=index > 0)
+            rec.fills.append(part)
+            rec.size = part.sz
+            signals.append(self._signal(st, rec, trigger="reconcile", source="reconcile", now=now, fill_count=0))
+        return self._route(st, signals, now)
+
+    # ------------------------------------------------------------------------------------ memory
+
+    def memory_bytes(self, addresses: Iterable[str] | None = None) -> list[int]:
+        """Approximate bytes of tracking state per address (all, or the given ones)."""
+        chosen = self._watched if addresses is None else {a: self._watched[a] for a in addresses if a in self._watched}
+        return [_deep_size(st, {id(st.label), id(st.address)}) for st in chosen.values()]
+
+
+def _dex(coin: str) -> str:
+    return coin.split(":", 1)[0] if ":" in coin else ""

@@ -1,0 +1,89 @@
+"""The benchmark code runs end to end on tiny sizes and writes well-formed results. Never asserts timings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from hl_monitor.bench.e2e import percentile
+from hl_monitor.bench.report import JSON_NAME, MARKDOWN_NAME
+from hl_monitor.bench.results import Report, stat
+from hl_monitor.bench.runner import SMOKE, run_all
+from hl_monitor.cli import build_parser
+
+EXPECTED_BENCHES = {"decode", "engine", "tape", "memory", "e2e_throughput", "e2e_latency"}
+
+
+@pytest.mark.blocks_loop("the in-process benches measure CPU-bound work on the loop thread by design")
+async def test_smoke_run_writes_every_bench_with_baselines_and_zero_loss(tmp_path: Path, mariadb_url: str) -> None:
+    await run_all(tmp_path, SMOKE, mysql_url=mariadb_url, require_mariadb=True)
+
+    report = msgspec.json.decode((tmp_path / JSON_NAME).read_bytes(), type=Report)
+    assert {b.name for b in report.benches} == EXPECTED_BENCHES
+    for key in ("commit", "machine", "packages", "nats_server", "mariadb", "sqlite", "python"):
+        assert report.meta[key], key
+    assert report.meta["mariadb"] != "unreachable"
+    for bench in report.benches:
+        assert bench.cases, bench.name
+        if bench.name not in ("memory", "e2e_latency"):
+            assert any(c.baseline for c in bench.cases), f"{bench.name} has no baseline"
+            assert not bench.cases[0].baseline, f"{bench.name}: the first case is the subject"
+        for case in bench.cases:
+            assert case.metrics, case.name
+            for name, s in case.metrics.items():
+                assert math.isfinite(s.median), (bench.name, case.name, name)
+                assert s.median > 0, (bench.name, case.name, name)
+                assert s.min <= s.median <= s.max
+                assert len(s.runs) >= 1
+    by_name = {b.name: b for b in report.benches}
+    e2e = by_name["e2e_throughput"]
+    assert [c.name for c in e2e.cases] == [
+        "MariaDB, JetStream publish with ack",
+        "SQLite, JetStream publish with ack",
+        "MariaDB, core NATS publish (no ack)",
+    ]
+    for case in [*e2e.cases, *by_name["e2e_latency"].cases]:
+        assert case.info["zero_loss_all_runs"] is True, case.info["loss_checks"]
+        for check in case.info["loss_checks"]:
+            assert check["orders_without_signal"] == 0
+            assert check["fills_processed"] == check["fills_sent"] > 0
+            assert check["duplicate_fills"] == 0
+    tape = by_name["tape"]
+    assert [c.info["matched_trades"] > 0 for c in tape.cases if "matched_trades" in c.info] == [True, True]
+    assert e2e.targets
+    assert by_name["engine"].targets
+    assert tape.targets
+    assert by_name["e2e_latency"].targets
+
+    markdown = (tmp_path / MARKDOWN_NAME).read_text()
+    assert report.meta["commit"] in markdown
+    for bench in report.benches:
+        assert bench.title in markdown
+        for case in bench.cases:
+            assert case.name in markdown
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_stat_reports_median_and_spread_of_the_runs() -> None:
+    s = stat([90.0, 100.0, 110.0], "fills/s")
+    assert (s.median, s.min, s.max, s.spread_pct) == (100.0, 90.0, 110.0, 20.0)
+    with pytest.raises(ValueError, match="at least one run"):
+        stat([], "fills/s")
+
+
+def test_bench_subcommand_is_registered() -> None:
+    args = build_parser().parse_args(["bench", "--smoke", "--out", "x", "--only", "decode", "engine"])
+    assert args.smoke
+    assert args.only == ["decode", "engine"]
+    assert args.out == Path("x")
+    assert callable(args.handler)

@@ -1,0 +1,372 @@
+"""The wide tier end to end against `hl-monitor sim`: real tape sockets, real REST with budgets, real engines.
+
+Every test runs the real chain (MarketTape/Connection → TapeTracker, WideManager → InfoClient → sim REST,
+TierPlanner ↔ PreciseManager ↔ TrackingEngine) and compares what comes out with the sim's own fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from hl_monitor.config import AggregationConfig, HyperliquidConfig, WideConfig
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff, WatchedAddress
+from hl_monitor.feeds.budget import Budgets, ManualClock
+from hl_monitor.feeds.market_tape import MarketTape, TapeUniverse
+from hl_monitor.feeds.planner import TierPlanner
+from hl_monitor.feeds.precise import PreciseManager
+from hl_monitor.feeds.wide import WideManager
+from hl_monitor.hyperliquid.info import InfoClient
+from hl_monitor.hyperliquid.symbols import SymbolMap
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.sim.server import SimConfig, SimServer
+from hl_monitor.tracking.engine import TrackingEngine
+from hl_monitor.tracking.signals import Signal
+from hl_monitor.tracking.tape import TapeTracker
+from tests.test_feeds_connection import _value, wait_until
+from tests.test_feeds_precise import MutableSource, fast_cfg
+
+W1 = "0x" + "1" * 40
+W2 = "0x" + "2" * 40
+NOISE = "0x" + "9" * 40  # an unwatched trader keeping the tape busy
+
+
+@dataclass
+class Stack:
+    sim: SimServer
+    cfg: HyperliquidConfig
+    wide_cfg: WideConfig
+    metrics: Metrics
+    budgets: Budgets
+    engine: TrackingEngine
+    tracker: TapeTracker
+    source: MutableSource
+    book: AddressBook
+    tape: MarketTape
+    wide: WideManager
+    planner: TierPlanner
+    precise: PreciseManager | None
+    info: InfoClient
+    signals: list[Signal] = field(default_factory=list)
+
+    def of(self, address: str, source: str | None = None) -> list[Signal]:
+        return [s for s in self.signals if s.address == address and (source is None or s.source == source)]
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    *entries: WatchedAddress,
+    sim_config: SimConfig | None = None,
+    wide: dict[str, Any] | None = None,
+    precise: bool = True,
+    planner: bool = True,
+    clock: ManualClock | None = None,
+    **hl: Any,
+) -> AsyncIterator[Stack]:
+    metrics = Metrics()
+    sim_kwargs: dict[str, Any] = {} if clock is None else {"clock": clock.now}
+    async with SimServer(sim_config or SimConfig(clearinghouse_push_interval=0.2), **sim_kwargs) as sim:
+        cfg = fast_cfg(sim, **hl)
+        wide_values: dict[str, Any] = {
+            "stale_after": 30.0,
+            "block_settle": 0.1,
+            "reconcile_settle": 0.2,
+            "reconcile_interval": 3600.0,
+            "universe_refresh": 3600.0,
+        }
+        wide_values.update(wide or {})
+        wide_cfg = WideConfig(**wide_values)
+        budgets = Budgets(cfg, metrics, clock=clock)
+        engine = TrackingEngine(AggregationConfig(timeout=0.5), SymbolMap.empty())
+        tracker = TapeTracker(SymbolMap.empty(), block_settle_ms=100, hold_ms=600_000)
+        source = MutableSource(*entries)
+
+        async def on_change(diff: AddressDiff) -> None:
+            for address in diff.added:
+                engine.add_address(address)
+            for address in diff.removed:
+                engine.remove_address(address)
+
+        book = AddressBook(
+            [source], metrics, reload_interval=3600, remove_grace=0, on_change=on_change, poll_interval=0.05
+        )
+        async with InfoClient.from_config(cfg, budgets, metrics) as info:
+            st: Stack | None = None
+
+            async def sink(batch: list[Signal]) -> None:
+                assert st is not None
+                st.signals.extend(batch)
+
+            def on_universe(universe: TapeUniverse) -> None:
+                engine.set_symbols(universe.symbols())
+                tracker.set_symbols(universe.symbols())
+
+            tape = MarketTape(
+                cfg, wide_cfg, tracker=tracker, info=info, budget=budgets, metrics=metrics, on_signals=sink,
+                on_universe=on_universe,
+            )  # fmt: skip
+            manager = WideManager(
+                wide_cfg, cfg, tracker=tracker, info=info, tape=tape, clock=budgets.clock, metrics=metrics,
+                on_signals=sink, dexes=lambda: tape.universe.dexes if tape.universe else [],
+            )  # fmt: skip
+            tiers = TierPlanner(
+                book, tracker=tracker, engine=engine, wide=manager, metrics=metrics, on_signals=sink,
+                max_addresses=wide_cfg.max_addresses,
+            )  # fmt: skip
+            pm = None
+            if precise:
+                pm = PreciseManager(
+                    cfg, book, tracker=engine, info=info, budget=budgets, metrics=metrics, on_signals=sink,
+                    on_unassigned=tiers.on_unassigned,
+                )  # fmt: skip
+                tiers.precise = pm
+            st = Stack(
+                sim, cfg, wide_cfg, metrics, budgets, engine, tracker, source, book, tape, manager, tiers, pm, info
+            )
+
+            async def engine_ticks() -> None:
+                while True:
+                    await asyncio.sleep(0.05)
+                    await sink(engine.tick(sim.exchange.now_ms()))
+
+            tasks = [asyncio.create_task(book.run())]
+            await book.wait_loaded()
+            tasks += [asyncio.create_task(c()) for c in (tape.run, manager.run, engine_ticks)]
+            if planner:
+                tasks.append(asyncio.create_task(tiers.run()))
+            if pm is not None:
+                tasks.append(asyncio.create_task(pm.run()))
+            try:
+                yield st
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
+                for task in tasks:
+                    failure = None if task.cancelled() else task.exception()
+                    if failure is not None:
+                        raise failure
+
+
+async def tape_live(s: Stack) -> None:
+    await wait_until(lambda: s.tape.continuous_since_ms() is not None)
+
+
+async def bootstrapped(s: Stack, *addresses: str) -> None:
+    await wait_until(lambda: all(s.tracker.is_bootstrapped(a) for a in addresses))
+
+
+def fills_by_block(sim: SimServer, address: str) -> dict[tuple[str, str, int], tuple[Decimal, Decimal]]:
+    """Ground truth per (coin, split dir, time): (size, notional), flips split as the precise tier does."""
+    out: dict[tuple[str, str, int], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+    for f in sim.exchange.accounts[address].fills:
+        sz, px, start = Decimal(f.sz), Decimal(f.px), Decimal(f.start_position)
+        parts = [(f.dir, sz)]
+        if f.dir in ("Long > Short", "Short > Long"):
+            close, open_ = ("Close Long", "Open Short") if f.dir == "Long > Short" else ("Close Short", "Open Long")
+            parts = [(close, abs(start)), (open_, sz - abs(start))]
+        for dir_, part in parts:
+            acc = out[(f.coin, dir_, f.time)]
+            acc[0] += part
+            acc[1] += part * px
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def signals_by_block(signals: Iterable[Signal]) -> dict[tuple[str, str, int], tuple[Decimal, Decimal]]:
+    out: dict[tuple[str, str, int], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+    for s in signals:
+        acc = out[(s.coin, s.dir, s.timestamp)]
+        acc[0] += s.size
+        acc[1] += s.size * s.price
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+async def test_precise_and_wide_views_of_one_whale_agree_on_direction_size_and_vwap() -> None:
+    """Perps on two dexes, a flip and spot: the tape's blocks equal the precise tier's orders, fill for fill."""
+    async with stack(WatchedAddress(address=W1, tier="precise"), planner=False, user_slots=1) as s:
+        s.tracker.add_address(W1)
+        s.wide.set_addresses({W1: "wide"})
+        await tape_live(s)
+        await bootstrapped(s, W1)
+        precise = s.precise
+        assert precise is not None
+        await wait_until(lambda: (stream := precise.stream(W1)) is not None and stream.recoveries >= 1)
+        whale = s.sim.exchange.whale(W1)
+        script = [
+            ("BTC", True, "1.5", "80000", 3),
+            ("ETH", False, "4", "2300", 2),
+            ("BTC", False, "4", "80100", 2),  # flip: close 1.5 long, open 2.5 short
+            ("xyz:XYZ100", True, "0.4", "25000", 1),
+            ("@107", True, "10", "40", 2),  # spot buy HYPE
+            ("@107", False, "4", "41", 1),  # spot sell part of it
+        ]
+        for coin, buy, sz, px, fills in script:
+            await whale.market_order(coin, buy, sz, px, fills=fills, px_step="1")
+            await asyncio.sleep(0.005)  # distinct block times
+        truth = fills_by_block(s.sim, W1)
+        await wait_until(lambda: signals_by_block(s.of(W1, "market_tape")) == truth)
+        await wait_until(lambda: signals_by_block(s.of(W1, "user_fills")) == truth)
+        tape = {(x.coin, x.dir, x.timestamp): x for x in s.of(W1, "market_tape")}
+        exact = {(x.coin, x.dir, x.timestamp): x for x in s.of(W1, "user_fills")}
+        for key, t in tape.items():
+            p = exact[key]
+            assert (t.direction, t.side, t.asset_type, t.symbol) == (p.direction, p.side, p.asset_type, p.symbol)
+            assert (t.position_before, t.position_after, t.close_rate, t.full_close) == (
+                p.position_before, p.position_after, p.close_rate, p.full_close,
+            )  # fmt: skip
+            assert t.oid is None
+            assert t.status is None
+            assert p.oid is not None
+        assert len({x.signal_id for x in s.of(W1, "market_tape")}) == len(tape) == len(truth)
+        assert _value(s.metrics, "trades_processed_total", type="tape") >= 11
+
+
+async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> None:
+    async with stack(planner=False, precise=False, user_slots=9, wide={"stale_after": 0.6}) as s:
+        s.tracker.add_address(W1)
+        s.wide.set_addresses({W1: "wide"})
+        await tape_live(s)
+        await bootstrapped(s, W1)
+        noise = s.sim.exchange.whale(NOISE)
+        stop = asyncio.Event()
+
+        async def keep_busy() -> None:
+            buy = True
+            while not stop.is_set():
+                await noise.market_order("BTC", buy, "0.01", "80000")
+                buy = not buy
+                await asyncio.sleep(0.1)
+
+        busy = asyncio.create_task(keep_busy())
+        try:
+            await asyncio.sleep(0.3)
+            s.sim.faults.stall("trades")  # the socket stays open, trades stop arriving
+            whale = s.sim.exchange.whale(W1)
+            await whale.market_order("ETH", True, "2", "2300", fills=2)
+            await wait_until(
+                lambda: _value(s.metrics, "reconnects_total", kind="tape", reason="stale_connection") >= 1, within=5
+            )
+            await wait_until(lambda: len(s.of(W1)) == 1)
+            await wait_until(lambda: s.tape.continuous_since_ms() is not None)
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await busy
+        [signal] = s.of(W1)
+        assert (signal.coin, signal.direction, signal.side, signal.size) == ("ETH", "open", "LONG", Decimal(2))
+        assert signal.backfilled
+        assert signal.lateness_ms is not None
+        assert _value(s.metrics, "tape_events_total", kind="backfill_request") >= 1
+        assert _value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
+
+
+async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
+    """With a 4-coin budget the builder-dex coins are not on the tape; REST reconcile still sees the trade."""
+    wide = {"subscription_budget": 4, "reconcile_interval": 0.3}
+    async with stack(planner=False, precise=False, user_slots=9, wide=wide) as s:
+        s.tracker.add_address(W1)
+        s.wide.set_addresses({W1: "wide"})
+        await tape_live(s)
+        await bootstrapped(s, W1)
+        assert "xyz:XYZ100" in s.tape.uncovered()
+        assert _value(s.metrics, "tape_uncovered_coins") == 5
+        whale = s.sim.exchange.whale(W1)
+        await whale.market_order("xyz:XYZ100", False, "0.5", "25000")
+        await whale.market_order("BTC", True, "1", "80000")  # covered: a tape signal, no drift
+        await wait_until(lambda: len(s.of(W1)) == 2)
+        await asyncio.sleep(0.8)  # more reconciles: the corrected position does not drift again
+        recon = s.of(W1, "reconcile")
+        assert len(recon) == 1
+        [r] = recon
+        assert (r.coin, r.direction, r.side, r.size, r.trigger) == (
+            "xyz:XYZ100",
+            "open",
+            "SHORT",
+            Decimal("0.5"),
+            "reconcile",
+        )
+        assert r.signal_id.startswith(f"{W1}:recon:xyz:XYZ100:")
+        assert r.price == Decimal(25000)  # the position's mark price from the REST answer
+        assert [x.coin for x in s.of(W1, "market_tape")] == ["BTC"]
+        assert _value(s.metrics, "drift_corrections_total", asset_type="futures") == 1
+        assert s.tracker.position(W1, "xyz:XYZ100") == Decimal("-0.5")
+
+
+async def test_reconciling_a_thousand_addresses_never_exceeds_the_rest_budget() -> None:
+    """1000 wide addresses asking for reads at full speed: the window holds, and precise recovery still gets in."""
+    clock = ManualClock()
+    addresses = [f"0x{i:040x}" for i in range(1, 1001)]
+    # No tape connections (user_slots = max_connections): this is about the REST side only.
+    wide = {"rest_share": 1.0, "reconcile_interval": 30.0, "reconcile_settle": 0.01}
+    # A quarter of the real REST budget (both sides agree) keeps the test fast; the arithmetic is the same.
+    limit = 300
+    sim_config = SimConfig(rest_weight_per_minute=limit)
+    async with stack(
+        planner=False, precise=False, user_slots=10, wide=wide, clock=clock, sim_config=sim_config,
+        rest_weight_per_minute=limit,
+    ) as s:  # fmt: skip
+        for address in addresses:
+            s.tracker.add_address(address)
+        s.wide.set_addresses(dict.fromkeys(addresses, "wide"))
+        s.sim.exchange.whale(addresses[0])  # one account with balances; the rest are empty
+        capacity = s.cfg.rest_weight_per_minute
+        for step in range(140):  # 70 s in half-second steps
+            clock.advance(0.5)
+            await asyncio.sleep(0.001)
+            # Until the manager waits for the clock again (its pacing, or the budget window).
+            await wait_until(lambda: s.wide.sleeping or s.budgets.snapshot()["rest_weight"]["waiting"] > 0)
+            assert s.budgets.snapshot()["rest_weight"]["used"] <= capacity
+            if step == 100:
+                # Gap recovery of a precise whale (high priority) is served at once, without the clock moving.
+                async with asyncio.timeout(1.0):
+                    await s.info.clearinghouse_state(addresses[0], priority="high")
+        assert s.sim.stats.rest_429s == 0
+        # Low priority may fill 3/4 of the window: 225 weight a minute (80 went to the coin list) → ~24 reads.
+        low = limit * 3 // 4
+        assert (low - 80) // s.wide.read_weight() - 1 <= s.wide.reads <= 2 * low // s.wide.read_weight()
+        await wait_until(lambda: sum(s.tracker.is_bootstrapped(a) for a in addresses) == s.wide.reads)
+        assert s.wide.effective_interval() == 1000 * s.wide.read_weight() / (limit / 60)
+        assert s.wide.status()["addresses"] == 1000
+
+
+async def test_tier_moves_lose_and_duplicate_no_signal() -> None:
+    """W1 starts precise, is pushed to wide by a higher-priority W2, then comes back; every fill once."""
+    async with stack(WatchedAddress(address=W1, priority=1), user_slots=1) as s:
+        assert s.precise is not None
+        await tape_live(s)
+        await wait_until(lambda: s.planner.tier(W1) == "precise")
+        await bootstrapped(s, W1)
+        whale = s.sim.exchange.whale(W1)
+
+        async def trade(coin: str, buy: bool, sz: str, px: str) -> None:
+            await whale.market_order(coin, buy, sz, px, fills=2)
+            await asyncio.sleep(0.01)
+
+        await trade("BTC", True, "1", "80000")  # precise
+        s.source.entries = [WatchedAddress(address=W1, priority=1), WatchedAddress(address=W2, priority=5)]
+        s.book.refresh_now()
+        await trade("ETH", True, "2", "2300")  # during the handover to wide
+        await wait_until(lambda: s.planner.tier(W1) == "wide")
+        await trade("ETH", False, "1", "2310")  # wide
+        await trade("BTC", True, "0.5", "80050")
+        s.source.entries = [WatchedAddress(address=W1, priority=1)]
+        s.book.refresh_now()
+        await trade("SOL", False, "3", "95")  # during the handover back to precise
+        await wait_until(lambda: s.planner.tier(W1) == "precise")
+        await trade("SOL", True, "1", "94")  # precise again
+        await trade("ETH", False, "1", "2320")
+        truth = fills_by_block(s.sim, W1)
+        await wait_until(lambda: signals_by_block(s.of(W1)) == truth, within=8)
+        await asyncio.sleep(0.5)  # a duplicate would show up now
+        assert signals_by_block(s.of(W1)) == truth
+        ids = [x.signal_id for x in s.of(W1)]
+        assert len(ids) == len(set(ids))
+        sources = {x.source for x in s.of(W1)}
+        assert sources == {"user_fills", "market_tape"}
+        assert s.planner.handovers == {"to_precise": 2, "to_wide": 1}  # the first one at start
+        assert s.planner.tiers() == {W1: "precise"}
