@@ -9,8 +9,11 @@ meanings; decimals are exact JSON numbers, never rounded floats.
 - continuation (a late fill after a flush while the order was still open):
                          `{address}:{oid}:{dir_code}:c{first_tid}`
 - TWAP:                  `{address}:twap{twap_id}:{dir_code}`
-- market tape block:     `{address}:tape:{coin}:{side}:{block_time}`
-- reconcile drift:       `{address}:recon:{coin}:{time}`
+- market tape block:     `{address}:tape:{coin}:{dir_code}:{block_time}` (dir_code, not B/A: the two halves of
+                         a flip in one block need different ids); a late trade for a block already sent
+                         appends `:c{tid}`
+- reconcile drift:       `{address}:recon:{coin}:{time}` (`:open` appended for the open half of a flip found on
+                         reconcile); `time` is the REST answer's, so unlike the others it is per instance
 `dir_code` is a short stable code of the split direction, see `DIR_CODES`: `OL OS CL CS` (perp
 open/close long/short), `B S` (spot buy/sell). Fills whose `dir` is a liquidation, ADL or settlement label
 are split by position arithmetic and coded `{family}-{part}`, e.g. `LCL-CL` (Liquidated Cross Long, closing
