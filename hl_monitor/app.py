@@ -37,11 +37,13 @@ from hl_monitor.feeds.cluster import Cluster, EngineHandover
 from hl_monitor.feeds.market_tape import MarketTape
 from hl_monitor.feeds.planner import TierPlanner
 from hl_monitor.feeds.precise import AddressView, PreciseManager
+from hl_monitor.feeds.symbols import SymbolLoader
 from hl_monitor.feeds.wide import WideManager
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import configure_logging, get_logger
 from hl_monitor.ops.http import AddressInput, HttpServer, Readiness, create_app
+from hl_monitor.ops.lease import InstanceLease
 from hl_monitor.ops.metrics import Metrics
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
 from hl_monitor.storage.cleaner import RetentionCleaner
@@ -110,6 +112,8 @@ class Service:
         self.wide: WideManager | None = None
         self.planner: TierPlanner | None = None
         self.repo: Repository | None = None
+        self.symbols: SymbolLoader | None = None
+        self.lease: InstanceLease | None = None
         self.http: HttpServer | None = None
         self.ready_event = asyncio.Event()
 
@@ -128,6 +132,12 @@ class Service:
             self.metrics.receive_to_signal_seconds.labels(stamped.trigger).observe(
                 max(0.0, (now_ms() - stamped.detected_at) / 1000)
             )
+
+    def _set_symbols(self, symbols: SymbolMap) -> None:
+        if self.engine is not None:
+            self.engine.set_symbols(symbols)
+        if self.tape_tracker is not None:
+            self.tape_tracker.set_symbols(symbols)
 
     async def _on_address_change(self, diff: AddressDiff) -> None:
         assert self.engine is not None
@@ -214,6 +224,8 @@ class Service:
         sync.inc(m.cache_miss, ("dedup_miss", ""), s.fills_processed, "dedup")
         for trigger, count in s.flushes_by_trigger.items():
             sync.inc(m.order_flush, ("flush", trigger), count, trigger)
+        sync.inc(m.held_signals, ("held", "released"), s.held_released, "released")
+        sync.inc(m.held_signals, ("held", "expired"), s.held_expired, "expired")
         for kind, count in s.evictions_by_kind.items():
             sync.inc(m.evictions, ("evict", kind), count, kind)
         m.order_aggregation_active.set(s.pending_orders)
@@ -303,6 +315,14 @@ class Service:
             "outbox_depth": self.outbox.depth if self.outbox is not None else 0,
             "writer_queue_depth": self.writer.depth if self.writer is not None else 0,
             "engine": _engine_stats(self.engine),
+            "symbols": None
+            if self.symbols is None
+            else {
+                "loaded": self.symbols.loaded,
+                "failures": self.symbols.failures,
+                "last_error": self.symbols.last_error,
+                "held_coins": self.engine.held_coins() if self.engine is not None else [],
+            },
             "cluster": self.cluster.status() if self.cluster is not None else {"mode": self.cfg.cluster.mode},
         }
 
@@ -333,7 +353,15 @@ class Service:
             db = create_engine(cfg)
             try:
                 await check_schema(db)
-                await self._run_with_db(db, stop)
+                if db.dialect.name != "sqlite":  # a shared database: the data-dir lock alone cannot see other hosts
+                    self.lease = InstanceLease.from_config(db, cfg, self.metrics)
+                    await self.lease.acquire()
+                try:
+                    await self._run_with_db(db, stop)
+                finally:
+                    if self.lease is not None:
+                        with contextlib.suppress(StorageError, OSError):
+                            await self.lease.release()
             finally:
                 await db.dispose()
 
@@ -405,6 +433,10 @@ class Service:
         watchdog = LoopWatchdog(metrics)
         cleaner = RetentionCleaner(db, cfg.retention, metrics)
         async with InfoClient.from_config(cfg.hyperliquid, budgets, metrics) as info:
+            # ---- symbols: loaded before the feeds start; a failed load keeps going (retried, counted)
+            self.symbols = symbols = SymbolLoader(info, cfg.symbols, metrics, db=db, on_update=self._set_symbols)
+            engine.on_unknown_coin = symbols.request_reload
+            await symbols.load()
             # ---- wide tier: the trades tape of every coin for addresses without a precise stream (issue 7)
             wide_enabled = cfg.wide.enabled and (cfg.cluster.mode != "nats" or cfg.cluster.tape_role == "active")
             if wide_enabled:
@@ -474,7 +506,12 @@ class Service:
                     ]
                     if embedded is not None:
                         background.append(tg.create_task(embedded.run(), name="embedded-nats"))
-                    intake = [tg.create_task(book.run(), name="address-book")]
+                    if self.lease is not None:
+                        background.append(tg.create_task(self.lease.run(), name="instance-lease"))
+                    intake = [
+                        tg.create_task(book.run(), name="address-book"),
+                        tg.create_task(symbols.run(), name="symbols"),
+                    ]
                     await _first(book.wait_loaded(), stop.wait())
                     intake.append(tg.create_task(precise.run(), name="precise"))
                     if self.planner is not None and self.tape is not None and self.wide is not None:

@@ -2,16 +2,30 @@
 
 MariaDB: tests marked `mariadb` get a fresh database on the server named by HL_TEST_MYSQL_URL
 (default the machine's local MariaDB). When it is unreachable they skip locally but FAIL under CI=true.
+
+Every test runs its event loop in asyncio debug mode, and `_no_silent_loop_problems` fails a test when a
+callback held the loop longer than `SLOW_CALLBACK_S`, when asyncio's exception handler reported a task whose
+exception was never retrieved (or any other loop error). A never-awaited coroutine is a RuntimeWarning, which
+`filterwarnings = error` already turns into a failure (debug mode adds where it was created). A test that
+blocks the loop on purpose opts out of the slow-callback rule only, with `@pytest.mark.blocks_loop(reason)`.
+
+Slow callbacks are measured like asyncio's debug check (wall time around each callback on the main thread),
+minus the time the kernel kept the thread waiting for a CPU (`/proc/thread-self/schedstat`): on a busy
+2-core machine a preempted callback is not a blocked loop, whereas `time.sleep`, synchronous I/O or a
+CPU-bound callback still count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +34,110 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MYSQL_URL = os.environ.get("HL_TEST_MYSQL_URL", "mysql+aiomysql://root@127.0.0.1:3306/test")
+
+# A callback holding the loop this long delays every other connection's frames: fail the test.
+SLOW_CALLBACK_S = 0.1
+BLOCKS_LOOP_MARKER = "blocks_loop"
+
+
+class _AsyncioRecords(logging.Handler):
+    """Collects what asyncio logs at WARNING and above (slow callbacks, unretrieved task exceptions)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _SlowCallbacks:
+    """Times every loop callback on the main thread; keeps the ones that held the loop too long."""
+
+    SCHEDSTAT = "/proc/thread-self/schedstat"  # "<cpu ns> <run-queue wait ns> <slices>"
+
+    def __init__(self) -> None:
+        self.findings: list[str] = []
+        self._main = threading.main_thread().ident
+        self._original = asyncio.events.Handle._run
+        try:
+            self._fd: int | None = os.open(self.SCHEDSTAT, os.O_RDONLY)
+        except OSError:  # no schedstat (non-Linux): plain wall time, as asyncio's own check
+            self._fd = None
+
+    def _sched_ns(self) -> tuple[int, int]:
+        """(CPU time, time spent runnable but waiting for a CPU) of the main thread so far."""
+        if self._fd is None:
+            return 0, 0
+        cpu, waited, _ = os.pread(self._fd, 128, 0).split()
+        return int(cpu), int(waited)
+
+    def install(self) -> None:
+        detector = self
+        original = self._original
+
+        def _run(handle: asyncio.Handle) -> None:
+            if threading.get_ident() != detector._main:
+                original(handle)
+                return
+            started = time.perf_counter()
+            cpu0, waited0 = detector._sched_ns()
+            original(handle)
+            wall = time.perf_counter() - started
+            if wall >= SLOW_CALLBACK_S:
+                cpu1, waited1 = detector._sched_ns()
+                held = wall - (waited1 - waited0) / 1e9
+                if held >= SLOW_CALLBACK_S:
+                    what = asyncio.base_events._format_handle(handle)  # type: ignore[attr-defined]
+                    detector.findings.append(
+                        f"{what} held the event loop for {held:.3f} s (CPU {(cpu1 - cpu0) / 1e9:.3f} s)"
+                    )
+
+        asyncio.events.Handle._run = _run  # type: ignore[method-assign,assignment]
+
+
+_SLOW_CALLBACKS = _SlowCallbacks()
+_SLOW_CALLBACKS.install()
+_ASYNCIO_RECORDS = _AsyncioRecords()
+_FORMAT = logging.Formatter("%(message)s")
+_asyncio_logger = logging.getLogger("asyncio")
+_asyncio_logger.addHandler(_ASYNCIO_RECORDS)
+# Independent of whatever level a test gives the root logger (configure_logging("error") would hide them).
+_asyncio_logger.setLevel(logging.WARNING)
+asyncio.BaseEventLoop.slow_callback_duration = SLOW_CALLBACK_S
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.option.asyncio_debug = True  # pytest-asyncio: every test's loop runs with loop.set_debug(True)
+    config.addinivalue_line(
+        "markers",
+        f"{BLOCKS_LOOP_MARKER}(reason): the test blocks the event loop on purpose; asyncio's slow-callback "
+        "warnings do not fail it (every other asyncio error still does)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_loop_problems(request: pytest.FixtureRequest) -> Iterator[None]:
+    _ASYNCIO_RECORDS.records.clear()
+    _SLOW_CALLBACKS.findings.clear()
+    yield
+    # Errors are what the loop's exception handler reports (task exception never retrieved, exception in a
+    # callback). asyncio's own "Executing … took" warnings are replaced by `_SlowCallbacks` (preemption-aware);
+    # other asyncio warnings (e.g. sslproto's eof_received note) are library chatter, not failures.
+    problems = [
+        f"asyncio {r.levelname}: {_FORMAT.format(r)}" for r in _ASYNCIO_RECORDS.records if r.levelno >= logging.ERROR
+    ]
+    slow = _SLOW_CALLBACKS.findings[:]
+    _ASYNCIO_RECORDS.records.clear()
+    _SLOW_CALLBACKS.findings.clear()
+    marker = request.node.get_closest_marker(BLOCKS_LOOP_MARKER)
+    if marker is not None:
+        if not marker.args and "reason" not in marker.kwargs:
+            pytest.fail(f"@pytest.mark.{BLOCKS_LOOP_MARKER} needs a reason")
+        slow = []
+    problems += [f"slow callback: {line}" for line in slow]
+    if problems:
+        pytest.fail("asyncio reported problems during this test:\n" + "\n".join(problems), pytrace=False)
 
 
 def free_port() -> int:

@@ -151,6 +151,8 @@ async def test_signals_reach_stream_and_table_exactly_once_across_a_restart(
     assert len(ids) == len(set(ids)), "a signal_id was stored twice in the stream"
     assert all(msg_id == sig.signal_id for msg_id, sig in stored)
     assert by_order([sig for _, sig in stored]) == want
+    symbols = {(sig.coin, sig.symbol) for _, sig in stored}
+    assert ("BTC", "BTCUSDC") in symbols, symbols  # the symbol map was loaded from the exchange's meta
     backfilled = {sig.oid for _, sig in stored if sig.backfilled}
     assert len(backfilled) == 1  # the ETH order traded while the service was down
 

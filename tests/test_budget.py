@@ -42,6 +42,9 @@ def max_in_any_window(events: list[tuple[float, int]], window: float) -> int:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.blocks_loop(
+    "starts 300 tasks in one step: ~3 ms normally, ~0.1 s under debug mode's per-task stack capture"
+)
 async def test_rest_weight_never_exceeds_capacity_with_many_concurrent_callers(seed: int) -> None:
     budgets, clock, _ = make(rest_weight_per_minute=100)
     rng = random.Random(seed)

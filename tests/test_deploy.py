@@ -186,6 +186,9 @@ async def served_metrics() -> str:
         def health_summary(self) -> dict[str, Any]:
             return {}
 
+        async def address_detail(self, address: str) -> dict[str, Any] | None:
+            return None
+
     cfg = HttpConfig(listen="127.0.0.1:0")
     async with (
         HttpServer(create_app(Up(), Metrics(), None, cfg), cfg.listen) as server,
@@ -447,6 +450,9 @@ async def test_dockerfile_healthcheck_follows_liveness() -> None:
 
         def health_summary(self) -> dict[str, Any]:
             return {}
+
+        async def address_detail(self, address: str) -> dict[str, Any] | None:
+            return None
 
     cfg = HttpConfig(listen="127.0.0.1:0")
     server = HttpServer(create_app(NotReady(), Metrics(), None, cfg), cfg.listen)

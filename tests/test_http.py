@@ -69,6 +69,9 @@ class FakeView:
     def health_summary(self) -> dict[str, Any]:
         return {"uptime": 12.5, "addresses": {"count": 1}}
 
+    async def address_detail(self, address: str) -> dict[str, Any] | None:
+        return None
+
 
 class MemoryAdmin:
     """An address book in a dict, with a switch that makes it behave like a database outage."""

@@ -19,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from hl_monitor.chaos.relay import TcpRelay
 from hl_monitor.config import Config, DatabaseConfig, RetentionConfig, WriterConfig
 from hl_monitor.errors import SchemaOutdatedError, StorageError
 from hl_monitor.ops.metrics import Metrics
@@ -39,7 +40,6 @@ from hl_monitor.storage.repository import (
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.signals import LiquidationInfo, Signal
 from hl_monitor.tracking.state import AggregationRecord, StateDelta, Watermark
-from tests.conftest import free_port
 
 WHALE = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
@@ -430,53 +430,11 @@ async def test_sqlite_locked_for_a_while_writer_retries_and_loses_nothing(sqlite
     await eng.dispose()
 
 
-class TcpProxy:
-    """A real TCP relay in front of MariaDB that can drop every connection and refuse new ones."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self.target_port = target_port
-        self.server: asyncio.Server | None = None
-        self.pipes: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-        for task in list(self.pipes):
-            task.cancel()
-        await asyncio.gather(*self.pipes, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        pipes = [asyncio.create_task(self._pipe(reader, up_writer)), asyncio.create_task(self._pipe(up_reader, writer))]
-        self.pipes.update(pipes)
-        try:
-            await asyncio.gather(*pipes)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self.pipes.difference_update(pipes)
-            for w in (writer, up_writer):
-                w.close()
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-
 @pytest.mark.mariadb
 async def test_mariadb_outage_writer_retries_and_loses_nothing(mariadb_url: str) -> None:
     await migrate.upgrade(mariadb_url)
     url = sa.make_url(mariadb_url)
-    proxy = TcpProxy(url.port or 3306)
+    proxy = TcpRelay(url.port or 3306, url.host or "127.0.0.1")
     await proxy.start()
     eng = service_engine(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1.0)
     metrics = Metrics()

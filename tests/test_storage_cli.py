@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hl_monitor.cli import main
+from hl_monitor.storage import migrate
 from hl_monitor.storage.cli import parse_import
 
 WHALE = "0x" + "ab" * 20
@@ -49,7 +50,7 @@ def test_commands_refuse_an_unmigrated_database_then_work_after_db_upgrade(
     assert "run `hl-monitor db upgrade`" in err
     code, out, _ = run(capsys, "db", "upgrade", "--config", str(config))
     assert code == 0
-    assert "at revision 0001" in out
+    assert f"at revision {migrate.head_revision()}" in out
     assert (config.parent / "data" / "hl.db").exists()
     code, out, _ = run(capsys, "db", "current", "--config", str(config))
     assert (code, "up to date" in out) == (0, True)

@@ -35,6 +35,7 @@ from typing import Any, Final, Protocol, TypeAlias
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.frames import CloseCode
 
 from hl_monitor.config import HyperliquidConfig
 from hl_monitor.errors import FrameDecodeError, ProtocolError
@@ -498,7 +499,23 @@ class Connection:
             reason = next(e.reason for e in group.exceptions if isinstance(e, _SessionEnd))
         except* ConnectionClosed as group:
             closed = group.exceptions[0]
-            reason = "server_closed" if isinstance(closed, ConnectionClosed) and closed.rcvd is not None else "dropped"
+            if (
+                isinstance(closed, ConnectionClosed)
+                and closed.sent is not None
+                and closed.sent.code == CloseCode.MESSAGE_TOO_BIG
+            ):
+                # websockets refused a frame above max_frame_bytes and failed the connection with 1009.
+                reason = "frame_too_big"
+                self._metrics.frame_decode_errors.labels(kind="too_big").inc()
+                log.warning(
+                    "frame larger than hyperliquid.max_frame_bytes refused; reconnecting",
+                    connection=self.name,
+                    max_frame_bytes=self._cfg.max_frame_bytes,
+                )
+            elif isinstance(closed, ConnectionClosed) and closed.rcvd is not None:
+                reason = "server_closed"
+            else:
+                reason = "dropped"
         except* (OSError, TimeoutError):
             reason = "io_error"
         finally:

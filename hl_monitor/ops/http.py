@@ -1,4 +1,4 @@
-"""The operations surface: health, readiness, status, Prometheus metrics and the admin address API.
+"""The operations surface: health, readiness, status, address details, Prometheus metrics and the admin API.
 
 One aiohttp application. Health and status read a `ServiceView` (the composition root implements it
 over the live components); the admin routes call an `AddressAdmin` and exist only when an admin token
@@ -90,6 +90,11 @@ class ServiceView(Protocol):
 
     def health_summary(self) -> dict[str, Any]:
         """JSON-able short summary merged into `/health` (uptime, counts, component states)."""
+        ...
+
+    async def address_detail(self, address: str) -> dict[str, Any] | None:
+        """One watched address (normalised lowercase) as JSON-able data: tier, connection, positions and
+        balances as last seen, pending orders, watermark, last signals. None when it is not watched (404)."""
         ...
 
 
@@ -319,6 +324,13 @@ class _Ops:
     async def status(self, request: web.Request) -> web.Response:
         return _json(self.view.status())
 
+    async def address(self, request: web.Request) -> web.Response:
+        address = _path_address(request)
+        detail = await self.view.address_detail(address)
+        if detail is None:
+            raise _ApiError(404, f"{address} is not watched")
+        return _json(detail)
+
     async def prometheus(self, request: web.Request) -> web.StreamResponse:
         self.readiness()  # keep `hl_monitor_ready` true at scrape time even when nobody probes /health/ready
         return await self._prometheus(request)
@@ -488,6 +500,7 @@ def create_app(
     app.router.add_get("/health/ready", ops.ready)
     app.router.add_get("/health", ops.health)
     app.router.add_get("/status", ops.status)
+    app.router.add_get("/addresses/{address}", ops.address)
     app.router.add_get("/metrics", ops.prometheus)
     token = http_cfg.admin_token
     if admin is not None and token:

@@ -1,8 +1,9 @@
-"""`hl-monitor db upgrade|current` and `hl-monitor addresses add|remove|list|import`.
+"""`hl-monitor db upgrade|current` and `hl-monitor addresses add|remove|list|import|show`.
 
 Address commands write `hlm_addresses` directly; a running service notices within a second (it polls
-the table's change marker). Invalid input (an address that is not 0x + 40 hex digits, an unknown tier,
-a malformed import line) is reported with its position and exits 2 without writing anything.
+the table's change marker). `addresses show` prints what the database holds for one address as JSON.
+Invalid input (an address that is not 0x + 40 hex digits, an unknown tier, a malformed import line) is
+reported with its position and exits 2 without writing anything.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import msgspec
+import orjson
+import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,10 +28,14 @@ from hl_monitor.config import Config, mask_url
 from hl_monitor.errors import StorageError
 from hl_monitor.feeds.addresses import InvalidAddressError, normalize_address
 from hl_monitor.storage import migrate
-from hl_monitor.storage.repository import AddressTable, create_engine
+from hl_monitor.storage import tables as t
+from hl_monitor.storage.repository import AddressTable, Repository, create_engine
 from hl_monitor.storage.tables import LABEL_LEN, TIERS
+from hl_monitor.tracking.state import AggregationRecord, Watermark
 
 EXIT_OK: Final = 0
+EXIT_NOT_FOUND: Final = 1  # `addresses show` of an address the table does not hold
+DEFAULT_SHOWN_SIGNALS: Final = 10
 EXIT_USAGE: Final = 2  # same as the top-level CLI's config/usage code: do not restart-loop on it
 PRIORITY_MAX: Final = 2**31 - 1  # the column is a signed INT
 
@@ -162,6 +170,72 @@ def _addresses_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def address_details(engine: AsyncEngine, address: str, signals: int) -> dict[str, Any] | None:
+    """What the database holds for one address: its row, positions and watermark as last persisted, pending
+    aggregations and the newest `signals` signals (newest first). None when the address table lacks it."""
+    row = await (await _table(engine)).get(address)
+    if row is None:
+        return None
+    repo = Repository(engine)
+    positions = await _by_address(engine, t.positions, address)
+    watermark_raw = await _by_address(engine, t.watermarks, address)
+    watermark = None
+    if watermark_raw is not None:
+        wm = msgspec.json.decode(watermark_raw, type=Watermark)
+        watermark = {"time": wm.time, "tid": wm.tid, "floor": wm.floor, "seeded": wm.seeded, "seen_keys": len(wm.seen)}
+    pending = []
+    for stored in await repo.load_pending_aggregations():
+        if stored.address != address:
+            continue
+        record = msgspec.json.decode(stored.record, type=AggregationRecord)
+        pending.append(
+            {
+                "oid": None if stored.twap_id is not None else stored.oid,
+                "twap_id": stored.twap_id,
+                "coin": stored.coin,
+                "direction": record.open_close,
+                "dir": record.dir,
+                "size": str(record.size),
+                "fill_count": stored.fill_count,
+                "first_fill_time": stored.first_fill_time,
+                "last_fill_time": stored.last_fill_time,
+                "status": record.status,
+                "signal_id": record.signal_id,
+            }
+        )
+    s = t.signals.c
+    query = sa.select(s.payload, s.published).where(s.address == address).order_by(s.id.desc()).limit(max(signals, 0))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    # The stored payload is embedded verbatim: its decimals are exact JSON numbers a float parse would round.
+    last = [{"published": bool(published), "signal": orjson.Fragment(payload)} for payload, published in rows]
+    return {
+        **row,
+        "positions": orjson.Fragment(positions) if positions is not None else None,
+        "watermark": watermark,
+        "pending_orders": pending,
+        "last_signals": last,
+    }
+
+
+async def _by_address(engine: AsyncEngine, table: sa.Table, address: str) -> str | None:
+    async with engine.connect() as conn:
+        value = (await conn.execute(sa.select(table.c.payload).where(table.c.address == address))).scalar()
+    return None if value is None else str(value)
+
+
+def _addresses_show(args: argparse.Namespace) -> int:
+    async def action(engine: AsyncEngine, cfg: Config) -> dict[str, Any] | None:
+        return await address_details(engine, args.address, args.signals)
+
+    details = _with_engine(args, action)
+    if details is None:
+        print(f"hl-monitor: {args.address} is not in the address table", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(orjson.dumps(details, option=orjson.OPT_INDENT_2).decode())
+    return EXIT_OK
+
+
 def parse_import(lines: Sequence[str], source: str) -> tuple[dict[str, str | None], list[str]]:
     """Addresses (with optional labels) from `address` or `address,label` lines; also the list of errors.
 
@@ -266,6 +340,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     listing.add_argument("--all", action="store_true", help="include inactive addresses")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_addresses_list)
+
+    show = addr_sub.add_parser("show", help="one address as stored: row, positions, watermark, pending, last signals")
+    add_config_arg(show)
+    show.add_argument("address", type=_address, metavar="ADDRESS")
+    show.add_argument(
+        "--signals", type=int, default=DEFAULT_SHOWN_SIGNALS, metavar="N", help="newest signals to show (default 10)"
+    )
+    show.set_defaults(handler=_addresses_show)
 
     imp = addr_sub.add_parser("import", help="watch every address in a file (`address` or `address,label` lines)")
     add_config_arg(imp)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from hl_monitor.config import Config
+from hl_monitor.errors import StorageError
 from hl_monitor.feeds.addresses import WatchedAddress, normalize_address
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import ensure_sqlite_dir
@@ -79,6 +80,8 @@ def create_engine(cfg: Config) -> AsyncEngine:
         connect_args["charset"] = "utf8mb4"  # the server default may be latin1; labels are unicode
     if db.tls_ca:
         connect_args["ssl"] = ssl.create_default_context(cafile=db.tls_ca)
+        if parsed.get_driver_name() == "aiomysql":
+            connect_args["async_creator_fn"] = _connect_requiring_tls
     return create_async_engine(
         url,
         pool_pre_ping=True,
@@ -87,6 +90,29 @@ def create_engine(cfg: Config) -> AsyncEngine:
         max_overflow=db.max_overflow,
         connect_args=connect_args,
     )
+
+
+async def _connect_requiring_tls(**kwargs: Any) -> Any:
+    """aiomysql silently skips TLS when the server does not offer it; with `database.tls_ca` set that must fail
+    before any credential is sent (a stripped TLS flag would otherwise downgrade the connection to plain text)."""
+    import aiomysql
+    from aiomysql.connection import CLIENT
+
+    class _TlsRequired(aiomysql.Connection):  # type: ignore[misc]
+        async def _request_authentication(self) -> None:
+            if not self.server_capabilities & CLIENT.SSL:
+                raise StorageError(
+                    "database.tls_ca is set but the MySQL server does not offer TLS; refusing to log in in plain text"
+                )
+            await super()._request_authentication()
+
+    conn = _TlsRequired(**kwargs)
+    try:
+        await conn._connect()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -32,6 +32,9 @@ STATUS_LEN: Final = 64  # Hyperliquid statuses such as `openInterestIncreaseReje
 DIR_LEN: Final = 64  # Hyperliquid `dir` after the split, including liquidation labels
 SHORT_LEN: Final = 16  # enumerations: direction, side, asset_type, source, trigger, tier
 INSTANCE_LEN: Final = 255  # instance ids are host name + data directory
+# Instance ids as a primary key: 191 utf8mb4 characters stay under old MySQL row formats' 767-byte key limit.
+LEASE_KEY_LEN: Final = 191
+LEASE_TOKEN_LEN: Final = 32  # uuid4 hex
 
 DECIMAL_PRECISION: Final = 65  # MySQL's maximum
 DECIMAL_SCALE: Final = 30  # MySQL's maximum; the remaining 35 digits are the integer part
@@ -221,6 +224,19 @@ watermarks: Final = sa.Table(
     sa.Column("address", sa.String(ADDRESS_LEN), primary_key=True),
     sa.Column("payload", JsonText(), nullable=False),
     sa.Column("updated_at", sa.BigInteger(), nullable=False),
+)
+
+# Who runs as which instance when several hosts share this database: the holder renews `expires_at` (epoch ms)
+# while it runs; a row past it belongs to a crashed holder and may be taken over (hl_monitor/ops/lease.py).
+instance_leases: Final = sa.Table(
+    "hlm_instance_leases",
+    metadata,
+    sa.Column("instance_id", sa.String(LEASE_KEY_LEN), primary_key=True),
+    sa.Column("holder", sa.String(INSTANCE_LEN), nullable=False),  # "pid N on host": named in the refusal
+    sa.Column("token", sa.String(LEASE_TOKEN_LEN), nullable=False),  # random per process: whose lease it is
+    sa.Column("acquired_at", sa.BigInteger(), nullable=False),
+    sa.Column("renewed_at", sa.BigInteger(), nullable=False),
+    sa.Column("expires_at", sa.BigInteger(), nullable=False),
 )
 
 # ---- tables owned by other services: read only, never created or migrated here ----

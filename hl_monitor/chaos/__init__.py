@@ -1,0 +1,1 @@
+"""Chaos suite: scripted faults against the real service (subprocess), real NATS and a real database."""

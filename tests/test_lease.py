@@ -1,0 +1,144 @@
+"""Shared-database instance lease: one process per instance id across hosts, takeover after the TTL, and a
+lost lease stops the holder. On SQLite and MariaDB (the migration creates the table)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hl_monitor.config import Config, DatabaseConfig, ServiceConfig
+from hl_monitor.errors import ConfigError, InstanceLockedError
+from hl_monitor.ops.lease import InstanceLease, LeaseLostError
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.storage import migrate
+from hl_monitor.storage import tables as t
+from hl_monitor.storage.repository import create_engine
+
+ID = "whale-monitor-1"
+# Short enough for fast tests; the renew interval leaves two renewals per TTL.
+TTL = 0.6
+RENEW = 0.15
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "mariadb_url"))
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    url = db_url
+    await migrate.upgrade(url)
+    eng = create_engine(Config(database=DatabaseConfig(url=url)))
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+def lease(engine: AsyncEngine, metrics: Metrics | None = None, ttl: float = TTL) -> InstanceLease:
+    return InstanceLease(engine, ID, ttl, metrics or Metrics(), renew_interval=min(RENEW, ttl / 3))
+
+
+def outcome(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value("hl_monitor_lease_renewals_total", {"outcome": name}) or 0.0
+
+
+async def rows(engine: AsyncEngine) -> list[sa.RowMapping]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(sa.select(t.instance_leases))).mappings().all())
+
+
+async def test_a_live_holder_is_refused_and_a_released_lease_is_free_at_once(engine: AsyncEngine) -> None:
+    """Second process with the same id (another host) is refused naming the holder; release frees it."""
+    first = lease(engine, ttl=30.0)
+    await first.acquire()
+    held_after_acquire = first.held
+    assert held_after_acquire
+    metrics = Metrics()
+    with pytest.raises(InstanceLockedError) as info:
+        await lease(engine, metrics, ttl=30.0).acquire()
+    assert first.holder in info.value.holder
+    assert outcome(metrics, "refused") == 1
+    other_id = InstanceLease(engine, "whale-monitor-2", 30.0, Metrics())
+    await other_id.acquire()  # a different identity is unaffected
+    await first.release()
+    assert not first.held
+    second = lease(engine, ttl=30.0)
+    await second.acquire()
+    assert {(r["instance_id"], r["token"]) for r in await rows(engine)} == {
+        (ID, second.token),
+        ("whale-monitor-2", other_id.token),
+    }
+
+
+async def test_a_crashed_holders_lease_is_taken_over_after_its_ttl(engine: AsyncEngine) -> None:
+    """A holder that stops renewing (kill -9, lost host) blocks a successor only until its TTL has passed."""
+    crashed = lease(engine)
+    await crashed.acquire()  # and never renews
+    with pytest.raises(InstanceLockedError):
+        await lease(engine).acquire()
+    await asyncio.sleep(TTL + 0.1)
+    successor = lease(engine)
+    await successor.acquire()
+    assert [r["token"] for r in await rows(engine)] == [successor.token]
+    with pytest.raises(LeaseLostError):
+        await crashed.renew()  # the old holder, if it comes back, learns it lost the identity
+
+
+async def test_renewal_keeps_the_lease_past_its_ttl(engine: AsyncEngine) -> None:
+    metrics = Metrics()
+    holder = lease(engine, metrics)
+    await holder.acquire()
+    async with asyncio.TaskGroup() as tg:
+        renewing = tg.create_task(holder.run())
+        await asyncio.sleep(TTL * 2)
+        with pytest.raises(InstanceLockedError):
+            await lease(engine).acquire()
+        renewing.cancel()
+    assert outcome(metrics, "ok") >= 2
+
+
+async def test_losing_the_lease_stops_the_holder(engine: AsyncEngine) -> None:
+    """When another process owns the row (an operator deleted it, a takeover after a long pause), run() raises."""
+    metrics = Metrics()
+    holder = lease(engine, metrics)
+    await holder.acquire()
+    async with engine.begin() as conn:
+        await conn.execute(sa.update(t.instance_leases).values(token="f" * 32, holder="pid 1 on elsewhere"))
+    with pytest.raises(LeaseLostError, match="belongs to another process"):
+        async with asyncio.timeout(5):
+            await holder.run()
+    assert not holder.held
+    assert outcome(metrics, "lost") == 1
+
+
+async def test_an_unreachable_database_stops_the_holder_before_its_lease_lapses(sqlite_url: str) -> None:
+    """Renewals fail (database gone): the holder gives up before a successor could take over."""
+    await migrate.upgrade(sqlite_url)
+    eng = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
+    metrics = Metrics()
+    holder = lease(eng, metrics)
+    try:
+        await holder.acquire()
+        async with eng.begin() as conn:
+            await conn.execute(sa.text("DROP TABLE hlm_instance_leases"))  # every renewal now errors
+        with pytest.raises(LeaseLostError, match="could not renew it before it expires"):
+            async with asyncio.timeout(5):
+                await holder.run()
+        assert not holder.held
+        assert outcome(metrics, "error") >= 1  # failed renewals were retried until the last safe moment
+    finally:
+        await eng.dispose()
+
+
+def test_config_keys_and_validation() -> None:
+    cfg = Config(service=ServiceConfig(instance_id=ID, lease_ttl=12.0, lease_renew_interval=4.0))
+    built = InstanceLease.from_config(create_engine(Config()), cfg, Metrics())
+    assert (built.instance_id, built.ttl, built.renew_interval) == (ID, 12.0, 4.0)
+    with pytest.raises(ConfigError, match=r"service\.instance_id"):
+        InstanceLease(create_engine(Config()), "x" * (t.LEASE_KEY_LEN + 1), 30.0, Metrics())
