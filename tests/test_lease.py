@@ -4,6 +4,7 @@ lost lease stops the holder. On SQLite and MariaDB (the migration creates the ta
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -117,8 +118,9 @@ async def test_losing_the_lease_stops_the_holder(engine: AsyncEngine) -> None:
     assert outcome(metrics, "lost") == 1
 
 
-async def test_an_unreachable_database_stops_the_holder_before_its_lease_lapses(sqlite_url: str) -> None:
-    """Renewals fail (database gone): the holder gives up before a successor could take over."""
+async def test_an_unreachable_database_does_not_stop_the_holder(sqlite_url: str) -> None:
+    """Renewals fail while the database is gone and the service keeps running; once the database answers again
+    a row that now belongs to someone else stops the holder."""
     await migrate.upgrade(sqlite_url)
     eng = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
     metrics = Metrics()
@@ -127,12 +129,69 @@ async def test_an_unreachable_database_stops_the_holder_before_its_lease_lapses(
         await holder.acquire()
         async with eng.begin() as conn:
             await conn.execute(sa.text("DROP TABLE hlm_instance_leases"))  # every renewal now errors
-        with pytest.raises(LeaseLostError, match="could not renew it before it expires"):
+        running = asyncio.create_task(holder.run())
+        await asyncio.sleep(TTL * 3)  # well past the TTL: still running
+        assert not running.done()
+        assert outcome(metrics, "error") >= 2
+        async with eng.begin() as conn:  # the database is back, and another process holds the identity
+            await conn.run_sync(t.instance_leases.create)
+            await conn.execute(
+                sa.insert(t.instance_leases).values(
+                    instance_id=ID,
+                    holder="pid 1 on elsewhere",
+                    token="other",
+                    acquired_at=0,
+                    renewed_at=0,
+                    expires_at=2**62,
+                )
+            )
+        with pytest.raises(LeaseLostError, match="belongs to another process"):
             async with asyncio.timeout(5):
-                await holder.run()
-        assert not holder.held
-        assert outcome(metrics, "error") >= 1  # failed renewals were retried until the last safe moment
+                await running
     finally:
+        await eng.dispose()
+
+
+HOLD_AND_WAIT = """
+import asyncio, sys
+from hl_monitor.config import Config, DatabaseConfig
+from hl_monitor.ops.lease import InstanceLease
+from hl_monitor.ops.metrics import Metrics
+from hl_monitor.storage.repository import create_engine
+
+async def main() -> None:
+    eng = create_engine(Config(database=DatabaseConfig(url=sys.argv[1])))
+    await InstanceLease(eng, sys.argv[2], 30.0, Metrics()).acquire()
+    print("held", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_lease_of_a_killed_local_process_is_taken_over_at_once(sqlite_url: str) -> None:
+    """kill -9 of the holder on this host: the restart takes the lease at once instead of waiting out the TTL."""
+    await migrate.upgrade(sqlite_url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_AND_WAIT, sqlite_url, ID, stdout=asyncio.subprocess.PIPE
+    )
+    eng = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while (await proc.stdout.readline()).strip() != b"held":  # skip its log lines
+                pass
+        with pytest.raises(InstanceLockedError):  # alive: refused even though it is on this host
+            await lease(eng, ttl=30.0).acquire()
+        proc.kill()
+        await proc.wait()
+        successor = lease(eng, ttl=30.0)
+        await successor.acquire()  # the 30 s TTL has not passed
+        assert [r["token"] for r in await rows(eng)] == [successor.token]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
         await eng.dispose()
 
 

@@ -2,10 +2,14 @@
 
 The data-dir `InstanceLock` stops two processes on one host; this stops two hosts configured with the same
 `service.instance_id` and one MySQL. `acquire()` inserts the row `hlm_instance_leases[instance_id]`, or takes
-it over when its `expires_at` has passed (its holder crashed or lost the database); a live holder's row is
-refused with `InstanceLockedError`. `run()` renews the row every `lease_renew_interval`. When the row is no
-longer ours, or the database stayed unreachable until the lease would lapse, `run()` raises `LeaseLostError`:
-another process may own the identity now, so this one must stop (it is fatal for the service's TaskGroup).
+it over when its `expires_at` has passed (its holder crashed or lost the database) or when its holder was a
+process on this host that no longer runs (a `kill -9` restart must not wait out the TTL: pid gone, or the same
+pid with another start time, as for a restarted container's pid 1); a live holder's row is refused with
+`InstanceLockedError`. `run()` renews the row every `lease_renew_interval`. When the row is no longer ours,
+`run()` raises `LeaseLostError`: another process owns the identity now, so this one must stop (it is fatal for
+the service's TaskGroup). While the database is unreachable renewals fail and are retried, and the service keeps
+running: no other process can take the row then either, and the first renewal after the outage tells whether
+the row is still ours.
 
 Times in the row are epoch milliseconds of the writer's clock; hosts sharing the database need clocks within a
 fraction of `lease_ttl` of each other (NTP). Takeover and renewal are compare-and-set updates on the token, so
@@ -15,7 +19,9 @@ two contenders for an expired row cannot both win.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import socket
 import time
 import uuid
@@ -51,6 +57,39 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_HOLDER_RE: Final = re.compile(r"pid (\d+) on (\S+)(?: started (\d+))?")
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def holder_label() -> str:
+    pid = os.getpid()
+    started = _start_ticks(pid)
+    return f"pid {pid} on {socket.gethostname()}" + (f" started {started}" if started else "")
+
+
+def local_holder_is_gone(holder: str) -> bool:
+    """True when `holder` names a process on this host that is no longer running (never for other hosts)."""
+    match = _HOLDER_RE.fullmatch(holder)
+    if match is None or match.group(2) != socket.gethostname():
+        return False
+    pid, started = int(match.group(1)), match.group(3)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, owned by another user
+    return started is not None and _start_ticks(pid) != started
+
+
 class InstanceLease:
     """The lease row of one instance id. `acquire()`, then `run()` in the TaskGroup, `release()` on shutdown."""
 
@@ -75,7 +114,7 @@ class InstanceLease:
         self.renew_interval = renew_interval if renew_interval is not None else ttl / 3
         if not 0 < self.renew_interval < ttl:
             raise ValueError("renew_interval must be > 0 and shorter than ttl")
-        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        self.holder = holder_label()
         self.token = uuid.uuid4().hex
         self._engine = engine
         self._metrics = metrics
@@ -105,7 +144,8 @@ class InstanceLease:
         async with self._engine.begin() as conn:
             row = (await conn.execute(sa.select(t.instance_leases).where(self._where()))).mappings().first()
             if row is not None:
-                if row["token"] != self.token and row["expires_at"] > now:
+                gone = local_holder_is_gone(row["holder"])
+                if row["token"] != self.token and row["expires_at"] > now and not gone:
                     left = (row["expires_at"] - now) / MS
                     self._metrics.lease_renewals.labels(outcome="refused").inc()
                     raise InstanceLockedError(
@@ -123,7 +163,9 @@ class InstanceLease:
                     )
                 if row["token"] != self.token:
                     log.warning(
-                        "took over an expired instance lease",
+                        "took over the instance lease of a process that is gone"
+                        if gone
+                        else "took over an expired instance lease",
                         instance_id=self.instance_id,
                         previous_holder=row["holder"],
                         expired_s_ago=round((now - row["expires_at"]) / MS, 1),
@@ -162,32 +204,26 @@ class InstanceLease:
         self._metrics.lease_renewals.labels(outcome="ok").inc()
 
     async def run(self) -> None:
-        """Renew until cancelled; raise `LeaseLostError` once the lease can no longer be vouched for."""
+        """Renew until cancelled; raise `LeaseLostError` once the row belongs to another process."""
         if self._valid_until is None:
             raise RuntimeError("acquire() the lease before run()")
         while True:
             await asyncio.sleep(self.renew_interval)
-            left = self._valid_until - self._monotonic()
             try:
-                async with asyncio.timeout(max(left, 0.0)):
+                async with asyncio.timeout(self.renew_interval * 2):
                     await self.renew()
             except LeaseLostError:
                 raise
             except (TimeoutError, sa.exc.SQLAlchemyError, OSError) as exc:
                 self._metrics.lease_renewals.labels(outcome="error").inc()
-                left = self._valid_until - self._monotonic()
-                if left <= self.renew_interval:
-                    self._valid_until = None
-                    self._metrics.lease_renewals.labels(outcome="lost").inc()
-                    raise LeaseLostError(
-                        self.instance_id, f"could not renew it before it expires ({type(exc).__name__})"
-                    ) from exc
-                log.warning(
-                    "instance lease renewal failed; retrying",
-                    instance_id=self.instance_id,
-                    error=f"{type(exc).__name__}: {exc}",
-                    valid_s=round(left, 1),
-                )
+                with contextlib.suppress(Exception):
+                    log.warning(
+                        "instance lease renewal failed; retrying (no other process can take it while the "
+                        "database is unreachable)",
+                        instance_id=self.instance_id,
+                        error=f"{type(exc).__name__}: {exc}",
+                        held=self.held,
+                    )
 
     async def release(self) -> None:
         """Delete our row so a successor starts at once (best effort: an expired row is taken over anyway)."""

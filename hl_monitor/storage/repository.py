@@ -8,6 +8,7 @@ and the state reloaded at start.
 
 from __future__ import annotations
 
+import functools
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,12 @@ SQLITE_MAX_PARAMS: Final = 30_000
 # MySQL binds at most 65535 placeholders per prepared statement; aiomysql interpolates client-side, but
 # keeping the same ceiling keeps each statement well under max_allowed_packet.
 MYSQL_MAX_PARAMS: Final = 60_000
+
+# Quotes are then the only character to escape: pymysql/aiomysql escape a string with `str.replace` instead of
+# a per-character `str.translate` (about 70x faster; the fills JSON of every aggregation row goes through it).
+NO_BACKSLASH_ESCAPES_INIT: Final = (
+    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'NO_BACKSLASH_ESCAPES')"
+)
 
 AggKey = tuple[str, int, str]  # (address, oid, direction)
 
@@ -78,6 +85,8 @@ def create_engine(cfg: Config) -> AsyncEngine:
     connect_args: dict[str, Any] = {"connect_timeout": db.connect_timeout}
     if "charset" not in parsed.query:
         connect_args["charset"] = "utf8mb4"  # the server default may be latin1; labels are unicode
+    if "init_command" not in parsed.query:
+        connect_args["init_command"] = NO_BACKSLASH_ESCAPES_INIT
     if db.tls_ca:
         connect_args["ssl"] = ssl.create_default_context(cafile=db.tls_ca)
         if parsed.get_driver_name() == "aiomysql":
@@ -162,6 +171,19 @@ def upsert(
     raise ValueError(f"unsupported database dialect {dialect!r}")
 
 
+def upsert_statement(dialect: str, table: sa.Table, keys: Sequence[str], update: Mapping[str, Updater]) -> Insert:
+    """`upsert` without rows, to execute with a list of rows (executemany): built and compiled once, cached."""
+    if dialect in ("mysql", "mariadb"):
+        my = mysql.insert(table)
+        return my.on_duplicate_key_update({col: fn(my.inserted) for col, fn in update.items()})
+    if dialect == "sqlite":
+        lite = sqlite.insert(table)
+        return lite.on_conflict_do_update(
+            index_elements=list(keys), set_={col: fn(lite.excluded) for col, fn in update.items()}
+        )
+    raise ValueError(f"unsupported database dialect {dialect!r}")
+
+
 def _take(col: str) -> Updater:
     return lambda new: getattr(new, col)
 
@@ -197,6 +219,41 @@ def mark_published_statement(marks: Mapping[str, int]) -> sa.Update:
         .where(t.signals.c.signal_id.in_(list(marks)), t.signals.c.published == sa.false())
         .values(published=True, published_at=at)
     )
+
+
+# Publish marks per UPDATE in the writer. Chunks are padded to a power of two, so at most log2 of this many
+# statement shapes exist; each is built and compiled once.
+MAX_MARKS_PER_STATEMENT: Final = 512
+
+
+@functools.lru_cache(maxsize=MAX_MARKS_PER_STATEMENT.bit_length())
+def _mark_published_slots(slots: int) -> sa.Update:
+    s = t.signals.c
+    ids = [sa.bindparam(f"id{i}", type_=s.signal_id.type) for i in range(slots)]
+    at = sa.case(*((s.signal_id == ids[i], sa.bindparam(f"at{i}", type_=s.published_at.type)) for i in range(slots)))
+    return (
+        sa.update(t.signals)
+        .where(s.signal_id.in_(ids), s.published == sa.false())
+        .values(published=True, published_at=at)
+    )
+
+
+def mark_published_call(marks: Sequence[tuple[str, int]]) -> tuple[sa.Update, dict[str, Any]]:
+    """`mark_published_statement` for the writer's hot path: a cached statement and its parameters.
+
+    Up to `MAX_MARKS_PER_STATEMENT` (signal_id, ack ms) pairs; the chunk is padded with its last pair
+    (a repeated id changes nothing) to the statement's power-of-two size.
+    """
+    if not 0 < len(marks) <= MAX_MARKS_PER_STATEMENT:
+        raise ValueError(f"1 to {MAX_MARKS_PER_STATEMENT} marks per statement, got {len(marks)}")
+    slots = 1 << (len(marks) - 1).bit_length()
+    params: dict[str, Any] = {}
+    last = marks[-1]
+    for i in range(slots):
+        sid, at = marks[i] if i < len(marks) else last
+        params[f"id{i}"] = sid
+        params[f"at{i}"] = at
+    return _mark_published_slots(slots), params
 
 
 def close_aggregations_statement(keys: Sequence[AggKey], status: str | None, at_ms: int) -> sa.Update:
