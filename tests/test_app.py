@@ -98,7 +98,10 @@ def by_order(signals: list[Signal]) -> dict[tuple[int, str], tuple[Decimal, Deci
 async def live(service: Service, *addresses: str) -> None:
     def ok() -> bool:
         precise = service.precise
-        return precise is not None and not precise.not_live() and set(addresses) <= set(precise.assigned())
+        if precise is None or precise.not_live() or not set(addresses) <= set(precise.assigned()):
+            return False
+        # Live and its first gap recovery done: a trade from now on arrives on the stream, not in a backfill.
+        return all((stream := precise.stream(a)) is not None and stream.recoveries >= 1 for a in addresses)
 
     await wait_until(ok, within=20)
 

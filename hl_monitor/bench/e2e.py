@@ -1,15 +1,17 @@
-"""End-to-end bench: simulator (own process) → real WebSockets → precise tier → engine → writer + outbox → JetStream.
+"""End-to-end bench: simulator (own process) → real WebSockets → the real service → JetStream + database.
 
-The pipeline is assembled from the service's own components the way the app composes them (address book,
-`PreciseManager` with one `UserStream` per whale, `TrackingEngine`, `BatchWriter` + `Outbox` + `Publisher`, a
-real `nats-server` with JetStream, MariaDB or SQLite migrated by Alembic). The simulator runs in a child
-process (`bench.simproc`) so it does not share the service's event loop.
+Each pipeline is the service itself: `hl_monitor.app.Service(cfg).run(stop)` in this process, configured like
+a deployment (embedded `nats-server` with JetStream, MariaDB or SQLite migrated by Alembic, the watched
+whales in `addresses.initial`, HTTP, wide tier, retention, every background task), against the simulator in
+a child process (`bench.simproc`) so the sim does not share the service's event loop. Only the clocks are
+added: the bench wraps the running service's `Publisher.publish` to note the wall-clock time of each
+JetStream ack (and, for the core-publish baseline, swaps the ack for a core NATS publish).
 
 Per run the sim places market orders and reports, per oid, the wall-clock time its frames were queued for
-sending; the publisher records the wall-clock time of each JetStream ack. Latency = ack − send per order (the
-later ack when a flip made two signals); throughput = fills / (last ack − first send). Zero loss is checked
-after each run: every order has an acked signal, the engine processed every fill exactly once, the stream
-holds one message per signal, and the database holds every signal, marked published.
+sending. Latency = ack − send per order (the later ack when a flip made two signals); throughput = fills /
+(last ack − first send). Zero loss is checked after each run: every order has an acked signal, the engine
+processed every fill exactly once, the stream holds one message per signal, and the database holds every
+signal, marked published.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import sys
 import tempfile
 import time
@@ -31,24 +34,22 @@ import sqlalchemy as sa
 from nats.js.api import PubAck
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from hl_monitor.app import Service
 from hl_monitor.bench.frames import whale_address
-from hl_monitor.config import Config, DatabaseConfig, HyperliquidConfig, NatsConfig
-from hl_monitor.delivery.embedded_nats import EmbeddedNats
-from hl_monitor.delivery.outbox import Outbox
+from hl_monitor.config import (
+    AddressesConfig,
+    Config,
+    DatabaseConfig,
+    HttpConfig,
+    HyperliquidConfig,
+    NatsConfig,
+    ServiceConfig,
+)
 from hl_monitor.delivery.publisher import MSG_ID_HEADER, Publisher, signal_subject
 from hl_monitor.errors import HlMonitorError
-from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource, WatchedAddress
-from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.connection import ConnState
-from hl_monitor.feeds.precise import PreciseManager
-from hl_monitor.hyperliquid.info import InfoClient
-from hl_monitor.hyperliquid.symbols import SymbolMap
-from hl_monitor.ops.metrics import Metrics
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import upgrade
-from hl_monitor.storage.repository import Repository, create_engine, now_ms
-from hl_monitor.storage.writer import BatchWriter
-from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.signals import Signal, encode_signal
 
 __all__ = ["BenchError", "LoadRun", "Pipeline", "PipelineOptions", "percentile"]
@@ -64,6 +65,8 @@ POLL_S: Final = 0.01
 BENCH_STALE_AFTER_S: Final = 120.0
 SIM_START_TIMEOUT_S: Final = 30.0
 SIM_LINE_LIMIT: Final = 256 * 1024 * 1024  # a load answer lists every order: tens of MB at most
+SERVICE_STOP_TIMEOUT_S: Final = 60.0  # the service's own shutdown deadline is 25 s; past this it is hung
+BENCH_INSTANCE_ID: Final = "bench"
 
 
 class BenchError(HlMonitorError):
@@ -75,6 +78,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,29 +119,37 @@ class LoadRun:
         return bool(self.loss.get("zero_loss"))
 
 
-class _TimedPublisher(Publisher):
-    """The real publisher, plus the wall-clock ack time of every signal (and an un-acked core-publish mode)."""
+class _AckClock:
+    """Wraps the running service's `Publisher.publish`: notes each ack's wall-clock time per signal and oid.
 
-    def __init__(self, *args: Any, ack: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ack = ack
+    With `ack=False` the publish becomes a core NATS publish (no PubAck wait): the baseline that shows
+    what waiting for JetStream costs. The stream still stores those messages (it captures the subjects).
+    """
+
+    def __init__(self, publisher: Publisher, *, ack: bool, stream: str, subject_prefix: str) -> None:
         self.acked: dict[str, tuple[int | None, float]] = {}  # signal_id → (oid, ack time)
         self.by_oid: dict[int, float] = {}  # oid → latest ack time
         self.detected: dict[int, float] = {}  # oid → latest detected_at (s)
+        self.waiting: set[int] = set()  # oids of the current run not acked yet
+        real = publisher.publish
+        client = publisher.client
 
-    async def publish(self, signal: Signal) -> PubAck:
-        if self._ack:
-            ack = await super().publish(signal)
-        else:
-            subject = signal_subject(self._signals.subject_prefix, signal)
-            await self._nc.publish(subject, encode_signal(signal), headers={MSG_ID_HEADER: signal.signal_id})
-            ack = PubAck(stream=self._cfg.stream, seq=0)
-        at = time.time()
-        self.acked[signal.signal_id] = (signal.oid, at)
-        if signal.oid is not None:
-            self.by_oid[signal.oid] = at
-            self.detected[signal.oid] = signal.detected_at / 1000
-        return ack
+        async def publish(signal: Signal) -> PubAck:
+            if ack:
+                answer = await real(signal)
+            else:
+                subject = signal_subject(subject_prefix, signal)
+                await client.publish(subject, encode_signal(signal), headers={MSG_ID_HEADER: signal.signal_id})
+                answer = PubAck(stream=stream, seq=0)
+            at = time.time()
+            self.acked[signal.signal_id] = (signal.oid, at)
+            if signal.oid is not None:
+                self.by_oid[signal.oid] = at
+                self.detected[signal.oid] = signal.detected_at / 1000
+                self.waiting.discard(signal.oid)
+            return answer
+
+        publisher.publish = publish  # type: ignore[method-assign]  # this instance only: the bench's clock
 
 
 class _SimProcess:
@@ -198,28 +216,22 @@ class _SimProcess:
 
 
 class Pipeline:
-    """The service's precise path against the simulator; `async with Pipeline(opts) as p: await p.load(...)`."""
+    """The real service against the simulator; `async with Pipeline(opts) as p: await p.load(...)`."""
 
     def __init__(self, opts: PipelineOptions) -> None:
         self.opts = opts
         self.whales = [whale_address(i) for i in range(opts.whales)]
-        self.metrics = Metrics()
         self.startup_s = 0.0
         self._tmp = tempfile.TemporaryDirectory(prefix="hl-bench-")
         self._sim = _SimProcess(Path(self._tmp.name) / "sim.log")
-        self._nats: EmbeddedNats | None = None
         self._db_name: str | None = None
-        self._db: AsyncEngine | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._info: InfoClient | None = None
-        self.publisher: _TimedPublisher | None = None
-        self.writer: BatchWriter | None = None
-        self.outbox: Outbox | None = None
-        self.engine: TrackingEngine | None = None
-        self.manager: PreciseManager | None = None
+        self._db: AsyncEngine | None = None  # the bench's own connection, for the loss check
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.service: Service | None = None
+        self.clock: _AckClock | None = None
         self._cfg = Config()
         self._expected_signals = 0
-        self._fills_sent = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -227,12 +239,12 @@ class Pipeline:
         try:
             await self._start()
         except BaseException:
-            await self._stop()
+            await self._stop_all()
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._stop()
+        await self._stop_all()
 
     async def _database_url(self) -> str:
         if self.opts.db == "sqlite":
@@ -249,135 +261,67 @@ class Pipeline:
             await admin.dispose()
         return f"{self.opts.mysql_url.rsplit('/', 1)[0]}/{self._db_name}"
 
-    async def _start(self) -> None:
-        started = time.perf_counter()
-        await self._sim.start()
-        sim_url = f"127.0.0.1:{self._sim.port}"
-        nats_cfg = NatsConfig(store_dir=str(Path(self._tmp.name) / "nats"))
-        self._nats = EmbeddedNats(nats_cfg, self.metrics)
-        await self._nats.start()
-        self._tasks.append(asyncio.create_task(self._nats.run(), name="bench-nats"))
-        db_url = await self._database_url()
-        await upgrade(db_url)
-        self._cfg = cfg = Config(
+    def config(self, sim_url: str, db_url: str) -> Config:
+        """A deployment's config with the bench's endpoints: defaults everywhere else."""
+        tmp = Path(self._tmp.name)
+        return Config(
+            service=ServiceConfig(instance_id=BENCH_INSTANCE_ID, data_dir=str(tmp / "data")),
             hyperliquid=HyperliquidConfig(
                 ws_url=f"ws://{sim_url}/ws", info_url=f"http://{sim_url}/info", stale_after=BENCH_STALE_AFTER_S
             ),
-            nats=nats_cfg,
+            nats=NatsConfig(url="embedded", store_dir=str(tmp / "nats")),
             database=DatabaseConfig(url=db_url),
+            addresses=AddressesConfig(initial=list(self.whales)),
+            http=HttpConfig(listen=f"127.0.0.1:{_free_port()}"),
         )
-        self._db = create_engine(cfg)
-        repo = Repository(self._db)
-        self.writer = writer = BatchWriter(self._db, cfg.writer, self.metrics)
-        self.publisher = publisher = _TimedPublisher(
-            cfg.nats, cfg.signals, self.metrics, url=self._nats.url, ack=self.opts.ack
-        )
-        await publisher.connect(wait=10)
-        await publisher.ensure_stream()
-        self.outbox = outbox = Outbox(publisher, repo, writer, self.metrics, cfg.nats)
-        self.engine = engine = TrackingEngine(cfg.aggregation, SymbolMap.empty())
 
-        async def on_change(diff: AddressDiff) -> None:
-            for address in diff.added:
-                engine.add_address(address)
-            for address in diff.removed:
-                engine.remove_address(address)
-
-        book = AddressBook(
-            [StaticSource([WatchedAddress(address=a, tier="precise") for a in self.whales])],
-            self.metrics,
-            reload_interval=cfg.addresses.reload_interval,
-            remove_grace=cfg.addresses.remove_grace,
-            on_change=on_change,
-        )
-        budgets = Budgets(cfg.hyperliquid, self.metrics)
-        self._info = info = InfoClient.from_config(cfg.hyperliquid, budgets, self.metrics)
-        await info.__aenter__()
-        self.manager = PreciseManager(
-            cfg.hyperliquid,
-            book,
-            tracker=engine,
-            info=info,
-            budget=budgets,
-            metrics=self.metrics,
-            on_signals=self._sink,
-        )
-        for name, coro in (
-            ("bench-writer", writer.run()),
-            ("bench-outbox", outbox.run()),
-            ("bench-book", book.run()),
-            ("bench-persist", self._persist()),
-        ):
-            self._tasks.append(asyncio.create_task(coro, name=name))
-        await book.wait_loaded()
-        self._tasks.append(asyncio.create_task(self.manager.run(), name="bench-precise"))
+    async def _start(self) -> None:
+        started = time.perf_counter()
+        await self._sim.start()
+        db_url = await self._database_url()
+        await upgrade(db_url)
+        self._cfg = cfg = self.config(f"127.0.0.1:{self._sim.port}", db_url)
+        self._db = create_async_engine(db_url)
+        self.service = service = Service(cfg)
+        self._task = asyncio.create_task(service.run(self._stop), name="bench-service")
         if not await self._wait(self._ready, READY_TIMEOUT_S):
-            raise BenchError(f"precise streams not live within {READY_TIMEOUT_S:g} s")
+            raise BenchError(f"service not ready with {len(self.whales)} live precise streams in {READY_TIMEOUT_S:g} s")
         self.startup_s = time.perf_counter() - started
+        assert service.publisher is not None
+        self.clock = _AckClock(
+            service.publisher, ack=self.opts.ack, stream=cfg.nats.stream, subject_prefix=cfg.signals.subject_prefix
+        )
 
     def _ready(self) -> bool:
-        assert self.manager is not None
+        service = self.service
+        if service is None or not service.ready_event.is_set() or service.precise is None:
+            return False
         for address in self.whales:
-            stream = self.manager.stream(address)
+            stream = service.precise.stream(address)
             if stream is None or stream.connection.state is not ConnState.LIVE or stream.recoveries < 1:
                 return False
         return True
 
     async def _wait(self, condition: Callable[[], bool], limit_s: float) -> bool:
-        """Poll `condition` until it holds (True) or `limit_s` passes (False); a crashed component raises."""
+        """Poll `condition` until it holds (True) or `limit_s` passes (False); a crashed service raises."""
         deadline = time.monotonic() + limit_s
         while not condition():
-            for task in self._tasks:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    raise BenchError(f"{task.get_name()} failed: {task.exception()!r}")
+            task = self._task
+            if task is not None and task.done():
+                exc = None if task.cancelled() else task.exception()
+                raise BenchError(f"the service stopped: {exc!r}")
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(POLL_S)
         return True
 
-    async def _sink(self, signals: list[Signal]) -> None:
-        assert self.writer is not None
-        assert self.outbox is not None
-        for signal in signals:
-            await self.writer.put_signal(signal)
-            await self.outbox.submit(signal)
-
-    async def _persist(self) -> None:
-        assert self.engine is not None
-        assert self.writer is not None
-        while True:
-            # Engine deltas go to the writer on its own flush cadence (what the app does between flushes).
-            await asyncio.sleep(self._cfg.writer.flush_interval)
-            timed_out = self.engine.tick(now_ms())
-            if timed_out:
-                await self._sink(timed_out)
-            await self.writer.put_delta(self.engine.take_dirty())
-
-    async def _stop(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.outbox is not None:
-                await self.outbox.drain(5.0)
-        for task in self._tasks:
-            if task.get_name() not in ("bench-writer", "bench-nats", "bench-outbox"):
-                task.cancel()
-        with contextlib.suppress(Exception):
-            if self.writer is not None:
-                await self.writer.close()
-        with contextlib.suppress(Exception):
-            if self.publisher is not None:
-                await self.publisher.close()
-        if self._info is not None:
-            with contextlib.suppress(Exception):
-                await self._info.__aexit__(None, None, None)
-        if self._nats is not None:
-            with contextlib.suppress(Exception):
-                await self._nats.stop()
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
-        self._tasks.clear()
+    async def _stop_all(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, SERVICE_STOP_TIMEOUT_S)
+            except Exception as exc:  # a failed or hung shutdown must not leak the sim, the database or tmp
+                sys.stderr.write(f"bench: service shutdown failed: {exc!r}\n")
         await self._sim.stop()
         if self._db is not None:
             await self._db.dispose()
@@ -394,11 +338,12 @@ class Pipeline:
 
     async def load(self, *, orders: int, fills_per_order: int, rate: float | None, seed: int) -> LoadRun:
         """Place `orders` orders at `rate` fills/s (None: as fast as the sim goes) and wait for every ack."""
-        assert self.publisher is not None
-        assert self.engine is not None
-        publisher = self.publisher
-        processed_before = self.engine.stats.fills_processed
-        dups_before = self.engine.stats.duplicate_fills
+        assert self.clock is not None
+        assert self.service is not None
+        assert self.service.engine is not None
+        clock, engine = self.clock, self.service.engine
+        processed_before = engine.stats.fills_processed
+        dups_before = engine.stats.duplicate_fills
         answer = await self._sim.request(
             {
                 "cmd": "load",
@@ -411,15 +356,11 @@ class Pipeline:
         )
         sent: list[tuple[int, float, int]] = [tuple(x) for x in answer["sent"]]
         fills = int(answer["fills"])
-        self._fills_sent += fills
         oids = {oid for oid, _, _ in sent}
-        by_oid = publisher.by_oid
-
-        def delivered() -> bool:
-            return all(oid in by_oid for oid in oids)
-
-        await self._wait(delivered, COMPLETION_TIMEOUT_S)  # on timeout the loss check reports what is missing
-        run_signals = [sid for sid, (oid, _) in publisher.acked.items() if oid in oids]
+        by_oid = clock.by_oid
+        clock.waiting = {oid for oid in oids if oid not in by_oid}
+        await self._wait(lambda: not clock.waiting, COMPLETION_TIMEOUT_S)  # on timeout the loss check tells
+        run_signals = [sid for sid, (oid, _) in clock.acked.items() if oid in oids]
         latencies = [(by_oid[oid] - at) * 1000 for oid, at, _ in sent if oid in by_oid]
         run = LoadRun(
             orders=len(sent),
@@ -428,36 +369,39 @@ class Pipeline:
             first_send=min(at for _, at, _ in sent),
             last_ack=max((by_oid[oid] for oid in oids if oid in by_oid), default=0.0),
             latencies_ms=latencies,
-            detect_ms=[(publisher.detected[oid] - at) * 1000 for oid, at, _ in sent if oid in by_oid],
-            deliver_ms=[(by_oid[oid] - publisher.detected[oid]) * 1000 for oid in oids if oid in by_oid],
+            detect_ms=[(clock.detected[oid] - at) * 1000 for oid, at, _ in sent if oid in by_oid],
+            deliver_ms=[(by_oid[oid] - clock.detected[oid]) * 1000 for oid in oids if oid in by_oid],
         )
         self._expected_signals += run.signals
         run.loss = await self._check_loss(oids, processed_before, dups_before, fills)
         return run
 
     async def _check_loss(self, oids: set[int], processed_before: int, dups_before: int, fills: int) -> dict[str, Any]:
-        assert self.publisher is not None
-        assert self.writer is not None
-        assert self.engine is not None
+        assert self.clock is not None
+        assert self.service is not None
+        assert self.service.writer is not None
+        assert self.service.engine is not None
+        assert self.service.publisher is not None
         assert self._db is not None
-        missing = sum(1 for oid in oids if oid not in self.publisher.by_oid)
+        engine, writer = self.service.engine, self.service.writer
+        missing = sum(1 for oid in oids if oid not in self.clock.by_oid)
         # Wait for the flushes and published marks of this run to be committed, then count.
         deadline = time.monotonic() + COMPLETION_TIMEOUT_S
+        js = self.service.publisher.client.jetstream()
         while True:
-            await self.writer.flush()
+            await writer.flush()
             async with self._db.connect() as conn:
                 rows = (await conn.execute(sa.select(sa.func.count()).select_from(t.signals))).scalar_one()
                 published = (
                     await conn.execute(sa.select(sa.func.count()).select_from(t.signals).where(t.signals.c.published))
                 ).scalar_one()
-            js = self.publisher._nc.jetstream()
             stream_messages = (await js.stream_info(self._cfg.nats.stream)).state.messages
             settled = published == self._expected_signals and stream_messages >= self._expected_signals
             if settled or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        processed = self.engine.stats.fills_processed - processed_before
-        duplicates = self.engine.stats.duplicate_fills - dups_before
+        processed = engine.stats.fills_processed - processed_before
+        duplicates = engine.stats.duplicate_fills - dups_before
         facts: dict[str, Any] = {
             "orders_without_signal": missing,
             "fills_sent": fills,

@@ -25,7 +25,7 @@ SAMPLE_RATE_HZ: Final = 200
 TOP_N: Final = 20
 STOP_TIMEOUT_S: Final = 30.0
 # Frames that only say "the event loop ran something": they are on every stack and explain nothing.
-_NOISE: Final = ("asyncio/", "<module>", "threading.py", "selectors.py", "concurrent/futures", "runpy.py")
+_NOISE: Final = ("asyncio/", "<module>", "threading.py", "selectors.py", "concurrent/futures", "runpy")
 
 
 def find_py_spy() -> str | None:

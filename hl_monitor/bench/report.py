@@ -89,6 +89,13 @@ def render_markdown(report: Report) -> str:
         "Cells are median (min–max) over the runs; baselines ran in the same invocation on the same input.",
         "",
     ]
+    load = meta.get("load_avg")
+    if load and load.get("start") and load.get("end"):
+        lines[-1:-1] = [
+            f"Load average (1/5/15 min) at start {' / '.join(map(str, load['start']))}, "
+            f"at end {' / '.join(map(str, load['end']))} ({machine['cores']} cores).",
+            "",
+        ]
     for bench in report.benches:
         lines.extend(_bench_md(bench))
     if "profile" in meta:

@@ -120,6 +120,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
 def _mem_total_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -247,10 +254,11 @@ async def bench_e2e(sizes: Sizes, mysql_url: str, mariadb: bool, profiler: Profi
     started = time.perf_counter()
     throughput = BenchResult(
         name="e2e_throughput",
-        title="End to end: sim → WebSockets → engine → DB writer + JetStream, sustained (unpaced load)",
+        title="End to end: sim → WebSockets → the service (`app.Service`) → database + JetStream, sustained (unpaced)",
         input=(
             f"{sizes.e2e_orders:,} market orders × {sizes.e2e_fills_per_order} fills over {sizes.whales} precise "
-            "whales per run, placed as fast as the simulator (own process) can; fresh pipeline per run"
+            "whales per run, placed as fast as the simulator (own process) can; a fresh service (default config, "
+            "embedded nats-server, new database) per run"
         ),
     )
     whales = sizes.whales
@@ -345,6 +353,7 @@ async def run_all(
     """Run the benches (all, or those named in `only`) and write the report files into `out_dir`."""
     say = progress or (lambda _: None)
     started = time.perf_counter()
+    load_start = _load_average()
     mariadb_version = await _mariadb_version(mysql_url)
     if mariadb_version is None and require_mariadb:
         raise BenchError(f"MariaDB required but unreachable at {mysql_url}")
@@ -377,6 +386,8 @@ async def run_all(
             profile_summary = summarise(profiler.path)
     meta = _meta(sizes, mariadb_version)
     meta["duration_s"] = round(time.perf_counter() - started, 1)
+    # Other processes on the machine skew every number: the 1/5/15-minute load averages before and after.
+    meta["load_avg"] = {"start": load_start, "end": _load_average()}
     if profile_summary is not None:
         meta["profile"] = profile_summary
     report = Report(meta=meta, benches=benches)
