@@ -7,6 +7,8 @@ UV := .tools/bin/uv
 export UV_PYTHON := $(shell $(PY) -c 'import sys; print(sys.executable)')
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
+# Trust the platform's CA store (as pip and curl do): the registry may sit behind a TLS-inspecting proxy.
+export UV_SYSTEM_CERTS := 1
 CONFIG ?= cfg.toml
 
 .DEFAULT_GOAL := help
