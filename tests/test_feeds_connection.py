@@ -443,3 +443,24 @@ async def test_supervisor_restarts_a_crashed_task_and_counts_it() -> None:
         sup.spawn("flaky:1", flaky)
     assert len(runs) == 3
     assert _value(metrics, "task_restarts_total", task="flaky") == 2
+
+
+async def test_supervisor_name_is_free_once_its_task_finished() -> None:
+    """A finished task's name can be spawned again at once, before its done-callback ran (precise restarts)."""
+    done = asyncio.Event()
+
+    async def quick() -> None:
+        done.set()
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    async with Supervisor(Metrics()) as sup:
+        first = sup.spawn("stream:a", quick)
+        while not first.done():  # noqa: ASYNC110 - must wake in the pass the task finished in, before its callbacks
+            await asyncio.sleep(0)
+        assert "stream:a" in sup.running()  # the callback that forgets the name has not run yet
+        second = sup.spawn("stream:a", forever)  # the precise manager restarts the stream in the same pass
+        with pytest.raises(ValueError, match="already running"):
+            sup.spawn("stream:a", forever)
+        second.cancel()

@@ -88,7 +88,9 @@ class Supervisor:
 
     def spawn(self, name: str, factory: TaskFactory) -> asyncio.Task[None]:
         """Start `factory()` under supervision; `name` must be unique among running tasks."""
-        if name in self._tasks:
+        existing = self._tasks.get(name)
+        # A finished task whose done-callback has not run yet (it is scheduled, not immediate) frees its name.
+        if existing is not None and not existing.done():
             raise ValueError(f"task {name!r} is already running")
         task = self._group.create_task(self._supervise(name, factory), name=name)
         self._tasks[name] = task
