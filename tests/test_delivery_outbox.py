@@ -181,6 +181,21 @@ async def test_service_crash_then_restart_republishes_from_the_store_once(nats_s
     await assert_stream_holds_exactly(nats_server.url, signals)
 
 
+async def test_relay_stops_when_cancelled_just_as_a_store_scan_is_requested(nats_server: NatsServer) -> None:
+    """A cancel landing in the same loop step as a scan request still stops `run()` (the service's TaskGroup
+    cancels it when another component fails); Python 3.11's `asyncio.wait_for` swallowed such a cancel."""
+    r = Relay(nats_server.url, MemoryStore(), nats_cfg(outbox_scan_interval=30))
+    await r.start()
+    for _ in range(5):
+        await asyncio.sleep(0)  # the start scan (an empty store) is done: the scanner waits for a request
+    assert r.task is not None
+    r.outbox._scan_now.set()  # what an ack that finishes a store batch does
+    r.task.cancel()
+    done, _ = await asyncio.wait({r.task}, timeout=5)
+    await r.publisher.close()
+    assert r.task in done, "the relay ignored its cancellation"
+
+
 async def test_full_outbox_leaves_signals_to_the_store_scan(nats_server: NatsServer) -> None:
     """With NATS down and memory full, submit() does not stall the tracker; the store carries the rest."""
     store = MemoryStore()

@@ -67,6 +67,17 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+async def _wait_event(event: asyncio.Event, within: float) -> None:
+    """Wait for `event` at most `within` s.
+
+    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancel that arrives just as the event is set (it
+    returns the result instead), and a loop around it then never stops — `run()`'s TaskGroup waits forever.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            await event.wait()
+
+
 class Outbox:
     """Holds signals until JetStream acknowledges them. Run `run()` in a task; `drain()` at shutdown."""
 
@@ -185,8 +196,7 @@ class Outbox:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self._held and self._publisher.is_connected and (left := deadline - loop.time()) > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._empty.wait(), min(DRAIN_POLL_S, left))
+            await _wait_event(self._empty, min(DRAIN_POLL_S, left))
         left_over = len(self._held)
         self._stop.set()
         if left_over:
@@ -299,8 +309,7 @@ class Outbox:
                 older_than = None if first else _now_ms() - int(self._scan_interval * 1000)
                 if await self._scan(older_than):
                     first = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._scan_now.wait(), self._scan_interval)
+            await _wait_event(self._scan_now, self._scan_interval)
             self._scan_now.clear()
 
     async def _scan(self, older_than_ms: int | None) -> bool:
