@@ -27,6 +27,7 @@ import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor import __version__
+from hl_monitor.clock import wall_ms as now_ms
 from hl_monitor.config import Config
 from hl_monitor.delivery.embedded_nats import EmbeddedNats
 from hl_monitor.delivery.outbox import Outbox
@@ -67,10 +68,6 @@ OUTBOX_DRAIN_SHARE: Final = 0.5
 LAST_SIGNALS: Final = 20
 # How long `run` waits for an external NATS at start before giving up with a clear error.
 NATS_CONNECT_WAIT_S: Final = 30.0
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class _CounterSync:

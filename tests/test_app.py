@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats
 import pytest
 
 from hl_monitor.app import Service
+from hl_monitor.chaos.env import stream_signals
 from hl_monitor.config import Config, load_config
 from hl_monitor.errors import SchemaOutdatedError
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
-from hl_monitor.tracking.signals import Signal, decode_signal
+from hl_monitor.tracking.signals import Signal
 from tests.conftest import NatsServer, free_port
 from tests.test_feeds_connection import wait_until
 from tests.test_feeds_precise import expected_orders
@@ -66,23 +66,6 @@ async def running(cfg: Config) -> AsyncIterator[Service]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-
-
-async def stream_signals(nats_url: str, stream: str = "HL_SIGNALS") -> list[tuple[str, Signal]]:
-    """Every stored message of the stream that is a full signal: (Nats-Msg-Id, decoded signal)."""
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(stream)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(stream, seq)
-            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-            if msg.subject and msg.subject.startswith("hl.signals.") and msg.data is not None:
-                out.append((msg_id, decode_signal(msg.data)))
-        return out
-    finally:
-        await nc.close()
 
 
 def by_order(signals: list[Signal]) -> dict[tuple[int, str], tuple[Decimal, Decimal, int]]:

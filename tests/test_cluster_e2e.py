@@ -19,10 +19,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from hl_monitor.chaos.env import stream_signals
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from tests.conftest import NatsServer, free_port
-from tests.test_app import by_order, stream_signals
+from tests.test_app import by_order
 from tests.test_cluster import Proxy
 from tests.test_feeds_precise import expected_orders
 

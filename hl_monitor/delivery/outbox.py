@@ -17,12 +17,12 @@ import contextlib
 import heapq
 import itertools
 import random
-import time
 from collections import deque
 from typing import Final, Protocol
 
 from cachetools import TTLCache
 
+from hl_monitor.clock import wall_ms as _now_ms
 from hl_monitor.config import NatsConfig
 from hl_monitor.delivery.publisher import Publisher, PublishError
 from hl_monitor.logging import get_logger
@@ -61,10 +61,6 @@ class PublishedMarker(Protocol):
     """Where acks go (the storage writer, which batches the published flag)."""
 
     async def mark_published(self, signal_id: str, at_ms: int) -> None: ...
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def _wait_event(event: asyncio.Event, within: float) -> None:

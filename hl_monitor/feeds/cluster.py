@@ -53,6 +53,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import ClusterConfig
 from hl_monitor.feeds.addresses import WatchedAddress
 from hl_monitor.feeds.precise import AddressView, rank
@@ -116,10 +117,6 @@ class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
 _MEMBER: Final = msgspec.json.Decoder(Member)
 _LEASE: Final = msgspec.json.Decoder(LeaseValue)
 _ENCODE: Final = msgspec.json.Encoder()
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # ------------------------------------------------------------------------------------------------ placement

@@ -37,6 +37,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.frames import CloseCode
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
 from hl_monitor.errors import FrameDecodeError, ProtocolError
 from hl_monitor.feeds.supervisor import Backoff
@@ -255,10 +256,6 @@ class _PendingAck:
 
 
 _STOP: Final = object()
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 _ECHO_DECODER: Final = msgspec.json.Decoder(dict[str, Any])

@@ -40,6 +40,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig, WideConfig
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.feeds.connection import (
@@ -272,10 +273,6 @@ class _Shard:
         self.epochs = 0
         self.in_gap = True
         self.backfill: asyncio.Task[None] | None = None
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class MarketTape:

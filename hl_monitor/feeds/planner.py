@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Protocol
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.feeds.addresses import WatchedAddress
 from hl_monitor.feeds.connection import ConnState
 from hl_monitor.feeds.precise import AddressView, rank
@@ -84,10 +85,6 @@ class PreciseEngine(Protocol):
 
 class WideView(Protocol):
     def set_addresses(self, owners: Mapping[str, Owner]) -> None: ...
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class TierPlanner:

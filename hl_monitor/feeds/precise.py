@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
 from hl_monitor.feeds.addresses import WatchedAddress
 from hl_monitor.feeds.connection import ConnectionBudget, ConnState
@@ -77,10 +78,6 @@ class _Assignment:
 
 def rank(entry: WatchedAddress) -> tuple[int, bool, str]:
     return (-entry.priority, entry.tier != "precise", entry.address)
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class PreciseManager:

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
 from hl_monitor.feeds.connection import (
     Connected,
@@ -153,10 +153,6 @@ class _Positions(Posted):
 @dataclass(frozen=True, slots=True)
 class _RecoveryDone(Posted):
     epoch: int
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class UserStream:

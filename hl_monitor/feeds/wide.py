@@ -22,13 +22,13 @@ import asyncio
 import heapq
 import itertools
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Protocol
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig, WideConfig
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.feeds.budget import Clock
@@ -111,10 +111,6 @@ def rest_positions(
         window=window,
         state_time=max(times) if times else window[1],
     )
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class WideManager:

@@ -31,6 +31,7 @@ from typing import Final
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import Config
 from hl_monitor.errors import ConfigError, HlMonitorError, InstanceLockedError
 from hl_monitor.logging import get_logger
@@ -51,10 +52,6 @@ class LeaseLostError(HlMonitorError):
         self.instance_id = instance_id
         self.reason = reason
         super().__init__(f"instance lease for {instance_id!r} lost: {reason}; stopping")
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 _HOLDER_RE: Final = re.compile(r"pid (\d+) on (\S+)(?: started (\d+))?")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import ssl
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -48,10 +47,6 @@ AggKey = tuple[str, int, str]  # (address, oid, direction)
 _JSON: Final = msgspec.json.Encoder()
 _RECORD: Final = msgspec.json.Decoder(AggregationRecord)
 _WATERMARK: Final = msgspec.json.Decoder(Watermark)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def encode_json(payload: bytes | str | Mapping[str, Any] | msgspec.Struct | Sequence[Any]) -> str:

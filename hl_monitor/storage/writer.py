@@ -38,6 +38,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from hl_monitor.clock import wall_ms as now_ms
 from hl_monitor.config import WriterConfig
 from hl_monitor.errors import StorageError
 from hl_monitor.logging import get_logger
@@ -57,7 +58,6 @@ from hl_monitor.storage.repository import (
     is_transient,
     mark_published_call,
     max_rows_per_statement,
-    now_ms,
     signal_row,
     upsert,
     upsert_statement,
