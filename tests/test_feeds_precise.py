@@ -273,7 +273,8 @@ async def test_user_cap_refusal_marks_over_budget_and_retries_until_a_slot_frees
     async with harness(*entries, sim_config=sim_config) as h:
         await h.live(W1)
         await h.live(W2)
-        await wait_until(lambda: W3 in h.manager.over_budget())
+        # The refusal is recorded at once; the slot is given up on the manager's next pass.
+        await wait_until(lambda: W3 in h.manager.over_budget() and W3 in h.manager.unassigned())
         assert h.manager.over_budget()[W3].reason == "user_cap"
         assert _value(h.metrics, "error_frames_total", kind="user_cap") >= 1
         assert _value(h.metrics, "addresses_by_tier", tier="precise", state="over_budget") == 1

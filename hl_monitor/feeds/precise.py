@@ -204,6 +204,7 @@ class PreciseManager:
         refusals = self._refusals[address] = self._refusals.get(address, 0) + 1
         self._over_budget[address] = OverBudget(reason, now, now + self._cfg.over_budget_retry, refusals)
         self._metrics.budget_refusals.labels(budget=f"precise_{reason}").inc()
+        self._export()  # the gauges agree with over_budget() at once, not only after the next reconcile pass
         log.warning(
             "address over budget; retrying later", address=address, reason=reason, retry_in=self._cfg.over_budget_retry
         )
