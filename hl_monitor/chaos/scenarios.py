@@ -219,6 +219,18 @@ async def reconnect_storm(opts: ChaosOptions, workdir: Path, res: ScenarioResult
         res.verdict = await env.finish()
 
 
+async def _wait_stream_recovered(env: ChaosEnv, address: str, within: float) -> None:
+    """Until /status shows `address`'s precise stream live with its first gap recovery done."""
+    async with asyncio.timeout(within):
+        while True:
+            _, status = await env.svc.get("/status")
+            if isinstance(status, dict):
+                streams = (status.get("connections") or {}).get("assigned") or []
+                if any(s.get("address") == address and s.get("recoveries", 0) >= 1 for s in streams):
+                    return
+            await asyncio.sleep(0.1)
+
+
 async def user_cap(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
     sim_cfg = SimConfig(clearinghouse_push_interval=0.3, seed=opts.seed, max_users=1)
     async with ChaosEnv(opts, workdir, sim_config=sim_cfg) as env:
@@ -227,6 +239,9 @@ async def user_cap(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> No
         env.trading_whales = (first,)  # the capped whale has no feed yet: its first snapshot only seeds it
         await env.start_service(wait_ready=False)
         await env.svc.wait_http(READY_WITHIN_S)
+        # Trade only once the first whale's stream is live and recovered: an order that lands in its seeding
+        # snapshot gets no precise signal by design (the tape reports it instead, under a tape id).
+        await _wait_stream_recovered(env, first, READY_WITHIN_S)
         async with env.trading():
             async with env.observe() as obs:
                 await env.wait_observed(obs, lambda o: o.max("hl_monitor_error_frames_total", kind="user_cap") >= 1, 15)

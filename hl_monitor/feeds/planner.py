@@ -8,10 +8,12 @@ included, so a handover never starts from an unknown position; only the owning t
 
 Handover rule — the precise engine's watermark is the boundary, so no fill is reported twice or never:
 - wide → precise (a slot was granted): the tape keeps tracking but *holds* its blocks. When the precise
-  stream is live and its first gap recovery is done, the engine was seeded by the `userFills` snapshot:
-  every fill at or before the watermark's `floor` is behind the precise tier and produces no precise
-  signal. Held blocks up to the floor are emitted; later ones are dropped from the hold when they age out
-  (the precise tier reports those fills). If the precise stream never gets there, the address falls back
+  stream is live and its first gap recovery is done: if the engine had never seen the address, its first
+  `userFills` snapshot only seeded it (no precise signal for anything in it), so held blocks up to the seeded
+  watermark time are emitted; if it knew the address, everything after its watermark at the start of the
+  handover was backfilled as precise signals, so held blocks up to that time are emitted. Later held blocks
+  are dropped from the hold when they age out (the precise tier reports those fills). If the precise stream
+  never gets there, the address falls back
   to wide and every held block is emitted.
 - precise → wide (outranked, over budget, tier changed): once the stream is stopped (reported by
   `on_unassigned`, or `HANDOVER_GRACE_S` after the slot went away), the engine's pending aggregations of
@@ -115,6 +117,8 @@ class TierPlanner:
         self._clock = clock
         self._wall_ms = wall_ms
         self._tiers: dict[str, TierName] = {}
+        # Engine watermark time when a wide → precise handover started (None: the engine had never seen the address).
+        self._handover_base: dict[str, int | None] = {}
         self._leaving: dict[str, float] = {}  # precise addresses whose slot went away → when
         self._stopped: frozenset[str] = frozenset()  # last `on_unassigned`: their streams are stopped
         self._over_limit: list[str] = []
@@ -188,6 +192,7 @@ class TierPlanner:
             out.extend(self._tracker.remove_address(address, now))
             del self._tiers[address]
             self._leaving.pop(address, None)
+            self._handover_base.pop(address, None)
         assigned = self.precise.assigned() if self.precise is not None else {}
         for entry in tracked:
             out.extend(self._plan_one(entry, entry.address in assigned, now))
@@ -205,6 +210,8 @@ class TierPlanner:
             if current is None or current == "wide":
                 self._tracker.set_owner(address, "precise", now)
                 self._tiers[address] = "handover"
+                base = self._engine.watermark(address)
+                self._handover_base[address] = base.time if base is not None else None
                 log.info("handover to precise started", address=address)
             if self._tiers[address] == "handover" and self._precise_ready(address):
                 return self._finish_to_precise(address)
@@ -224,8 +231,16 @@ class TierPlanner:
 
     def _finish_to_precise(self, address: str) -> list[Signal]:
         watermark = self._engine.watermark(address)
-        # No watermark: the precise tier has processed nothing yet, so nothing held is covered by it.
-        upto = watermark.floor if watermark is not None else 2**63 - 1
+        base = self._handover_base.pop(address, None)
+        if watermark is None:
+            upto = 2**63 - 1  # the precise tier has processed nothing yet: nothing held is covered by it
+        elif base is None:
+            # A first snapshot only seeds the engine (no signals for anything in it): the tape's held blocks up to
+            # the seed are reported by nobody else. Later fills arrive on the stream and are the precise tier's.
+            upto = watermark.time
+        else:
+            # The engine knew the address: everything after its old watermark is backfilled as precise signals.
+            upto = base
         self._tiers[address] = "precise"
         self.handovers["to_precise"] += 1
         released = self._tracker.release_held(address, upto)
@@ -234,6 +249,7 @@ class TierPlanner:
 
     def _to_wide(self, entry: WatchedAddress, now: int, *, first: bool) -> list[Signal]:
         address = entry.address
+        self._handover_base.pop(address, None)
         out: list[Signal] = []
         watermark = self._engine.watermark(address)
         cut: int | None = None
