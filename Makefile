@@ -12,7 +12,7 @@ export UV_SYSTEM_CERTS := 1
 CONFIG ?= cfg.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install tools run test lint fmt sim db-upgrade chaos bench clean
+.PHONY: help install tools run test lint fmt sim db-upgrade chaos soak bench clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,8 +57,11 @@ sim: install ## run the fake Hyperliquid on 127.0.0.1:8765
 db-upgrade: install ## apply database migrations
 	$(UV) run --locked hl-monitor db upgrade --config $(CONFIG)
 
-chaos: install ## fault scenarios end to end, full length (~15 min; MariaDB at HL_TEST_MYSQL_URL); table → chaos-results.md
+chaos: install ## fault scenarios end to end, full length, with a 3-minute soak (~18 min; MariaDB at HL_TEST_MYSQL_URL); table → chaos-results.md
 	$(UV) run --locked python -m hl_monitor.chaos --out chaos-results.md
+
+soak: install ## one hour of a busy day at 20x: memory flat, no growing queue, exactly once (MariaDB, else SQLite); table → soak-results.md
+	$(UV) run --locked python -m hl_monitor.chaos -s soak --soak-duration 3600 --out soak-results.md
 
 bench: install ## run the benchmarks (< 10 min on 2 cores); writes bench-results/results.json and results.md
 	$(UV) run --locked hl-monitor bench --out bench-results

@@ -3,6 +3,7 @@
     python -m hl_monitor.chaos                        # every scenario, full length, MariaDB
     python -m hl_monitor.chaos --quick --db sqlite    # the CI lengths (db_outage then needs --db mariadb)
     python -m hl_monitor.chaos -s kill9 -s nats_restart --out results.md
+    python -m hl_monitor.chaos -s soak --soak-duration 3600      # the hour-long soak (`make soak`)
 
 Exit code 0 when every scenario passed, 1 otherwise. Scenario names: see `SCENARIOS`.
 """
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kill-points", type=int, default=20, help="kill -9 points (default 20)")
     parser.add_argument("--db-outage", type=float, default=None, help="seconds the database is down (default 60)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--soak-duration", type=float, default=None, help="seconds of soak load (default 180, --quick 50)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown results table")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs and stores here (default: temp)")
     return parser
@@ -94,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kill_points=args.kill_points,
         db_outage_s=outage,
         seed=args.seed,
+        soak_s=args.soak_duration,
     )
     names = args.scenario or list(SCENARIOS)
     if args.db != "mariadb":

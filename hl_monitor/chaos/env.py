@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import nats
 import sqlalchemy as sa
@@ -35,6 +35,7 @@ from hl_monitor.bench.frames import order_size, px_step
 from hl_monitor.chaos.procs import ChaosError, NatsProcess, ServiceProcess
 from hl_monitor.chaos.relay import HOST, TcpRelay, free_port
 from hl_monitor.config import ENV_PREFIX
+from hl_monitor.sim.exchange import WireFill
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository
@@ -48,7 +49,9 @@ __all__ = [
     "Observation",
     "Trader",
     "Verdict",
+    "compare",
     "expected_orders",
+    "order_key",
     "stream_signals",
 ]
 
@@ -65,7 +68,7 @@ TRADE_COINS: Final = ("BTC", "ETH", "SOL")
 MAX_RESTING_PER_WHALE: Final = 4  # open limit orders per whale; more would only inflate recovery's orderStatus calls
 LIMIT_OFFSET: Final = Decimal("0.002")  # resting limit orders sit 0.2 % away from the mid
 
-Key = tuple[int, str]  # (oid, dir)
+SignalKey = tuple[Any, ...]  # what a signal is matched to the ledger by: (oid, dir) for orders
 Totals = tuple[Decimal, Decimal, int]  # (size, VWAP, fill count)
 
 
@@ -80,20 +83,27 @@ class ChaosOptions:
     db_outage_s: float = 60.0
     seed: int = 1
     keep_workdir: bool = False
+    soak_s: float | None = None  # length of the soak scenario's load phase (None: its quick/full default)
 
 
 _FLIPS: Final = {"Long > Short": ("Close Long", "Open Short"), "Short > Long": ("Close Short", "Open Long")}
 
 
-def expected_orders(sim: SimServer, *addresses: str) -> dict[Key, Totals]:
+def _by_order(fill: WireFill, dir_: str) -> SignalKey:
+    return (fill.oid, dir_)
+
+
+def expected_orders(
+    sim: SimServer, *addresses: str, by: Callable[[WireFill, str], SignalKey] = _by_order
+) -> dict[SignalKey, Totals]:
     """Ground truth from the exchange's fills: (oid, dir) → (size, VWAP, fill count).
 
     A flip fill counts as a close of |startPosition| and an open of the rest (the signal contract), so the
-    ledger's per-`dir` totals are rebuilt from the fills themselves.
+    ledger's per-`dir` totals are rebuilt from the fills themselves. `by` groups fills other ways (tape blocks).
     """
-    acc: dict[Key, tuple[Decimal, Decimal, int]] = {}
+    acc: dict[SignalKey, tuple[Decimal, Decimal, int]] = {}
 
-    def add(key: Key, sz: Decimal, px: Decimal) -> None:
+    def add(key: SignalKey, sz: Decimal, px: Decimal) -> None:
         size, notional, count = acc.get(key, (Decimal(0), Decimal(0), 0))
         acc[key] = (size + sz, notional + sz * px, count + 1)
 
@@ -103,12 +113,12 @@ def expected_orders(sim: SimServer, *addresses: str) -> dict[Key, Totals]:
             sz, px = Decimal(fill.sz), Decimal(fill.px)
             split = _FLIPS.get(fill.dir)
             if split is None:
-                add((fill.oid, fill.dir), sz, px)
+                add(by(fill, fill.dir), sz, px)
                 continue
             closed = abs(Decimal(fill.start_position))
-            add((fill.oid, split[0]), closed, px)
+            add(by(fill, split[0]), closed, px)
             if sz > closed:
-                add((fill.oid, split[1]), sz - closed, px)
+                add(by(fill, split[1]), sz - closed, px)
     return {key: (size, notional / size, count) for key, (size, notional, count) in acc.items()}
 
 
@@ -158,8 +168,18 @@ class Verdict:
         return not self.problems
 
 
+def order_key(sig: Signal) -> SignalKey:
+    """The ledger key of a precise signal: (oid, dir)."""
+    return (sig.oid or 0, sig.dir)
+
+
 def compare(
-    want: Mapping[Key, Totals], stored: list[tuple[str, Signal]], rows: list[tuple[Signal, bool]], unpublished: int
+    want: Mapping[SignalKey, Totals],
+    stored: list[tuple[str, Signal]],
+    rows: list[tuple[Signal, bool]],
+    unpublished: int,
+    *,
+    key: Callable[[Signal], SignalKey] = order_key,
 ) -> Verdict:
     verdict = Verdict(expected=len(want), in_stream=len(stored), in_table=len(rows))
     problems = verdict.problems
@@ -170,21 +190,22 @@ def compare(
     if bad_ids:
         problems.append(f"stream: {len(bad_ids)} messages whose Nats-Msg-Id is not their signal_id")
     for where, signals in (("stream", [s for _, s in stored]), ("table", [s for s, _ in rows])):
-        got: dict[Key, Totals] = {}
+        got: dict[SignalKey, Totals] = {}
         for sig in signals:
-            key = (sig.oid or 0, sig.dir)
-            if key in got:
-                problems.append(f"{where}: duplicate signal for oid {key[0]} dir {key[1]!r} ({sig.signal_id})")
-            got[key] = (sig.size, sig.price, sig.fill_count)
-        missing = sorted(set(want) - set(got))
-        extra = sorted(set(got) - set(want))
-        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+            k = key(sig)
+            if k in got:
+                problems.append(f"{where}: duplicate signal for {k} ({sig.signal_id})")
+            got[k] = (sig.size, sig.price, sig.fill_count)
+        # Sorted by text: keys of different shapes (orders, tape blocks) may be mixed.
+        missing = sorted(set(want) - set(got), key=str)
+        extra = sorted(set(got) - set(want), key=str)
+        wrong = sorted((k for k in set(want) & set(got) if want[k] != got[k]), key=str)
         if missing:
             problems.append(f"{where}: {len(missing)} expected signals missing, e.g. {missing[:3]}")
         if extra:
             problems.append(f"{where}: {len(extra)} signals for no order, e.g. {extra[:3]}")
         for k in wrong[:3]:
-            problems.append(f"{where}: oid {k[0]} {k[1]!r}: got {got[k]}, ledger says {want[k]}")
+            problems.append(f"{where}: {k}: got {got[k]}, ledger says {want[k]}")
         if len(wrong) > 3:
             problems.append(f"{where}: {len(wrong) - 3} more signals with a wrong size/price/fill count")
     if sorted(s.signal_id for s, _ in rows) != sorted(ids):
@@ -330,7 +351,7 @@ class ChaosEnv:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> ChaosEnv:
+    async def __aenter__(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
         await self.sim.start()
         try:
@@ -506,8 +527,13 @@ class ChaosEnv:
 
     # ------------------------------------------------------------------ verdict
 
-    def expected(self) -> dict[Key, Totals]:
+    def expected(self) -> Mapping[SignalKey, Totals]:
+        """Ground truth the verdict compares with (a subclass may add signals of other kinds)."""
         return expected_orders(self.sim, *self.whales)
+
+    def signal_key(self, sig: Signal) -> SignalKey:
+        """How a stored signal is matched to `expected()`."""
+        return order_key(sig)
 
     async def _table_state(self) -> tuple[int, int]:
         """(signals in the table, of which unpublished); (0, 1) while the database does not answer."""
@@ -573,7 +599,7 @@ class ChaosEnv:
             unpublished = await repo.count_unpublished()
         finally:
             await engine.dispose()
-        return compare(self.expected(), stored, rows, unpublished)
+        return compare(self.expected(), stored, rows, unpublished, key=self.signal_key)
 
     def replace_sim_config(self, **changes: Any) -> None:
         """Change a simulator limit on the fly (the server reads its config on every decision)."""

@@ -522,6 +522,13 @@ async def store_disk(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> 
         res.verdict = await env.finish()
 
 
+async def soak(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
+    """A compressed busy day with memory and queues watched (`chaos.soak`, which builds on this module)."""
+    from hl_monitor.chaos.soak import soak as run  # here, not at the top: soak imports Check/ScenarioResult from us
+
+    await run(opts, workdir, res)
+
+
 async def _wait_for_state(env: ChaosEnv, address: str, state: str, within: float) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -547,6 +554,7 @@ SCENARIOS: Final = {
         Scenario("kill9", "Service kill -9 at random points", kill9),
         Scenario("store_disk", "Embedded NATS store unwritable / full", store_disk),
         Scenario("clock_skew", "Clock skew exchange vs local", clock_skew),
+        Scenario("soak", "Soak: busy day at 20x, memory and queues flat", soak),
     )
 }
 
