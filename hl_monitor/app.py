@@ -522,8 +522,9 @@ class Service:
                     intake.append(tg.create_task(self._tick_loop(), name="tick"))
                     # ---- latency (begin): startup objects (modules, SQLAlchemy, config, restored state) are
                     # long-lived; frozen, the collector's full passes no longer walk them (they cost 50-100 ms
-                    # of event loop each, the p99 tail at 2k fills/s).
-                    gc.collect()
+                    # of event loop each, the p99 tail at 2k fills/s). No `gc.collect()` first: in a big process
+                    # it is itself such a pause, and the few cyclic leftovers of startup it would free are
+                    # bounded (kept for the process's life).
                     gc.freeze()
                     # ---- latency (end)
                     self.ready_event.set()

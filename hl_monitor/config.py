@@ -62,6 +62,9 @@ class HyperliquidConfig(_Section, frozen=True):
     reconnect_max_delay: float = 30.0
     healthy_after: float = 60.0
     backfill_margin: float = 60.0
+    # Each precise address's recent fills are re-read from REST this often (0: never) to catch a userFills
+    # subscription that silently misses events while the connection and its canary still flow.
+    fill_audit_interval: float = 300.0
     over_budget_retry: float = 60.0
     max_frame_bytes: int = 16 * 1024 * 1024
     request_timeout: float = 10.0
@@ -90,7 +93,8 @@ class NatsConfig(_Section, frozen=True):
     user: Secret | None = None
     password: Secret | None = None
     token: Secret | None = None
-    creds: Secret | None = None
+    creds: Secret | None = None  # path of a .creds file (user JWT + NKey seed)
+    nkey_seed: Secret | None = None  # path of a file holding an NKey user seed
 
 
 class SignalsConfig(_Section, frozen=True):
@@ -246,6 +250,7 @@ SECRET_KEYS: Final = frozenset(
         "nats.password",
         "nats.token",
         "nats.creds",
+        "nats.nkey_seed",
         "database.password",
         "http.admin_token",
     }
@@ -405,6 +410,12 @@ def validate(cfg: Config) -> None:
             "hyperliquid.user_slots",
             f"{cfg.hyperliquid.user_slots} slots need as many connections; max_connections is "
             f"{cfg.hyperliquid.max_connections}",
+        )
+    if cfg.nats.creds is not None and cfg.nats.nkey_seed is not None:
+        raise ConfigError("nats.nkey_seed", "set nats.creds or nats.nkey_seed, not both (a .creds file has a seed)")
+    if cfg.hyperliquid.fill_audit_interval < 0:
+        raise ConfigError(
+            "hyperliquid.fill_audit_interval", f"must be ≥ 0 (0 = off), got {cfg.hyperliquid.fill_audit_interval}"
         )
     if cfg.wide.rest_share > 1:
         raise ConfigError("wide.rest_share", f"must be a share of the REST budget in (0, 1], got {cfg.wide.rest_share}")

@@ -94,6 +94,15 @@ def test_env_overrides_are_typed() -> None:
         pytest.param("", {"HL_MONITOR__HTTP__NOPE": "1"}, "http.nope", id="env-unknown-key"),
         pytest.param("[aggregation]\ntimeout = 0\n", {}, "aggregation.timeout", id="non-positive"),
         pytest.param("[hyperliquid]\nuser_slots = 11\n", {}, "hyperliquid.user_slots", id="slots-over-connections"),
+        pytest.param(
+            "[hyperliquid]\nfill_audit_interval = -1\n", {}, "hyperliquid.fill_audit_interval", id="negative-audit"
+        ),
+        pytest.param(
+            "",
+            {"HL_MONITOR__NATS__CREDS": "/run/u.creds", "HL_MONITOR__NATS__NKEY_SEED": "/run/u.nk"},
+            "nats.nkey_seed",
+            id="creds-and-nkey",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str) -> None:

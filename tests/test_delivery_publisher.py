@@ -31,6 +31,7 @@ from hl_monitor.delivery.publisher import Publisher, PublishError, signal_subjec
 from hl_monitor.errors import ConfigError, DeliveryError
 from hl_monitor.ops.metrics import Metrics
 from hl_monitor.tracking.signals import LEGACY_KEYS, Signal, decode_signal
+from tests import nats_auth
 from tests.conftest import NatsServer, free_port, nats_server_binary
 
 ADDRESS = "0x" + "ab" * 20
@@ -418,6 +419,39 @@ async def test_auth_from_secrets_and_wrong_credentials_fail_fast(
         assert time.monotonic() - started < 5
 
 
+async def test_nkey_seed_auth_and_an_unknown_key_is_refused(tmp_path: Path) -> None:
+    config, seed = nats_auth.nkey_user_config(tmp_path)
+    async with nats_with(tmp_path, "-c", str(config)) as hostport:
+        publisher, _ = await connected_publisher(f"nats://{hostport}", nats_cfg(nkey_seed=Secret(str(seed))))
+        try:
+            assert not (await publisher.publish(make_signal())).duplicate
+        finally:
+            await publisher.close()
+        (tmp_path / "other").mkdir()
+        _, other = nats_auth.nkey_user_config(tmp_path / "other")  # a key the server was not told about
+        refused = Publisher(
+            nats_cfg(nkey_seed=Secret(str(other))), SignalsConfig(), Metrics(), url=f"nats://{hostport}"
+        )
+        with pytest.raises(DeliveryError, match=r"refused the connection: .*[Aa]uthorization"):
+            await refused.connect(wait=10)
+
+
+async def test_creds_file_auth_against_an_operator_mode_server_with_jetstream(tmp_path: Path) -> None:
+    """Decentralised auth as on Synadia Cloud: operator → account (JetStream enabled) → user JWT in a .creds file."""
+    setup = nats_auth.operator_setup(tmp_path)
+    async with nats_with(tmp_path, "-c", str(setup.config)) as hostport:
+        publisher, _ = await connected_publisher(f"nats://{hostport}", nats_cfg(creds=Secret(str(setup.creds))))
+        try:
+            assert not (await publisher.publish(make_signal())).duplicate
+            assert (await publisher.publish(make_signal())).duplicate  # JetStream dedup works in the account
+        finally:
+            await publisher.close()
+        cfg = nats_cfg(creds=Secret(str(setup.foreign_creds)))
+        refused = Publisher(cfg, SignalsConfig(), Metrics(), url=f"nats://{hostport}")
+        with pytest.raises(DeliveryError, match=r"refused the connection: .*[Aa]uthorization"):
+            await refused.connect(wait=10)
+
+
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
@@ -472,3 +506,11 @@ async def test_bad_tls_and_creds_files_are_config_errors(tmp_path: Path) -> None
             wait=1
         )
     assert err.value.key == "nats.creds"
+    not_a_seed = tmp_path / "seed.txt"
+    not_a_seed.write_text("hunter2\n")
+    with pytest.raises(ConfigError) as err:
+        await Publisher(
+            nats_cfg(nkey_seed=Secret(str(not_a_seed))), SignalsConfig(), Metrics(), url="nats://127.0.0.1:1"
+        ).connect(wait=1)
+    assert err.value.key == "nats.nkey_seed"
+    assert "hunter2" not in str(err.value)

@@ -261,7 +261,8 @@ async def test_rejected_subscription_is_reported_and_the_rest_goes_live() -> Non
         server.reject_types = {"webData2"}
         conn = _connection(_cfg(server.url), metrics, handler, subs=subs)
         async with running(conn):
-            await wait_until(lambda: conn.state is ConnState.LIVE)
+            # Live is a socket state; the refusal reaches the handler through the event queue, so wait for it too.
+            await wait_until(lambda: conn.state is ConnState.LIVE and conn.backlog == 0)
             failed = handler.of(SubscriptionFailed)
             assert len(failed) == 1
             assert failed[0].kind == "parse_error"
@@ -303,6 +304,26 @@ async def test_missing_pong_means_dead_socket() -> None:
             await wait_until(lambda: len(handler.of(Live)) >= 2)
         # Every subscription was restored on the new socket.
         assert [s["type"] for s in server.subscribes].count("allDexsClearinghouseState") >= 2
+
+
+async def test_a_session_ended_by_its_own_tasks_leaves_no_cancel_request_on_the_loop() -> None:
+    """A TaskGroup child ending the session leaves a cancel request on the loop's task (Python 3.11). On
+    3.11.0-3.11.2 the next backoff's timeout then raised CancelledError and the connection died after its
+    first pong timeout; checked directly so every 3.11 patch release catches a regression."""
+    metrics = Metrics()
+    handler = Recorder()
+    async with ScriptedServer() as server:
+        server.answer_pings = False
+        conn = _connection(_cfg(server.url, stale_after=30.0), metrics, handler)
+        task = asyncio.create_task(conn.run())
+        try:
+            await wait_until(lambda: server.connections >= 3)
+            assert task.cancelling() == 0
+            assert not task.done()
+        finally:
+            conn.stop()
+            async with asyncio.timeout(5):
+                await task
 
 
 async def test_silent_canary_with_flowing_socket_is_stale() -> None:

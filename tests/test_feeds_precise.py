@@ -79,6 +79,15 @@ class Harness:
 
         await wait_until(ready)
 
+    async def cut(self, address: str) -> None:
+        """Drop the address's socket and hold its reconnect until `budgets.gate` is set (needs GatedBudgets)."""
+        assert isinstance(self.budgets, GatedBudgets)
+        stream = self.manager.stream(address)
+        assert stream is not None
+        self.budgets.gate.clear()
+        assert self.sim.faults.abrupt_close_all() == 1
+        await wait_until(lambda: stream.connection.state is not ConnState.LIVE)
+
 
 def fast_cfg(sim: SimServer, **overrides: Any) -> HyperliquidConfig:
     values: dict[str, Any] = {
@@ -213,11 +222,7 @@ async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> 
         await wait_until(lambda: len(h.signals) == 1)  # the first order completed live
         assert h.signals[0].oid == before
 
-        stream = h.manager.stream(W1)
-        assert stream is not None
-        h.budgets.gate.clear()
-        assert h.sim.faults.abrupt_close_all() == 1
-        await wait_until(lambda: stream.connection.state is not ConnState.LIVE)
+        await h.cut(W1)
         assert h.manager.not_live() == [W1]  # readiness sees the gap
 
         # While disconnected: the resting order fills up, a new order runs start to end, one is cancelled.
@@ -261,6 +266,85 @@ async def test_stalled_channels_on_a_live_socket_are_detected_and_recovered() ->
         stream = h.manager.stream(W1)
         assert stream is not None
         await wait_until(lambda: stream.connection.feed_age() < 0.5)  # the canary flows again
+
+
+async def test_fill_audit_recovers_fills_a_silent_subscription_missed_and_rebuilds_it() -> None:
+    """Only userFills goes quiet: the canary, bbo and orderUpdates still flow, so nothing looks stale. The
+    periodic REST audit finds the missing fills, emits them once and rebuilds the subscription."""
+    async with harness(WatchedAddress(address=W1, tier="precise"), fill_audit_interval=1.0) as h:
+        await h.live(W1)
+        whale = h.sim.exchange.whale(W1)
+        stream = h.manager.stream(W1)
+        assert stream is not None
+        first = await whale.market_order("ETH", True, "2", "2400", fills=2)
+        await wait_until(lambda: len(h.signals) == 1)
+        # Healthy: audits covering a traded stretch find nothing and change nothing.
+        await wait_until(lambda: _value(h.metrics, "fill_audits_total", outcome="ok") >= 2, within=15)
+        assert len(h.signals) == 1
+
+        h.sim.faults.stall("userFills", user=W1)
+        missed = await whale.market_order("BTC", False, "0.5", "80000", fills=3, px_step="5")
+        await wait_until(lambda: len(h.signals) == 2, within=20)  # after the audit lag (5 s) and one interval
+        assert h.signals[1].oid == missed
+        assert h.signals[1].backfilled
+        assert stream.fills_missed == 3
+        assert _value(h.metrics, "fill_audits_total", outcome="missed") == 1
+        assert _value(h.metrics, "backfilled_fills_total", via="audit") == 3
+        await wait_until(lambda: _value(h.metrics, "reconnects_total", kind="user", reason="fills_missed") == 1)
+        assert stale_reconnects(h) == 0  # nothing else noticed the fault
+
+        await h.live(W1)
+        await wait_until(lambda: stream.recoveries >= 2)
+        after = await whale.market_order("SOL", True, "3", "100")  # the resubscribe healed the stall
+        await wait_until(lambda: len(h.signals) == 3)
+        assert h.signals[2].oid == after
+        assert not h.signals[2].backfilled
+        assert observed_orders(h.signals) == expected_orders(h.sim, W1)
+        assert [s.oid for s in h.signals] == [first, missed, after]
+
+
+async def test_a_twap_comes_out_when_it_finishes_not_after_the_quiet_timeout() -> None:
+    """Slices aggregate by twapId; `userTwapHistory` says `finished`: one signal at once (timeout is 300 s)."""
+    async with harness(WatchedAddress(address=W1, tier="precise")) as h:
+        await h.live(W1)
+        whale = h.sim.exchange.whale(W1)
+        twap_id = await whale.twap("SOL", True, "9", slices=3, px="95", px_step="0.1", interval=0.05)
+        await wait_until(lambda: len(h.signals) == 1)
+        [signal] = h.signals
+        assert (signal.twap_id, signal.oid, signal.size, signal.fill_count) == (twap_id, None, Decimal(9), 3)
+        assert (signal.trigger, signal.status) == ("status", "finished")
+        assert signal.price == Decimal("95.1")  # the VWAP of 95, 95.1, 95.2 in equal slices
+
+
+async def test_a_twap_that_ends_during_a_gap_comes_out_once_with_every_slice() -> None:
+    """The TWAP runs and finishes while the socket is down. On the resubscribe its `finished` state comes at
+    once, its slices only with the gap recovery (the 1-fill snapshot holds the last one): the end is held
+    until the recovery is in, and the TWAP comes out once, complete."""
+    sim_config = SimConfig(clearinghouse_push_interval=0.2, fills_snapshot_size=1)
+    async with harness(
+        WatchedAddress(address=W1, tier="precise"), sim_config=sim_config, budgets_class=GatedBudgets
+    ) as h:
+        assert isinstance(h.budgets, GatedBudgets)
+        await h.live(W1)
+        whale = h.sim.exchange.whale(W1)
+        await whale.market_order("ETH", True, "1", "2400")  # something for the watermark to start from
+        await wait_until(lambda: len(h.signals) == 1)
+        await h.cut(W1)
+        twap_id = await whale.twap("SOL", True, "9", slices=3, px="95")
+        h.budgets.gate.set()
+        await wait_until(lambda: len(h.signals) == 2)
+        await asyncio.sleep(0.3)  # a second (continuation) signal would arrive now
+        assert len(h.signals) == 2
+        twap = h.signals[1]
+        assert (twap.twap_id, twap.size, twap.fill_count, twap.status) == (twap_id, Decimal(9), 3, "finished")
+        assert twap.backfilled
+
+
+def stale_reconnects(h: Harness) -> float:
+    return sum(
+        _value(h.metrics, "reconnects_total", kind="user", reason=reason)
+        for reason in ("stale_canary", "stale_connection", "pong_timeout")
+    )
 
 
 async def test_user_cap_refusal_marks_over_budget_and_retries_until_a_slot_frees() -> None:

@@ -30,6 +30,7 @@ from hl_monitor.hyperliquid.protocol import (
     TradesFrame,
     UserEventsFrame,
     UserFillsFrame,
+    UserTwapHistoryFrame,
     decode_frame,
     subscription_from_echo,
 )
@@ -479,6 +480,40 @@ async def test_user_events_channel_carries_fills_and_liquidation() -> None:
     assert fill.liquidation.mark_px == Decimal(70000)
     assert fill.liquidation.method == "market"
     assert event["data"]["liquidation"]["liquidated_user"] == W1
+
+
+async def test_twap_history_snapshot_then_activated_and_finished_with_executed_size(sim: SimServer) -> None:
+    """`userTwapHistory` as captured: snapshot (`isSnapshot: true`), then one entry per state change; `time` in
+    seconds, `executedSz` growing with the slices."""
+    w = sim.exchange.whale(W1)
+    async with connect(sim.ws_url) as ws:
+        await subscribe(ws, {"type": "userTwapHistory", "user": W1})
+        snap = await recv_channel(ws, "userTwapHistory")
+        twap_id = await w.twap("SOL", True, "9", slices=3, px="95")
+        activated = await recv_channel(ws, "userTwapHistory")
+        finished = await recv_channel(ws, "userTwapHistory")
+        await subscribe(ws, {"type": "userTwapHistory", "user": W2})
+        await recv_channel(ws, "userTwapHistory")  # W2's own (empty) snapshot
+        await unsubscribe_and_resubscribe(ws, W1)
+        again = await recv_channel(ws, "userTwapHistory")
+    assert snap["data"] == {"isSnapshot": True, "user": W1, "history": []}
+    frames = [decode_frame(json.dumps(f)) for f in (activated, finished, again)]
+    assert all(isinstance(f, UserTwapHistoryFrame) for f in frames)
+    assert "isSnapshot" not in activated["data"]
+    [start] = activated["data"]["history"]
+    [end] = finished["data"]["history"]
+    assert (start["twapId"], start["status"], start["state"]["executedSz"]) == (twap_id, {"status": "activated"}, "0.0")
+    assert (end["twapId"], end["status"], end["state"]["executedSz"]) == (twap_id, {"status": "finished"}, "9.0")
+    assert end["state"]["sz"] == "9.0"
+    assert start["time"] < 10**11  # seconds, unlike every other timestamp
+    assert again["data"]["isSnapshot"] is True
+    assert again["data"]["history"] == [end]
+
+
+async def unsubscribe_and_resubscribe(ws: ClientConnection, user: str) -> None:
+    await send(ws, {"method": "unsubscribe", "subscription": {"type": "userTwapHistory", "user": user}})
+    await recv_channel(ws, "subscriptionResponse")
+    await subscribe(ws, {"type": "userTwapHistory", "user": user})
 
 
 async def test_post_info_request(sim: SimServer) -> None:

@@ -11,10 +11,12 @@ on what it is meant to catch.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
-from hl_monitor.chaos.scenarios import SCENARIOS
+from hl_monitor.chaos.env import ChaosOptions
+from hl_monitor.chaos.scenarios import SCENARIOS, run_scenario
 from hl_monitor.chaos.soak import (
     BACKPRESSURE,
     MAX_RSS_SLOPE_MB_H,
@@ -99,3 +101,19 @@ def test_backpressure_and_stalls_after_warmup_fail() -> None:
 
 def test_soak_is_a_registered_chaos_scenario() -> None:
     assert "soak" in SCENARIOS
+
+
+@pytest.mark.slow
+@pytest.mark.mariadb
+@pytest.mark.timeout(180)
+@pytest.mark.blocks_loop("only the harness runs on this loop (sim, load driver); the service's own stalls are judged")
+async def test_busy_day_at_20x_keeps_memory_flat_queues_bounded_and_delivers_exactly_once(
+    mariadb_url: str, tmp_path: Path
+) -> None:
+    opts = ChaosOptions(quick=True, db="mariadb", mysql_url=mariadb_url, soak_s=QUICK_S)
+    result = await run_scenario("soak", opts, tmp_path)
+    assert result.passed, "\n".join(result.problems())
+    assert result.verdict is not None
+    assert result.verdict.expected > 0
+    judged = {c.what for c in result.checks}
+    assert {"memory flat after warm-up", "no growing queue", "both tiers compared"} <= judged

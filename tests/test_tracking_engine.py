@@ -15,6 +15,8 @@ from hl_monitor.hyperliquid.protocol import (
     SpotStateData,
     UserEventsFrame,
     UserFillsData,
+    UserTwapHistoryData,
+    UserTwapHistoryFrame,
     decode_frame,
     decode_info,
 )
@@ -206,6 +208,46 @@ def test_real_twap_slices_aggregate_by_twap_id() -> None:
     assert signal.position_before == D("4.04958")
     assert signal.position_after == D("4.0909")
     assert eng.stats.parked_statuses == 0  # the slice's own status needs no parking
+
+
+def twap_history(twap_id: int, status: str, executed: str, *, at_s: int = T0 // 1000 + 60) -> UserTwapHistoryData:
+    """A `userTwapHistory` update shaped like the captured frame (tests/fixtures/ws_user_twap_history.json)."""
+    raw = json.loads((FIXTURES / "ws_user_twap_history.json").read_text())
+    entry = raw["data"]["history"][0]
+    entry.update(time=at_s, twapId=twap_id, status={"status": status})
+    entry["state"].update(user=ADDR, executedSz=executed)
+    data = {"channel": "userTwapHistory", "data": {"user": ADDR, "history": [entry]}}
+    frame_ = decode_frame(json.dumps(data))
+    assert isinstance(frame_, UserTwapHistoryFrame)
+    return frame_.data
+
+
+def test_a_finished_twap_flushes_once_its_slices_add_up_not_after_the_timeout() -> None:
+    eng = engine()
+    slices = [fill(100 + i, 10 + i, "0.5", "95", start=f"{i / 2}", time=T0 + i * 30_000, twap_id=77) for i in range(3)]
+    for i, s in enumerate(slices[:2]):
+        assert eng.on_user_fills(ADDR, frame(s), NOW + i * 30_000) == []
+    assert eng.on_twap_history(ADDR, twap_history(77, "activated", "0.0"), NOW) == []
+    # Finished with 1.5 executed: one slice's fill is still on its way, so the signal waits for it.
+    assert eng.on_twap_history(ADDR, twap_history(77, "finished", "1.5"), NOW + 61_000) == []
+    (signal,) = eng.on_user_fills(ADDR, frame(slices[2]), NOW + 61_010)
+    assert (signal.twap_id, signal.size, signal.fill_count) == (77, D("1.5"), 3)
+    assert (signal.trigger, signal.status) == ("status", "finished")
+    assert signal.position_after == D("1.5")
+    assert eng.tick(NOW + 61_010 + TIMEOUT) == []  # nothing left for the timeout
+    # A repeated status (the snapshot after a reconnect) and unknown TWAPs change nothing.
+    assert eng.on_twap_history(ADDR, twap_history(77, "finished", "1.5"), NOW + 70_000) == []
+    assert eng.on_twap_history(ADDR, twap_history(78, "terminated", "2"), NOW + 70_000) == []
+
+
+def test_a_terminated_twap_whose_last_fill_never_comes_flushes_after_the_grace() -> None:
+    eng = engine()
+    eng.on_user_fills(ADDR, frame(fill(200, 20, "1", twap_id=88)), NOW)
+    assert eng.on_twap_history(ADDR, twap_history(88, "terminated", "2"), NOW + 1000) == []
+    grace = round(AggregationConfig().status_grace * 1000)
+    assert eng.tick(NOW + 1000 + grace - 1) == []
+    (signal,) = eng.tick(NOW + 1000 + grace)
+    assert (signal.size, signal.status, signal.trigger) == (D("1"), "terminated", "status")
 
 
 # ------------------------------------------------------------------------------------------ aggregation

@@ -53,6 +53,8 @@ class Stack:
     precise: PreciseManager | None
     info: InfoClient
     signals: list[Signal] = field(default_factory=list)
+    # Cleared, the signal consumer stops taking signals (a slow database or NATS): whoever emits waits.
+    accepting: asyncio.Event = field(default_factory=asyncio.Event)
 
     def of(self, address: str, source: str | None = None) -> list[Signal]:
         return [s for s in self.signals if s.address == address and (source is None or s.source == source)]
@@ -100,6 +102,7 @@ async def stack(
 
             async def sink(batch: list[Signal]) -> None:
                 assert st is not None
+                await st.accepting.wait()
                 st.signals.extend(batch)
 
             def on_universe(universe: TapeUniverse) -> None:
@@ -128,6 +131,7 @@ async def stack(
             st = Stack(
                 sim, cfg, wide_cfg, metrics, budgets, engine, tracker, source, book, tape, manager, tiers, pm, info
             )
+            st.accepting.set()
 
             async def engine_ticks() -> None:
                 while True:
@@ -155,6 +159,41 @@ async def stack(
 
 async def tape_live(s: Stack) -> None:
     await wait_until(lambda: s.tape.continuous_since_ms() is not None)
+
+
+def watch(s: Stack, *addresses: str) -> None:
+    """The tape tracker and the wide manager follow `addresses` as well, wide-owned (tests without a planner)."""
+    for address in addresses:
+        s.tracker.add_address(address)
+    s.wide.set_addresses(dict.fromkeys(s.tracker.addresses(), "wide"))
+
+
+async def watched(s: Stack, address: str) -> None:
+    """`watch` one address and wait until the tape is live and the address bootstrapped."""
+    watch(s, address)
+    await tape_live(s)
+    await bootstrapped(s, address)
+
+
+@contextlib.asynccontextmanager
+async def flipping(s: Stack, address: str, sz: str) -> AsyncIterator[None]:
+    """`address` buys and sells `sz` BTC in turn every 0.1 s while the block runs."""
+    whale = s.sim.exchange.whale(address)
+    stop = asyncio.Event()
+
+    async def trade() -> None:
+        buy = True
+        while not stop.is_set():
+            await whale.market_order("BTC", buy, sz, "80000")
+            buy = not buy
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(trade())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def bootstrapped(s: Stack, *addresses: str) -> None:
@@ -189,10 +228,7 @@ def signals_by_block(signals: Iterable[Signal]) -> dict[tuple[str, str, int], tu
 async def test_precise_and_wide_views_of_one_whale_agree_on_direction_size_and_vwap() -> None:
     """Perps on two dexes, a flip and spot: the tape's blocks equal the precise tier's orders, fill for fill."""
     async with stack(WatchedAddress(address=W1, tier="precise"), planner=False, user_slots=1) as s:
-        s.tracker.add_address(W1)
-        s.wide.set_addresses({W1: "wide"})
-        await tape_live(s)
-        await bootstrapped(s, W1)
+        await watched(s, W1)
         precise = s.precise
         assert precise is not None
         await wait_until(lambda: (stream := precise.stream(W1)) is not None and stream.recoveries >= 1)
@@ -228,22 +264,8 @@ async def test_precise_and_wide_views_of_one_whale_agree_on_direction_size_and_v
 
 async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> None:
     async with stack(planner=False, precise=False, user_slots=9, wide={"stale_after": 0.6}) as s:
-        s.tracker.add_address(W1)
-        s.wide.set_addresses({W1: "wide"})
-        await tape_live(s)
-        await bootstrapped(s, W1)
-        noise = s.sim.exchange.whale(NOISE)
-        stop = asyncio.Event()
-
-        async def keep_busy() -> None:
-            buy = True
-            while not stop.is_set():
-                await noise.market_order("BTC", buy, "0.01", "80000")
-                buy = not buy
-                await asyncio.sleep(0.1)
-
-        busy = asyncio.create_task(keep_busy())
-        try:
+        await watched(s, W1)
+        async with flipping(s, NOISE, "0.01"):
             await asyncio.sleep(0.3)
             s.sim.faults.stall("trades")  # the socket stays open, trades stop arriving
             whale = s.sim.exchange.whale(W1)
@@ -254,9 +276,6 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
             await wait_until(lambda: len(s.of(W1)) == 1)
             await wait_until(lambda: s.tape.continuous_since_ms() is not None)
             await asyncio.sleep(0.3)
-        finally:
-            stop.set()
-            await busy
         [signal] = s.of(W1)
         assert (signal.coin, signal.direction, signal.side, signal.size) == ("ETH", "open", "LONG", Decimal(2))
         assert signal.backfilled
@@ -265,14 +284,63 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
         assert _value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
 
 
+async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet() -> None:
+    """A slow signal consumer holds the tape handler; trades queue behind it. A bootstrap answer that already
+    includes a queued trade is applied only once the tape has handed it over, so it is counted once."""
+    async with stack(planner=False, precise=False, user_slots=9) as s:  # one tape connection
+        await watched(s, W2)
+        [conn] = s.tape.connections()
+        s.accepting.clear()
+        other = s.sim.exchange.whale(W2)
+        await other.market_order("BTC", True, "0.1", "80000")
+        await asyncio.sleep(0.005)
+        await other.market_order("BTC", True, "0.1", "80000")  # BTC moves on: the first block's signal blocks
+        whale = s.sim.exchange.whale(W1)
+        await whale.market_order("ETH", True, "1", "2300")  # queued behind the blocked handler
+        await wait_until(lambda: conn.backlog >= 2)
+        await asyncio.sleep(0.6)  # the trade is now older than the bootstrap request (outside its ambiguity margin)
+        watch(s, W1)
+        await wait_until(lambda: s.wide.status()["reads"] >= 2)  # answered: REST already holds the long
+        await asyncio.sleep(1.0)  # well past reconcile_settle
+        assert not s.tracker.is_bootstrapped(W1)  # the queued trade is not handed over yet: the answer waits
+        s.accepting.set()
+        await bootstrapped(s, W1)
+        await whale.market_order("ETH", False, "1", "2300")  # a full close
+        await asyncio.sleep(0.005)
+        await whale.market_order("ETH", False, "0.5", "2300")  # then a new short
+        truth = fills_by_block(s.sim, W1)
+        await wait_until(lambda: signals_by_block(s.of(W1)) == truth)
+        assert [(x.dir, x.position_before, x.position_after) for x in s.of(W1)] == [
+            ("Open Long", Decimal(0), Decimal(1)),
+            ("Close Long", Decimal(1), Decimal(0)),
+            ("Open Short", Decimal(0), Decimal("-0.5")),
+        ]
+        assert s.tracker.position(W1, "ETH") == Decimal("-0.5")
+
+
+async def test_a_bootstrap_postponed_by_an_ambiguous_trade_is_retried_while_the_reader_sleeps() -> None:
+    """The read loop sleeps until the next reconcile (an hour here); a bootstrap answer with trades inside its
+    window is retried a second later all the same, and the trades it buffered meanwhile come out exactly."""
+    async with stack(planner=False, precise=False, user_slots=9) as s:
+        await watched(s, W2)
+        async with flipping(s, W1, "0.1"):
+            watch(s, W1)
+            await wait_until(lambda: s.wide.status()["reads"] >= 2)  # W1 read while it trades: ambiguous
+            await asyncio.sleep(0.8)  # past the answer's window: its trades are buffered
+        await wait_until(lambda: s.tracker.stats.reconcile_skipped >= 1)
+        assert not s.tracker.is_bootstrapped(W1)
+        await bootstrapped(s, W1)
+        assert s.wide.status()["reads"] >= 3
+        truth = fills_by_block(s.sim, W1)
+        await wait_until(lambda: signals_by_block(s.of(W1)) == truth)
+        assert len(truth) >= 5
+
+
 async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
     """With a 4-coin budget the builder-dex coins are not on the tape; REST reconcile still sees the trade."""
     wide = {"subscription_budget": 4, "reconcile_interval": 0.3}
     async with stack(planner=False, precise=False, user_slots=9, wide=wide) as s:
-        s.tracker.add_address(W1)
-        s.wide.set_addresses({W1: "wide"})
-        await tape_live(s)
-        await bootstrapped(s, W1)
+        await watched(s, W1)
         assert "xyz:XYZ100" in s.tape.uncovered()
         assert _value(s.metrics, "tape_uncovered_coins") == 5
         whale = s.sim.exchange.whale(W1)
@@ -310,9 +378,7 @@ async def test_reconciling_a_thousand_addresses_never_exceeds_the_rest_budget() 
         planner=False, precise=False, user_slots=10, wide=wide, clock=clock, sim_config=sim_config,
         rest_weight_per_minute=limit,
     ) as s:  # fmt: skip
-        for address in addresses:
-            s.tracker.add_address(address)
-        s.wide.set_addresses(dict.fromkeys(addresses, "wide"))
+        watch(s, *addresses)
         s.sim.exchange.whale(addresses[0])  # one account with balances; the rest are empty
         capacity = s.cfg.rest_weight_per_minute
         for step in range(140):  # 70 s in half-second steps

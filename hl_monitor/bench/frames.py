@@ -16,7 +16,14 @@ from typing import Final
 
 import msgspec
 
-from hl_monitor.sim.exchange import Exchange, WireFill, WireLiquidationEvent, WireOrderUpdate, WireTrade
+from hl_monitor.sim.exchange import (
+    Exchange,
+    WireFill,
+    WireLiquidationEvent,
+    WireOrderUpdate,
+    WireTrade,
+    WireTwapHistoryEntry,
+)
 
 __all__ = [
     "BENCH_COINS",
@@ -95,6 +102,9 @@ class _Recorder:
         self.w.trades += len(trades)
 
     def on_liquidation(self, user: str, event: WireLiquidationEvent) -> None:
+        return None
+
+    def on_twap_history(self, user: str, entries: Sequence[WireTwapHistoryEntry]) -> None:
         return None
 
 

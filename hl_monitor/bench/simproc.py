@@ -22,7 +22,7 @@ from typing import Any, Final
 import msgspec
 
 from hl_monitor.bench.frames import BENCH_COINS, order_size, px_step
-from hl_monitor.sim.exchange import WireFill, WireLiquidationEvent, WireOrderUpdate, WireTrade
+from hl_monitor.sim.exchange import WireFill, WireLiquidationEvent, WireOrderUpdate, WireTrade, WireTwapHistoryEntry
 from hl_monitor.sim.server import SimConfig, SimServer
 
 # Orders placed between two yields in unpaced mode: big enough to amortise the yield, small enough that the
@@ -51,6 +51,9 @@ class _FillCounter:
 
     def on_liquidation(self, user: str, event: WireLiquidationEvent) -> None:
         self.server.on_liquidation(user, event)
+
+    def on_twap_history(self, user: str, entries: Sequence[WireTwapHistoryEntry]) -> None:
+        self.server.on_twap_history(user, entries)
 
 
 async def _load(sim: SimServer, cmd: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -29,6 +29,11 @@ WARM_S: Final = 1.0  # trading before a fault, so orders are open when it hits
 READY_WITHIN_S: Final = 30.0
 REFUSE_S: Final = 1.0  # after an abrupt close the exchange refuses reconnects this long
 STALL_CHANNELS: Final = ("userFills", "orderUpdates", "allDexsClearinghouseState", "spotState")
+# A stale verdict takes `stale_after` (the chaos env's short one) plus a reconnect: seen well within this.
+STALL_FOUND_WITHIN_S: Final = 15.0
+# Fill-audit interval for `silent_fills`: with the audit's 5 s lag the lost fills are found within ~10 s.
+AUDIT_INTERVAL_S: Final = 2.0
+AUDIT_FOUND_WITHIN_S: Final = 30.0
 # The kill -9 scenario restarts the service every second or so; each start opens one connection per whale.
 # The real per-IP limit (30/min) would make that test a minute per 15 restarts, so the sim's limit is raised
 # there (the reconnect storm scenario is the one that holds the service to the real limit).
@@ -101,18 +106,29 @@ def _reconnect_reasons(obs: Observation) -> str:
 # --------------------------------------------------------------------------------------- scenarios
 
 
+async def _stall_first_whale(
+    env: ChaosEnv, channels: Sequence[str], until: Callable[[Observation], bool], within: float
+) -> Observation:
+    """Start the service and trade; withhold `channels` of the first whale (socket open) until `until` holds."""
+    await env.start_service()
+    async with env.trading():
+        await asyncio.sleep(WARM_S)
+        async with env.observe() as obs:
+            for channel in channels:
+                env.sim.faults.stall(channel, user=env.whales[0])
+            await env.wait_observed(obs, until, within)
+            await env.svc.wait_ready(READY_WITHIN_S)
+    return obs
+
+
 async def silent_stall(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
     async with ChaosEnv(opts, workdir) as env:
         res.log_path = env.svc.log_path
-        whale = env.whales[0]
-        await env.start_service()
-        async with env.trading():
-            await asyncio.sleep(WARM_S)
-            async with env.observe() as obs:
-                for channel in STALL_CHANNELS:
-                    env.sim.faults.stall(channel, user=whale)
-                await env.wait_observed(obs, lambda o: o.delta("hl_monitor_reconnects_total", kind="user") >= 1, 15)
-                await env.svc.wait_ready(READY_WITHIN_S)
+
+        def reconnected(o: Observation) -> bool:
+            return o.delta("hl_monitor_reconnects_total", kind="user") >= 1
+
+        obs = await _stall_first_whale(env, STALL_CHANNELS, reconnected, STALL_FOUND_WITHIN_S)
         # The stale verdict reconnects at once and the resubscribe heals, so readiness is false only for the
         # reconnect itself (often shorter than a sample); the feed's age is what shows the stall while it lasts.
         age = obs.max("hl_monitor_feed_age_seconds")
@@ -123,6 +139,35 @@ async def silent_stall(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -
         res.notes.append(f"readiness while reconnecting: {obs.reason_texts() or 'not sampled (reconnect < 0.2 s)'}")
         res.notes.append(
             f"stalled {', '.join(STALL_CHANNELS)} of one whale with the socket open; {_reconnect_reasons(obs)}"
+        )
+        res.verdict = await env.finish()
+
+
+async def silent_fills(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
+    """Only `userFills` goes quiet: the canary, bbo and orderUpdates keep flowing, so no feed looks stale."""
+    extra = {"HL_MONITOR__HYPERLIQUID__FILL_AUDIT_INTERVAL": f"{AUDIT_INTERVAL_S:g}"}
+    async with ChaosEnv(opts, workdir, service_env=extra) as env:
+        res.log_path = env.svc.log_path
+        obs = await _stall_first_whale(
+            env,
+            ("userFills",),
+            lambda o: o.delta("hl_monitor_reconnects_total", kind="user", reason="fills_missed") >= 1,
+            AUDIT_FOUND_WITHIN_S,
+        )
+        missed = obs.delta("hl_monitor_fill_audits_total", outcome="missed")
+        recovered = obs.delta("hl_monitor_backfilled_fills_total", via="audit")
+        res.checks.append(
+            Check(
+                "fill audit found the lost fills",
+                missed >= 1 and recovered >= 1,
+                f"fill_audits missed +{missed:g}, backfilled_fills via audit +{recovered:g}",
+            )
+        )
+        rebuilt = obs.delta("hl_monitor_reconnects_total", kind="user", reason="fills_missed")
+        res.checks.append(Check("subscription rebuilt", rebuilt >= 1, _reconnect_reasons(obs)))
+        res.notes.append(
+            f"stalled userFills only (canary, bbo, orderUpdates flowing), fill audit every {AUDIT_INTERVAL_S:g} s; "
+            f"max feed age {obs.max('hl_monitor_feed_age_seconds'):.1f} s; {_reconnect_reasons(obs)}"
         )
         res.verdict = await env.finish()
 
@@ -544,6 +589,7 @@ SCENARIOS: Final = {
     s.name: s
     for s in (
         Scenario("silent_stall", "Silent channel stall (socket open, data withheld)", silent_stall),
+        Scenario("silent_fills", "userFills alone silent (canary still flowing)", silent_fills),
         Scenario("abrupt_close", "Abrupt close mid-order", abrupt_close),
         Scenario("dropped_ack", "Dropped subscribe ack", dropped_ack),
         Scenario("reconnect_storm", "Reconnect storm", reconnect_storm),

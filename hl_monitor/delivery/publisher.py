@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import ssl
 import string
@@ -42,7 +41,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
-from hl_monitor.config import NatsConfig, SignalsConfig
+from hl_monitor.config import NatsConfig, Secret, SignalsConfig
 from hl_monitor.errors import ConfigError, DeliveryError
 from hl_monitor.logging import get_logger
 from hl_monitor.ops.metrics import Metrics
@@ -139,6 +138,23 @@ def _read_tls(cfg: NatsConfig, scheme: str) -> ssl.SSLContext | None:
     return context
 
 
+# What the first line of each credential file starts with (nsc / nk output): a wrong file fails at start-up.
+_CREDENTIAL_MARKERS: Final = {"nats.creds": "-----BEGIN NATS USER JWT-----", "nats.nkey_seed": "SU"}
+
+
+def _existing_file(key: str, path: Secret) -> str:
+    """The credential file's path, once it is readable and looks like what `key` needs (its content is never shown)."""
+    name = str(path)
+    try:
+        head = Path(name).read_text(encoding="ascii", errors="replace").lstrip()[:64]
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {name!r}: {exc.strerror or exc}") from None
+    marker = _CREDENTIAL_MARKERS[key]
+    if not head.startswith(marker):
+        raise ConfigError(key, f"{name!r} does not start with {marker!r}")
+    return name
+
+
 class Publisher:
     """The NATS connection and JetStream publishing. `connect()`, `ensure_stream()`, `publish()`, `close()`."""
 
@@ -215,13 +231,9 @@ class Publisher:
         if cfg.token is not None:
             options["token"] = str(cfg.token)
         if cfg.creds is not None:
-            if importlib.util.find_spec("nkeys") is None:
-                raise ConfigError(
-                    "nats.creds", "creds-file auth needs the nkeys package (pip install 'nats-py[nkeys]')"
-                )
-            if not Path(str(cfg.creds)).is_file():
-                raise ConfigError("nats.creds", f"creds file {str(cfg.creds)!r} does not exist")
-            options["user_credentials"] = str(cfg.creds)
+            options["user_credentials"] = _existing_file("nats.creds", cfg.creds)
+        if cfg.nkey_seed is not None:
+            options["nkeys_seed"] = _existing_file("nats.nkey_seed", cfg.nkey_seed)
         tls = _read_tls(cfg, urlsplit(self._url).scheme)
         if tls is not None:
             options["tls"] = tls

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import enum
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -280,6 +281,25 @@ def _channel(frame: Frame) -> str:
     return str(tag)
 
 
+# From this release on a TaskGroup takes back the cancel request it made on its parent itself.
+_TASKGROUP_UNCANCELS: Final = (3, 13)
+
+
+def _drop_group_cancels(task: asyncio.Task[Any] | None, before: int) -> None:
+    """Undo the cancel request a TaskGroup left on `task` when a child ended the session.
+
+    Before 3.13 a TaskGroup whose child fails while its parent already waits in `__aexit__` cancels the parent
+    and never takes that one request back (the session's normal end: a child raises `_SessionEnd`). On
+    3.11.0-3.11.2 every later `asyncio.timeout` in that task then turned its own expiry into CancelledError
+    (gh-102780): the reconnect backoff killed the connection loop. Takes back at most that one request, and only
+    when no CancelledError is propagating.
+    """
+    if task is None or sys.version_info >= _TASKGROUP_UNCANCELS or sys.exc_info()[0] is asyncio.CancelledError:
+        return
+    if task.cancelling() > before:
+        task.uncancel()
+
+
 class Connection:
     """See the module docstring. Run with `await run()`; end with `stop()`."""
 
@@ -323,6 +343,7 @@ class Connection:
         self._kick_reason = ""
         self._stopping = False
         self._last_frame = clock()
+        self._handling = False
 
     # ------------------------------------------------------------------ public
 
@@ -340,6 +361,11 @@ class Connection:
         if self._stale is not None:
             return self._stale.age(now)
         return max(0.0, now - self._last_frame)
+
+    @property
+    def backlog(self) -> int:
+        """Events received or posted but not yet fully handled (the one in the handler counts)."""
+        return self._queue.qsize() + self._handling
 
     def status(self) -> dict[str, Any]:
         return {
@@ -415,6 +441,7 @@ class Connection:
                 return
             self._metrics.message_queue_size.dec()
             assert isinstance(item, Connected | Live | Disconnected | Received | SubscriptionFailed | Posted)
+            self._handling = True
             try:
                 await self._handler(item)
             except Exception:
@@ -423,6 +450,8 @@ class Connection:
                     "frame handler failed; reconnecting", connection=self.name, event_type=type(item).__name__
                 )
                 self.request_reconnect("handler_error", getattr(item, "epoch", None))
+            finally:
+                self._handling = False
 
     def _stop_requested(self) -> bool:
         return self._stopping
@@ -483,6 +512,8 @@ class Connection:
         self._pending.clear()
         live_since: list[float] = []
         reason = "closed"
+        task = asyncio.current_task()
+        cancel_requests = task.cancelling() if task is not None else 0
         try:
             await self._enqueue(Connected(epoch))
             self._set_state(ConnState.SUBSCRIBING)
@@ -516,6 +547,7 @@ class Connection:
         except* (OSError, TimeoutError):
             reason = "io_error"
         finally:
+            _drop_group_cancels(task, cancel_requests)
             self._pending.clear()
             await ws.close()
             self._metrics.pool_manager_connection_count.dec()

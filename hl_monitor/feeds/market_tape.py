@@ -20,7 +20,9 @@ Gaps. After a reconnect the replay is the first recovery; then REST `recentTrade
 most `wide.backfill_max_coins` coins, those held by watched addresses first) fills what the replay
 missed, posted into the connection's queue so it is applied in order with the stream. Trades that
 arrive this way carry `backfilled`. `continuous_since_ms()` tells the wide manager from when on the tape
-is complete, so a REST answer is never compared against a tape that may have missed trades.
+is complete, so a REST answer is never compared against a tape that may have missed trades, and
+`caught_up(t)` whether every trade up to exchange time `t` has been handed over (a busy service can hold
+seconds of tape in its queues: an answer compared before then would count those trades twice).
 
 Symbols: the tracker needs a `SymbolMap` with spot metadata (a spot trade moves its base token). The
 tape does not set it: the app's symbol loader feeds `TapeTracker.set_symbols` like the engine's; every
@@ -262,11 +264,22 @@ class _BackfillDone(Posted):
 
 
 class _Shard:
-    __slots__ = ("backfill", "coins", "connected_ms", "connection", "continuous_since", "epochs", "in_gap", "index")
+    __slots__ = (
+        "applied_ms",
+        "backfill",
+        "coins",
+        "connected_ms",
+        "connection",
+        "continuous_since",
+        "epochs",
+        "in_gap",
+        "index",
+    )
 
     def __init__(self, index: int, coins: list[str]) -> None:
         self.index = index
         self.coins = coins
+        self.applied_ms = 0  # newest exchange time of a trade handed to the tracker from this connection
         self.connection: Connection | None = None
         self.connected_ms = 0
         self.continuous_since: int | None = None
@@ -343,6 +356,20 @@ class MarketTape:
                 return None
             since = max(since, s.continuous_since)
         return since
+
+    def caught_up(self, t_ms: int) -> bool:
+        """Every trade at or before exchange time `t_ms` that reached us has been handed to the tracker.
+
+        Per connection: it has handed over a trade newer than `t_ms` (a connection carries blocks in order,
+        so every older one went first), or nothing it received is still waiting (a quiet connection). The
+        caller adds a wall-clock settle on top, for trades still in flight on the network.
+        """
+        for s in self._shards:
+            if s.applied_ms > t_ms:
+                continue
+            if s.connection is not None and s.connection.backlog:
+                return False
+        return True
 
     def status(self) -> dict[str, Any]:
         uncovered = self.uncovered()
@@ -507,12 +534,15 @@ class MarketTape:
         if not fresh:
             return
         self._processed.inc(len(fresh))
-        newest = fresh[-1].time
+        newest = max(t.time for t in fresh)
         if not backfilled:
             self._latency.observe(max(0.0, (now_ms - newest) / 1000))
             # Replayed trades that happened while this shard was disconnected are late: flag them.
             backfilled = s.epochs > 1 and fresh[0].time < s.connected_ms
-        await self._emit(self._tracker.on_trades(coin, fresh, now_ms, backfilled=backfilled))
+        signals = self._tracker.on_trades(coin, fresh, now_ms, backfilled=backfilled)
+        if not backfilled:
+            s.applied_ms = max(s.applied_ms, newest)
+        await self._emit(signals)
 
     async def _emit(self, signals: list[Signal]) -> None:
         if signals:

@@ -9,12 +9,12 @@ included, so a handover never starts from an unknown position; only the owning t
 Handover rule — the precise engine's watermark is the boundary, so no fill is reported twice or never:
 - wide → precise (a slot was granted): the tape keeps tracking but *holds* its blocks. When the precise
   stream is live and its first gap recovery is done: if the engine had never seen the address, its first
-  `userFills` snapshot only seeded it (no precise signal for anything in it), so held blocks up to the seeded
-  watermark time are emitted; if it knew the address, everything after its watermark at the start of the
-  handover was backfilled as precise signals, so held blocks up to that time are emitted. Later held blocks
-  are dropped from the hold when they age out (the precise tier reports those fills). If the precise stream
-  never gets there, the address falls back
-  to wide and every held block is emitted.
+  `userFills` snapshot only seeded it (no precise signal for anything in it), so held blocks up to the seed
+  (its newest fill; fills the stream delivered after it are precise signals) are emitted; if it knew the
+  address, everything after its watermark at the start of the handover was backfilled as precise signals, so
+  held blocks up to that time are emitted. Later held blocks are dropped from the hold when they age out (the
+  precise tier reports those fills). If the precise stream never gets there, the address falls back to wide
+  and every held block is emitted.
 - precise → wide (outranked, over budget, tier changed): once the stream is stopped (reported by
   `on_unassigned`, or `HANDOVER_GRACE_S` after the slot went away), the engine's pending aggregations of
   the address are flushed now (trigger `shutdown`: the order may go on, its later fills come from the
@@ -80,6 +80,7 @@ class PreciseEngine(Protocol):
     """The part of `TrackingEngine` a handover touches."""
 
     def watermark(self, address: str) -> Watermark | None: ...
+    def seed_time(self, address: str) -> int | None: ...
     def flush_address(self, address: str, now_ms: int, trigger: Any = ...) -> list[Signal]: ...
     def remove_address(self, address: str) -> None: ...
     def add_address(self, address: str, label: str | None = None) -> None: ...
@@ -236,8 +237,11 @@ class TierPlanner:
             upto = 2**63 - 1  # the precise tier has processed nothing yet: nothing held is covered by it
         elif base is None:
             # A first snapshot only seeds the engine (no signals for anything in it): the tape's held blocks up to
-            # the seed are reported by nobody else. Later fills arrive on the stream and are the precise tier's.
-            upto = watermark.time
+            # the seed are reported by nobody else. Later fills arrive on the stream and are the precise tier's,
+            # also those processed before this look: the seed, not the current watermark (nor the dedup floor, which
+            # a very active address can raise past it).
+            seed = self._engine.seed_time(address)
+            upto = seed if seed is not None else watermark.floor
         else:
             # The engine knew the address: everything after its old watermark is backfilled as precise signals.
             upto = base

@@ -2,9 +2,10 @@
 
 Subscriptions: `userFills` (aggregateByTime false: exact tids for dedup), `orderUpdates` (carries no
 user, hence one address per connection), `allDexsClearinghouseState` (positions, and the canary: it is
-re-sent about every 5 s), `spotState`, plus `bbo` of one coin (no user slot) that proves the socket
-itself flows when the canary goes quiet. Frames go, in arrival order, to the tracking engine; the
-signals it returns are awaited into the sink (backpressure).
+re-sent about every 5 s), `spotState`, `userTwapHistory` (a TWAP's end flushes its aggregation), plus
+`bbo` of one coin (no user slot) that proves the socket itself flows when the canary goes quiet. Frames
+go, in arrival order, to the tracking engine; the signals it returns are awaited into the sink
+(backpressure).
 
 Gap recovery runs after every (re)connect, including the first one after a restart:
 1. On `Connected` the engine's fill watermark is remembered as the start of the gap; if an earlier
@@ -20,6 +21,16 @@ Every REST answer is posted into the connection's queue and applied in order wit
 pushed before an `orderStatus` answer is applied before that status, so a status never flushes an
 order whose last fills are still waiting in the queue. REST goes through the weight budget (high
 priority); a failed recovery is retried with backoff, and the gap start survives until one succeeds.
+
+Fill audit (design §5, "a slow periodic REST check catches a subscription that silently misses
+events"): every `fill_audit_interval` a live, recovered stream re-reads its address's fills since the
+previous audit (minus an overlap, up to a few seconds ago) with `userFillsByTime` at low priority and
+posts them like a backfill. Fills the engine had not seen are processed (signals flagged backfilled) and
+counted; any such fill means the subscription lost events while the canary still flowed, so the
+connection is rebuilt (`reconnects{reason="fills_missed"}`), which resubscribes and runs a full gap
+recovery. Fills are the check rather than positions: they also catch an open and close that cancel out,
+and they repair what they find. One read every 5 minutes per precise address costs 20 weight plus 1 per
+20 fills it returns (8 whales at 2,000 fills per window each: ~200 of the 1,200 a minute).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from hl_monitor.feeds.connection import (
     Connection,
     ConnectionBudget,
     ConnEvent,
+    ConnState,
     Disconnected,
     Live,
     Posted,
@@ -56,8 +68,11 @@ from hl_monitor.hyperliquid.protocol import (
     SpotStateData,
     SpotStateFrame,
     Subscription,
+    TwapHistoryEntry,
     UserFillsData,
     UserFillsFrame,
+    UserTwapHistoryData,
+    UserTwapHistoryFrame,
     WsOrder,
 )
 from hl_monitor.logging import get_logger
@@ -82,6 +97,15 @@ FLOW_COIN: Final = "BTC"
 # Recovery retries start fast (a single lost REST reply) and settle at the weight window's length.
 RECOVERY_RETRY_INITIAL_S: Final = 1.0
 RECOVERY_RETRY_MAX_S: Final = 60.0
+# Fills younger than this may still be on their way over the stream: an audit leaves them to it.
+AUDIT_LAG_MS: Final = 5_000
+# Consecutive audit windows overlap this much: exchange timestamps vs our clock, block time resolution.
+AUDIT_OVERLAP_MS: Final = 30_000
+# The first audit of a stream comes after a random share of the interval, so precise addresses spread out.
+AUDIT_FIRST_MIN_SHARE: Final = 0.5
+# `userTwapHistory` entries held while a gap is open (one per TWAP, newest state). They only end TWAP
+# aggregations early; beyond this the oldest are dropped and those TWAPs flush by timeout as before.
+MAX_HELD_TWAPS: Final = 1000
 
 SignalSink = Callable[[list[Signal]], Awaitable[None]]
 
@@ -97,6 +121,8 @@ class Tracker(Protocol):
     def on_user_fills(self, address: str, data: UserFillsData, now_ms: int) -> list[Signal]: ...
     def on_order_updates(self, address: str, updates: list[WsOrder], now_ms: int) -> list[Signal]: ...
     def on_backfill(self, address: str, fills: list[Fill], now_ms: int) -> list[Signal]: ...
+    def unseen_fills(self, address: str, fills: list[Fill]) -> int: ...
+    def on_twap_history(self, address: str, data: UserTwapHistoryData, now_ms: int) -> list[Signal]: ...
     def on_order_status(self, address: str, oid: int, status: str, status_time: int, now_ms: int) -> list[Signal]: ...
     def on_clearinghouse(
         self, address: str, data: AllDexsClearinghouseStateData | ClearinghouseStateData, now_ms: int
@@ -123,6 +149,7 @@ def user_subscriptions(address: str, flow_coin: str = FLOW_COIN) -> list[Subscri
         Subscription("orderUpdates", user=address),
         Subscription(CANARY_CHANNEL, user=address),
         Subscription("spotState", user=address),
+        Subscription("userTwapHistory", user=address),
     ]
     if flow_coin:
         subs.append(Subscription("bbo", coin=flow_coin))
@@ -132,10 +159,13 @@ def user_subscriptions(address: str, flow_coin: str = FLOW_COIN) -> list[Subscri
 # ---------------------------------------------------------------------------------------- recovery events
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Backfill(Posted):
     fills: list[Fill]
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    audit_epoch: int | None = None  # set for a fill audit: the recovered epoch it was asked in
+    unseen: int = 0  # audits: fills the engine had not processed before (set by the handler)
+    stale: bool = False  # audits: a reconnect came in between; a gap recovery accounts for these fills
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +183,7 @@ class _Positions(Posted):
 @dataclass(frozen=True, slots=True)
 class _RecoveryDone(Posted):
     epoch: int
+    covered_to: int  # wall ms when the recovery's fill backfill was asked: fills before it are complete
 
 
 class UserStream:
@@ -203,6 +234,11 @@ class UserStream:
         self._gap_open = False
         self._gap_start: int | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._audited_to: int | None = None  # wall ms up to which the stream's fills are known complete
+        self._recovered_epoch: int | None = None  # the connection epoch whose gap recovery finished
+        self._held_twaps: dict[int, TwapHistoryEntry] = {}  # TWAP states that came during a gap
+        self.audits = 0
+        self.fills_missed = 0
 
     @property
     def user_subscription_count(self) -> int:
@@ -214,6 +250,8 @@ class UserStream:
             "slot": self.slot,
             "recovering": self.recovering,
             "recoveries": self.recoveries,
+            "audits": self.audits,
+            "fills_missed": self.fills_missed,
             "over_budget": self.over_budget,
             **self.connection.status(),
         }
@@ -223,7 +261,13 @@ class UserStream:
 
     async def run(self) -> None:
         try:
-            await self.connection.run()
+            async with asyncio.TaskGroup() as tg:
+                audit = None
+                if self._cfg.fill_audit_interval > 0:
+                    audit = tg.create_task(self._audit_loop(), name=f"audit:{self.address}")
+                await self.connection.run()
+                if audit is not None:
+                    audit.cancel()
         finally:
             await self._cancel_recovery()
 
@@ -251,6 +295,11 @@ class UserStream:
                 log.error("subscription refused", address=self.address, kind=event.kind, text=event.text[:300])
         elif isinstance(event, _Backfill):
             try:
+                if event.audit_epoch is not None:
+                    if event.audit_epoch == self._recovered_epoch == self.connection.epoch:
+                        event.unseen = self._tracker.unseen_fills(self.address, event.fills)
+                    else:
+                        event.stale = True
                 await self._emit(self._tracker.on_backfill(self.address, event.fills, now_ms))
             finally:
                 event.done.set()
@@ -266,6 +315,13 @@ class UserStream:
             self._gap_start = None
             self.recovering = False
             self.recoveries += 1
+            self._audited_to = event.covered_to
+            self._recovered_epoch = event.epoch
+            if self._held_twaps:
+                # The gap's fills and order statuses are in now: a TWAP's end no longer overtakes its slices.
+                held = UserTwapHistoryData(user=self.address, history=list(self._held_twaps.values()))
+                self._held_twaps.clear()
+                await self._emit(self._tracker.on_twap_history(self.address, held, now_ms))
 
     async def _on_frame(self, event: Received) -> None:
         frame = event.frame
@@ -285,7 +341,21 @@ class UserStream:
                 self._tracker.on_clearinghouse(self.address, frame.data, now_ms)
         elif isinstance(frame, SpotStateFrame) and self._mine(frame.data.user, "spotState"):
             self._tracker.on_spot_state(self.address, frame.data, now_ms)
+        elif isinstance(frame, UserTwapHistoryFrame) and self._mine(frame.data.user, "userTwapHistory"):
+            if self._gap_open:
+                self._hold_twaps(frame.data.history)
+            else:
+                await self._emit(self._tracker.on_twap_history(self.address, frame.data, now_ms))
         # bbo (the flow canary) and anything else: liveness only, nothing to track
+
+    def _hold_twaps(self, entries: list[TwapHistoryEntry]) -> None:
+        held = self._held_twaps
+        for entry in entries:
+            if entry.twap_id is not None:
+                held.pop(entry.twap_id, None)
+                held[entry.twap_id] = entry  # newest state last
+        while len(held) > MAX_HELD_TWAPS:
+            del held[next(iter(held))]
 
     def _mine(self, user: str, channel: str) -> bool:
         if user.lower() == self.address:
@@ -330,6 +400,7 @@ class UserStream:
 
     async def _recover_once(self, epoch: int) -> None:
         conn = self.connection
+        covered_to = self._wall_ms()
         if self._gap_start is not None:
             start = max(0, self._gap_start - int(self._cfg.backfill_margin * 1000))
             history = await self._info.user_fills_by_time(self.address, start, priority="high")
@@ -348,4 +419,55 @@ class UserStream:
             await conn.post(_OrderStatus(oid, reply.order.status, reply.order.status_timestamp))
         state = await self._info.clearinghouse_state(self.address, "", priority="high")
         await conn.post(_Positions(state))
-        await conn.post(_RecoveryDone(epoch))
+        await conn.post(_RecoveryDone(epoch, covered_to))
+
+    # ------------------------------------------------------------------ fill audit
+
+    async def _audit_loop(self) -> None:
+        interval = self._cfg.fill_audit_interval
+        await asyncio.sleep(interval * self._rng.uniform(AUDIT_FIRST_MIN_SHARE, 1.0))
+        while True:
+            try:
+                await self._audit()
+            except Exception as exc:  # an audit never takes the stream down; the next one covers this stretch
+                self._metrics.fill_audits.labels(outcome="error").inc()
+                log.warning("fill audit failed", address=self.address, error=repr(exc))
+            await asyncio.sleep(interval)
+
+    def _audit_epoch(self) -> int | None:
+        """The connection epoch an audit may run in: live, and its gap recovery done (else that covers it)."""
+        conn = self.connection
+        if conn.state is ConnState.LIVE and self._recovered_epoch == conn.epoch:
+            return conn.epoch
+        return None
+
+    async def _audit(self) -> None:
+        conn = self.connection
+        start = self._audited_to
+        epoch = self._audit_epoch()
+        if start is None or epoch is None:
+            self._metrics.fill_audits.labels(outcome="skipped").inc()
+            return
+        end = self._wall_ms() - AUDIT_LAG_MS
+        history = await self._info.user_fills_by_time(self.address, start - AUDIT_OVERLAP_MS, end, priority="low")
+        audit = _Backfill(history.fills, audit_epoch=epoch)
+        await conn.post(audit)
+        await audit.done.wait()
+        if audit.stale:
+            self._metrics.fill_audits.labels(outcome="skipped").inc()
+            return
+        self.audits += 1
+        self._audited_to = max(start, end)
+        if not audit.unseen:
+            self._metrics.fill_audits.labels(outcome="ok").inc()
+            return
+        self.fills_missed += audit.unseen
+        self._metrics.fill_audits.labels(outcome="missed").inc()
+        self._metrics.backfilled_fills.labels(via="audit").inc(audit.unseen)
+        log.warning(
+            "userFills missed fills the REST audit found; recovered them, rebuilding the subscription",
+            address=self.address,
+            missed=audit.unseen,
+            window_ms=(start - AUDIT_OVERLAP_MS, end),
+        )
+        conn.request_reconnect("fills_missed", epoch)

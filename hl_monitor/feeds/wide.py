@@ -9,8 +9,11 @@ recovery) and the shared `Budgets` window is the hard limit nobody can exceed. W
 effective interval is max(`reconcile_interval`, N × weight per read ÷ share rate), shown on `/status`.
 
 A REST answer is compared with the tape only when it is safe: `wide.reconcile_settle` after the answer
-(the tape has delivered every older trade by then) and only if the tape has been continuous since before
-the request (`MarketTape.continuous_since_ms`); otherwise it is dropped and the read is retried soon.
+(for trades still on the network), once the tape has handed every trade up to the answer's window to the
+tracker (`MarketTape.caught_up`: under load the service can be seconds behind the socket, and a trade the
+answer already includes would otherwise be applied on top of it), and only if the tape has been
+continuous since before the request (`MarketTape.continuous_since_ms`); otherwise it is dropped and the
+read is retried soon.
 The tracker does the arithmetic (`TapeTracker.apply_rest`): trades inside the request's window are
 ambiguous and skip their position this round; a drift is corrected, counted (`drift_corrections`) and
 reported as a `reconcile` signal.
@@ -53,7 +56,7 @@ AMBIGUITY_MARGIN_MS: Final = 500
 RETRY_S: Final = 5.0
 # How often pending answers are checked for their settle time (real time, not the budget clock).
 EVALUATE_EVERY_S: Final = 0.05
-# Answers waiting for their settle time; one read at a time is in flight, so this never fills in practice.
+# Answers waiting for their settle time and the tape; beyond this, reads wait (one read is in flight at a time).
 MAX_PENDING: Final = 1024
 
 
@@ -64,6 +67,7 @@ class WideInfoApi(Protocol):
 
 class TapeView(Protocol):
     def continuous_since_ms(self) -> int | None: ...
+    def caught_up(self, t_ms: int) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -174,6 +178,7 @@ class WideManager:
         if entry is not None:
             entry.due = self._clock.now() + delay
             self._push(address, entry)
+            self._wake()  # the read loop may be asleep until a later due time (a retry from `_apply`)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -279,6 +284,11 @@ class WideManager:
 
     async def _read(self, address: str) -> None:
         entry = self._entries[address]
+        if len(self._pending) >= MAX_PENDING:
+            # Answers are waiting for the tape to catch up: another read now would only be dropped.
+            self._metrics.tape_events.labels(kind="answer_dropped").inc()
+            self._schedule(address, RETRY_S)
+            return
         dexes = list(self._dexes())
         sent = self._wall_ms()
         try:
@@ -298,10 +308,6 @@ class WideManager:
         states = list(zip(dexes, perps, strict=True))
         window = (sent - AMBIGUITY_MARGIN_MS, received + AMBIGUITY_MARGIN_MS)
         rest = rest_positions(states, spot, window=window, now_ms=received)
-        if len(self._pending) >= MAX_PENDING:
-            self._metrics.tape_events.labels(kind="answer_dropped").inc()
-            self._schedule(address, RETRY_S)
-            return
         self._pending.append((address, rest))
         entry.reads += 1
         entry.last_read_ms = received
@@ -312,7 +318,10 @@ class WideManager:
         while True:
             await asyncio.sleep(EVALUATE_EVERY_S)
             now = self._wall_ms()
-            while self._pending and self._pending[0][1].window[1] + settle_ms <= now:
+            while self._pending:
+                hi = self._pending[0][1].window[1]
+                if hi + settle_ms > now or not self._tape.caught_up(hi):
+                    break
                 address, rest = self._pending.popleft()
                 await self._apply(address, rest, now)
 

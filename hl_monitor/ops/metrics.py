@@ -108,6 +108,11 @@ class Metrics:
         self.task_restarts = counter("task_restarts", "Supervised task restarts.", ("task",))
         self.handler_errors = counter("handler_errors", "Frame handler crashes (the connection reconnects).", ("kind",))
         self.gap_recoveries = counter("gap_recoveries", "Gap recoveries after (re)connects by outcome.", ("outcome",))
+        self.fill_audits = counter(
+            "fill_audits",
+            "Periodic REST re-reads of precise fills by outcome (missed: the stream lost fills).",
+            ("outcome",),
+        )
         self.address_reloads = counter("address_reloads", "Address book reloads and skipped rows.", ("outcome",))
         self.tape_uncovered_coins = gauge("tape_uncovered_coins", "Coins without a trades subscription (over budget).")
         self.tape_events = counter("tape_events", "Wide-tier tape and reconcile events by kind.", ("kind",))

@@ -59,6 +59,8 @@ SMALL_ID_SPREAD: Final = 1_000_000  # the same for the smaller twapId/lid ranges
 COUNTERPARTIES: Final = 64  # size of the seeded pool of non-whale counterparties
 DEFAULT_FILL_HISTORY: Final = 10_000  # only the newest 10000 fills of a user are reachable (§8)
 DEFAULT_ORDER_HISTORY: Final = 100_000  # orders remembered per user for orderStatus; older ones are unknownOid
+TWAP_HISTORY: Final = 100  # TWAP states kept per user for the `userTwapHistory` snapshot
+TWAP_MINUTES: Final = 5  # the exchange's shortest TWAP (the sim runs its slices as fast as the script asks)
 FAKE_FUNDING: Final = "0.0000125"  # the exchange's resting hourly funding rate
 FAKE_OPEN_INTEREST: Final = "1000.0"  # asset contexts need a value; nothing reads it
 DEFAULT_RECENT_TRADES: Final = 100  # public trades kept per coin for replay and recentTrades
@@ -179,6 +181,32 @@ class WireTrade(_Out, frozen=True, kw_only=True):
     hash: str
     tid: int
     users: tuple[str, str]
+
+
+class WireTwapState(_Out, frozen=True, kw_only=True):
+    coin: str
+    user: str
+    side: Side
+    sz: str
+    executed_sz: str
+    executed_ntl: str
+    minutes: int
+    reduce_only: bool
+    randomize: bool
+    timestamp: int
+
+
+class WireTwapStatus(_Out, frozen=True, kw_only=True):
+    status: str
+
+
+class WireTwapHistoryEntry(_Out, frozen=True, kw_only=True):
+    """One `userTwapHistory` entry; `time` is in seconds, as captured."""
+
+    time: int
+    state: WireTwapState
+    status: WireTwapStatus
+    twap_id: int
 
 
 class WireLiquidationEvent(msgspec.Struct, frozen=True, gc=False):
@@ -468,6 +496,8 @@ class ExchangeListener(Protocol):
 
     def on_liquidation(self, user: str, event: WireLiquidationEvent) -> None: ...
 
+    def on_twap_history(self, user: str, entries: Sequence[WireTwapHistoryEntry]) -> None: ...
+
 
 @dataclass(slots=True)
 class _PerpPosition:
@@ -549,6 +579,7 @@ class Account:
         self.fills: deque[WireFill] = deque(maxlen=fill_limit)
         self.orders: OrderedDict[int, Order] = OrderedDict()
         self.open_orders: dict[int, Order] = {}
+        self.twaps: OrderedDict[int, WireTwapHistoryEntry] = OrderedDict()  # newest state per twapId
         self._order_limit = order_limit
 
     def remember(self, order: Order) -> None:
@@ -1020,6 +1051,7 @@ class Exchange:
         )  # fmt: skip
         opened = order.update()
         out_fills, trades = self._apply(acct, order, [_Piece(size, order.limit_px)], aggressor=True, hash_=ZERO_HASH)
+        self._twap_executed(acct, twap_id, size, order.limit_px)
         filled = self._set_status(order, "filled")
         self._emit(acct.address, out_fills, trades, [opened, filled] if order_updates else [], coin)
         return order.oid
@@ -1027,6 +1059,56 @@ class Exchange:
     def new_twap_id(self) -> int:
         self._next_twap += 1
         return self._next_twap
+
+    def twap_start(self, user: str, coin: str, is_buy: bool, sz: Num, *, minutes: int = TWAP_MINUTES) -> int:
+        """A TWAP order is accepted: `activated` on `userTwapHistory`. Returns its twapId."""
+        acct = self.account(user)
+        self._check_coin(coin)
+        twap_id = self.new_twap_id()
+        now = self.now_ms()
+        state = WireTwapState(
+            coin=coin, user=acct.address, side="B" if is_buy else "A", sz=wire_decimal(to_decimal(sz)),
+            executed_sz="0.0", executed_ntl="0.0", minutes=minutes, reduce_only=False, randomize=False, timestamp=now,
+        )  # fmt: skip
+        self._twap_status(
+            acct,
+            WireTwapHistoryEntry(
+                time=now // 1000, state=state, status=WireTwapStatus(status="activated"), twap_id=twap_id
+            ),
+        )
+        return twap_id
+
+    def twap_end(self, user: str, twap_id: int, status: str = "finished") -> None:
+        """The TWAP ends (`finished`, or `terminated` when cancelled) with what its slices executed."""
+        acct = self.account(user)
+        entry = acct.twaps[twap_id]
+        self._twap_status(
+            acct,
+            msgspec.structs.replace(entry, time=self.now_ms() // 1000, status=WireTwapStatus(status=status)),
+        )
+
+    def _twap_status(self, acct: Account, entry: WireTwapHistoryEntry) -> None:
+        acct.twaps[entry.twap_id] = entry
+        acct.twaps.move_to_end(entry.twap_id)
+        while len(acct.twaps) > TWAP_HISTORY:
+            acct.twaps.popitem(last=False)
+        if self.listener is not None:
+            self.listener.on_twap_history(acct.address, [entry])
+
+    def _twap_executed(self, acct: Account, twap_id: int, sz: Decimal, px: Decimal) -> None:
+        entry = acct.twaps.get(twap_id)
+        if entry is None:
+            return  # a slice of a TWAP started without `twap_start` (older scripts): no history
+        state = entry.state
+        executed = msgspec.structs.replace(
+            state,
+            executed_sz=wire_decimal(Decimal(state.executed_sz) + sz),
+            executed_ntl=wire_decimal(Decimal(state.executed_ntl) + sz * px),
+        )
+        acct.twaps[twap_id] = msgspec.structs.replace(entry, state=executed)
+
+    def twap_history(self, user: str) -> list[WireTwapHistoryEntry]:
+        return list(self.account(user).twaps.values())
 
     def _check_spot_sell(self, acct: Account, coin: str, is_buy: bool, sz: Decimal) -> None:
         pair = self.universe.spot.get(coin)
@@ -1314,13 +1396,17 @@ class Whale:
         px_step: Num = 0,
         interval: float = 0.0,
         order_updates: bool = False,
+        finish: bool = True,
     ) -> int:
-        """Run a TWAP: `slices` taker fills sharing one twapId, `interval` seconds apart. Returns the twapId."""
+        """Run a TWAP: `activated`, `slices` taker fills sharing one twapId `interval` seconds apart, then
+        `finished` on `userTwapHistory` (unless `finish` is False). Returns the twapId."""
         ex = self.exchange
-        twap_id = ex.new_twap_id()
+        twap_id = ex.twap_start(self.address, coin, is_buy, total_sz)
         pieces = ex.split(coin, to_decimal(total_sz), to_decimal(px), slices, to_decimal(px_step), is_buy)
         for i, piece in enumerate(pieces):
             if i and interval > 0:
                 await asyncio.sleep(interval)
             ex.twap_slice(self.address, coin, is_buy, piece.sz, piece.px, twap_id, order_updates=order_updates)
+        if finish:
+            ex.twap_end(self.address, twap_id)
         return twap_id

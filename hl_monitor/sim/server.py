@@ -63,6 +63,7 @@ from hl_monitor.sim.exchange import (
     WireOrderUpdate,
     WireSpotState,
     WireTrade,
+    WireTwapHistoryEntry,
     wire_decimal,
 )
 
@@ -124,6 +125,7 @@ _MODELLED: Final = frozenset(
         "trades",
         "allMids",
         "bbo",
+        "userTwapHistory",
     }
 )
 _STATE_CHANNELS: Final = ("allDexsClearinghouseState", "clearinghouseState", "spotState", "allMids")
@@ -146,6 +148,12 @@ class _FillsSnapshot(_Data, frozen=True, kw_only=True):
 class _FillsStream(_Data, frozen=True, kw_only=True):
     user: str
     fills: Sequence[WireFill]
+
+
+class _TwapHistory(_Data, frozen=True, kw_only=True):
+    is_snapshot: bool | None = None  # stream frames omit the key (live data), snapshots carry true
+    user: str
+    history: Sequence[WireTwapHistoryEntry]
 
 
 class _EventFills(_Data, frozen=True, kw_only=True):
@@ -195,6 +203,10 @@ class _Out(msgspec.Struct, tag_field="channel", frozen=True, gc=False):
 
 class _UserFillsOut(_Out, tag="userFills", frozen=True):
     data: _FillsSnapshot | _FillsStream
+
+
+class _TwapHistoryOut(_Out, tag="userTwapHistory", frozen=True):
+    data: _TwapHistory
 
 
 class _OrderUpdatesOut(_Out, tag="orderUpdates", frozen=True):
@@ -901,6 +913,9 @@ class SimServer:
                 self._send_one(record, _ENC.encode(_TradesOut(replay)))
         elif channel == "bbo":
             self._send_one(record, self._bbo_frame(disc))
+        elif channel == "userTwapHistory":
+            history = _TwapHistory(user=user, history=ex.twap_history(user), is_snapshot=True)
+            self._send_one(record, _ENC.encode(_TwapHistoryOut(history)))
         elif channel in _STATE_CHANNELS:
             self._send_one(record, self._state_frame(record.route, record.echo))
 
@@ -966,6 +981,12 @@ class SimServer:
         subs = self._routes.get(("user", user))
         if subs:
             self._fanout("user", list(subs), _ENC.encode(_UserEventsOut(_EventLiquidation(liquidation=event))))
+
+    def on_twap_history(self, user: str, entries: Sequence[WireTwapHistoryEntry]) -> None:
+        subs = self._routes.get(("userTwapHistory", user))
+        if subs:
+            frame = _TwapHistoryOut(_TwapHistory(user=user, history=entries))
+            self._fanout("userTwapHistory", list(subs), _ENC.encode(frame))
 
     # ---------------------------------------------------------------- REST /info
 

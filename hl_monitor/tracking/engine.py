@@ -28,7 +28,9 @@ Flush, exactly once per record (5, 6):
 A flushed order is remembered for `aggregation.flushed_ttl`. A later fill of it is dropped and counted
 when the order was flushed under a terminal status (`final`); when it was flushed by timeout while its
 status was open or unknown, the fill starts a continuation record with its own id (`…:c{first_tid}`).
-TWAPs have no terminal status here: they flush by timeout and continue the same way.
+TWAPs end with their `userTwapHistory` status (`on_twap_history`: finished, terminated, error; the expected
+size is `executedSz`), which flushes them like a terminal order status; without one they flush by timeout and
+continue the same way.
 
 Unknown coins. When the engine has a way to ask for fresh exchange metadata (`on_unknown_coin` is set),
 a fill whose coin the symbol map does not know reports the coin at once (once per coin per map), and a
@@ -67,6 +69,7 @@ from hl_monitor.hyperliquid.protocol import (
     Fill,
     SpotStateData,
     UserFillsData,
+    UserTwapHistoryData,
     WsOrder,
 )
 from hl_monitor.hyperliquid.symbols import SymbolMap
@@ -99,6 +102,8 @@ MAX_HELD_SIGNALS: Final = 10_000
 MAX_REPORTED_COINS: Final = 1024
 
 Via = Literal["status", "reconcile"]
+# `userTwapHistory` statuses that end a TWAP (`activated` starts one; the status is an open string).
+TWAP_ENDED: Final = frozenset({"finished", "terminated", "error"})
 _fill_order: Final = attrgetter("time", "tid")
 
 
@@ -115,6 +120,7 @@ class _Addr:
         "live",
         "orders",
         "parked",
+        "seed_time",
         "seeded",
         "seen",
         "slices",
@@ -127,6 +133,7 @@ class _Addr:
         self.address = address
         self.live = True
         self.seeded = False
+        self.seed_time: int | None = None  # newest fill time of the snapshot that seeded it, in this process
         self.wm_time = 0
         self.wm_tid = 0
         self.floor = 0
@@ -352,11 +359,13 @@ class TrackingEngine:
         st.seeded = True
         self._dirty_addrs[st.address] = st
         if not fills:
+            st.seed_time = st.wm_time
             return
         newest = max(fills, key=_fill_order)
         if (newest.time, newest.tid) > (st.wm_time, st.wm_tid):
             st.wm_time, st.wm_tid = newest.time, newest.tid
         st.floor = max(st.floor, st.wm_time)
+        st.seed_time = st.wm_time
         for fill in fills:
             if fill.time >= st.floor:
                 st.seen[fill_key(fill)] = fill.time
@@ -554,6 +563,31 @@ class TrackingEngine:
                     addr, order.oid, update.status, update.status_timestamp, expected, nothing_filled, "status", now_ms
                 )
             )
+        self._update_gauges()
+        return out
+
+    def on_twap_history(self, address: str, data: UserTwapHistoryData, now_ms: int) -> list[Signal]:
+        """`userTwapHistory` (snapshot or update): a TWAP that ended ends its aggregation like a terminal order
+        status — flushed once its slices' fills add up to `executedSz`, or `status_grace` later — instead of
+        `aggregation.timeout` after its last slice. Entries of TWAPs without an open aggregation change nothing."""
+        addr = _norm(address)
+        if addr not in self._watched:
+            self.stats.unwatched_frames += 1
+            return []
+        st = self._addrs.get(addr)
+        if st is None:
+            return []
+        out: list[Signal] = []
+        for entry in data.history:
+            if entry.twap_id is None or entry.status.status not in TWAP_ENDED:
+                continue
+            order = st.twaps.get(entry.twap_id)
+            if order is None or order.terminal or order.done:
+                continue
+            self.stats.statuses_received += 1
+            self._apply_terminal(order, entry.status.status, entry.time * MS, entry.state.executed_sz, "status", now_ms)
+            if order.complete:
+                out.extend(self._flush(order, "status", now_ms))
         self._update_gauges()
         return out
 
@@ -832,6 +866,15 @@ class TrackingEngine:
             return []
         return sorted(oid for oid, order in st.orders.items() if not order.done)
 
+    def unseen_fills(self, address: str, fills: Sequence[Fill]) -> int:
+        """How many of `fills` `on_backfill` would process now: not yet seen and not older than the floor."""
+        addr = _norm(address)
+        st = self._addrs.get(addr)
+        if addr not in self._watched or st is None or not st.seeded:
+            return 0
+        seen = st.seen
+        return sum(1 for f in fills if f.time >= st.floor and fill_key(f) not in seen)
+
     def pending_orders(self, address: str) -> list[dict[str, object]]:
         """Unflushed aggregations of one address, oldest first, as JSON-able rows (address detail views)."""
         st = self._addrs.get(_norm(address))
@@ -859,6 +902,11 @@ class TrackingEngine:
                 rows.append((rec.first_fill_time, rec.signal_id, row))
         rows.sort(key=lambda item: item[:2])
         return [row for _, _, row in rows]
+
+    def seed_time(self, address: str) -> int | None:
+        """Newest fill time of the first snapshot that seeded the address (None: not seeded in this process)."""
+        st = self._addrs.get(_norm(address))
+        return None if st is None else st.seed_time
 
     def watermark(self, address: str) -> Watermark | None:
         st = self._addrs.get(_norm(address))
