@@ -46,6 +46,10 @@ SHARED_IP = SimConfig(
     rest_weight_per_minute=1_000_000,
 )
 STATUS_TIMEOUT_S = 2.0
+# Whole-test bound (the windows of `eventually` alone add up to more): a hung step fails with the nodes' logs and
+# the processes are stopped, where pytest-timeout would kill the loop and leak them into later tests.
+DEADLINE_S = 120.0
+pytestmark = pytest.mark.timeout(DEADLINE_S + 60)
 
 
 class Node:
@@ -138,10 +142,15 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: 
     started = time.monotonic()
     while time.monotonic() - started < within:
         if await check():
-            return time.monotonic() - started
+            took = time.monotonic() - started
+            print(f"{took:5.1f}s  {what}")  # shown with a failure: which step was slow
+            return took
         await asyncio.sleep(0.1)
-    tails = "\n".join(f"===== {n.name}\n{n.log_tail()}" for n in nodes)
-    pytest.fail(f"timed out after {within}s waiting for: {what}\n{tails}")
+    pytest.fail(f"timed out after {within}s waiting for: {what}\n{log_tails(nodes)}")
+
+
+def log_tails(nodes: list[Node]) -> str:
+    return "\n".join(f"===== {n.name}\n{n.log_tail()}" for n in nodes)
 
 
 @contextlib.asynccontextmanager
@@ -153,7 +162,11 @@ async def cluster_of(
     nodes = [Node(name, sim, nats_urls[name], db_url, root, http) for name in names]
     try:
         await asyncio.gather(*(n.start() for n in nodes))
-        yield nodes
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                yield nodes
+        except TimeoutError:
+            pytest.fail(f"test still running after {DEADLINE_S}s\n{log_tails(nodes)}")
     finally:
         for n in nodes:
             with contextlib.suppress(TimeoutError, ProcessLookupError):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -324,6 +325,38 @@ async def test_a_session_ended_by_its_own_tasks_leaves_no_cancel_request_on_the_
             conn.stop()
             async with asyncio.timeout(5):
                 await task
+
+
+def _is_live(conn: Connection) -> bool:
+    return conn.state is ConnState.LIVE
+
+
+# Enough loop turns after the kick to cross every step of the session's end (TaskGroup abort, socket close).
+SESSION_END_TURNS = 40
+
+
+async def test_a_cancel_while_the_session_is_ending_stops_the_connection() -> None:
+    """Cancelled at any point of a session's end (here after 0..N loop turns), `run()` ends. A 3.11/3.12 TaskGroup
+    that is already aborting swallows the CancelledError; the connection then reconnected forever and the
+    service's shutdown hung on it."""
+    async with ScriptedServer() as server:
+        for turns in range(SESSION_END_TURNS):
+            metrics = Metrics()
+            conn = _connection(_cfg(server.url), metrics, Recorder())
+            task = asyncio.create_task(conn.run())
+            await wait_until(partial(_is_live, conn))
+            conn.request_reconnect("test")
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2)  # unlike a timeout around `await`, cancels nothing
+            if not done:
+                conn.stop()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                pytest.fail(f"a cancel {turns} loop turns after the kick was lost; the connection kept reconnecting")
+            assert task.cancelled()
+            assert conn.state is ConnState.CLOSED
 
 
 async def test_silent_canary_with_flowing_socket_is_stale() -> None:

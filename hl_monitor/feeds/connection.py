@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import enum
 import random
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -281,25 +280,6 @@ def _channel(frame: Frame) -> str:
     return str(tag)
 
 
-# From this release on a TaskGroup takes back the cancel request it made on its parent itself.
-_TASKGROUP_UNCANCELS: Final = (3, 13)
-
-
-def _drop_group_cancels(task: asyncio.Task[Any] | None, before: int) -> None:
-    """Undo the cancel request a TaskGroup left on `task` when a child ended the session.
-
-    Before 3.13 a TaskGroup whose child fails while its parent already waits in `__aexit__` cancels the parent
-    and never takes that one request back (the session's normal end: a child raises `_SessionEnd`). On
-    3.11.0-3.11.2 every later `asyncio.timeout` in that task then turned its own expiry into CancelledError
-    (gh-102780): the reconnect backoff killed the connection loop. Takes back at most that one request, and only
-    when no CancelledError is propagating.
-    """
-    if task is None or sys.version_info >= _TASKGROUP_UNCANCELS or sys.exc_info()[0] is asyncio.CancelledError:
-        return
-    if task.cancelling() > before:
-        task.uncancel()
-
-
 class Connection:
     """See the module docstring. Run with `await run()`; end with `stop()`."""
 
@@ -521,8 +501,11 @@ class Connection:
                 tg.create_task(self._reader(ws, epoch, live_since))
                 tg.create_task(self._pinger(ws))
                 tg.create_task(self._watchdog(ws, epoch))
-                tg.create_task(self._wait_kick())
                 await self._subscribe_all(ws, epoch, live_since)
+                # The body lasts as long as the session, so a child that ends it always cancels a running body and
+                # the TaskGroup takes that request back; on 3.11/3.12 it does not when the body already waits in
+                # `__aexit__` (left over, the request broke every later `asyncio.timeout` on 3.11.0-3.11.2).
+                await self._wait_kick()
         except* _SessionEnd as group:
             reason = next(e.reason for e in group.exceptions if isinstance(e, _SessionEnd))
         except* ConnectionClosed as group:
@@ -547,12 +530,16 @@ class Connection:
         except* (OSError, TimeoutError):
             reason = "io_error"
         finally:
-            _drop_group_cancels(task, cancel_requests)
             self._pending.clear()
             await ws.close()
             self._metrics.pool_manager_connection_count.dec()
             if self._state is ConnState.LIVE or self._state is ConnState.SUBSCRIBING:
                 self._set_state(ConnState.CONNECTING)
+        if task is not None and task.cancelling() > cancel_requests:
+            # Cancelled while the TaskGroup was already ending the session: before 3.13 it swallows that
+            # CancelledError (the children's errors win) and the loop would reconnect forever; `stop()` by
+            # cancellation must end it.
+            raise asyncio.CancelledError
         await self._enqueue(Disconnected(epoch, reason))
         return reason, (self._clock() - live_since[0]) if live_since else 0.0
 
