@@ -532,7 +532,7 @@ class Service:
                     await stop.wait()
                     log.info("shutdown: stopping intake")
                     self.ready_event.clear()
-                    await _cancel(intake)
+                    await cancel_and_wait(intake)
                     if self.cluster is not None:  # cluster: hand leases over (state persisted) before draining
                         await self.cluster.leave()
                     await self._shutdown(background)
@@ -561,7 +561,7 @@ class Service:
                 )
         except TimeoutError:
             log.error("shutdown deadline reached; unflushed rows are recovered at next start", deadline_s=deadline)
-        await _cancel(background)
+        await cancel_and_wait(background)
 
 
 class _ExcludingView:
@@ -591,7 +591,7 @@ class _ExcludingView:
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await _cancel(waiters)
+            await cancel_and_wait(waiters)
         return self.version
 
 
@@ -662,15 +662,22 @@ async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _cancel(tasks)
+        await cancel_and_wait(tasks)
 
 
-async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
+async def cancel_and_wait(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` and wait until they are done; a task's own error is raised.
+
+    A cancel of the caller while it waits propagates: awaiting each task under `suppress(CancelledError)` would
+    swallow it too, and the caller (the service's shutdown) would carry on as if never cancelled.
+    """
     for task in tasks:
         task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
 
 
 async def run_service(cfg: Config, stop: asyncio.Event | None = None) -> None:

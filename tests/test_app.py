@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from hl_monitor.app import Service
+from hl_monitor.app import Service, cancel_and_wait
 from hl_monitor.chaos.env import stream_signals
 from hl_monitor.config import Config, load_config
 from hl_monitor.errors import SchemaOutdatedError
@@ -196,3 +196,41 @@ async def test_outdated_schema_is_refused(nats_server: NatsServer, tmp_path: Pat
         cfg = service_config(sim, nats_server.url, f"sqlite+aiosqlite:///{tmp_path / 'hl.db'}", tmp_path / "d")
         with pytest.raises(SchemaOutdatedError, match="hl-monitor db upgrade"):
             await Service(cfg).run(asyncio.Event())
+
+
+async def test_cancelling_the_caller_of_cancel_and_wait_is_not_swallowed() -> None:
+    """Shutdown cancels the intake and waits; a cancel of the shutdown itself during that wait must end it."""
+    cleanup_started = asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleanup_started.set()
+            await asyncio.shield(asyncio.sleep(0.2))  # a cleanup that takes a moment (closing a socket)
+
+    async def caller() -> str:
+        inner = asyncio.create_task(slow_to_stop())
+        await asyncio.sleep(0)  # let it start, so that cancelling it runs its cleanup
+        await cancel_and_wait([inner])
+        return "carried on"
+
+    task = asyncio.create_task(caller())
+    await cleanup_started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_cancel_and_wait_raises_a_task_s_own_error_after_all_are_done() -> None:
+    async def fails_on_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            raise RuntimeError("cleanup failed")
+
+    failing, quiet = asyncio.create_task(fails_on_cancel()), asyncio.create_task(asyncio.sleep(3600))
+    await asyncio.sleep(0)  # both running
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        await cancel_and_wait([failing, quiet])
+    assert quiet.cancelled()
