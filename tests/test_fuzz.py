@@ -28,6 +28,7 @@ from hl_monitor.hyperliquid.protocol import (
     PerpMeta,
     SpotClearinghouseState,
     SpotMeta,
+    SpotMetaAndAssetCtxs,
     WsTrade,
     decode_fills,
     decode_info,
@@ -49,6 +50,16 @@ ASSET_CTX: Final = {
     "premium": "-0.0005540084",
     "prevDayPx": "77759.0",
     "dayBaseVlm": "56265.69068",
+}
+SPOT_ASSET_CTX: Final = {  # the documented field set
+    "prevDayPx": "39.1",
+    "dayNtlVlm": "401234567.5",
+    "markPx": "40.2",
+    "midPx": "40.19",
+    "circulatingSupply": "333000000.0",
+    "coin": "@107",
+    "totalSupply": "999990000.0",
+    "dayBaseVlm": "10000000.0",
 }
 # Every REST /info body the client decodes, with a real captured body (or a documented shape) to mutate.
 REST_TARGETS: Final[list[tuple[str, Callable[[bytes], Any], Any]]] = [
@@ -92,6 +103,11 @@ REST_TARGETS: Final[list[tuple[str, Callable[[bytes], Any], Any]]] = [
         [json.loads(fixture("http_meta_perp_sample.json")), [ASSET_CTX] * 3],
     ),
     ("spotMeta", lambda r: decode_info(r, SpotMeta), json.loads(fixture("http_spot_meta_non_usdc_collateral.json"))),
+    (
+        "spotMetaAndAssetCtxs",
+        lambda r: decode_info(r, SpotMetaAndAssetCtxs),
+        [json.loads(fixture("http_spot_meta_non_usdc_collateral.json")), [SPOT_ASSET_CTX]],
+    ),
     ("recentTrades", lambda r: decode_info(r, list[WsTrade]), json.loads(fixture("http_recent_trades_btc.json"))),
     ("allMids", lambda r: decode_info(r, AllMids), {"BTC": "80000.5", "@107": "40.1"}),
     ("perpDexs", lambda r: decode_info(r, PerpDexs), [None, {"name": "xyz", "fullName": "XYZ"}]),

@@ -34,6 +34,16 @@ def fixture(name: str) -> bytes:
 def canned_bodies() -> dict[str, bytes]:
     meta = json.loads(fixture("http_meta_perp_sample.json"))
     ctx = {"dayNtlVlm": "1.0", "markPx": "80640.0", "midPx": None, "funding": "0.0000052974"}
+    spot_ctx = {
+        "prevDayPx": "39.1",
+        "dayNtlVlm": "401234567.5",
+        "markPx": "40.2",
+        "midPx": None,
+        "circulatingSupply": "333000000.0",
+        "coin": "@107",
+        "totalSupply": "999990000.0",
+        "dayBaseVlm": "10000000.0",
+    }
     return {
         "clearinghouseState": fixture("http_clearinghouse_state.json"),
         "spotClearinghouseState": fixture("http_spot_clearinghouse_state.json"),
@@ -44,6 +54,10 @@ def canned_bodies() -> dict[str, bytes]:
         "meta": fixture("http_meta_perp_sample.json"),
         "metaAndAssetCtxs": json.dumps([meta, [ctx, ctx, ctx]]).encode(),
         "spotMeta": fixture("http_spot_meta_non_usdc_collateral.json"),
+        # The captured spotMeta has no pairs; one context in the documented shape (field set of the API docs).
+        "spotMetaAndAssetCtxs": json.dumps(
+            [json.loads(fixture("http_spot_meta_non_usdc_collateral.json")), [spot_ctx]]
+        ).encode(),
         "perpDexs": b'[null,{"name":"xyz","fullName":"XYZ","deployer":"0x1234"}]',
         "allMids": b'{"BTC":"80868.5","ETH":"2296.45"}',
         "recentTrades": fixture("http_recent_trades_btc.json"),
@@ -185,6 +199,7 @@ async def test_every_typed_method_sends_the_documented_body_and_decodes_the_repl
         meta = await info.meta()
         ctxs = await info.meta_and_asset_ctxs()
         spot_meta = await info.spot_meta()
+        spot_ctxs = await info.spot_meta_and_asset_ctxs()
         dexs = await info.perp_dexs()
         mids = await info.all_mids()
         trades = await info.recent_trades("BTC")
@@ -200,6 +215,8 @@ async def test_every_typed_method_sends_the_documented_body_and_decodes_the_repl
     assert [u.name for u in meta.universe] == ["BTC", "ETH", "ATOM"]
     assert ctxs.by_coin()["ETH"].mark_px == Decimal("80640.0")
     assert spot_meta.tokens[1].name == "USDH"
+    assert spot_ctxs.meta.tokens[1].name == "USDH"
+    assert spot_ctxs.volumes() == {"@107": Decimal("401234567.5")}
     assert dexs[0] is None
     assert mids["BTC"] == Decimal("80868.5")
     assert trades[0].users == ("0xbuyer3", "0xseller3")
@@ -215,12 +232,13 @@ async def test_every_typed_method_sends_the_documented_body_and_decodes_the_repl
         {"type": "meta", "dex": ""},
         {"type": "metaAndAssetCtxs", "dex": ""},
         {"type": "spotMeta"},
+        {"type": "spotMetaAndAssetCtxs"},
         {"type": "perpDexs"},
         {"type": "allMids", "dex": ""},
         {"type": "recentTrades", "coin": "BTC"},
     ]
     server_total = sum(weight for _, weight in server.charged)
-    assert server_total == 2 + 2 + 2 + 2 + 20 + 20 + 20 + 20 + 20 + 20 + 20 + 2 + 20
+    assert server_total == 2 + 2 + 2 + 2 + 20 + 20 + 20 + 20 + 20 + 20 + 20 + 20 + 2 + 20
     # Pessimistic reservations were refunded: the budget holds exactly what the server counted.
     assert budgets.snapshot()["rest_weight"]["used"] == server_total
     assert weight_used(metrics) == server_total

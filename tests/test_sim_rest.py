@@ -18,6 +18,7 @@ from hl_monitor.hyperliquid.protocol import (
     PerpAssetCtx,
     PerpMeta,
     SpotMeta,
+    SpotMetaAndAssetCtxs,
     SpotState,
     WsTrade,
     decode_fills,
@@ -192,15 +193,17 @@ async def test_bad_requests(http: aiohttp.ClientSession) -> None:
 
 
 async def test_market_data_endpoints(http: aiohttp.ClientSession) -> None:
-    """meta, spotMeta, perpDexs, metaAndAssetCtxs (with dayNtlVlm), allMids and recentTrades."""
+    """meta, spotMeta, perpDexs, metaAndAssetCtxs and spotMetaAndAssetCtxs (with dayNtlVlm), allMids, recentTrades."""
     async with SimServer() as sim:
         w = sim.exchange.whale(W1)
         await w.market_order("BTC", True, "1", "80000", fills=3)
+        await w.market_order("@107", True, "20", "40")
         meta = decode_info(await info(http, sim, {"type": "meta"}), PerpMeta)
         xyz = decode_info(await info(http, sim, {"type": "meta", "dex": "xyz"}), PerpMeta)
         spot = decode_info(await info(http, sim, {"type": "spotMeta"}), SpotMeta)
         dexs = msgspec.json.decode(await info(http, sim, {"type": "perpDexs"}))
         meta_ctx = msgspec.json.decode(await info(http, sim, {"type": "metaAndAssetCtxs"}))
+        spot_ctx = decode_info(await info(http, sim, {"type": "spotMetaAndAssetCtxs"}), SpotMetaAndAssetCtxs)
         mids = msgspec.json.decode(await info(http, sim, {"type": "allMids"}))
         trades = decode_info(await info(http, sim, {"type": "recentTrades", "coin": "BTC"}), list[WsTrade])
     names = [u.name for u in meta.universe]
@@ -217,6 +220,8 @@ async def test_market_data_endpoints(http: aiohttp.ClientSession) -> None:
     btc = ctxs[names.index("BTC")]
     assert btc.day_ntl_vlm == 80000
     assert btc.mark_px is not None
+    assert spot_ctx.meta == spot
+    assert spot_ctx.volumes() == {"PURR/USDC": 0, "@107": 800, "@142": 0}
     assert mids["BTC"] == "80000.0"
     assert "@107" in mids
     assert "xyz:TSLA" not in mids

@@ -365,6 +365,31 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
         assert s.tracker.position(W1, "xyz:XYZ100") == Decimal("-0.5")
 
 
+async def test_a_spot_pair_that_gets_busy_is_moved_onto_a_short_tape() -> None:
+    """Spot and perps are ranked on one volume scale (`spotMetaAndAssetCtxs`): with a 4-coin budget the quiet
+    HYPE spot pair starts uncovered; once it out-trades the covered perps, the next refresh puts it on the tape
+    and a whale's spot trade there comes out as a tape signal."""
+    wide = {"subscription_budget": 4, "universe_refresh": 0.3}
+    async with stack(planner=False, precise=False, user_slots=9, wide=wide) as s:
+        await watched(s, W1)
+        assert "@107" in s.tape.uncovered()
+        mover = s.sim.exchange.whale(W2)  # not watched: only makes the pair the busiest market
+        await mover.market_order("@107", True, "100000", "40")
+        await wait_until(lambda: "@107" not in s.tape.uncovered(), within=10)
+        assert _value(s.metrics, "tape_uncovered_coins") == 5
+        await tape_live(s)
+        await s.sim.exchange.whale(W1).market_order("@107", True, "10", "40")
+        await wait_until(lambda: [x.coin for x in s.of(W1, "market_tape")] == ["@107"])
+        [sig] = s.of(W1, "market_tape")
+        assert (sig.asset_type, sig.direction, sig.side, sig.size, sig.price) == (
+            "spot",
+            "open",
+            "LONG",
+            Decimal(10),
+            Decimal(40),
+        )
+
+
 async def test_reconciling_a_thousand_addresses_never_exceeds_the_rest_budget() -> None:
     """1000 wide addresses asking for reads at full speed: the window holds, and precise recovery still gets in."""
     clock = ManualClock()

@@ -3,10 +3,11 @@
 Coverage. Every perp of every dex (delisted ones excluded) and every spot pair is a candidate, one
 `trades` subscription each. At most `wide.subscription_budget` (default 900 of the per-IP 1000, leaving
 room for precise users) are subscribed, and never more than the shared subscription budget grants; when
-there are more coins, the busiest by 24 h notional volume (`metaAndAssetCtxs`, spot volumes when a
-provider is given) are covered and the rest are reported (`/status`, `tape_uncovered_coins`). Positions
-on uncovered coins still change through the wide tier's REST reconcile. The coin list is re-read every
-`wide.universe_refresh`; a changed list rebuilds the tape connections.
+there are more coins, the busiest by 24 h notional volume (`metaAndAssetCtxs` per dex and
+`spotMetaAndAssetCtxs`: perps and spot pairs on one scale) are covered and the rest are reported
+(`/status`, `tape_uncovered_coins`). Positions on uncovered coins still change through the wide tier's
+REST reconcile. The coin list and volumes are re-read every `wide.universe_refresh`; a changed list, or
+other busiest coins when the budget is short, rebuilds the tape connections.
 
 Sharding. The covered coins, busiest first, are dealt round-robin over `max_connections - user_slots`
 connections (`tape-0`, `tape-1`, …), so every connection carries liquid coins and "no trade for
@@ -35,7 +36,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Protocol
@@ -63,6 +64,7 @@ from hl_monitor.hyperliquid.protocol import (
     PerpDexs,
     PerpMeta,
     SpotMeta,
+    SpotMetaAndAssetCtxs,
     Subscription,
     TradesFrame,
     WsTrade,
@@ -99,15 +101,13 @@ LOAD_RETRY_MAX_S: Final = 60.0
 # How many uncovered coins /status lists by name (the count is always exact).
 STATUS_UNCOVERED: Final = 50
 
-SpotVolumes = Callable[[], Awaitable[Mapping[str, Decimal]]]
-
 
 class TapeInfoApi(Protocol):
     """The REST calls the tape makes (`hyperliquid.info.InfoClient`)."""
 
     async def perp_dexs(self, *, priority: Any = ...) -> PerpDexs: ...
     async def meta_and_asset_ctxs(self, dex: str = "", *, priority: Any = ...) -> MetaAndAssetCtxs: ...
-    async def spot_meta(self, *, priority: Any = ...) -> SpotMeta: ...
+    async def spot_meta_and_asset_ctxs(self, *, priority: Any = ...) -> SpotMetaAndAssetCtxs: ...
     async def recent_trades(self, coin: str, *, priority: Any = ...) -> list[WsTrade]: ...
 
 
@@ -212,8 +212,8 @@ class TapeUniverse(msgspec.Struct, frozen=True):
         )
 
 
-async def load_universe(info: TapeInfoApi, *, spot_volumes: SpotVolumes | None = None) -> TapeUniverse:
-    """perpDexs, metaAndAssetCtxs per dex and spotMeta (20 weight each); spot volumes from the optional provider."""
+async def load_universe(info: TapeInfoApi) -> TapeUniverse:
+    """perpDexs, metaAndAssetCtxs per dex and spotMetaAndAssetCtxs (20 weight each): every coin with its 24 h volume."""
     dexs = await info.perp_dexs()
     names = ["", *(d.name for d in dexs if d is not None)]
     metas: dict[str, PerpMeta] = {}
@@ -224,8 +224,8 @@ async def load_universe(info: TapeInfoApi, *, spot_volumes: SpotVolumes | None =
         for entry, ctx in zip(mac.meta.universe, mac.asset_ctxs, strict=True):
             if not entry.is_delisted:
                 coins.append(TapeCoin(entry.name, ctx.day_ntl_vlm, False))
-    spot = await info.spot_meta()
-    volumes = await spot_volumes() if spot_volumes is not None else {}
+    spot_ctxs = await info.spot_meta_and_asset_ctxs()
+    spot, volumes = spot_ctxs.meta, spot_ctxs.volumes()
     coins.extend(TapeCoin(pair.name, volumes.get(pair.name, Decimal(0)), True) for pair in spot.universe)
     return TapeUniverse(coins=coins, perp_metas=metas, spot_meta=spot, perp_dexs=dexs)
 
@@ -301,7 +301,6 @@ class MarketTape:
         budget: TapeBudget,
         metrics: Metrics,
         on_signals: SignalSink,
-        spot_volumes: SpotVolumes | None = None,
         on_universe: Callable[[TapeUniverse], None] | None = None,
         wall_ms: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
@@ -315,7 +314,6 @@ class MarketTape:
         self._budget = budget
         self._metrics = metrics
         self._on_signals = on_signals
-        self._spot_volumes = spot_volumes
         self._on_universe = on_universe
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
@@ -400,7 +398,7 @@ class MarketTape:
         backoff = Backoff(LOAD_RETRY_INITIAL_S, LOAD_RETRY_MAX_S, rng=self._rng)
         while True:
             try:
-                universe = await load_universe(self._info, spot_volumes=self._spot_volumes)
+                universe = await load_universe(self._info)
             except (HlMonitorError, OSError) as exc:
                 delay = backoff.next_delay()
                 self._metrics.tape_events.labels(kind="universe_error").inc()
@@ -457,15 +455,19 @@ class MarketTape:
             for s in self._shards:
                 await self._cancel_backfill(s)
             self._release_subscriptions()
-        log.info("tape coin list changed; rebuilding connections", coins=len(new.coins))
+        log.info("tape coins or their ranking changed; rebuilding connections", coins=len(new.coins))
         return new
 
     async def _wait_for_change(self, current: TapeUniverse) -> TapeUniverse:
+        """The next universe whose coin list, or whose busiest coins within the granted budget, differ."""
         wanted = {c.coin for c in current.coins}
+        assert self._plan is not None
+        granted = len(self._plan.covered)
+        covered = {c.coin for c in self._plan.covered}
         while True:
             await asyncio.sleep(self._wide.universe_refresh)
             try:
-                new = await load_universe(self._info, spot_volumes=self._spot_volumes)
+                new = await load_universe(self._info)
             except (HlMonitorError, OSError) as exc:
                 self._metrics.tape_events.labels(kind="universe_error").inc()
                 log.warning("tape universe refresh failed; keeping the current coins", error=repr(exc))
@@ -473,6 +475,10 @@ class MarketTape:
             if self._on_universe is not None:
                 self._on_universe(new)
             if {c.coin for c in new.coins} != wanted:
+                return new
+            if {c.coin for c in plan_coverage(new.coins, granted).covered} != covered:
+                # Volumes moved coins across the budget's edge (a new listing got busy): worth one reconnect
+                # per refresh at most; the replay and backfill cover it.
                 return new
             self.universe = new
 

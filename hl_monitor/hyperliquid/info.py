@@ -41,6 +41,7 @@ from hl_monitor.hyperliquid.protocol import (
     PerpMeta,
     SpotClearinghouseState,
     SpotMeta,
+    SpotMetaAndAssetCtxs,
     WsTrade,
     decode_fills,
     decode_info,
@@ -212,6 +213,10 @@ class InfoClient:
 
     async def spot_meta(self, *, priority: Priority = "low") -> SpotMeta:
         return await self._request({"type": "spotMeta"}, _decoder(SpotMeta), priority)
+
+    async def spot_meta_and_asset_ctxs(self, *, priority: Priority = "low") -> SpotMetaAndAssetCtxs:
+        body = {"type": "spotMetaAndAssetCtxs"}
+        return await self._request(body, _decoder(SpotMetaAndAssetCtxs), priority)
 
     async def perp_dexs(self, *, priority: Priority = "low") -> PerpDexs:
         """`[None, PerpDex, ...]`: the first dex is null."""

@@ -55,9 +55,11 @@ __all__ = [
     "PerpUniverseEntry",
     "PongFrame",
     "Position",
+    "SpotAssetCtx",
     "SpotBalance",
     "SpotClearinghouseState",
     "SpotMeta",
+    "SpotMetaAndAssetCtxs",
     "SpotPair",
     "SpotState",
     "SpotStateData",
@@ -754,6 +756,30 @@ class SpotPair(_Wire, frozen=True):
 class SpotMeta(_Wire, frozen=True):
     tokens: list[SpotToken]
     universe: list[SpotPair]
+
+
+class SpotAssetCtx(_Wire, frozen=True):
+    """One `spotMetaAndAssetCtxs` context; `coin` is the pair's wire name (`@107`, `PURR/USDC`)."""
+
+    coin: str
+    day_ntl_vlm: Decimal = Decimal(0)
+    mark_px: Decimal | None = None
+    mid_px: Decimal | None = None
+    prev_day_px: Decimal | None = None
+    day_base_vlm: Decimal | None = None
+    circulating_supply: Decimal | None = None
+    total_supply: Decimal | None = None
+
+
+class SpotMetaAndAssetCtxs(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """REST `spotMetaAndAssetCtxs`: the wire pair `[spotMeta, [ctx, ...]]` (same weight as `spotMeta` alone)."""
+
+    meta: SpotMeta
+    asset_ctxs: list[SpotAssetCtx]
+
+    def volumes(self) -> dict[str, Decimal]:
+        """24 h notional volume per pair name; a pair without a context has none."""
+        return {ctx.coin: ctx.day_ntl_vlm for ctx in self.asset_ctxs}
 
 
 class PerpDex(_Wire, frozen=True):

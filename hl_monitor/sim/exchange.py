@@ -63,6 +63,7 @@ TWAP_HISTORY: Final = 100  # TWAP states kept per user for the `userTwapHistory`
 TWAP_MINUTES: Final = 5  # the exchange's shortest TWAP (the sim runs its slices as fast as the script asks)
 FAKE_FUNDING: Final = "0.0000125"  # the exchange's resting hourly funding rate
 FAKE_OPEN_INTEREST: Final = "1000.0"  # asset contexts need a value; nothing reads it
+FAKE_SUPPLY: Final = "1000000000.0"  # spot contexts need a value; nothing reads it
 DEFAULT_RECENT_TRADES: Final = 100  # public trades kept per coin for replay and recentTrades
 
 
@@ -1295,6 +1296,24 @@ class Exchange:
                     "markPx": mid,
                     "midPx": mid,
                     "impactPxs": [mid, mid],
+                    "dayBaseVlm": "0.0",
+                }
+            )
+        return out
+
+    def spot_asset_ctxs(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for pair in SPOT_PAIRS:
+            mid = wire_decimal(self.mids[pair.name])
+            out.append(
+                {
+                    "prevDayPx": wire_decimal(pair.mid),
+                    "dayNtlVlm": wire_decimal(self.day_ntl_vlm[pair.name].quantize(USDC_DECIMALS)),
+                    "markPx": mid,
+                    "midPx": mid,
+                    "circulatingSupply": FAKE_SUPPLY,
+                    "coin": pair.name,
+                    "totalSupply": FAKE_SUPPLY,
                     "dayBaseVlm": "0.0",
                 }
             )

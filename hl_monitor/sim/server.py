@@ -1055,6 +1055,8 @@ class SimServer:
             return ex.universe.meta(_req_dex(req)), 0
         if kind == "spotMeta":
             return ex.universe.spot_meta(), 0
+        if kind == "spotMetaAndAssetCtxs":
+            return [ex.universe.spot_meta(), ex.spot_asset_ctxs()], 0
         if kind == "perpDexs":
             return ex.universe.perp_dexs(), 0
         if kind == "metaAndAssetCtxs":
