@@ -18,16 +18,21 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from hl_monitor.chaos.env import stream_signals
+from hl_monitor.chaos.env import block_of, expected_orders, stream_signals, tape_key
+from hl_monitor.ops.http import AddressInput
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
+from hl_monitor.storage.repository import AddressTable
 from tests.conftest import NatsServer, free_port
 from tests.test_app import by_order
 from tests.test_cluster import Proxy
-from tests.test_feeds_precise import expected_orders
+from tests.test_feeds_precise import expected_orders as expected_precise_orders
 
 WHALES = ["0x" + f"{i:02x}" * 20 for i in range(0xA1, 0xA7)]
+WIDE = ["0x" + f"{i:02x}" * 20 for i in range(0xB1, 0xB4)]  # tier "wide" in the address table
 # Short leases so a kill -9 is taken over in ~3 s; heartbeat ≤ ttl/4 and ttl + 2 beats ≤ failover.
 CLUSTER_ENV = {
     "CLUSTER__MODE": "nats",
@@ -98,6 +103,20 @@ class Node:
             )
         finally:
             log.close()
+
+    async def metric(self, name: str) -> float:
+        """A sample of the node's /metrics (0 when absent or the node does not answer)."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)
+            async with self.http.get(f"http://{self.listen}/metrics", timeout=timeout) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name:
+                    return float(sample.value)
+        return 0.0
 
     async def status(self) -> dict[str, Any] | None:
         try:
@@ -195,7 +214,7 @@ async def trade(sim: SimServer, whales: list[str], round_: int) -> None:
 
 
 async def assert_exactly_once(sim: SimServer, nats_url: str, nodes: list[Node]) -> None:
-    want = {k: v for address in WHALES for k, v in expected_orders(sim, address).items()}
+    want = {k: v for address in WHALES for k, v in expected_precise_orders(sim, address).items()}
 
     async def complete() -> bool:
         stored = await stream_signals(nats_url)
@@ -329,3 +348,56 @@ async def test_partitioned_instance_gives_up_its_leases(nats_server: NatsServer,
             await assert_exactly_once(sim, nats_server.url, nodes)
     finally:
         await proxy.close()
+
+
+async def test_both_instances_read_the_tape_and_each_wide_block_is_stored_once(
+    mariadb_url: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Active-active wide tier (design §6): every instance reads the whole tape and reports each block of a
+    wide address under the same `signal_id`; JetStream stores it once, with the ledger's size and VWAP, and
+    answers the second instance's publish as a duplicate."""
+    await upgrade(mariadb_url)
+    db = create_async_engine(mariadb_url)
+    try:
+        await AddressTable(db).add([AddressInput(address=a, tier="wide") for a in WIDE])
+    finally:
+        await db.dispose()
+    names = ["node-0", "node-1"]
+    async with (
+        SimServer(SHARED_IP) as sim,
+        cluster_of(names, sim, dict.fromkeys(names, nats_server.url), mariadb_url, tmp_path) as nodes,
+    ):
+
+        async def tape_ready() -> bool:
+            statuses = await asyncio.gather(*(n.status() for n in nodes))
+            return all(
+                s is not None
+                and s["wide"] is not None
+                and s["wide"]["bootstrapped"] == len(WIDE)
+                and s["tape"]["continuous_since_ms"] is not None
+                for s in statuses
+            )
+
+        await eventually(tape_ready, 40, "both tapes live, every wide address bootstrapped", nodes)
+        for round_ in (1, 2):
+            await trade(sim, WIDE, round_)
+        want = {k: v for a in WIDE for k, v in expected_orders(sim, a, by=block_of(a)).items()}
+
+        async def complete() -> bool:
+            stored = await stream_signals(nats_server.url)
+            return len({msg_id for msg_id, sig in stored if sig.source == "market_tape"}) >= len(want)
+
+        await eventually(complete, 30, f"{len(want)} tape signals in the stream", nodes)
+
+        async def both_published() -> bool:
+            duplicates = await asyncio.gather(*(n.metric("hl_monitor_publish_duplicates_total") for n in nodes))
+            return sum(duplicates) >= len(want)
+
+        # Each block's second publish (whichever instance is later) is answered as a duplicate.
+        await eventually(both_published, 10, "the other instance's publish of every block answered duplicate", nodes)
+        stored = [(msg_id, sig) for msg_id, sig in await stream_signals(nats_server.url) if sig.address in WIDE]
+        ids = [msg_id for msg_id, _ in stored]
+        assert len(ids) == len(set(ids)), "a tape block was stored twice"
+        assert all(sig.source == "market_tape" for _, sig in stored)
+        got = {tape_key(sig): (sig.size, sig.price, sig.fill_count) for _, sig in stored}
+        assert got == want

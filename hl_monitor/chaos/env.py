@@ -128,7 +128,9 @@ async def stream_signals(nats_url: str, stream: str = STREAM, **options: Any) ->
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)
-        out = []
+        out: list[tuple[str, Signal]] = []
+        if not info.state.messages:  # an empty stream reports first_seq 0, which no message has
+            return out
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(stream, seq)
             msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
@@ -171,6 +173,20 @@ class Verdict:
 def order_key(sig: Signal) -> SignalKey:
     """The ledger key of a precise signal: (oid, dir)."""
     return (sig.oid or 0, sig.dir)
+
+
+def tape_key(sig: Signal) -> SignalKey:
+    """The ledger key of a tape signal: its block (address, coin, block time, dir)."""
+    return ("tape", sig.address, sig.coin, sig.timestamp, sig.dir)
+
+
+def block_of(address: str) -> Callable[[WireFill, str], SignalKey]:
+    """`expected_orders` grouping for the wide tier: an address's fills by tape block, keyed like `tape_key`."""
+
+    def key(fill: WireFill, dir_: str) -> SignalKey:
+        return ("tape", address, fill.coin, fill.time, dir_)
+
+    return key
 
 
 def compare(

@@ -42,7 +42,7 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -52,11 +52,20 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hl_monitor.bench.frames import order_size, px_step, whale_address
-from hl_monitor.chaos.env import ChaosEnv, ChaosOptions, SignalKey, Totals, expected_orders, order_key
+from hl_monitor.chaos.env import (
+    ChaosEnv,
+    ChaosOptions,
+    SignalKey,
+    Totals,
+    block_of,
+    expected_orders,
+    order_key,
+    tape_key,
+)
 from hl_monitor.chaos.procs import ChaosError
 from hl_monitor.chaos.scenarios import Check, ScenarioResult
 from hl_monitor.config import ENV_PREFIX, Config
-from hl_monitor.sim.exchange import PERPS, SPOT_PAIRS, Exchange, WireFill
+from hl_monitor.sim.exchange import PERPS, SPOT_PAIRS, Exchange
 from hl_monitor.sim.server import SimConfig
 from hl_monitor.tracking.signals import Signal
 
@@ -301,19 +310,6 @@ def judge_queues(samples: Sequence[SoakSample], bounds: Bounds) -> list[Check]:
 # --------------------------------------------------------------------------------------- the day
 
 
-def _tape_key(sig: Signal) -> SignalKey:
-    return ("tape", sig.address, sig.coin, sig.timestamp, sig.dir)
-
-
-def _block_of(address: str) -> Callable[[WireFill, str], SignalKey]:
-    """Groups an address's fills by tape block: (address, coin, block time, dir)."""
-
-    def key(fill: WireFill, dir_: str) -> SignalKey:
-        return ("tape", address, fill.coin, fill.time, dir_)
-
-    return key
-
-
 class SoakEnv(ChaosEnv):
     """The chaos environment with wide-tier addresses: tape blocks are compared with the ledger as well."""
 
@@ -322,11 +318,11 @@ class SoakEnv(ChaosEnv):
     def expected(self) -> Mapping[SignalKey, Totals]:
         want = dict(expected_orders(self.sim, *self.whales))
         for address in self.wide:
-            want.update(expected_orders(self.sim, address, by=_block_of(address)))
+            want.update(expected_orders(self.sim, address, by=block_of(address)))
         return want
 
     def signal_key(self, sig: Signal) -> SignalKey:
-        return order_key(sig) if sig.source == "user_fills" else _tape_key(sig)
+        return order_key(sig) if sig.source == "user_fills" else tape_key(sig)
 
 
 class BusyDay:
