@@ -54,7 +54,10 @@ STATUS_TIMEOUT_S = 2.0
 # Whole-test bound (the windows of `eventually` alone add up to more): a hung step fails with the nodes' logs and
 # the processes are stopped, where pytest-timeout would kill the loop and leak them into later tests.
 DEADLINE_S = 120.0
-pytestmark = pytest.mark.timeout(DEADLINE_S + 60)
+pytestmark = [
+    pytest.mark.timeout(DEADLINE_S + 60),
+    pytest.mark.blocks_loop("only the harness runs on this loop (sim, status polls, NATS reads); nodes are processes"),
+]
 
 
 class Node:
