@@ -88,6 +88,11 @@ class Harness:
         assert self.sim.faults.abrupt_close_all() == 1
         await wait_until(lambda: stream.connection.state is not ConnState.LIVE)
 
+    def reconnect(self) -> None:
+        """Let the connection `cut` held back dial again."""
+        assert isinstance(self.budgets, GatedBudgets)
+        self.budgets.gate.set()
+
 
 def fast_cfg(sim: SimServer, **overrides: Any) -> HyperliquidConfig:
     values: dict[str, Any] = {
@@ -211,7 +216,6 @@ async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> 
     async with harness(
         WatchedAddress(address=W1, tier="precise"), sim_config=sim_config, budgets_class=GatedBudgets
     ) as h:
-        assert isinstance(h.budgets, GatedBudgets)
         await h.live(W1)
         whale = h.sim.exchange.whale(W1)
         before = await whale.market_order("ETH", True, "2", "2400", fills=2)
@@ -230,7 +234,7 @@ async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> 
         during = await whale.market_order("ETH", True, "3", "2410", fills=3, px_step="1")
         await whale.cancel(partly)
 
-        h.budgets.gate.set()
+        h.reconnect()
         await wait_until(lambda: len(h.signals) == 4)
         await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
 
@@ -325,14 +329,13 @@ async def test_a_twap_that_ends_during_a_gap_comes_out_once_with_every_slice() -
     async with harness(
         WatchedAddress(address=W1, tier="precise"), sim_config=sim_config, budgets_class=GatedBudgets
     ) as h:
-        assert isinstance(h.budgets, GatedBudgets)
         await h.live(W1)
         whale = h.sim.exchange.whale(W1)
         await whale.market_order("ETH", True, "1", "2400")  # something for the watermark to start from
         await wait_until(lambda: len(h.signals) == 1)
         await h.cut(W1)
         twap_id = await whale.twap("SOL", True, "9", slices=3, px="95")
-        h.budgets.gate.set()
+        h.reconnect()
         await wait_until(lambda: len(h.signals) == 2)
         await asyncio.sleep(0.3)  # a second (continuation) signal would arrive now
         assert len(h.signals) == 2

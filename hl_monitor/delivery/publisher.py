@@ -142,7 +142,7 @@ def _read_tls(cfg: NatsConfig, scheme: str) -> ssl.SSLContext | None:
 _CREDENTIAL_MARKERS: Final = {"nats.creds": "-----BEGIN NATS USER JWT-----", "nats.nkey_seed": "SU"}
 
 
-def _existing_file(key: str, path: Secret) -> str:
+def _credential_file(key: str, path: Secret) -> str:
     """The credential file's path, once it is readable and looks like what `key` needs (its content is never shown)."""
     name = str(path)
     try:
@@ -231,9 +231,9 @@ class Publisher:
         if cfg.token is not None:
             options["token"] = str(cfg.token)
         if cfg.creds is not None:
-            options["user_credentials"] = _existing_file("nats.creds", cfg.creds)
+            options["user_credentials"] = _credential_file("nats.creds", cfg.creds)
         if cfg.nkey_seed is not None:
-            options["nkeys_seed"] = _existing_file("nats.nkey_seed", cfg.nkey_seed)
+            options["nkeys_seed"] = _credential_file("nats.nkey_seed", cfg.nkey_seed)
         tls = _read_tls(cfg, urlsplit(self._url).scheme)
         if tls is not None:
             options["tls"] = tls

@@ -358,14 +358,14 @@ class TrackingEngine:
     def _seed(self, st: _Addr, fills: Sequence[Fill]) -> None:
         st.seeded = True
         self._dirty_addrs[st.address] = st
-        if not fills:
-            st.seed_time = st.wm_time
-            return
-        newest = max(fills, key=_fill_order)
-        if (newest.time, newest.tid) > (st.wm_time, st.wm_tid):
-            st.wm_time, st.wm_tid = newest.time, newest.tid
-        st.floor = max(st.floor, st.wm_time)
+        if fills:
+            newest = max(fills, key=_fill_order)
+            if (newest.time, newest.tid) > (st.wm_time, st.wm_tid):
+                st.wm_time, st.wm_tid = newest.time, newest.tid
         st.seed_time = st.wm_time
+        if not fills:
+            return
+        st.floor = max(st.floor, st.wm_time)
         for fill in fills:
             if fill.time >= st.floor:
                 st.seen[fill_key(fill)] = fill.time
