@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -29,8 +28,6 @@ from hl_monitor.sim.server import SimConfig, SimServer
 
 W1 = "0x" + "a1" * 20
 W2 = "0x" + "b2" * 20
-# Scripted orders between yields: 3000 in one go hold the loop past the 0.1 s stall guard on a slow machine.
-SCRIPT_YIELD_EVERY = 250
 
 
 class FakeClock:
@@ -143,8 +140,6 @@ async def test_user_fills_by_time_inclusive_paging_and_reach() -> None:
             clock.now += 0.001
             times.append(int(clock.now * 1000))
             await w.market_order("ETH", i % 2 == 0, "0.01", "2300")
-            if i % SCRIPT_YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # a script's orders never suspend: let the loop breathe (stall guard)
         reachable = times[-2500:]
         page1 = decode_fills(await info(http, sim, {"type": "userFillsByTime", "user": W1, "startTime": 0}))
         page2_body = {"type": "userFillsByTime", "user": W1, "startTime": page1[-1].time + 1, "endTime": times[-1]}
