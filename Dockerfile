@@ -15,6 +15,7 @@ WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --locked --no-dev --no-install-project
 COPY hl_monitor ./hl_monitor
+COPY migrations ./migrations
 # --no-editable: the package (with its Alembic migrations) is installed into the venv, so the venv is all we ship.
 RUN uv sync --locked --no-dev --no-editable
 

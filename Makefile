@@ -31,10 +31,11 @@ run: install ## migrate the database, then run the service on embedded defaults 
 	$(UV) run --locked hl-monitor db upgrade --config $(CONFIG)
 	HL_MONITOR__LOG__FORMAT=$${HL_MONITOR__LOG__FORMAT:-console} $(UV) run --locked hl-monitor run --config $(CONFIG)
 
-lint: install ## ruff + mypy --strict
+lint: install ## ruff + mypy --strict + the layering contracts (import-linter, pyproject.toml)
 	$(UV) run --locked ruff check .
 	$(UV) run --locked ruff format --check .
 	$(UV) run --locked mypy
+	$(UV) run --locked lint-imports
 
 fmt: install ## format the code
 	$(UV) run --locked ruff format .
@@ -58,10 +59,10 @@ db-upgrade: install ## apply database migrations
 	$(UV) run --locked hl-monitor db upgrade --config $(CONFIG)
 
 chaos: install ## fault scenarios end to end, full length, with a 3-minute soak (~18 min; MariaDB at HL_TEST_MYSQL_URL); table → chaos-results.md
-	$(UV) run --locked python -m hl_monitor.chaos --out chaos-results.md
+	$(UV) run --locked hl-monitor chaos --out chaos-results.md
 
 soak: install ## one hour of a busy day at 20x: memory flat, no growing queue, exactly once (MariaDB, else SQLite); table → soak-results.md
-	$(UV) run --locked python -m hl_monitor.chaos -s soak --soak-duration 3600 --out soak-results.md
+	$(UV) run --locked hl-monitor chaos -s soak --soak-duration 3600 --out soak-results.md
 
 bench: install ## run the benchmarks (< 10 min on 2 cores); writes bench-results/results.json and results.md
 	$(UV) run --locked hl-monitor bench --out bench-results

@@ -25,6 +25,7 @@ Handler = Callable[[argparse.Namespace], int]
 _COMMAND_MODULES: tuple[str, ...] = (
     "hl_monitor.app",
     "hl_monitor.bench.cli",
+    "hl_monitor.chaos.cli",
     "hl_monitor.ops.healthcheck",
     "hl_monitor.storage.cli",
     "hl_monitor.sim.cli",

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from hl_monitor.domain.address import is_valid_address
 from hl_monitor.errors import ConfigError
 from hl_monitor.hyperliquid import constants as hl
 
@@ -426,7 +427,7 @@ def validate(cfg: Config) -> None:
         )
     _validate_cluster(cfg)
     for addr in cfg.addresses.initial:
-        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", addr):
+        if not is_valid_address(addr):
             raise ConfigError("addresses.initial", f"{addr!r} is not 0x + 40 hex digits")
 
 

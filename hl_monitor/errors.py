@@ -2,6 +2,7 @@
 
     HlMonitorError
      ├── ConfigError            bad config: unknown key, wrong type, bad URL (exit code 2)
+     ├── InvalidAddressError    not `0x` + 40 hex digits (value)
      ├── ProtocolError          a Hyperliquid frame or REST body we cannot use
      │    └── FrameDecodeError  one WebSocket frame (kind: not_json | unknown_channel | invalid)
      ├── InfoError              REST /info failed (status, body)
@@ -10,7 +11,11 @@
      ├── StorageError           the database refused or is unreachable
      │    └── SchemaOutdatedError  the schema is behind the code: run `hl-monitor db upgrade`
      ├── DeliveryError          NATS/JetStream refused or is unreachable
-     └── InstanceLockedError    another process holds this instance identity
+     │    └── PublishError      one publish failed (reason, signal_id); the signal stays pending
+     ├── InstanceLockedError    another process holds this instance identity
+     ├── LeaseLostError         the database instance lease was lost (instance_id, reason)
+     ├── BenchError             a benchmark could not run or its run lost data
+     └── ChaosError             the chaos harness could not do what a scenario asked
 
 Each error keeps its facts as attributes so callers can count and log them without parsing text.
 """
@@ -18,14 +23,19 @@ Each error keeps its facts as attributes so callers can count and log them witho
 from __future__ import annotations
 
 __all__ = [
+    "BenchError",
     "BudgetExceededError",
+    "ChaosError",
     "ConfigError",
     "DeliveryError",
     "FrameDecodeError",
     "HlMonitorError",
     "InfoError",
     "InstanceLockedError",
+    "InvalidAddressError",
+    "LeaseLostError",
     "ProtocolError",
+    "PublishError",
     "RateLimitedError",
     "SchemaOutdatedError",
     "StorageError",
@@ -43,6 +53,14 @@ class ConfigError(HlMonitorError):
         self.key = key
         self.message = message
         super().__init__(f"config error at {key}: {message}")
+
+
+class InvalidAddressError(HlMonitorError, ValueError):
+    """Not an address: Hyperliquid users are `0x` followed by 40 hex digits."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        super().__init__(f"{value!r} is not 0x followed by 40 hex digits")
 
 
 class ProtocolError(HlMonitorError):
@@ -107,6 +125,16 @@ class DeliveryError(HlMonitorError):
     """NATS or JetStream refused a publish or is unreachable."""
 
 
+class PublishError(DeliveryError):
+    """One publish failed; `reason` is the `publish_errors` label, the signal stays pending."""
+
+    def __init__(self, reason: str, detail: str, signal_id: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.signal_id = signal_id
+        super().__init__(f"publish failed ({reason}): {detail}" + (f" [{signal_id}]" if signal_id else ""))
+
+
 class InstanceLockedError(HlMonitorError):
     """Another live process already runs with this instance identity."""
 
@@ -114,3 +142,20 @@ class InstanceLockedError(HlMonitorError):
         self.instance_id = instance_id
         self.holder = holder
         super().__init__(f"instance {instance_id!r} is already running ({holder}); refusing to start twice")
+
+
+class LeaseLostError(HlMonitorError):
+    """This process no longer holds its instance lease; another one may run as this instance now."""
+
+    def __init__(self, instance_id: str, reason: str) -> None:
+        self.instance_id = instance_id
+        self.reason = reason
+        super().__init__(f"instance lease for {instance_id!r} lost: {reason}; stopping")
+
+
+class BenchError(HlMonitorError):
+    """A benchmark could not run or its run lost data."""
+
+
+class ChaosError(HlMonitorError):
+    """The chaos harness itself could not do what a scenario asked (a process would not start, ...)."""

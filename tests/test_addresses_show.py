@@ -12,7 +12,7 @@ import pytest
 
 from hl_monitor.config import Config, DatabaseConfig, WriterConfig
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, decode_info
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage.repository import create_engine
 from hl_monitor.storage.writer import BatchWriter
 from tests.conftest import FIXTURES

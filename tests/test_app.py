@@ -19,11 +19,11 @@ import pytest
 from hl_monitor.app import Service, cancel_and_wait
 from hl_monitor.chaos.env import stream_signals
 from hl_monitor.config import Config, load_config
+from hl_monitor.domain.signal import Signal
 from hl_monitor.errors import SchemaOutdatedError
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
-from hl_monitor.tracking.signals import Signal
 from tests.conftest import NatsServer, free_port
 from tests.test_feeds_connection import wait_until
 from tests.test_feeds_precise import expected_orders
@@ -80,8 +80,8 @@ def by_order(signals: list[Signal]) -> dict[tuple[int, str], tuple[Decimal, Deci
 
 async def live(service: Service, *addresses: str) -> None:
     def ok() -> bool:
-        precise = service.precise
-        if precise is None or precise.not_live() or not set(addresses) <= set(precise.assigned()):
+        precise = service.components.precise
+        if precise.not_live() or not set(addresses) <= set(precise.assigned()):
             return False
         # Live and its first gap recovery done: a trade from now on arrives on the stream, not in a backfill.
         return all((stream := precise.stream(a)) is not None and stream.recoveries >= 1 for a in addresses)
@@ -174,18 +174,18 @@ async def test_readiness_follows_nats_and_status_lists_addresses(nats_server: Na
         async with running(cfg) as service:
             await live(service, W1, W2)
             base = f"http://{cfg.http.listen}"
-            await wait_until(lambda: service.readiness().ok, within=15)
+            await wait_until(lambda: service.components.status.readiness().ok, within=15)
             status, body = await get_json(f"{base}/status")
             assert status == 200
             assert {a["address"] for a in body["addresses"]} == {W1, W2}
             assert all(a["state"] == "precise" for a in body["addresses"])
             nats_server.stop()
-            await wait_until(lambda: not service.readiness().ok, within=15)
+            await wait_until(lambda: not service.components.status.readiness().ok, within=15)
             status, body = await get_json(f"{base}/health/ready")
             assert status == 503
             assert body["reasons"]["nats"] == "disconnected"
             nats_server.start()
-            await wait_until(lambda: service.readiness().ok, within=20)
+            await wait_until(lambda: service.components.status.readiness().ok, within=20)
             status, _ = await get_json(f"{base}/health/ready")
             assert status == 200
 

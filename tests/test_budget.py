@@ -10,10 +10,12 @@ import random
 
 import pytest
 
+from hl_monitor.clock import ManualClock
 from hl_monitor.config import HyperliquidConfig
+from hl_monitor.domain.address import Priority
 from hl_monitor.errors import BudgetExceededError, ConfigError
-from hl_monitor.feeds.budget import LIMIT_WINDOW_S, RELEASE_AFTER_CLOSE_S, Budgets, ManualClock, Priority
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.feeds.budget import LIMIT_WINDOW_S, RELEASE_AFTER_CLOSE_S, Budgets
+from hl_monitor.metrics import Metrics
 
 WHALE_A = "0xAbC0000000000000000000000000000000000001"
 WHALE_B = "0x0000000000000000000000000000000000000002"

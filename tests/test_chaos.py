@@ -17,7 +17,7 @@ import pytest
 from hl_monitor.chaos.cli import results_table
 from hl_monitor.chaos.env import ChaosOptions, compare
 from hl_monitor.chaos.scenarios import SCENARIOS, ScenarioResult, run_scenario
-from hl_monitor.tracking.signals import Signal
+from hl_monitor.domain.signal import Signal
 from tests.test_storage import make_signal
 
 QUICK_SQLITE = ChaosOptions(quick=True, db="sqlite")

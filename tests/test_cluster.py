@@ -19,14 +19,19 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from hl_monitor.cluster.leases import Cluster
+from hl_monitor.cluster.placement import Member, place
 from hl_monitor.config import ClusterConfig, load_config
+from hl_monitor.domain.address import WatchedAddress
+from hl_monitor.domain.signal import Signal
 from hl_monitor.errors import ConfigError
-from hl_monitor.feeds.addresses import AddressBook, StaticSource, WatchedAddress
-from hl_monitor.feeds.cluster import Cluster, EngineHandover, Member, place
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.feeds.addresses import AddressBook, StaticSource
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.storage.writer import BatchWriter
+from hl_monitor.tracking.engine import TrackingEngine
+from hl_monitor.watch.watchset import WatchSet
 from tests.conftest import NatsServer
 from tests.test_feeds_connection import wait_until
 from tests.test_storage import writer_cfg
@@ -376,6 +381,13 @@ async def test_a_lease_rewritten_by_someone_else_is_dropped_at_once(nats_server:
 # ------------------------------------------------------------------------------------------------ state handover
 
 
+def handover(engine: TrackingEngine, writer: BatchWriter, repo: Repository) -> WatchSet:
+    async def no_signals(signals: Sequence[Signal]) -> None:
+        raise AssertionError(f"a handover emitted {signals}")
+
+    return WatchSet(engine, no_signals, writer, repo, clustered=True, tick_interval=1.0, flushed_ttl=3600)
+
+
 async def test_engine_handover_moves_an_address_state_through_the_database(tmp_path: Path) -> None:
     """The old holder persists pending orders and the watermark; the new one resumes them; nothing is voided."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'hl.db'}"
@@ -390,14 +402,14 @@ async def test_engine_handover_moves_an_address_state_through_the_database(tmp_p
         old.on_user_fills(ADDR, frame(fill(7, 101, "1.5", time=T0 + 1), fill(8, 102, "2", time=T0 + 2)), NOW)
         await writer.put_delta(old.take_dirty())
         old.on_user_fills(ADDR, frame(fill(7, 103, "0.5", time=T0 + 3)), NOW)  # not yet persisted by a tick
-        await EngineHandover(old, writer, repo, flushed_ttl=3600).release([ADDR], persist=True)
+        await handover(old, writer, repo).release([ADDR], persist=True)
         assert not old.is_watched(ADDR)
         assert old.pending_oids(ADDR) == []
 
         new = seeded_engine()
         new.remove_address(ADDR)
         new.take_dirty()
-        await EngineHandover(new, writer, repo, flushed_ttl=3600, label=lambda _a: "whale").acquire([ADDR])
+        await handover(new, writer, repo).acquire([ADDR])
         assert new.is_watched(ADDR)
         assert new.pending_oids(ADDR) == [7, 8]
         watermark = new.watermark(ADDR)

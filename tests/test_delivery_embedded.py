@@ -15,7 +15,7 @@ from hl_monitor.config import NatsConfig, SignalsConfig
 from hl_monitor.delivery.embedded_nats import EmbeddedNats, find_nats_server
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.errors import DeliveryError
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from tests.conftest import NatsServer
 from tests.test_delivery_publisher import make_signal, nats_cfg, read_stream, sample, wait_until
 

@@ -13,11 +13,11 @@ import pytest
 from hl_monitor.config import Config, DatabaseConfig, NatsConfig, SignalsConfig, WriterConfig
 from hl_monitor.delivery.outbox import Outbox
 from hl_monitor.delivery.publisher import Publisher
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.domain.signal import Signal, decode_signal
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
 from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.storage.writer import BatchWriter
-from hl_monitor.tracking.signals import Signal, decode_signal
 from tests.conftest import NatsServer
 from tests.test_delivery_publisher import freeze, make_signal, nats_cfg, read_stream, sample, wait_until
 

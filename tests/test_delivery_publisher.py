@@ -27,10 +27,10 @@ from nats.aio.subscription import Subscription
 from nats.js.api import RetentionPolicy
 
 from hl_monitor.config import NatsConfig, Secret, SignalsConfig
-from hl_monitor.delivery.publisher import Publisher, PublishError, signal_subject, subject_token
-from hl_monitor.errors import ConfigError, DeliveryError
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.signals import LEGACY_KEYS, Signal, decode_signal
+from hl_monitor.delivery.publisher import Publisher, signal_subject, subject_token
+from hl_monitor.domain.signal import LEGACY_KEYS, Signal, decode_signal
+from hl_monitor.errors import ConfigError, DeliveryError, PublishError
+from hl_monitor.metrics import Metrics
 from tests import nats_auth
 from tests.conftest import NatsServer, free_port, nats_server_binary
 

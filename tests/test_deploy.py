@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 
 from hl_monitor.config import HttpConfig
+from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, Readiness, create_app
-from hl_monitor.ops.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS = REPO / "deploy" / "prometheus"

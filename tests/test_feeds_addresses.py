@@ -9,18 +9,10 @@ from dataclasses import dataclass
 import pytest
 
 from hl_monitor.config import Config, DatabaseConfig
-from hl_monitor.feeds.addresses import (
-    AddressBook,
-    AddressDiff,
-    AddressRow,
-    CallableSource,
-    InvalidAddressError,
-    StaticSource,
-    WatchedAddress,
-    is_valid_address,
-    normalize_address,
-)
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.domain.address import WatchedAddress, is_valid_address, parse_address
+from hl_monitor.errors import InvalidAddressError
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff, AddressRow, CallableSource, StaticSource
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import AddressTable, create_engine
 from tests.test_feeds_connection import wait_until
@@ -66,11 +58,11 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 def test_addresses_are_validated_and_lowercased() -> None:
-    assert normalize_address("  0x" + "AbC" * 13 + "d ") == "0x" + "abc" * 13 + "d"
+    assert parse_address("  0x" + "AbC" * 13 + "d ") == "0x" + "abc" * 13 + "d"
     for bad in ("0x123", "abc", "0x" + "g" * 40, None, 42, "0x" + "a" * 41):
         assert not is_valid_address(bad)
         with pytest.raises(InvalidAddressError, match="0x followed by 40 hex digits"):
-            normalize_address(bad)
+            parse_address(bad)
 
 
 async def test_reload_normalises_rows_and_skips_invalid_ones() -> None:

@@ -33,7 +33,7 @@ from hl_monitor.feeds.connection import (
 )
 from hl_monitor.feeds.supervisor import Backoff, Supervisor
 from hl_monitor.hyperliquid.protocol import AllDexsClearinghouseStateFrame, BboFrame, Subscription
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 USER = "0x31ca8395cf837de08b24da3f660e77761dfb974b"
 MIXED_USER = "0x31CA8395cf837de08b24da3f660e77761dfb974B"

@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from hl_monitor.clock import ManualClock
 from hl_monitor.config import AggregationConfig, HyperliquidConfig
-from hl_monitor.feeds.addresses import AddressBook, AddressDiff, AddressRow, WatchedAddress
-from hl_monitor.feeds.budget import Budgets, ManualClock
+from hl_monitor.domain.address import WatchedAddress
+from hl_monitor.domain.signal import Signal
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff, AddressRow
+from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.connection import ConnState
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.signals import Signal
 from tests.test_feeds_connection import _value, wait_until
 
 W1 = "0x" + "1" * 40
@@ -140,7 +142,7 @@ async def harness(
         async with InfoClient.from_config(cfg, budgets, metrics) as info:
             h: Harness | None = None
 
-            async def sink(batch: list[Signal]) -> None:
+            async def sink(batch: Sequence[Signal]) -> None:
                 assert h is not None
                 h.signals.extend(batch)
 

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from hl_monitor.config import HttpConfig, Secret
 from hl_monitor.errors import ConfigError, StorageError
+from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import (
     AddressInput,
     AuthFailureLimiter,
@@ -27,7 +28,6 @@ from hl_monitor.ops.http import (
     Readiness,
     create_app,
 )
-from hl_monitor.ops.metrics import Metrics
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,8 +13,8 @@ import pytest
 from hl_monitor.config import AggregationConfig, HttpConfig
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, ClearinghouseStateData, decode_info
 from hl_monitor.hyperliquid.symbols import SymbolMap
+from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, Readiness, create_app
-from hl_monitor.ops.metrics import Metrics
 from hl_monitor.tracking.engine import TrackingEngine
 from tests.conftest import FIXTURES
 from tests.tracking_factories import ADDR, NOW, T0, fill, frame

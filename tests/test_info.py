@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from hl_monitor.clock import ManualClock
 from hl_monitor.config import HyperliquidConfig
 from hl_monitor.errors import InfoError, ProtocolError, RateLimitedError
-from hl_monitor.feeds.budget import Budgets, ManualClock
+from hl_monitor.feeds.budget import Budgets
 from hl_monitor.hyperliquid.constants import INFO_ITEM_WEIGHTED, info_weight
 from hl_monitor.hyperliquid.info import InfoClient
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.sim.server import SimConfig, SimServer
 from tests.conftest import FIXTURES, free_port
 from tests.test_budget import max_in_any_window

@@ -12,11 +12,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.config import Config, DatabaseConfig, ServiceConfig
-from hl_monitor.errors import ConfigError, InstanceLockedError
-from hl_monitor.ops.lease import InstanceLease, LeaseLostError
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.errors import ConfigError, InstanceLockedError, LeaseLostError
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
+from hl_monitor.storage.lease import InstanceLease
 from hl_monitor.storage.repository import create_engine
 
 ID = "whale-monitor-1"

@@ -6,19 +6,20 @@ precise stream is a stand-in whose readiness the test sets, so every ordering is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from hl_monitor.config import AggregationConfig
-from hl_monitor.feeds.addresses import WatchedAddress
+from hl_monitor.domain.address import TrackedBy, WatchedAddress
+from hl_monitor.domain.signal import Signal
 from hl_monitor.feeds.connection import ConnState
-from hl_monitor.feeds.planner import TierPlanner
 from hl_monitor.hyperliquid.symbols import SymbolMap
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.signals import Signal
-from hl_monitor.tracking.tape import Owner, TapeTracker
+from hl_monitor.tracking.tape import TapeTracker
+from hl_monitor.watch.planner import TierPlanner
+from tests.support.watch import watch_of
 from tests.test_tape_tracker import OTHER, T0, WHALE, rest, symbols, trade
 from tests.tracking_factories import fill, frame, update
 
@@ -60,9 +61,9 @@ class Precise:
 
 @dataclass
 class Wide:
-    owners: dict[str, Owner] = field(default_factory=dict)
+    owners: dict[str, TrackedBy] = field(default_factory=dict)
 
-    def set_addresses(self, owners: Mapping[str, Owner]) -> None:
+    def set_addresses(self, owners: Mapping[str, TrackedBy]) -> None:
         self.owners = dict(owners)
 
 
@@ -92,14 +93,14 @@ def world() -> World:
     precise = Precise()
     w: World | None = None
 
-    async def sink(batch: list[Signal]) -> None:
+    async def sink(batch: Sequence[Signal]) -> None:
         assert w is not None
         w.signals += batch
 
     planner = TierPlanner(
         Book(),
         tracker=tracker,
-        engine=engine,
+        watch=watch_of(engine, sink),
         wide=Wide(),
         metrics=Metrics(),
         on_signals=sink,

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 
 from hl_monitor.errors import InstanceLockedError
+from hl_monitor.metrics import Metrics
 from hl_monitor.ops.healthcheck import check, default_url
-from hl_monitor.ops.metrics import Metrics
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
 from tests.conftest import free_port
 

@@ -21,8 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from hl_monitor.chaos.relay import TcpRelay
 from hl_monitor.config import Config, DatabaseConfig, RetentionConfig, WriterConfig
+from hl_monitor.domain.signal import LiquidationInfo, Signal
 from hl_monitor.errors import SchemaOutdatedError, StorageError
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.cleaner import RetentionCleaner
@@ -38,7 +39,6 @@ from hl_monitor.storage.repository import (
     upsert,
 )
 from hl_monitor.storage.writer import BatchWriter
-from hl_monitor.tracking.signals import LiquidationInfo, Signal
 from hl_monitor.tracking.state import AggregationRecord, StateDelta, Watermark
 
 WHALE = "0x" + "ab" * 20

@@ -13,7 +13,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.config import Config, DatabaseConfig
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.repository import MAX_MARKS_PER_STATEMENT, Repository, create_engine, mark_published_call

@@ -19,10 +19,10 @@ from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.symbols import SymbolLoader
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.sim import exchange as sim_exchange
 from hl_monitor.sim.server import SimConfig, SimServer
-from hl_monitor.storage.repository import create_engine
+from hl_monitor.storage.repository import create_engine, load_pair_categories
 from hl_monitor.tracking.engine import TrackingEngine
 from tests.conftest import free_port
 from tests.tracking_factories import ADDR, NOW, fill, frame, update
@@ -122,7 +122,7 @@ async def test_one_load_covers_every_perp_dex_spot_pairs_and_pair_categories(sql
     updates = Updates()
     try:
         async with SimServer(SimConfig(port=0)) as sim, info_client(sim.info_url, metrics) as info:
-            loader = SymbolLoader(info, CFG, metrics, db=db, on_update=updates)
+            loader = SymbolLoader(info, CFG, metrics, categories=lambda: load_pair_categories(db), on_update=updates)
             assert not loader.loaded
             assert await loader.load()
     finally:

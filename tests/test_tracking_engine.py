@@ -8,6 +8,7 @@ from decimal import Decimal
 import msgspec
 
 from hl_monitor.config import AggregationConfig
+from hl_monitor.domain.signal import LiquidationInfo, Signal, encode_signal
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
     ClearinghouseState,
@@ -22,7 +23,6 @@ from hl_monitor.hyperliquid.protocol import (
 )
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.signals import LiquidationInfo, Signal, encode_signal
 from tests.conftest import FIXTURES
 from tests.test_symbols import build as build_symbols
 from tests.tracking_factories import (

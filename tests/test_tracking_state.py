@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from hl_monitor.config import AggregationConfig
+from hl_monitor.domain.signal import Signal
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.signals import Signal
 from hl_monitor.tracking.state import AggregationRecord, EngineState, StateDelta, Watermark
 from tests.tracking_factories import ADDR, NOW, T0, engine, fill, frame, update
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from hl_monitor.domain.signal import Signal
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking import engine as engine_module
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.signals import Signal
 from hl_monitor.tracking.state import EngineState
 from tests.test_symbols import build as build_symbols
 from tests.tracking_factories import ADDR, NOW, engine, fill, frame, update

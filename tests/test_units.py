@@ -18,8 +18,8 @@ import pytest
 
 from hl_monitor.cli import EXIT_CONFIG, build_parser
 from hl_monitor.config import ENV_PREFIX, SECRET_KEYS, Config, HttpConfig, ServiceConfig, load_config, parse_listen
+from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, Readiness, create_app
-from hl_monitor.ops.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "deploy" / "systemd" / "hl-monitor.service"

@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from hl_monitor.clock import ManualClock
 from hl_monitor.config import AggregationConfig, HyperliquidConfig, WideConfig
-from hl_monitor.feeds.addresses import AddressBook, AddressDiff, WatchedAddress
-from hl_monitor.feeds.budget import Budgets, ManualClock
+from hl_monitor.delivery.sink import Sink
+from hl_monitor.domain.address import WatchedAddress
+from hl_monitor.domain.signal import Signal
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff
+from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.market_tape import MarketTape, TapeUniverse
-from hl_monitor.feeds.planner import TierPlanner
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.wide import WideManager
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.signals import Signal
 from hl_monitor.tracking.tape import TapeTracker
+from hl_monitor.watch.planner import TierPlanner
+from tests.support.watch import watch_of
 from tests.test_feeds_connection import _value, wait_until
 from tests.test_feeds_precise import MutableSource, fast_cfg
 
@@ -100,10 +104,18 @@ async def stack(
         async with InfoClient.from_config(cfg, budgets, metrics) as info:
             st: Stack | None = None
 
-            async def sink(batch: list[Signal]) -> None:
-                assert st is not None
-                await st.accepting.wait()
-                st.signals.extend(batch)
+            class Recorder:
+                """The writer and the outbox behind the service's real sink: what reached them, in order."""
+
+                async def put_signal(self, signal: Signal) -> None:
+                    assert st is not None
+                    await st.accepting.wait()
+                    st.signals.append(signal)
+
+                async def submit(self, signal: Signal) -> None:
+                    return None
+
+            sink = Sink(Recorder(), Recorder(), metrics, instance_id="test")
 
             def on_universe(universe: TapeUniverse) -> None:
                 engine.set_symbols(universe.symbols())
@@ -118,7 +130,7 @@ async def stack(
                 on_signals=sink, dexes=lambda: tape.universe.dexes if tape.universe else [],
             )  # fmt: skip
             tiers = TierPlanner(
-                book, tracker=tracker, engine=engine, wide=manager, metrics=metrics, on_signals=sink,
+                book, tracker=tracker, watch=watch_of(engine, sink), wide=manager, metrics=metrics, on_signals=sink,
                 max_addresses=wide_cfg.max_addresses,
             )  # fmt: skip
             pm = None
@@ -336,6 +348,16 @@ async def test_a_bootstrap_postponed_by_an_ambiguous_trade_is_retried_while_the_
         assert len(truth) >= 5
 
 
+def built_by_source(s: Stack) -> dict[str, int]:
+    """`hl_monitor_signals_built_total` summed over directions, per source (sources never seen: absent)."""
+    out: dict[str, int] = {}
+    for metric in s.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "hl_monitor_signals_built_total" and sample.value:
+                out[sample.labels["source"]] = out.get(sample.labels["source"], 0) + int(sample.value)
+    return out
+
+
 async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
     """With a 4-coin budget the builder-dex coins are not on the tape; REST reconcile still sees the trade."""
     wide = {"subscription_budget": 4, "reconcile_interval": 0.3}
@@ -363,6 +385,7 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
         assert [x.coin for x in s.of(W1, "market_tape")] == ["BTC"]
         assert _value(s.metrics, "drift_corrections_total", asset_type="futures") == 1
         assert s.tracker.position(W1, "xyz:XYZ100") == Decimal("-0.5")
+        assert built_by_source(s) == {"reconcile": 1, "market_tape": 1}
 
 
 async def test_a_spot_pair_that_gets_busy_is_moved_onto_a_short_tape() -> None:
@@ -459,5 +482,7 @@ async def test_tier_moves_lose_and_duplicate_no_signal() -> None:
         assert len(ids) == len(set(ids))
         sources = {x.source for x in s.of(W1)}
         assert sources == {"user_fills", "market_tape"}
+        # Every signal is counted once, by the one sink, whichever tier built it.
+        assert built_by_source(s) == Counter(x.source for x in s.signals)
         assert s.planner.handovers == {"to_precise": 2, "to_wide": 1}  # the first one at start
         assert s.planner.tiers() == {W1: "precise"}

@@ -46,11 +46,11 @@ from hl_monitor.config import (
     ServiceConfig,
 )
 from hl_monitor.delivery.publisher import MSG_ID_HEADER, Publisher, signal_subject
-from hl_monitor.errors import HlMonitorError
+from hl_monitor.domain.signal import Signal, encode_signal
+from hl_monitor.errors import BenchError
 from hl_monitor.feeds.connection import ConnState
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import upgrade
-from hl_monitor.tracking.signals import Signal, encode_signal
 
 __all__ = ["BenchError", "LoadRun", "Pipeline", "PipelineOptions", "percentile"]
 
@@ -67,10 +67,6 @@ SIM_START_TIMEOUT_S: Final = 30.0
 SIM_LINE_LIMIT: Final = 256 * 1024 * 1024  # a load answer lists every order: tens of MB at most
 SERVICE_STOP_TIMEOUT_S: Final = 60.0  # the service's own shutdown deadline is 25 s; past this it is hung
 BENCH_INSTANCE_ID: Final = "bench"
-
-
-class BenchError(HlMonitorError):
-    """A benchmark could not run or its run lost data."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -287,17 +283,19 @@ class Pipeline:
         if not await self._wait(self._ready, READY_TIMEOUT_S):
             raise BenchError(f"service not ready with {len(self.whales)} live precise streams in {READY_TIMEOUT_S:g} s")
         self.startup_s = time.perf_counter() - started
-        assert service.publisher is not None
         self.clock = _AckClock(
-            service.publisher, ack=self.opts.ack, stream=cfg.nats.stream, subject_prefix=cfg.signals.subject_prefix
+            service.components.publisher,
+            ack=self.opts.ack,
+            stream=cfg.nats.stream,
+            subject_prefix=cfg.signals.subject_prefix,
         )
 
     def _ready(self) -> bool:
         service = self.service
-        if service is None or not service.ready_event.is_set() or service.precise is None:
+        if service is None or not service.ready_event.is_set():
             return False
         for address in self.whales:
-            stream = service.precise.stream(address)
+            stream = service.components.precise.stream(address)
             if stream is None or stream.connection.state is not ConnState.LIVE or stream.recoveries < 1:
                 return False
         return True
@@ -340,8 +338,7 @@ class Pipeline:
         """Place `orders` orders at `rate` fills/s (None: as fast as the sim goes) and wait for every ack."""
         assert self.clock is not None
         assert self.service is not None
-        assert self.service.engine is not None
-        clock, engine = self.clock, self.service.engine
+        clock, engine = self.clock, self.service.components.engine
         processed_before = engine.stats.fills_processed
         dups_before = engine.stats.duplicate_fills
         answer = await self._sim.request(
@@ -379,15 +376,12 @@ class Pipeline:
     async def _check_loss(self, oids: set[int], processed_before: int, dups_before: int, fills: int) -> dict[str, Any]:
         assert self.clock is not None
         assert self.service is not None
-        assert self.service.writer is not None
-        assert self.service.engine is not None
-        assert self.service.publisher is not None
         assert self._db is not None
-        engine, writer = self.service.engine, self.service.writer
+        engine, writer = self.service.components.engine, self.service.components.writer
         missing = sum(1 for oid in oids if oid not in self.clock.by_oid)
         # Wait for the flushes and published marks of this run to be committed, then count.
         deadline = time.monotonic() + COMPLETION_TIMEOUT_S
-        js = self.service.publisher.client.jetstream()
+        js = self.service.components.publisher.client.jetstream()
         while True:
             await writer.flush()
             async with self._db.connect() as conn:

@@ -18,7 +18,7 @@ import msgspec
 
 from hl_monitor.bench.frames import whale_address
 from hl_monitor.config import AggregationConfig
-from hl_monitor.feeds.addresses import WatchedAddress
+from hl_monitor.domain.address import WatchedAddress
 from hl_monitor.hyperliquid.protocol import (
     AssetPosition,
     ClearinghouseState,

@@ -24,13 +24,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hl_monitor import __version__
-from hl_monitor.bench.e2e import BenchError, LoadRun, Pipeline, PipelineOptions, percentile
+from hl_monitor.bench.e2e import LoadRun, Pipeline, PipelineOptions, percentile
 from hl_monitor.bench.frames import make_tape, make_workload
 from hl_monitor.bench.micro import bench_decode, bench_engine, bench_tape
 from hl_monitor.bench.profile import Profiler, summarise
 from hl_monitor.bench.report import write_report
 from hl_monitor.bench.results import BenchResult, Case, Report, stat
 from hl_monitor.delivery.embedded_nats import find_nats_server
+from hl_monitor.errors import BenchError
 from hl_monitor.logging import get_logger
 
 __all__ = ["FULL", "SMOKE", "Sizes", "run_all"]

@@ -70,7 +70,18 @@ async def run_all(names: Sequence[str], opts: ChaosOptions, workdir: Path) -> li
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hl_monitor.chaos", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hl-monitor chaos", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    return parser
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    chaos = sub.add_parser("chaos", help="fault scenarios against the real service, NATS and database")
+    _add_arguments(chaos)
+    chaos.set_defaults(handler=_run)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-s", "--scenario", action="append", choices=sorted(SCENARIOS), help="run only these (repeatable)"
     )
@@ -85,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown results table")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs and stores here (default: temp)")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     outage = args.db_outage if args.db_outage is not None else (QUICK_DB_OUTAGE_S if args.quick else 60.0)
     opts = ChaosOptions(
         db=args.db,

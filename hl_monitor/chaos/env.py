@@ -32,14 +32,15 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hl_monitor.bench.frames import order_size, px_step
-from hl_monitor.chaos.procs import ChaosError, NatsProcess, ServiceProcess
+from hl_monitor.chaos.procs import NatsProcess, ServiceProcess
 from hl_monitor.chaos.relay import HOST, TcpRelay, free_port
 from hl_monitor.config import ENV_PREFIX
+from hl_monitor.domain.signal import Signal, decode_signal
+from hl_monitor.errors import ChaosError
 from hl_monitor.sim.exchange import WireFill
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository
-from hl_monitor.tracking.signals import Signal, decode_signal
 
 __all__ = [
     "DEFAULT_MYSQL_URL",

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hl_monitor.chaos.relay import HOST, free_port
 from hl_monitor.config import ENV_PREFIX
 from hl_monitor.delivery.embedded_nats import find_nats_server
-from hl_monitor.errors import HlMonitorError
+from hl_monitor.errors import ChaosError
 
 __all__ = ["ChaosError", "NatsProcess", "ServiceProcess", "parse_metrics"]
 
@@ -34,10 +34,6 @@ STOP_GRACE_S: Final = 5.0  # SIGTERM → SIGKILL for helper processes
 POLL_S: Final = 0.05
 PORT_RETRIES: Final = 3  # first start of a nats-server whose free port another process grabbed meanwhile
 HTTP_TIMEOUT_S: Final = 2.0  # one probe of the service's HTTP port; a hung handler must not hang the runner
-
-
-class ChaosError(HlMonitorError):
-    """The chaos harness itself could not do what a scenario asked (a process would not start, ...)."""
 
 
 class NatsProcess:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from hl_monitor.chaos.env import DELIVERY_STALL_S, STALE_AFTER_S, ChaosEnv, ChaosOptions, Observation, Verdict
-from hl_monitor.chaos.procs import ChaosError
+from hl_monitor.errors import ChaosError
 from hl_monitor.sim.server import SimConfig
 
 __all__ = ["SCENARIOS", "Check", "Scenario", "ScenarioResult", "run_scenario"]

@@ -62,12 +62,12 @@ from hl_monitor.chaos.env import (
     order_key,
     tape_key,
 )
-from hl_monitor.chaos.procs import ChaosError
 from hl_monitor.chaos.scenarios import Check, ScenarioResult
 from hl_monitor.config import ENV_PREFIX, Config
+from hl_monitor.domain.signal import Signal
+from hl_monitor.errors import ChaosError
 from hl_monitor.sim.exchange import PERPS, SPOT_PAIRS, Exchange
 from hl_monitor.sim.server import SimConfig
-from hl_monitor.tracking.signals import Signal
 
 __all__ = [
     "BACKPRESSURE",

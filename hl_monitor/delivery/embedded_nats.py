@@ -26,7 +26,7 @@ from typing import Final
 from hl_monitor.config import NatsConfig
 from hl_monitor.errors import DeliveryError
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = ["EmbeddedNats", "find_nats_server"]
 

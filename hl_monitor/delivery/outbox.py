@@ -24,10 +24,11 @@ from cachetools import TTLCache
 
 from hl_monitor.clock import wall_ms as _now_ms
 from hl_monitor.config import NatsConfig
-from hl_monitor.delivery.publisher import Publisher, PublishError
+from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.domain.signal import Signal
+from hl_monitor.errors import PublishError
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.signals import Signal
+from hl_monitor.metrics import Metrics
 
 __all__ = ["Outbox", "OutboxStore", "PublishedMarker"]
 

@@ -42,10 +42,10 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
 from hl_monitor.config import NatsConfig, Secret, SignalsConfig
-from hl_monitor.errors import ConfigError, DeliveryError
+from hl_monitor.domain.signal import Signal, encode_legacy, encode_signal
+from hl_monitor.errors import ConfigError, DeliveryError, PublishError
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.signals import Signal, encode_legacy, encode_signal
+from hl_monitor.metrics import Metrics
 
 __all__ = ["PublishError", "Publisher", "signal_subject", "subject_token"]
 
@@ -86,16 +86,6 @@ def _check_subject(key: str, subject: str) -> None:
     tokens = subject.split(".")
     if not subject or any(not t or t in ("*", ">") or any(c.isspace() for c in t) for t in tokens):
         raise ConfigError(key, f"{subject!r} is not a NATS subject without wildcards or empty tokens")
-
-
-class PublishError(DeliveryError):
-    """One publish failed; `reason` is the `publish_errors` label, the signal stays pending."""
-
-    def __init__(self, reason: str, detail: str, signal_id: str | None = None) -> None:
-        self.reason = reason
-        self.detail = detail
-        self.signal_id = signal_id
-        super().__init__(f"publish failed ({reason}): {detail}" + (f" [{signal_id}]" if signal_id else ""))
 
 
 def _is_fatal(exc: BaseException) -> bool:

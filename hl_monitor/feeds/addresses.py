@@ -20,17 +20,17 @@ churn subscriptions, and an address re-added during the grace simply stays. Addr
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Final, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import msgspec
 
-from hl_monitor.errors import HlMonitorError
+from hl_monitor.domain.address import TIERS, Tier, WatchedAddress, parse_address
+from hl_monitor.errors import InvalidAddressError
 from hl_monitor.feeds.supervisor import Backoff
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = [
     "AddressBook",
@@ -39,58 +39,20 @@ __all__ = [
     "AddressSource",
     "CallableSource",
     "ChangeAwareSource",
-    "InvalidAddressError",
     "StaticSource",
-    "Tier",
-    "WatchedAddress",
     "for_instance",
-    "is_valid_address",
-    "normalize_address",
+    "parse_address",
     "to_watched",
 ]
 
 log = get_logger(__name__)
 
-Tier: TypeAlias = Literal["precise", "wide", "auto"]
-TIERS: Final[tuple[Tier, ...]] = ("precise", "wide", "auto")
-
-_ADDRESS_RE: Final = re.compile(r"0x[0-9a-fA-F]{40}")
 # The CLI and admin API promise "within a second"; polling the change marker at this rate keeps that promise.
 CHANGE_POLL_INTERVAL_S: Final = 1.0
 # A failed first load is retried quickly (the service cannot do anything useful without addresses)...
 LOAD_RETRY_INITIAL_S: Final = 1.0
 # ...but never more often than this once the database stays down.
 LOAD_RETRY_MAX_S: Final = 30.0
-
-
-class InvalidAddressError(HlMonitorError, ValueError):
-    """Not an address: Hyperliquid users are `0x` followed by 40 hex digits."""
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-        super().__init__(f"{value!r} is not an address (expected 0x followed by 40 hex digits)")
-
-
-def is_valid_address(value: object) -> bool:
-    return isinstance(value, str) and _ADDRESS_RE.fullmatch(value.strip()) is not None
-
-
-def normalize_address(value: object) -> str:
-    """The canonical form (lowercase, stripped) of an address; `InvalidAddressError` otherwise."""
-    if not is_valid_address(value):
-        raise InvalidAddressError(value)
-    assert isinstance(value, str)
-    return value.strip().lower()
-
-
-class WatchedAddress(msgspec.Struct, frozen=True, kw_only=True):
-    """One watched address as the sources describe it. `server_id` None = any instance may track it."""
-
-    address: str
-    label: str = ""
-    tier: Tier = "auto"
-    priority: int = 0
-    server_id: int | None = None
 
 
 class AddressRow(Protocol):
@@ -154,7 +116,7 @@ def to_watched(row: AddressRow) -> WatchedAddress:
         raise InvalidAddressError(f"{row.address} (tier {row.tier!r})")
     tier: Tier = row.tier  # narrowed by the membership test above
     return WatchedAddress(
-        address=normalize_address(row.address),
+        address=parse_address(row.address),
         label=row.label or "",
         tier=tier,
         priority=int(row.priority),

@@ -22,29 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections import deque
-from collections.abc import Callable
 from types import TracebackType
-from typing import Final, Generic, Literal, Protocol, TypeAlias, TypeVar
+from typing import Final, Generic, TypeVar
 
+from hl_monitor.clock import Clock, MonotonicClock, Timer
 from hl_monitor.config import HyperliquidConfig
+from hl_monitor.domain.address import Priority
 from hl_monitor.errors import BudgetExceededError, ConfigError
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = [
     "BUDGET_NAMES",
     "Budgets",
-    "Clock",
     "ConnectionSlot",
-    "ManualClock",
-    "MonotonicClock",
-    "Priority",
-    "Timer",
     "WeightGrant",
 ]
-
-Priority: TypeAlias = Literal["high", "low"]
 
 # The exchange's rate limits are per minute.
 LIMIT_WINDOW_S: Final = 60.0
@@ -63,73 +56,6 @@ USERS: Final = "users"
 CLIENT_MESSAGES: Final = "client_messages"
 REST_WEIGHT: Final = "rest_weight"
 BUDGET_NAMES: Final = (CONNECTIONS, NEW_CONNECTIONS, SUBSCRIPTIONS, USERS, CLIENT_MESSAGES, REST_WEIGHT)
-
-
-# ---------------------------------------------------------------------------------------- clocks
-
-
-class Timer(Protocol):
-    def cancel(self) -> None: ...
-
-
-class Clock(Protocol):
-    """Monotonic seconds plus a way to be called back later (relative delays only)."""
-
-    def now(self) -> float: ...
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer: ...
-
-
-class MonotonicClock:
-    """The real clock: `time.monotonic()` and the running loop's timers."""
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        return asyncio.get_running_loop().call_later(max(delay, 0.0), callback)
-
-
-class _ManualTimer:
-    __slots__ = ("callback", "cancelled", "due")
-
-    def __init__(self, due: float, callback: Callable[[], None]) -> None:
-        self.due = due
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class ManualClock:
-    """A clock that moves only when `advance` is called: tests and simulations never really sleep."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = start
-        self._timers: list[_ManualTimer] = []
-
-    def now(self) -> float:
-        return self._now
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = _ManualTimer(self._now + max(delay, 0.0), callback)
-        self._timers.append(timer)
-        return timer
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward, firing due callbacks in due order (each sees `now()` at its due time)."""
-        target = self._now + seconds
-        while True:
-            due = [t for t in self._timers if not t.cancelled and t.due <= target]
-            if not due:
-                break
-            first = min(due, key=lambda t: t.due)
-            self._timers.remove(first)
-            self._now = max(self._now, first.due)
-            first.callback()
-        self._timers = [t for t in self._timers if not t.cancelled]
-        self._now = target
 
 
 # ---------------------------------------------------------------------------------------- limiters

@@ -55,7 +55,7 @@ from hl_monitor.hyperliquid.protocol import (
     subscription_from_echo,
 )
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = [
     "ConnEvent",

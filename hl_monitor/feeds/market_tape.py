@@ -45,6 +45,7 @@ import msgspec
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig, WideConfig
+from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.feeds.connection import (
     Connected,
@@ -58,7 +59,6 @@ from hl_monitor.feeds.connection import (
     SubscriptionFailed,
 )
 from hl_monitor.feeds.supervisor import Backoff
-from hl_monitor.feeds.user_stream import SignalSink
 from hl_monitor.hyperliquid.protocol import (
     MetaAndAssetCtxs,
     PerpDexs,
@@ -71,9 +71,7 @@ from hl_monitor.hyperliquid.protocol import (
 )
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.signals import Signal
-from hl_monitor.tracking.tape import TapeStats, TapeTracker
+from hl_monitor.metrics import Metrics
 
 __all__ = [
     "CoveragePlan",
@@ -109,6 +107,20 @@ class TapeInfoApi(Protocol):
     async def meta_and_asset_ctxs(self, dex: str = "", *, priority: Any = ...) -> MetaAndAssetCtxs: ...
     async def spot_meta_and_asset_ctxs(self, *, priority: Any = ...) -> SpotMetaAndAssetCtxs: ...
     async def recent_trades(self, coin: str, *, priority: Any = ...) -> list[WsTrade]: ...
+
+
+class TapeIntake(Protocol):
+    """The tape tracker as the tape feeds it (`tracking.tape.TapeTracker`)."""
+
+    def on_trades(
+        self, coin: str, trades: Sequence[WsTrade], now_ms: int, *, backfilled: bool = False
+    ) -> list[Signal]: ...
+
+    def tick(self, now_ms: int) -> list[Signal]: ...
+    def open_blocks(self) -> int: ...
+    def coins_of_interest(self) -> set[str]: ...
+    def addresses(self) -> list[str]: ...
+    def memory_bytes(self, addresses: Sequence[str]) -> list[int]: ...
 
 
 class TapeBudget(ConnectionBudget, Protocol):
@@ -296,7 +308,7 @@ class MarketTape:
         cfg: HyperliquidConfig,
         wide: WideConfig,
         *,
-        tracker: TapeTracker,
+        tracker: TapeIntake,
         info: TapeInfoApi,
         budget: TapeBudget,
         metrics: Metrics,
@@ -325,7 +337,6 @@ class MarketTape:
         self._started = False
         self._processed = metrics.trades_processed.labels(type="tape")
         self._latency = metrics.exchange_to_receive_seconds.labels(source="tape")
-        self._stats_seen = TapeStats()
 
     # ------------------------------------------------------------------ reading
 
@@ -552,10 +563,11 @@ class MarketTape:
 
     async def _emit(self, signals: list[Signal]) -> None:
         if signals:
-            built = self._metrics.signals_built
-            for signal in signals:
-                built.labels(source=signal.source, direction=signal.direction).inc()
             await self._on_signals(signals)
+
+    async def finish(self) -> None:
+        """Shutdown, intake stopped: every open block is complete now, so flush them all (the tape's last tick)."""
+        await self._emit(self._tracker.tick(self._wall_ms() + round(self._wide.block_settle * 1000)))
 
     async def _cancel_backfill(self, s: _Shard) -> None:
         task, s.backfill = s.backfill, None
@@ -588,7 +600,6 @@ class MarketTape:
         while True:
             await asyncio.sleep(tick)
             await self._emit(self._tracker.tick(self._wall_ms()))
-            self._export_stats()
             now = time.monotonic()
             if now - last_memory >= MEMORY_EVERY_S:
                 last_memory = now
@@ -600,13 +611,3 @@ class MarketTape:
         gauge = self._metrics.wide_address_memory_bytes
         gauge.labels(stat="mean").set(sum(sizes) / len(sizes) if sizes else 0)
         gauge.labels(stat="max").set(max(sizes, default=0))
-
-    def _export_stats(self) -> None:
-        stats = self._tracker.stats
-        seen = self._stats_seen
-        events = self._metrics.tape_events
-        for name in TapeStats.__struct_fields__:
-            delta = getattr(stats, name) - getattr(seen, name)
-            if delta:
-                events.labels(kind=name).inc(delta)
-        self._stats_seen = msgspec.structs.replace(stats)

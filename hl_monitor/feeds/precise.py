@@ -23,12 +23,13 @@ from typing import Any, Protocol
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
-from hl_monitor.feeds.addresses import WatchedAddress
+from hl_monitor.domain.address import WatchedAddress
+from hl_monitor.domain.signal import SignalSink
 from hl_monitor.feeds.connection import ConnectionBudget, ConnState
 from hl_monitor.feeds.supervisor import Supervisor
-from hl_monitor.feeds.user_stream import FLOW_COIN, InfoApi, SignalSink, Tracker, UserStream, user_subscriptions
+from hl_monitor.feeds.user_stream import FLOW_COIN, InfoApi, Tracker, UserStream, user_subscriptions
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = ["AddressView", "OverBudget", "PreciseBudget", "PreciseManager", "rank"]
 

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Final
 
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = ["Backoff", "Supervisor"]
 

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
-
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.config import SymbolsConfig
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.protocol import PerpMeta
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.storage.repository import load_pair_categories
+from hl_monitor.metrics import Metrics
 
 __all__ = ["SymbolLoader"]
 
@@ -43,14 +40,14 @@ class SymbolLoader:
         cfg: SymbolsConfig,
         metrics: Metrics,
         *,
-        db: AsyncEngine | None = None,
+        categories: Callable[[], Awaitable[dict[str, int] | None]] | None = None,
         on_update: Callable[[SymbolMap], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._info = info
         self._cfg = cfg
         self._metrics = metrics
-        self._db = db
+        self._load_pair_categories = categories
         self._on_update = on_update
         self._clock = clock
         self.symbols = SymbolMap.empty()
@@ -134,10 +131,10 @@ class SymbolLoader:
 
     async def _load_categories(self) -> None:
         """`pair_configs` categories (coin_type); a database problem keeps the previous ones."""
-        if self._db is None:
+        if self._load_pair_categories is None:
             return
         try:
-            self._categories = await load_pair_categories(self._db)
+            self._categories = await self._load_pair_categories()
         except Exception as exc:
             self._metrics.symbol_reloads.labels(outcome="categories_failed").inc()
             log.warning("pair_configs reload failed; keeping the previous categories", error=f"{type(exc).__name__}")

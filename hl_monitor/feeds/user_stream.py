@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
+from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.feeds.connection import (
     Connected,
     Connection,
@@ -76,14 +77,12 @@ from hl_monitor.hyperliquid.protocol import (
     WsOrder,
 )
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.signals import Signal
+from hl_monitor.metrics import Metrics
 
 __all__ = [
     "CANARY_CHANNEL",
     "FLOW_COIN",
     "InfoApi",
-    "SignalSink",
     "Tracker",
     "UserStream",
     "user_subscriptions",
@@ -106,8 +105,6 @@ AUDIT_FIRST_MIN_SHARE: Final = 0.5
 # `userTwapHistory` entries held while a gap is open (one per TWAP, newest state). They only end TWAP
 # aggregations early; beyond this the oldest are dropped and those TWAPs flush by timeout as before.
 MAX_HELD_TWAPS: Final = 1000
-
-SignalSink = Callable[[list[Signal]], Awaitable[None]]
 
 
 class Watermark(Protocol):

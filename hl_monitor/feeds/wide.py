@@ -28,22 +28,19 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, Final, Protocol
 
+from hl_monitor.clock import Clock
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig, WideConfig
+from hl_monitor.domain.address import TrackedBy
+from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
-from hl_monitor.feeds.budget import Clock
-from hl_monitor.feeds.user_stream import SignalSink
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, SpotClearinghouseState
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.positions import PositionBook
-from hl_monitor.tracking.signals import Signal
-from hl_monitor.tracking.tape import Owner, RestPositions, TapeTracker
+from hl_monitor.metrics import Metrics
 
-__all__ = ["READ_WEIGHT_PER_DEX", "WideManager", "rest_positions"]
+__all__ = ["READ_WEIGHT_PER_DEX", "WideManager"]
 
 log = get_logger(__name__)
 
@@ -70,51 +67,53 @@ class TapeView(Protocol):
     def caught_up(self, t_ms: int) -> bool: ...
 
 
+class _DriftStats(Protocol):
+    @property
+    def drifts_perp(self) -> int: ...
+    @property
+    def drifts_spot(self) -> int: ...
+    @property
+    def bootstraps(self) -> int: ...
+
+
+class WideTracker(Protocol):
+    """The tape tracker's REST side (`tracking.tape.TapeTracker`)."""
+
+    @property
+    def stats(self) -> _DriftStats: ...
+
+    def is_bootstrapped(self, address: str) -> bool: ...
+
+    def apply_read(
+        self,
+        address: str,
+        states: Sequence[tuple[str, ClearinghouseState]],
+        spot: SpotClearinghouseState | None,
+        *,
+        window: tuple[int, int],
+        now_ms: int,
+    ) -> list[Signal]: ...
+
+
+@dataclass(slots=True)
+class _Read:
+    """One REST answer waiting until the tape has caught up with its window."""
+
+    address: str
+    states: list[tuple[str, ClearinghouseState]]
+    spot: SpotClearinghouseState | None
+    window: tuple[int, int]  # (sent, received) on the wall clock, widened by `AMBIGUITY_MARGIN_MS`
+
+
 @dataclass(slots=True)
 class _Entry:
-    owner: Owner
+    owner: TrackedBy
     due: float
     version: int = 0
     reads: int = 0
     drifts: int = 0
     last_read_ms: int | None = None
     errors: int = 0
-
-
-def rest_positions(
-    states: Sequence[tuple[str, ClearinghouseState]],
-    spot: SpotClearinghouseState | None,
-    *,
-    window: tuple[int, int],
-    now_ms: int,
-) -> RestPositions:
-    """What one REST read says, in the tracker's terms (account value and spot USD as `PositionBook` values them)."""
-    book = PositionBook()
-    book.apply_all_dexs("", states, now_ms)
-    perp: dict[str, Decimal] = {}
-    marks: dict[str, Decimal] = {}
-    for _, state in states:
-        for ap in state.asset_positions:
-            pos = ap.position
-            if pos.szi:
-                perp[pos.coin] = pos.szi
-                if pos.position_value:
-                    marks[pos.coin] = pos.position_value / abs(pos.szi)
-    spot_map: dict[str, Decimal] | None = None
-    if spot is not None:
-        book.apply_spot("", spot.balances, now_ms)
-        spot_map = {b.coin: b.total for b in spot.balances if b.total}
-    times = [state.time for _, state in states if state.time]
-    return RestPositions(
-        perp=perp,
-        dexes=frozenset(dex for dex, _ in states),
-        spot=spot_map,
-        account_value=book.account_value(""),
-        spot_usd=book.spot_total_usd(""),
-        marks=marks,
-        window=window,
-        state_time=max(times) if times else window[1],
-    )
 
 
 class WideManager:
@@ -125,7 +124,7 @@ class WideManager:
         cfg: WideConfig,
         hl: HyperliquidConfig,
         *,
-        tracker: TapeTracker,
+        tracker: WideTracker,
         info: WideInfoApi,
         tape: TapeView,
         clock: Clock,
@@ -150,13 +149,13 @@ class WideManager:
         self._seq = itertools.count()
         self._next_slot = 0.0
         self._waiter: asyncio.Future[None] | None = None
-        self._pending: deque[tuple[str, RestPositions]] = deque()
+        self._pending: deque[_Read] = deque()
         self.reads = 0
         self.weight_spent = 0
 
     # ------------------------------------------------------------------ addresses
 
-    def set_addresses(self, owners: Mapping[str, Owner]) -> None:
+    def set_addresses(self, owners: Mapping[str, TrackedBy]) -> None:
         """Every address the tracker follows and which tier owns it (the planner calls this on each change)."""
         now = self._clock.now()
         for address in self._entries.keys() - owners.keys():
@@ -307,8 +306,7 @@ class WideManager:
         self.weight_spent += self.read_weight()
         states = list(zip(dexes, perps, strict=True))
         window = (sent - AMBIGUITY_MARGIN_MS, received + AMBIGUITY_MARGIN_MS)
-        rest = rest_positions(states, spot, window=window, now_ms=received)
-        self._pending.append((address, rest))
+        self._pending.append(_Read(address, states, spot, window))
         entry.reads += 1
         entry.last_read_ms = received
         self._schedule(address, self._cfg.reconcile_interval)
@@ -319,26 +317,26 @@ class WideManager:
             await asyncio.sleep(EVALUATE_EVERY_S)
             now = self._wall_ms()
             while self._pending:
-                hi = self._pending[0][1].window[1]
+                hi = self._pending[0].window[1]
                 if hi + settle_ms > now or not self._tape.caught_up(hi):
                     break
-                address, rest = self._pending.popleft()
-                await self._apply(address, rest, now)
+                await self._apply(self._pending.popleft(), now)
 
-    async def _apply(self, address: str, rest: RestPositions, now: int) -> None:
+    async def _apply(self, read: _Read, now: int) -> None:
+        address = read.address
         entry = self._entries.get(address)
         if entry is None:
             return
         bootstrapped = self._tracker.is_bootstrapped(address)
         since = self._tape.continuous_since_ms()
-        if bootstrapped and (since is None or since > rest.window[0]):
+        if bootstrapped and (since is None or since > read.window[0]):
             # The tape may have missed trades the answer includes: comparing now would invent a drift.
             self._metrics.tape_events.labels(kind="reconcile_deferred").inc()
             self._schedule(address, RETRY_S)
             return
         stats = self._tracker.stats
         before = (stats.drifts_perp, stats.drifts_spot, stats.bootstraps)
-        signals = self._tracker.apply_rest(address, rest, now)
+        signals = self._tracker.apply_read(address, read.states, read.spot, window=read.window, now_ms=now)
         perp, spot, boots = stats.drifts_perp - before[0], stats.drifts_spot - before[1], stats.bootstraps - before[2]
         if perp:
             self._metrics.drift_corrections.labels(asset_type="futures").inc(perp)
@@ -353,6 +351,4 @@ class WideManager:
 
     async def _emit(self, signals: list[Signal]) -> None:
         if signals:
-            for signal in signals:
-                self._metrics.signals_built.labels(source=signal.source, direction=signal.direction).inc()
             await self._on_signals(signals)

@@ -15,14 +15,14 @@ import random
 from collections.abc import Callable
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import aiohttp
 import msgspec
 
 from hl_monitor.config import HyperliquidConfig
+from hl_monitor.domain.address import Priority
 from hl_monitor.errors import InfoError, ProtocolError, RateLimitedError
-from hl_monitor.feeds.budget import Budgets, Priority
 from hl_monitor.hyperliquid.constants import (
     INFO_ITEM_WEIGHTED,
     MAX_FILLS_PER_RESPONSE,
@@ -47,7 +47,7 @@ from hl_monitor.hyperliquid.protocol import (
     decode_info,
 )
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = ["FillHistory", "InfoClient"]
 
@@ -82,13 +82,29 @@ class FillHistory(msgspec.Struct, frozen=True):
     requests: int
 
 
+class WeightGrant(Protocol):
+    def settle(self, actual: int) -> None:
+        """The request's real weight, once known (the budget returns or takes the difference)."""
+        ...
+
+
+class RestBudget(Protocol):
+    """The per-IP REST weight budget (`feeds.budget.Budgets`), as the client uses it."""
+
+    def rest_limit(self, priority: Priority) -> int: ...
+
+    async def rest_weight(self, weight: int, priority: Priority = "low") -> WeightGrant: ...
+
+    def block_rest(self, seconds: float) -> None: ...
+
+
 class InfoClient:
     """Hyperliquid `POST /info` with a weight budget. One life: `async with InfoClient(...) as info:`."""
 
     def __init__(
         self,
         url: str,
-        budgets: Budgets,
+        budgets: RestBudget,
         metrics: Metrics,
         *,
         timeout: float = 10.0,
@@ -111,7 +127,7 @@ class InfoClient:
         self._used = False
 
     @classmethod
-    def from_config(cls, cfg: HyperliquidConfig, budgets: Budgets, metrics: Metrics) -> InfoClient:
+    def from_config(cls, cfg: HyperliquidConfig, budgets: RestBudget, metrics: Metrics) -> InfoClient:
         return cls(cfg.info_url, budgets, metrics, timeout=cfg.request_timeout)
 
     async def __aenter__(self) -> InfoClient:

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Protocol
 
 import msgspec
 import orjson
@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from hl_monitor.config import HttpConfig, parse_listen
+from hl_monitor.domain.address import Tier, parse_address
 from hl_monitor.errors import ConfigError, StorageError
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 __all__ = [
     "AddressAdmin",
@@ -36,17 +37,12 @@ __all__ = [
     "HttpServer",
     "Readiness",
     "ServiceView",
-    "Tier",
     "create_app",
-    "normalise_address",
     "register_runtime_collectors",
 ]
 
 log = get_logger(__name__)
 
-Tier = Literal["precise", "wide", "auto"]
-
-ADDRESS_RE: Final = re.compile(r"0x[0-9a-fA-F]{40}")
 LABEL_MAX_CHARS: Final = 64  # width of the label column
 # Control characters in a label would forge log lines and break terminal output.
 LABEL_FORBIDDEN_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
@@ -136,13 +132,6 @@ class AddressAdmin(Protocol):
         ...
 
 
-def normalise_address(value: str) -> str:
-    """`0x` + 40 hex digits, lowercased; `ValueError` otherwise."""
-    if not isinstance(value, str) or not ADDRESS_RE.fullmatch(value):
-        raise ValueError(f"{value!r} is not 0x followed by 40 hex digits")
-    return value.lower()
-
-
 # ---------------------------------------------------------------- request bodies
 
 
@@ -185,7 +174,7 @@ def _validated_entries(entries: Sequence[AddressInput], single: bool) -> list[Ad
     for i, entry in enumerate(entries):
         where = "$" if single else f"$[{i}]"
         try:
-            address = normalise_address(entry.address)
+            address = parse_address(entry.address)
         except ValueError as exc:
             raise _ApiError(400, f"{where}.address: {exc}") from None
         _check_label(entry.label, where)
@@ -198,7 +187,7 @@ def _validated_entries(entries: Sequence[AddressInput], single: bool) -> list[Ad
 
 def _path_address(request: web.Request) -> str:
     try:
-        return normalise_address(request.match_info["address"])
+        return parse_address(request.match_info["address"])
     except ValueError as exc:
         raise _ApiError(400, f"address: {exc}") from None
 
@@ -449,7 +438,7 @@ class _Admin:
             addresses: list[str] = []
             for i, value in enumerate(body.addresses):
                 try:
-                    addresses.append(normalise_address(value))
+                    addresses.append(parse_address(value))
                 except ValueError as exc:
                     raise _ApiError(400, f"$.addresses[{i}]: {exc}") from None
             addresses = builtins.list(dict.fromkeys(addresses))

@@ -14,7 +14,7 @@ from typing import Final, Self
 
 from hl_monitor.errors import InstanceLockedError
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 log = get_logger(__name__)
 

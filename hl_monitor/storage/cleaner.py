@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from hl_monitor.clock import wall_ms as now_ms
 from hl_monitor.config import RetentionConfig
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.repository import is_transient
 

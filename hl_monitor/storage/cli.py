@@ -25,12 +25,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.config import Config, mask_url
-from hl_monitor.errors import StorageError
-from hl_monitor.feeds.addresses import InvalidAddressError, normalize_address
+from hl_monitor.domain.address import TIERS, parse_address
+from hl_monitor.errors import InvalidAddressError, StorageError
 from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.repository import AddressTable, Repository, create_engine
-from hl_monitor.storage.tables import LABEL_LEN, TIERS
+from hl_monitor.storage.tables import LABEL_LEN
 from hl_monitor.tracking.state import AggregationRecord, Watermark
 
 EXIT_OK: Final = 0
@@ -57,9 +57,14 @@ class _Change:
 
 def _address(value: str) -> str:
     try:
-        return normalize_address(value)
+        return parse_address(value)
     except InvalidAddressError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(_not_an_address(exc)) from None
+
+
+def _not_an_address(exc: InvalidAddressError) -> str:
+    """The CLI's wording (unchanged since its first release): operators' scripts may grep for it."""
+    return f"{exc.value!r} is not an address (expected 0x followed by 40 hex digits)"
 
 
 def _label(value: str) -> str:
@@ -254,9 +259,9 @@ def parse_import(lines: Sequence[str], source: str) -> tuple[dict[str, str | Non
             errors.append(f"{source}:{number}: expected `address` or `address,label`, got {len(cells)} fields")
             continue
         try:
-            address = normalize_address(cells[0])
+            address = parse_address(cells[0])
         except InvalidAddressError as exc:
-            errors.append(f"{source}:{number}: {exc}")
+            errors.append(f"{source}:{number}: {_not_an_address(exc)}")
             continue
         label = cells[1] if len(cells) == 2 and cells[1] else None
         if label is not None and len(label) > LABEL_LEN:

@@ -1,4 +1,4 @@
-"""Alembic, driven from code: the migrations ship inside the package, so `hl-monitor db upgrade` works from any cwd.
+"""Alembic, driven from code: the migrations ship inside the wheel, so `hl-monitor db upgrade` works from any cwd.
 
 Migrations run on a synchronous driver (pymysql / pysqlite) in a worker thread, as Alembic's maintainer
 advises; the service itself only checks that the schema is at head and refuses to start otherwise.
@@ -21,7 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from hl_monitor.errors import SchemaOutdatedError, StorageError
 from hl_monitor.storage.tables import VERSION_TABLE
 
-MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
+# The Alembic scripts live in the repository's top-level `migrations/`; the wheel ships them as
+# `hl_monitor/migrations` (pyproject's force-include), so an installed service and the Docker image find them
+# beside the package, and a source checkout finds them at the top.
+_PACKAGED_MIGRATIONS: Final = Path(__file__).parents[1] / "migrations"
+MIGRATIONS_DIR: Final = (
+    _PACKAGED_MIGRATIONS if _PACKAGED_MIGRATIONS.is_dir() else Path(__file__).parents[2] / "migrations"
+)
 
 # The async drivers the service uses, and the sync driver Alembic runs the same URL with.
 _SYNC_DRIVERS: Final = {"mysql+aiomysql": "mysql+pymysql", "mysql": "mysql+pymysql", "sqlite+aiosqlite": "sqlite"}

@@ -23,11 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from hl_monitor.config import Config
+from hl_monitor.domain.address import WatchedAddress, parse_address
+from hl_monitor.domain.signal import Signal, decode_signal, encode_signal
 from hl_monitor.errors import StorageError
-from hl_monitor.feeds.addresses import WatchedAddress, normalize_address
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import ensure_sqlite_dir
-from hl_monitor.tracking.signals import Signal, decode_signal, encode_signal
 from hl_monitor.tracking.state import AggregationRecord, EngineState, Watermark
 
 # SQLite binds at most 32766 parameters per statement (its default since 3.32); stay below with headroom.
@@ -495,7 +495,7 @@ class AddressTable:
         return [_address_dict(row) for row in await self._rows(active_only=not include_inactive)]
 
     async def get(self, address: str) -> dict[str, Any] | None:
-        query = sa.select(t.addresses).where(t.addresses.c.address == normalize_address(address))
+        query = sa.select(t.addresses).where(t.addresses.c.address == parse_address(address))
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         return _address_dict(row) if row is not None else None
@@ -518,7 +518,7 @@ class AddressTable:
         now = t.precise_now()
         async with self.engine.begin() as conn:
             for entry in entries:
-                address = normalize_address(entry.address)
+                address = parse_address(entry.address)
                 changes: dict[str, Any] = {
                     k: v for k in ("label", "tier", "priority", "is_active") if (v := getattr(entry, k)) is not None
                 }
@@ -536,7 +536,7 @@ class AddressTable:
 
     async def remove(self, addresses: Sequence[str], *, purge: bool = False) -> int:
         """Stop watching (is_active=false, or with `purge` delete the rows); returns how many were watched."""
-        normalized = [normalize_address(a) for a in addresses]
+        normalized = [parse_address(a) for a in addresses]
         a = t.addresses.c
         async with self.engine.begin() as conn:
             watched = (
@@ -567,7 +567,7 @@ class AddressTable:
         """Change the given fields (None = unchanged); the updated row, or None when the address is unknown."""
         given = {"label": label, "tier": tier, "priority": priority, "is_active": is_active, "server_id": server_id}
         changes = {k: v for k, v in given.items() if v is not None}
-        normalized = normalize_address(address)
+        normalized = parse_address(address)
         async with self.engine.begin() as conn:
             await conn.execute(
                 sa.update(t.addresses)

@@ -40,7 +40,6 @@ DECIMAL_PRECISION: Final = 65  # MySQL's maximum
 DECIMAL_SCALE: Final = 30  # MySQL's maximum; the remaining 35 digits are the integer part
 _DECIMAL_TEXT_LEN: Final = 80  # exact text on SQLite: sign, 65 digits, point, exponent-free
 
-TIERS: Final = ("precise", "wide", "auto")
 
 # Alembic's bookkeeping table, named so it cannot clash with another application's Alembic in the same database.
 VERSION_TABLE: Final = "hlm_alembic_version"

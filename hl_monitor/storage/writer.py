@@ -40,9 +40,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from hl_monitor.clock import wall_ms as now_ms
 from hl_monitor.config import WriterConfig
+from hl_monitor.domain.signal import Signal
 from hl_monitor.errors import StorageError
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.repository import (
     ADDRESS_KEYS,
@@ -63,7 +64,6 @@ from hl_monitor.storage.repository import (
     upsert_statement,
     void_pending_statement,
 )
-from hl_monitor.tracking.signals import Signal
 from hl_monitor.tracking.state import AggregationRecord, StateDelta
 
 log = get_logger(__name__)

@@ -18,10 +18,10 @@ from decimal import Decimal
 from operator import attrgetter
 from typing import Final
 
+from hl_monitor.domain.signal import LiquidationInfo, Signal, Trigger, order_signal_id, twap_signal_id
 from hl_monitor.hyperliquid.protocol import Fill
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.fills import LIQUIDATION_METHODS, Leg, asset_type_of
-from hl_monitor.tracking.signals import LiquidationInfo, Signal, Trigger, order_signal_id, twap_signal_id
 from hl_monitor.tracking.state import AggregationRecord
 
 __all__ = ["FALLBACK_POSITION_RATE", "RATE_QUANTUM", "build_signal", "new_record"]

@@ -62,6 +62,7 @@ from typing import Final, Literal
 import msgspec
 
 from hl_monitor.config import AggregationConfig
+from hl_monitor.domain.signal import Signal, Trigger
 from hl_monitor.hyperliquid.constants import is_terminal_status
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
@@ -76,7 +77,6 @@ from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.aggregator import build_signal, new_record
 from hl_monitor.tracking.fills import IGNORED_DIRS, TRADE_LEGS, Leg, fill_key, split_fill
 from hl_monitor.tracking.positions import PositionBook
-from hl_monitor.tracking.signals import Signal, Trigger
 from hl_monitor.tracking.state import (
     STATE_VERSION,
     AggregationRecord,

@@ -26,9 +26,9 @@ from typing import Final
 
 import msgspec
 
+from hl_monitor.domain.signal import DIR_CODES, AssetType, Direction, PositionSide
 from hl_monitor.hyperliquid.protocol import Fill
 from hl_monitor.hyperliquid.symbols import is_spot_coin
-from hl_monitor.tracking.signals import DIR_CODES, AssetType, Direction, PositionSide
 
 __all__ = [
     "FAMILY_LEGS",

@@ -17,8 +17,8 @@ from typing import Final, Literal, TypeAlias
 
 import msgspec
 
+from hl_monitor.domain.signal import AssetType, Direction, PositionSide, Trigger
 from hl_monitor.hyperliquid.protocol import Fill
-from hl_monitor.tracking.signals import AssetType, Direction, PositionSide, Trigger
 
 __all__ = [
     "STATE_VERSION",

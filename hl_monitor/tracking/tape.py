@@ -36,32 +36,31 @@ import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
-from typing import Final, Literal, TypeAlias
+from typing import Final
 
 import msgspec
 
-from hl_monitor.hyperliquid.protocol import Fill, Side, WsTrade
+from hl_monitor.domain.address import TrackedBy
+from hl_monitor.domain.signal import Signal, Source, Trigger
+from hl_monitor.hyperliquid.protocol import ClearinghouseState, Fill, Side, SpotClearinghouseState, WsTrade
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.aggregator import build_signal, new_record
 from hl_monitor.tracking.fills import Leg, split_fill
-from hl_monitor.tracking.positions import STABLE_TOKENS
-from hl_monitor.tracking.signals import Signal, Source, Trigger
+from hl_monitor.tracking.positions import STABLE_TOKENS, PositionBook
 from hl_monitor.tracking.state import AggregationRecord
 
 __all__ = [
     "MAX_BUFFERED",
     "MAX_HELD",
     "MAX_HISTORY",
-    "Owner",
     "RestPositions",
     "TapeStats",
     "TapeTracker",
     "perp_dir",
     "recon_signal_id",
+    "rest_positions",
     "tape_signal_id",
 ]
-
-Owner: TypeAlias = Literal["wide", "precise"]
 
 # Trades of one address seen before its REST bootstrap; a whale trading hundreds of times in the few
 # seconds a bootstrap takes is rare, and beyond this the oldest are dropped (counted; positions stay exact).
@@ -113,6 +112,42 @@ class RestPositions(msgspec.Struct, kw_only=True):
     marks: dict[str, Decimal] = msgspec.field(default_factory=dict)
     window: tuple[int, int]
     state_time: int
+
+
+def rest_positions(
+    states: Sequence[tuple[str, ClearinghouseState]],
+    spot: SpotClearinghouseState | None,
+    *,
+    window: tuple[int, int],
+    now_ms: int,
+) -> RestPositions:
+    """What one REST read says, in the tracker's terms (account value and spot USD as `PositionBook` values them)."""
+    book = PositionBook()
+    book.apply_all_dexs("", states, now_ms)
+    perp: dict[str, Decimal] = {}
+    marks: dict[str, Decimal] = {}
+    for _, state in states:
+        for ap in state.asset_positions:
+            pos = ap.position
+            if pos.szi:
+                perp[pos.coin] = pos.szi
+                if pos.position_value:
+                    marks[pos.coin] = pos.position_value / abs(pos.szi)
+    spot_map: dict[str, Decimal] | None = None
+    if spot is not None:
+        book.apply_spot("", spot.balances, now_ms)
+        spot_map = {b.coin: b.total for b in spot.balances if b.total}
+    times = [state.time for _, state in states if state.time]
+    return RestPositions(
+        perp=perp,
+        dexes=frozenset(dex for dex, _ in states),
+        spot=spot_map,
+        account_value=book.account_value(""),
+        spot_usd=book.spot_total_usd(""),
+        marks=marks,
+        window=window,
+        state_time=max(times) if times else window[1],
+    )
 
 
 class TapeStats(msgspec.Struct, kw_only=True):
@@ -169,7 +204,7 @@ class _Wide:
     def __init__(self, address: str, label: str | None) -> None:
         self.address = address
         self.label = label
-        self.owner: Owner = "wide"
+        self.owner: TrackedBy = "wide"
         self.cut = -1  # wide emits blocks strictly newer than this (the precise tier covered the rest)
         self.bootstrapped = False
         self.perp: dict[str, Decimal] = {}
@@ -259,7 +294,7 @@ class TapeTracker:
         st = self._watched.get(address)
         return st is not None and st.bootstrapped
 
-    def owner(self, address: str) -> Owner | None:
+    def owner(self, address: str) -> TrackedBy | None:
         st = self._watched.get(address)
         return None if st is None else st.owner
 
@@ -291,7 +326,7 @@ class TapeTracker:
 
     # ------------------------------------------------------------------------------------ ownership
 
-    def set_owner(self, address: str, owner: Owner, now_ms: int, *, cut: int | None = None) -> list[Signal]:
+    def set_owner(self, address: str, owner: TrackedBy, now_ms: int, *, cut: int | None = None) -> list[Signal]:
         """Hand an address between tiers.
 
         `precise`: from now on its blocks are held, not emitted. `wide`: blocks newer than `cut` (the last
@@ -526,6 +561,18 @@ class TapeTracker:
         return len(self._open)
 
     # ------------------------------------------------------------------------------------ REST
+
+    def apply_read(
+        self,
+        address: str,
+        states: Sequence[tuple[str, ClearinghouseState]],
+        spot: SpotClearinghouseState | None,
+        *,
+        window: tuple[int, int],
+        now_ms: int,
+    ) -> list[Signal]:
+        """`apply_rest` for a REST answer as the wide tier read it (`feeds.wide`)."""
+        return self.apply_rest(address, rest_positions(states, spot, window=window, now_ms=now_ms), now_ms)
 
     def apply_rest(self, address: str, rest: RestPositions, now_ms: int) -> list[Signal]:
         """A REST read: bootstraps an un-bootstrapped address, otherwise reconciles it (drift → signals)."""

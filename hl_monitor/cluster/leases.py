@@ -1,4 +1,4 @@
-"""Scale-out on NATS (design.md §6): membership, rendezvous placement and compare-and-set leases in JetStream KV.
+"""Scale-out on NATS (docs/architecture.md §5): membership, placement and compare-and-set leases in JetStream KV.
 
 Each instance beats its `Member` record (capacity: precise slots, tape role, server_id) into the
 `cluster.members_bucket` every `cluster.heartbeat`. Both buckets have a bucket-level TTL of
@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeVar
 
@@ -54,23 +53,14 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from hl_monitor.clock import wall_ms as _wall_ms
+from hl_monitor.cluster.placement import LeaseValue, Member, place
+from hl_monitor.cluster.views import OwnedView
 from hl_monitor.config import ClusterConfig
-from hl_monitor.feeds.addresses import WatchedAddress
-from hl_monitor.feeds.precise import AddressView, rank
+from hl_monitor.domain.address import AddressView
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.state import EngineState, StateDelta
+from hl_monitor.metrics import Metrics
 
-__all__ = [
-    "Cluster",
-    "EngineHandover",
-    "LeaseValue",
-    "Member",
-    "OwnedView",
-    "StateHandover",
-    "place",
-    "rendezvous_score",
-]
+__all__ = ["Cluster", "StateHandover"]
 
 log = get_logger(__name__)
 
@@ -90,79 +80,13 @@ _KV_ERRORS: Final = (nats.errors.Error, OSError, TimeoutError)
 
 T = TypeVar("T")
 
-
-# ------------------------------------------------------------------------------------------------ records
-
-
-class Member(msgspec.Struct, frozen=True, kw_only=True):
-    """One instance as it registers in the membership bucket."""
-
-    id: str
-    incarnation: str  # random per process start: a restarted instance never mistakes old leases for its own
-    precise_slots: int
-    tape_role: str = "active"
-    server_id: int | None = None
-    started_ms: int = 0
-    http: str = ""
-
-
-class LeaseValue(msgspec.Struct, frozen=True, kw_only=True):
-    """The value of a lease key. Expiry is NATS's (bucket TTL); `renewed_ms` is informational."""
-
-    member: str
-    incarnation: str
-    renewed_ms: int
-
-
 _MEMBER: Final = msgspec.json.Decoder(Member)
 _LEASE: Final = msgspec.json.Decoder(LeaseValue)
 _ENCODE: Final = msgspec.json.Encoder()
 
 
-# ------------------------------------------------------------------------------------------------ placement
-
-
-def rendezvous_score(member_id: str, address: str) -> int:
-    """Highest-random-weight score: stable across processes and Python versions (no `hash()` salt)."""
-    digest = hashlib.blake2b(f"{member_id}\x00{address}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def place(candidates: Iterable[WatchedAddress], members: Iterable[Member]) -> dict[str, str]:
-    """Address → member id for every candidate the live members can hold precisely (the rest: unplaced).
-
-    Bounded-load rendezvous: member m may take ⌈N·slots(m)/Σslots⌉ addresses (at most its slots); each
-    address, in rank order, goes to the highest-scoring member with quota left that its `server_id` pin
-    allows. Deterministic for the same inputs, whatever their order.
-    """
-    eligible = sorted((m for m in members if m.precise_slots > 0), key=lambda m: m.id)
-    ordered = sorted((e for e in candidates if e.tier != "wide"), key=rank)
-    total = sum(m.precise_slots for m in eligible)
-    if not eligible or not ordered:
-        return {}
-    n = len(ordered)
-    left = {m.id: min(m.precise_slots, math.ceil(n * m.precise_slots / total)) for m in eligible}
-    out: dict[str, str] = {}
-    for entry in ordered:
-        best: Member | None = None
-        best_score = -1
-        for m in eligible:
-            if left[m.id] <= 0 or (entry.server_id is not None and m.server_id != entry.server_id):
-                continue
-            score = rendezvous_score(m.id, entry.address)
-            if score > best_score:
-                best, best_score = m, score
-        if best is not None:
-            out[entry.address] = best.id
-            left[best.id] -= 1
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ state handover
-
-
 class StateHandover(Protocol):
-    """Moves an address's tracking state between instances through the database."""
+    """Moves an address's tracking state between members through the database (`watch.watchset.WatchSet`)."""
 
     async def acquire(self, addresses: Sequence[str]) -> None:
         """Load the persisted state of `addresses` and start watching them (before their streams start)."""
@@ -171,131 +95,6 @@ class StateHandover(Protocol):
     async def release(self, addresses: Sequence[str], *, persist: bool) -> None:
         """Stop watching `addresses`; with `persist`, first commit their latest state for the next holder."""
         ...
-
-
-class HandoverEngine(Protocol):
-    def add_address(self, address: str, label: str | None = None) -> None: ...
-    def remove_address(self, address: str) -> None: ...
-    def take_dirty(self) -> StateDelta: ...
-    def import_state(self, state: EngineState) -> None: ...
-
-
-class HandoverWriter(Protocol):
-    async def put_delta(self, delta: StateDelta) -> None: ...
-    async def flush(self) -> None: ...
-
-
-class HandoverStore(Protocol):
-    async def load_engine_state(self, flushed_since_ms: int) -> EngineState: ...
-
-
-def state_of(state: EngineState, addresses: Collection[str]) -> EngineState:
-    """The part of `state` that belongs to `addresses`."""
-    return EngineState(
-        version=state.version,
-        aggregations=[r for r in state.aggregations if r.address in addresses],
-        flushed=[f for f in state.flushed if f.address in addresses],
-        parked=[p for p in state.parked if p.address in addresses],
-        watermarks=[w for w in state.watermarks if w.address in addresses],
-    )
-
-
-class EngineHandover:
-    """`StateHandover` on the tracking engine, the batch writer and the repository.
-
-    `release` never voids the address's stored pending aggregations (the engine reports a removed address
-    that way): they are exactly what the next holder resumes from.
-    """
-
-    def __init__(
-        self,
-        engine: HandoverEngine,
-        writer: HandoverWriter,
-        store: HandoverStore,
-        *,
-        flushed_ttl: float,
-        label: Callable[[str], str | None] = lambda _address: None,
-        wall_ms: Callable[[], int] = _wall_ms,
-    ) -> None:
-        self._engine = engine
-        self._writer = writer
-        self._store = store
-        self._flushed_ttl_ms = int(flushed_ttl * 1000)
-        self._label = label
-        self._wall_ms = wall_ms
-
-    async def acquire(self, addresses: Sequence[str]) -> None:
-        state = await self._store.load_engine_state(flushed_since_ms=self._wall_ms() - self._flushed_ttl_ms)
-        wanted = set(addresses)
-        for address in wanted:
-            self._engine.remove_address(address)  # a stale copy from an earlier ownership must not mix in
-        await self._writer.put_delta(self._strip_removals(wanted))
-        self._engine.import_state(state_of(state, wanted))
-        for address in addresses:
-            self._engine.add_address(address, self._label(address))
-
-    async def release(self, addresses: Sequence[str], *, persist: bool) -> None:
-        gone = set(addresses)
-        before = self._engine.take_dirty()  # everything up to now, this address's latest state included
-        for address in addresses:
-            self._engine.remove_address(address)  # from here on its frames are ignored
-        after = self._strip_removals(gone)
-        if not persist:
-            # The lease is already someone else's: only the flushed rows (signals we emitted) are still ours to write.
-            before = StateDelta(
-                upserted=[r for r in before.upserted if r.address not in gone],
-                closed=before.closed,
-                watermarks=[w for w in before.watermarks if w.address not in gone],
-                removed_addresses=before.removed_addresses,
-            )
-        await self._writer.put_delta(before)
-        await self._writer.put_delta(after)
-        if persist:
-            await self._writer.flush()
-
-    def _strip_removals(self, addresses: Collection[str]) -> StateDelta:
-        """Take what `remove_address` just reported, minus the void of `addresses`' pending rows."""
-        delta = self._engine.take_dirty()
-        delta.removed_addresses = [a for a in delta.removed_addresses if a not in addresses]
-        return delta
-
-
-# ------------------------------------------------------------------------------------------------ owned view
-
-
-class OwnedView:
-    """The `AddressView` the precise tier reads: book entries of the addresses this instance holds."""
-
-    def __init__(self, book: AddressView) -> None:
-        self._book = book
-        self._owned: frozenset[str] = frozenset()
-        self._changed = asyncio.Condition()
-        self.version = 0
-
-    def entries(self) -> Mapping[str, WatchedAddress]:
-        entries = self._book.entries()
-        return {a: entries[a] for a in self._owned if a in entries}
-
-    def addresses(self) -> frozenset[str]:
-        return self._owned
-
-    async def wait_changed(self, seen_version: int) -> int:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.version != seen_version)
-            return self.version
-
-    async def set(self, owned: frozenset[str]) -> None:
-        if owned != self._owned:
-            self._owned = owned
-            await self.bump()
-
-    async def bump(self) -> None:
-        async with self._changed:
-            self.version += 1
-            self._changed.notify_all()
-
-
-# ------------------------------------------------------------------------------------------------ the cluster
 
 
 LeaseState = Literal["importing", "owned", "releasing"]

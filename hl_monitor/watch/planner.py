@@ -34,15 +34,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Protocol
 
 from hl_monitor.clock import wall_ms as _wall_ms
-from hl_monitor.feeds.addresses import WatchedAddress
+from hl_monitor.domain.address import AddressView, TrackedBy, WatchedAddress, rank
+from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.feeds.connection import ConnState
-from hl_monitor.feeds.precise import AddressView, rank
-from hl_monitor.feeds.user_stream import SignalSink
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
-from hl_monitor.tracking.signals import Signal
+from hl_monitor.metrics import Metrics
 from hl_monitor.tracking.state import Watermark
-from hl_monitor.tracking.tape import Owner, TapeTracker
+from hl_monitor.tracking.tape import TapeTracker
 
 __all__ = ["HANDOVER_GRACE_S", "TierPlanner"]
 
@@ -76,18 +74,16 @@ class PreciseView(Protocol):
     def stream(self, address: str) -> _StreamView | None: ...
 
 
-class PreciseEngine(Protocol):
-    """The part of `TrackingEngine` a handover touches."""
+class PreciseWatch(Protocol):
+    """The owner of the precise watch set (`watch.watchset.WatchSet`), as the planner uses it."""
 
     def watermark(self, address: str) -> Watermark | None: ...
     def seed_time(self, address: str) -> int | None: ...
-    def flush_address(self, address: str, now_ms: int, trigger: Any = ...) -> list[Signal]: ...
-    def remove_address(self, address: str) -> None: ...
-    def add_address(self, address: str, label: str | None = None) -> None: ...
+    def hand_to_wide(self, address: str, now_ms: int) -> tuple[list[Signal], int | None]: ...
 
 
 class WideView(Protocol):
-    def set_addresses(self, owners: Mapping[str, Owner]) -> None: ...
+    def set_addresses(self, owners: Mapping[str, TrackedBy]) -> None: ...
 
 
 class TierPlanner:
@@ -98,7 +94,7 @@ class TierPlanner:
         book: AddressView,
         *,
         tracker: TapeTracker,
-        engine: PreciseEngine,
+        watch: PreciseWatch,
         wide: WideView,
         metrics: Metrics,
         on_signals: SignalSink,
@@ -109,7 +105,7 @@ class TierPlanner:
     ) -> None:
         self._book = book
         self._tracker = tracker
-        self._engine = engine
+        self._watch = watch
         self._wide = wide
         self._metrics = metrics
         self._on_signals = on_signals
@@ -211,7 +207,7 @@ class TierPlanner:
             if current is None or current == "wide":
                 self._tracker.set_owner(address, "precise", now)
                 self._tiers[address] = "handover"
-                base = self._engine.watermark(address)
+                base = self._watch.watermark(address)
                 self._handover_base[address] = base.time if base is not None else None
                 log.info("handover to precise started", address=address)
             if self._tiers[address] == "handover" and self._precise_ready(address):
@@ -231,7 +227,7 @@ class TierPlanner:
         return stream is not None and stream.connection.state is ConnState.LIVE and stream.recoveries >= 1
 
     def _finish_to_precise(self, address: str) -> list[Signal]:
-        watermark = self._engine.watermark(address)
+        watermark = self._watch.watermark(address)
         base = self._handover_base.pop(address, None)
         if watermark is None:
             upto = 2**63 - 1  # the precise tier has processed nothing yet: nothing held is covered by it
@@ -240,7 +236,7 @@ class TierPlanner:
             # the seed are reported by nobody else. Later fills arrive on the stream and are the precise tier's,
             # also those processed before this look: the seed, not the current watermark (nor the dedup floor, which
             # a very active address can raise past it).
-            seed = self._engine.seed_time(address)
+            seed = self._watch.seed_time(address)
             upto = seed if seed is not None else watermark.floor
         else:
             # The engine knew the address: everything after its old watermark is backfilled as precise signals.
@@ -255,13 +251,8 @@ class TierPlanner:
         address = entry.address
         self._handover_base.pop(address, None)
         out: list[Signal] = []
-        watermark = self._engine.watermark(address)
-        cut: int | None = None
-        if watermark is not None:
-            out.extend(self._engine.flush_address(address, now, "shutdown"))
-            self._engine.remove_address(address)
-            self._engine.add_address(address, entry.label or None)
-            cut = watermark.time
+        flushed, cut = self._watch.hand_to_wide(address, now)
+        out.extend(flushed)
         out.extend(self._tracker.set_owner(address, "wide", now, cut=cut))
         self._tiers[address] = "wide"
         if not first:
@@ -280,6 +271,4 @@ class TierPlanner:
         gauge.labels(tier="wide", state="over_limit").set(len(self._over_limit))
 
     async def _emit(self, signals: list[Signal]) -> None:
-        for signal in signals:
-            self._metrics.signals_built.labels(source=signal.source, direction=signal.direction).inc()
         await self._on_signals(signals)

@@ -22,8 +22,9 @@ a long) or `ADL-CS`. A TWAP continuation appends `:c{first_tid}` to the TWAP for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, Protocol, TypeAlias
 
 import msgspec
 
@@ -150,3 +151,10 @@ def encode_legacy(signal: Signal) -> bytes:
 
 def decode_signal(raw: bytes | str) -> Signal:
     return _DECODER.decode(raw)
+
+
+class SignalSink(Protocol):
+    """Where every tracker hands the signals it built: `delivery.sink.Sink` counts, stamps, persists and submits
+    them. Awaiting it is backpressure: it returns once the signals are persisted and queued for publishing."""
+
+    async def __call__(self, signals: Sequence[Signal], /) -> None: ...

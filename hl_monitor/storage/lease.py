@@ -33,9 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import Config
-from hl_monitor.errors import ConfigError, HlMonitorError, InstanceLockedError
+from hl_monitor.errors import ConfigError, InstanceLockedError, LeaseLostError
 from hl_monitor.logging import get_logger
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage import tables as t
 
 __all__ = ["InstanceLease", "LeaseLostError"]
@@ -43,15 +43,6 @@ __all__ = ["InstanceLease", "LeaseLostError"]
 log = get_logger(__name__)
 
 MS: Final = 1000
-
-
-class LeaseLostError(HlMonitorError):
-    """This process no longer holds its instance lease; another one may run as this instance now."""
-
-    def __init__(self, instance_id: str, reason: str) -> None:
-        self.instance_id = instance_id
-        self.reason = reason
-        super().__init__(f"instance lease for {instance_id!r} lost: {reason}; stopping")
 
 
 _HOLDER_RE: Final = re.compile(r"pid (\d+) on (\S+)(?: started (\d+))?")

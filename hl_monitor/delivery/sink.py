@@ -1,0 +1,63 @@
+"""The one signal sink: every tracker of every source hands its signals here, and nothing else counts them.
+
+For each signal, in order: stamp it with this instance's id, persist it (the stored row is the outbox:
+docs/architecture.md §3), submit it to the outbox for publishing, count it (`signals_built` by source and
+direction, fills per order, receive→signal latency). Awaiting the sink is backpressure: it returns once the
+writer and the outbox have taken the signals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
+
+from hl_monitor.clock import wall_ms as _wall_ms
+from hl_monitor.domain.signal import Signal
+from hl_monitor.metrics import Metrics
+
+__all__ = ["Sink"]
+
+
+class SignalWriter(Protocol):
+    """The storage writer's signal intake (`storage.writer.BatchWriter`)."""
+
+    async def put_signal(self, signal: Signal) -> None: ...
+
+
+class Submitter(Protocol):
+    """The outbox's intake (`delivery.outbox.Outbox`)."""
+
+    async def submit(self, signal: Signal) -> None: ...
+
+
+class Sink:
+    """`SignalSink` for the whole service; see the module docstring."""
+
+    def __init__(
+        self,
+        writer: SignalWriter,
+        outbox: Submitter,
+        metrics: Metrics,
+        *,
+        instance_id: str,
+        wall_ms: Callable[[], int] = _wall_ms,
+    ) -> None:
+        self._writer = writer
+        self._outbox = outbox
+        self._metrics = metrics
+        self._instance_id = instance_id
+        self._wall_ms = wall_ms
+
+    async def __call__(self, signals: Sequence[Signal], /) -> None:
+        metrics = self._metrics
+        for signal in signals:
+            stamped = signal if signal.detected_by else msgspec.structs.replace(signal, detected_by=self._instance_id)
+            await self._writer.put_signal(stamped)
+            await self._outbox.submit(stamped)
+            metrics.signals_built.labels(stamped.source, stamped.direction).inc()
+            metrics.order_fills_per_order.observe(stamped.fill_count)
+            metrics.receive_to_signal_seconds.labels(stamped.trigger).observe(
+                max(0.0, (self._wall_ms() - stamped.detected_at) / 1000)
+            )
