@@ -72,6 +72,8 @@ class ScriptedServer:
         self.connections = 0
         self.subscribes: list[dict[str, Any]] = []
         self.extra_frames: list[bytes] = []  # sent right after every ack
+        self.held_acks: set[str] = set()  # subscription types whose ack waits for `acks_released`
+        self.acks_released = asyncio.Event()
         self._server: Server | None = None
         self._active: dict[str, set[str]] = {}
 
@@ -95,6 +97,11 @@ class ScriptedServer:
         active: set[str] = set()
         pushes = 0
         push_task: asyncio.Task[None] | None = None
+        held: list[asyncio.Task[None]] = []
+
+        async def ack_when_released(ack: bytes) -> None:
+            await self.acks_released.wait()
+            await ws.send(ack)
 
         async def pusher(user: str) -> None:
             nonlocal pushes
@@ -128,20 +135,24 @@ class ScriptedServer:
                     await ws.send(_JSON.encode({"channel": "error", "data": f"Already subscribed: {key}"}))
                     continue
                 active.add(key)
+                ack = _JSON.encode(
+                    {"channel": "subscriptionResponse", "data": {"method": "subscribe", "subscription": _echo(sub)}}
+                )
                 if sub["type"] in self.drop_first_ack:
                     self.drop_first_ack.discard(sub["type"])
+                elif sub["type"] in self.held_acks:
+                    held.append(asyncio.create_task(ack_when_released(ack)))
                 else:
-                    ack = {"method": "subscribe", "subscription": _echo(sub)}
-                    await ws.send(_JSON.encode({"channel": "subscriptionResponse", "data": ack}))
+                    await ws.send(ack)
                 for frame in self.extra_frames:
                     await ws.send(frame)
                 if sub["type"] == "allDexsClearinghouseState" and push_task is None:
                     push_task = asyncio.create_task(pusher(sub["user"].lower()))
         finally:
-            if push_task is not None:
-                push_task.cancel()
+            for task in [*held, *([push_task] if push_task is not None else [])]:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await push_task
+                    await task
 
 
 def _cfg(url: str, **overrides: Any) -> HyperliquidConfig:
@@ -291,6 +302,33 @@ async def test_unanswered_ack_rebuilds_the_connection() -> None:
             assert not handler.of(Live)
     # One re-send per epoch, then the socket is rebuilt.
     assert _value(metrics, "subscribe_retries_total") >= 1
+
+
+async def test_each_reconnect_is_a_fresh_session_that_needs_its_own_acks() -> None:
+    """A reconnect starts over: a new epoch whose subscriptions are all pending again until the new socket acks
+    them (the old socket's acks count for nothing), and a late request naming the old epoch leaves it alone."""
+    metrics = Metrics()
+    handler = Recorder()
+    async with ScriptedServer() as server:
+        # No ack re-sends and no stale reconnects: only the held ack decides when the new session goes live.
+        conn = _connection(_cfg(server.url, ack_timeout=30.0, stale_after=30.0), metrics, handler)
+        async with running(conn):
+            await wait_until(lambda: conn.state is ConnState.LIVE)
+            assert conn.epoch == 1
+            server.held_acks = {"bbo"}  # acked on the first socket, held on the next
+            conn.request_reconnect("test", epoch=1)
+            # The new socket acked everything but bbo; bbo's ack from epoch 1 does not complete epoch 2.
+            await wait_until(lambda: conn.epoch == 2 and conn.status()["pending_acks"] == 1)
+            assert conn.state is ConnState.SUBSCRIBING
+            conn.request_reconnect("late", epoch=1)  # e.g. a recovery of epoch 1 that just finished
+            server.acks_released.set()
+            await wait_until(lambda: conn.state is ConnState.LIVE and conn.backlog == 0)
+            assert [e.epoch for e in handler.of(Live)] == [1, 2]
+            conn.request_reconnect("current", epoch=2)
+            await wait_until(lambda: _value(metrics, "reconnects_total", kind="user", reason="current") == 1)
+        assert _value(metrics, "reconnects_total", kind="user", reason="late") == 0
+        assert _value(metrics, "reconnects_total", kind="user", reason="test") == 1
+        assert server.connections == 3
 
 
 async def test_missing_pong_means_dead_socket() -> None:

@@ -1,12 +1,14 @@
 """One Hyperliquid WebSocket connection: explicit states, acked subscriptions, heartbeat, stale watchdog.
 
 A `Connection` owns its subscriptions for its whole life and restores all of them on every reconnect.
-Each (re)connect is an *epoch*. Everything the connection learns is turned into an event
-(`Connected`, `Live`, `Received`, `SubscriptionFailed`, `Disconnected`, or a `Posted` event a
-component injects) and put on one bounded queue that a single processor task drains in order into
-the handler. So frames of one connection are handled strictly in arrival order, a slow handler
-applies backpressure to the socket instead of growing memory, and a handler crash costs only this
-connection a reconnect (the owner's gap recovery then re-fetches what the crash may have lost).
+Each (re)connect is an *epoch* and runs one `_Session`: the socket with its pending acks, reader,
+pinger and watchdog, built fresh on every connect and dropped with the socket, so nothing of an old
+socket (an ack, an end request, a live time) can leak into the next. Everything the connection learns
+is turned into an event (`Connected`, `Live`, `Received`, `SubscriptionFailed`, `Disconnected`, or a
+`Posted` event a component injects) and put on one bounded queue that a single processor task drains
+in order into the handler. So frames of one connection are handled strictly in arrival order, a slow
+handler applies backpressure to the socket instead of growing memory, and a handler crash costs only
+this connection a reconnect (the owner's gap recovery then re-fetches what the crash may have lost).
 
 Liveness, three layers:
 - `{"method":"ping"}` every `ping_interval`; no pong within `pong_timeout` → dead socket → reconnect.
@@ -19,6 +21,7 @@ Liveness, three layers:
 Dialling goes through the per-IP budget: a connection slot for as long as the socket is open, a
 new-connection permit (30 a minute) for every dial, and a message permit for every frame sent.
 Reconnects back off exponentially with jitter; the backoff resets after `healthy_after` live seconds.
+A reconnect that was asked for (`request_reconnect`, a failing handler) redials without waiting.
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ __all__ = [
 
 log = get_logger(__name__)
 
-# Frames a connection may hold for its handler: an active market maker produced 442 frames a minute
-# (api §2.3), so this absorbs minutes of a slow handler or a long gap recovery before backpressure.
+# Frames a connection may hold for its handler: the `orderUpdates` of one active market maker alone came to
+# 442 frames in a minute, so this absorbs minutes of a slow handler or a long gap recovery before backpressure.
 QUEUE_SIZE: Final = 10_000
 # Closing handshake budget: a dead peer must not hold up the reconnect.
 CLOSE_TIMEOUT_S: Final = 1.0
@@ -241,6 +244,9 @@ class StaleDetector:
 
 # ---------------------------------------------------------------------------------------- connection
 
+# The reason a session ends with when `stop()` ended it: the connection does not reconnect after it.
+STOPPED: Final = "stopped"
+
 
 class _SessionEnd(Exception):
     def __init__(self, reason: str) -> None:
@@ -255,7 +261,13 @@ class _PendingAck:
     attempts: int = 1
 
 
-_STOP: Final = object()
+@dataclass(frozen=True, slots=True)
+class _Drained:
+    """Queued last by `run()`: every event before it has been handled, so the processor ends."""
+
+
+_QueueItem: TypeAlias = ConnEvent | _Drained
+_AckKey: TypeAlias = tuple[str, str | None, str | None, str]
 
 
 _ECHO_DECODER: Final = msgspec.json.Decoder(dict[str, Any])
@@ -281,7 +293,12 @@ def _channel(frame: Frame) -> str:
 
 
 class Connection:
-    """See the module docstring. Run with `await run()`; end with `stop()`."""
+    """See the module docstring. Run with `await run()`; end with `stop()`.
+
+    The connection keeps what outlives a socket: the reconnect loop with its backoff, the event queue
+    and its processor, the state machine, the epoch counter and the stale detector (its adaptive
+    threshold learns across reconnects). Everything that belongs to one socket lives in its `_Session`.
+    """
 
     def __init__(
         self,
@@ -311,17 +328,14 @@ class Connection:
         self._clock = clock
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue(maxsize=queue_size)
         self._state = ConnState.CLOSED
         metrics.connection_state.labels(kind=kind, state=ConnState.CLOSED.value).inc()
         self.epoch = 0
         self.reconnect_count = 0
         self.last_disconnect: str | None = None
-        self._pending: dict[tuple[str, str | None, str | None, str], _PendingAck] = {}
-        self._pong = asyncio.Event()
-        self._kick = asyncio.Event()
-        self._kick_reason = ""
-        self._stopping = False
+        self._session: _Session | None = None
+        self._stopped = asyncio.Event()
         self._last_frame = clock()
         self._handling = False
 
@@ -348,6 +362,7 @@ class Connection:
         return self._queue.qsize() + self._handling
 
     def status(self) -> dict[str, Any]:
+        session = self._session
         return {
             "name": self.name,
             "kind": self.kind,
@@ -355,37 +370,36 @@ class Connection:
             "epoch": self.epoch,
             "feed_age_s": round(self.feed_age(), 3),
             "stale_threshold_s": self.stale_threshold,
-            "pending_acks": len(self._pending),
+            "pending_acks": 0 if session is None else len(session.pending),
             "reconnects": self.reconnect_count,
             "last_disconnect": self.last_disconnect,
         }
 
     def stop(self) -> None:
         """End the connection for good; `run()` returns once the queue is drained."""
-        self._stopping = True
-        self._kick_reason = "stopped"
-        self._kick.set()
+        self._stopped.set()
+        if self._session is not None:
+            self._session.end(STOPPED)
 
     def request_reconnect(self, reason: str, epoch: int | None = None) -> None:
         """Drop the current socket and reconnect (ignored if `epoch` is given and already over)."""
-        if epoch is not None and epoch != self.epoch:
+        session = self._session
+        if session is None or (epoch is not None and epoch != session.epoch):
             return
         if self._state not in (ConnState.SUBSCRIBING, ConnState.LIVE, ConnState.STALE):
-            return  # no socket to drop; a late request must not cut a backoff short
-        if not self._kick.is_set():
-            self._kick_reason = reason
-            self._kick.set()
+            return  # a socket still opening or already closing is left to finish; only a subscribed one is dropped
+        session.end(reason)
 
     async def post(self, event: Posted) -> None:
         """Have `event` handled after every frame received so far (bounded: waits when the queue is full)."""
-        await self._enqueue(event)
+        await self._emit(event)
 
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._process(), name=f"{self.name}:process")
                 await self._connect_loop()
-                await self._queue.put(_STOP)
+                await self._queue.put(_Drained())
         finally:
             self._set_state(ConnState.CLOSED)
             self._metrics.connection_state.labels(kind=self.kind, state=ConnState.CLOSED.value).dec()
@@ -408,19 +422,18 @@ class Connection:
         self._state = new
         log.debug("connection state", connection=self.name, state=new.value, previous=old.value)
 
-    async def _enqueue(self, item: object) -> None:
+    async def _emit(self, event: ConnEvent) -> None:
         if self._queue.full():
             self._metrics.message_queue_full.inc()
-        await self._queue.put(item)
+        await self._queue.put(event)
         self._metrics.message_queue_size.inc()
 
     async def _process(self) -> None:
         while True:
             item = await self._queue.get()
-            if item is _STOP:
+            if isinstance(item, _Drained):
                 return
             self._metrics.message_queue_size.dec()
-            assert isinstance(item, Connected | Live | Disconnected | Received | SubscriptionFailed | Posted)
             self._handling = True
             try:
                 await self._handler(item)
@@ -429,247 +442,307 @@ class Connection:
                 log.exception(
                     "frame handler failed; reconnecting", connection=self.name, event_type=type(item).__name__
                 )
+                # Posted events name the epoch they belong to when they have one, like the connection's own.
                 self.request_reconnect("handler_error", getattr(item, "epoch", None))
             finally:
                 self._handling = False
 
-    def _stop_requested(self) -> bool:
-        return self._stopping
+    def _saw_data(self, channel: str, now: float) -> None:
+        """A data frame arrived: feeds the feed age and the stale detector (both span sessions)."""
+        self._last_frame = now
+        if self._stale is not None:
+            if channel == self._canary_channel:
+                self._stale.on_canary(now)
+            else:
+                self._stale.on_flow(now)
 
     async def _sleep_or_stop(self, delay: float) -> None:
         try:
             async with asyncio.timeout(delay):
-                await self._kick.wait()
+                await self._stopped.wait()
         except TimeoutError:
             pass
 
     async def _connect_loop(self) -> None:
         backoff = Backoff(self._cfg.reconnect_initial_delay, self._cfg.reconnect_max_delay, rng=self._rng)
         first = True
-        while not self._stop_requested():
+        wait = True
+        while not self._stopped.is_set():
             if not first:
                 delay = backoff.next_delay()
                 self._set_state(ConnState.BACKING_OFF)
-                await self._sleep_or_stop(delay)
-                if self._stop_requested():
+                if wait:
+                    await self._sleep_or_stop(delay)
+                if self._stopped.is_set():
                     return
             first = False
-            self._kick.clear()
             self._set_state(ConnState.CONNECTING)
             slot = await self._budget.acquire_connection()
             try:
                 await self._budget.new_connection_permit()
-                if self._stop_requested():
+                if self._stopped.is_set():
                     return
-                reason, live_for = await self._session()
+                reason, live_for, requested = await self._connect_once()
             finally:
                 slot.release()
+            # A reconnect someone asked for (handler error, missed fills) redials at once: the socket was not
+            # failing, so there is nothing to back off from; the budget's new-connection permits still bound it.
+            wait = not requested
             if live_for >= self._cfg.healthy_after:
                 backoff.reset()
             self.last_disconnect = reason
-            if reason != "stopped":
+            if reason != STOPPED:
                 self.reconnect_count += 1
                 self._metrics.reconnects.labels(kind=self.kind, reason=reason).inc()
                 log.info("connection lost; reconnecting", connection=self.name, reason=reason)
 
-    async def _session(self) -> tuple[str, float]:
-        """One socket's life: (why it ended, seconds it was live)."""
+    async def _connect_once(self) -> tuple[str, float, bool]:
+        """Dial and run one session: (why it ended, seconds it was live, whether `end` was asked of it)."""
         try:
             ws = await connect(
                 self._cfg.ws_url,
                 open_timeout=self._cfg.request_timeout,
-                ping_interval=None,  # Hyperliquid wants data-frame pings; the app-level pinger does them
+                ping_interval=None,  # Hyperliquid wants data-frame pings; the session's pinger does them
                 close_timeout=CLOSE_TIMEOUT_S,
                 max_size=self._cfg.max_frame_bytes,
                 proxy=None,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
             log.warning("connect failed", connection=self.name, error=repr(exc))
-            return "connect_failed", 0.0
-        self._metrics.pool_manager_connection_count.inc()
+            return "connect_failed", 0.0, False
         self.epoch += 1
-        epoch = self.epoch
-        self._pending.clear()
-        live_since: list[float] = []
+        session = _Session(self, ws, self.epoch)
+        self._session = session
+        if self._stopped.is_set():
+            session.end(STOPPED)  # `stop()` landed while dialling, before there was a session to end
+        try:
+            reason = await session.run()
+        finally:
+            self._session = None
+        return reason, session.live_for(self._clock()), session.end_requested
+
+
+class _Session:
+    """One socket's life, from the open socket to its close; a reconnect builds a new one.
+
+    Owns the socket, its epoch, the acks it still waits for, the time it went live and its reader,
+    pinger and watchdog tasks. It drives the connection's state (SUBSCRIBING → LIVE, or STALE) and
+    emits `Connected`, `Live`, `Received`, `SubscriptionFailed` and `Disconnected` for its epoch.
+    """
+
+    def __init__(self, conn: Connection, ws: ClientConnection, epoch: int) -> None:
+        self._conn = conn
+        self._cfg = conn._cfg
+        self._metrics = conn._metrics
+        self._clock = conn._clock
+        self._ws = ws
+        self.epoch = epoch
+        self.pending: dict[_AckKey, _PendingAck] = {}
+        self.live_since: float | None = None
+        self._pong = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._end_reason = "kicked"
+
+    @property
+    def end_requested(self) -> bool:
+        """Whether `end` was called (by `stop()`, `request_reconnect` or a failing handler)."""
+        return self._ended.is_set()
+
+    def live_for(self, now: float) -> float:
+        return 0.0 if self.live_since is None else now - self.live_since
+
+    def end(self, reason: str) -> None:
+        """Close this session soon with `reason`: the first one wins, except that stopping always does."""
+        if reason == STOPPED or not self._ended.is_set():
+            self._end_reason = reason
+        self._ended.set()
+
+    async def run(self) -> str:
+        """Subscribe, stay live until something ends the session, close the socket: why it ended."""
+        conn = self._conn
+        self._metrics.pool_manager_connection_count.inc()
         reason = "closed"
         task = asyncio.current_task()
         cancel_requests = task.cancelling() if task is not None else 0
         try:
-            await self._enqueue(Connected(epoch))
-            self._set_state(ConnState.SUBSCRIBING)
+            await conn._emit(Connected(self.epoch))
+            conn._set_state(ConnState.SUBSCRIBING)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._reader(ws, epoch, live_since))
-                tg.create_task(self._pinger(ws))
-                tg.create_task(self._watchdog(ws, epoch))
-                await self._subscribe_all(ws, epoch, live_since)
+                tg.create_task(self._reader())
+                tg.create_task(self._pinger())
+                tg.create_task(self._watchdog())
+                await self._subscribe_all()
                 # The body lasts as long as the session, so a child that ends it always cancels a running body and
                 # the TaskGroup takes that request back; on 3.11/3.12 it does not when the body already waits in
                 # `__aexit__` (left over, the request broke every later `asyncio.timeout` on 3.11.0-3.11.2).
-                await self._wait_kick()
+                await self._wait_end()
         except* _SessionEnd as group:
             reason = next(e.reason for e in group.exceptions if isinstance(e, _SessionEnd))
         except* ConnectionClosed as group:
-            closed = group.exceptions[0]
-            if (
-                isinstance(closed, ConnectionClosed)
-                and closed.sent is not None
-                and closed.sent.code == CloseCode.MESSAGE_TOO_BIG
-            ):
-                # websockets refused a frame above max_frame_bytes and failed the connection with 1009.
-                reason = "frame_too_big"
-                self._metrics.frame_decode_errors.labels(kind="too_big").inc()
-                log.warning(
-                    "frame larger than hyperliquid.max_frame_bytes refused; reconnecting",
-                    connection=self.name,
-                    max_frame_bytes=self._cfg.max_frame_bytes,
-                )
-            elif isinstance(closed, ConnectionClosed) and closed.rcvd is not None:
-                reason = "server_closed"
-            else:
-                reason = "dropped"
+            reason = self._closed_reason(group.exceptions[0])
         except* (OSError, TimeoutError):
             reason = "io_error"
         finally:
-            self._pending.clear()
-            await ws.close()
+            await self._ws.close()
             self._metrics.pool_manager_connection_count.dec()
-            if self._state is ConnState.LIVE or self._state is ConnState.SUBSCRIBING:
-                self._set_state(ConnState.CONNECTING)
+            if conn.state is ConnState.LIVE or conn.state is ConnState.SUBSCRIBING:
+                conn._set_state(ConnState.CONNECTING)
         if task is not None and task.cancelling() > cancel_requests:
             # Cancelled while the TaskGroup was already ending the session: before 3.13 it swallows that
             # CancelledError (the children's errors win) and the loop would reconnect forever; `stop()` by
             # cancellation must end it.
             raise asyncio.CancelledError
-        await self._enqueue(Disconnected(epoch, reason))
-        return reason, (self._clock() - live_since[0]) if live_since else 0.0
+        await conn._emit(Disconnected(self.epoch, reason))
+        return reason
 
-    async def _wait_kick(self) -> None:
-        await self._kick.wait()
-        raise _SessionEnd(self._kick_reason or "kicked")
+    def _closed_reason(self, closed: BaseException) -> str:
+        if not isinstance(closed, ConnectionClosed):
+            return "dropped"
+        if closed.sent is not None and closed.sent.code == CloseCode.MESSAGE_TOO_BIG:
+            # websockets refused a frame above max_frame_bytes and failed the connection with 1009.
+            self._metrics.frame_decode_errors.labels(kind="too_big").inc()
+            log.warning(
+                "frame larger than hyperliquid.max_frame_bytes refused; reconnecting",
+                connection=self._conn.name,
+                max_frame_bytes=self._cfg.max_frame_bytes,
+            )
+            return "frame_too_big"
+        return "server_closed" if closed.rcvd is not None else "dropped"
 
-    async def _send(self, ws: ClientConnection, data: bytes) -> None:
+    async def _wait_end(self) -> None:
+        await self._ended.wait()
+        raise _SessionEnd(self._end_reason)
+
+    async def _send(self, data: bytes) -> None:
         # Subscribes and pings are what keeps a feed alive: they take the high-priority share.
-        await self._budget.message_permit(1, "high")
-        await ws.send(data, text=True)
+        await self._conn._budget.message_permit(1, "high")
+        await self._ws.send(data, text=True)
 
-    async def _subscribe_all(self, ws: ClientConnection, epoch: int, live_since: list[float]) -> None:
-        # All pending before the first send: an early ack must not make the connection live too soon.
+    async def _subscribe_all(self) -> None:
+        # All pending before the first send: an early ack must not make the session live too soon.
         now = self._clock()
-        for sub in self.subscriptions:
-            self._pending[sub.key()] = _PendingAck(sub, now)
-        for sub in self.subscriptions:
-            await self._send(ws, encode_subscribe(sub))
-        await self._maybe_live(epoch, live_since)
+        subscriptions = self._conn.subscriptions
+        for sub in subscriptions:
+            self.pending[sub.key()] = _PendingAck(sub, now)
+        for sub in subscriptions:
+            await self._send(encode_subscribe(sub))
+        await self._maybe_live()
 
-    async def _maybe_live(self, epoch: int, live_since: list[float]) -> None:
-        if self._pending or self._state is not ConnState.SUBSCRIBING or live_since:
+    async def _maybe_live(self) -> None:
+        conn = self._conn
+        if self.pending or self.live_since is not None or conn.state is not ConnState.SUBSCRIBING:
             return
         now = self._clock()
-        live_since.append(now)
-        if self._stale is not None:
-            self._stale.reset(now)
-        self._set_state(ConnState.LIVE)
-        await self._enqueue(Live(epoch))
+        self.live_since = now
+        if conn._stale is not None:
+            conn._stale.reset(now)
+        conn._set_state(ConnState.LIVE)
+        await conn._emit(Live(self.epoch))
 
-    async def _reader(self, ws: ClientConnection, epoch: int, live_since: list[float]) -> None:
+    async def _reader(self) -> None:
+        conn = self._conn
         while True:
-            raw = await ws.recv(decode=False)
+            raw = await self._ws.recv(decode=False)
             now = self._clock()
             try:
                 frame = decode_frame(raw)
             except FrameDecodeError as exc:
                 self._metrics.frame_decode_errors.labels(kind=exc.kind).inc()
                 if exc.kind == "not_json":
-                    log.debug("ignoring non-JSON frame", connection=self.name, detail=exc.detail[:200])
+                    log.debug("ignoring non-JSON frame", connection=conn.name, detail=exc.detail[:200])
                 else:
-                    log.warning("undecodable frame", connection=self.name, kind=exc.kind, detail=exc.detail[:300])
+                    log.warning("undecodable frame", connection=conn.name, kind=exc.kind, detail=exc.detail[:300])
                 continue
             channel = _channel(frame)
             self._metrics.frames_received.labels(channel=channel).inc()
-            if isinstance(frame, PongFrame):
-                self._pong.set()
-            elif isinstance(frame, SubscriptionResponseFrame):
-                await self._on_ack(frame.data, epoch, live_since)
-            elif isinstance(frame, ErrorFrame):
-                await self._on_error(frame.data, epoch, live_since)
-            else:
-                self._last_frame = now
-                if self._stale is not None:
-                    if channel == self._canary_channel:
-                        self._stale.on_canary(now)
-                    else:
-                        self._stale.on_flow(now)
-                await self._enqueue(Received(epoch, frame, self._wall_ms()))
+            match frame:
+                case PongFrame():
+                    self._pong.set()
+                case SubscriptionResponseFrame(data=ack):
+                    await self._on_ack(ack)
+                case ErrorFrame(data=text):
+                    await self._on_error(text)
+                case _:  # every other channel carries data for the handler
+                    conn._saw_data(channel, now)
+                    await conn._emit(Received(self.epoch, frame, conn._wall_ms()))
 
-    async def _on_ack(self, ack: SubAck, epoch: int, live_since: list[float]) -> None:
+    async def _on_ack(self, ack: SubAck) -> None:
         if ack.method != "subscribe":
             return
         try:
             key = subscription_from_echo(ack.subscription).key()
         except ProtocolError as exc:
             self._metrics.frame_decode_errors.labels(kind="invalid").inc()
-            log.warning("ack without a usable echo", connection=self.name, error=str(exc))
+            log.warning("ack without a usable echo", connection=self._conn.name, error=str(exc))
             return
-        if self._pending.pop(key, None) is not None:
-            await self._maybe_live(epoch, live_since)
+        if self.pending.pop(key, None) is not None:
+            await self._maybe_live()
 
-    async def _on_error(self, text: str, epoch: int, live_since: list[float]) -> None:
+    async def _on_error(self, text: str) -> None:
         kind = classify_error_text(text)
         self._metrics.error_frames.labels(kind=kind).inc()
         sub = embedded_subscription(text)
-        log.warning("error frame", connection=self.name, kind=kind, text=text[:300])
+        log.warning("error frame", connection=self._conn.name, kind=kind, text=text[:300])
         if kind == "already_subscribed":
             # The first ack was lost and our re-send hit the live subscription: that is an ack.
-            if sub is not None and self._pending.pop(sub.key(), None) is not None:
-                await self._maybe_live(epoch, live_since)
+            if sub is not None and self.pending.pop(sub.key(), None) is not None:
+                await self._maybe_live()
             return
         if kind in ("invalid_subscription", "parse_error") and sub is not None:
             # Re-sending a request the server cannot parse is pointless: give it up and say so.
-            self._pending.pop(sub.key(), None)
-            await self._enqueue(SubscriptionFailed(epoch, kind, text, sub))
-            await self._maybe_live(epoch, live_since)
+            self.pending.pop(sub.key(), None)
+            await self._conn._emit(SubscriptionFailed(self.epoch, kind, text, sub))
+            await self._maybe_live()
         elif kind == "user_cap":
-            await self._enqueue(SubscriptionFailed(epoch, kind, text, None))
+            await self._conn._emit(SubscriptionFailed(self.epoch, kind, text, None))
 
-    async def _pinger(self, ws: ClientConnection) -> None:
+    async def _pinger(self) -> None:
         while True:
             await asyncio.sleep(self._cfg.ping_interval)
             self._pong.clear()
-            await self._send(ws, encode_ping())
+            await self._send(encode_ping())
             try:
                 async with asyncio.timeout(self._cfg.pong_timeout):
                     await self._pong.wait()
             except TimeoutError:
                 raise _SessionEnd("pong_timeout") from None
 
-    async def _watchdog(self, ws: ClientConnection, epoch: int) -> None:
-        tick = min(WATCHDOG_TICK_S, self._cfg.ack_timeout / 4, self._cfg.stale_after / 4)
-        gauge = self._metrics.feed_age_seconds.labels(connection=self.name)
+    async def _watchdog(self) -> None:
+        conn = self._conn
+        cfg = self._cfg
+        tick = min(WATCHDOG_TICK_S, cfg.ack_timeout / 4, cfg.stale_after / 4)
+        gauge = self._metrics.feed_age_seconds.labels(connection=conn.name)
         while True:
             await asyncio.sleep(tick)
             now = self._clock()
-            for pending in list(self._pending.values()):
-                if now - pending.sent_at < self._cfg.ack_timeout:
-                    continue
-                if pending.attempts > self._cfg.ack_retries:
-                    raise _SessionEnd("ack_timeout")
-                pending.attempts += 1
-                pending.sent_at = now
-                self._metrics.subscribe_retries.inc()
-                log.info("ack timed out; re-subscribing", connection=self.name, subscription=pending.subscription.type)
-                await self._send(ws, encode_subscribe(pending.subscription))
-            gauge.set(self.feed_age(now))
-            if self._stale is not None and self._state is ConnState.LIVE:
-                verdict = self._stale.check(now)
+            await self._resend_unacked(now)
+            gauge.set(conn.feed_age(now))
+            stale = conn._stale
+            if stale is not None and conn.state is ConnState.LIVE:
+                verdict = stale.check(now)
                 if verdict is not None:
-                    threshold = self._stale.threshold
-                    self._stale.on_stale(verdict)
-                    self._set_state(ConnState.STALE)
+                    threshold = stale.threshold
+                    stale.on_stale(verdict)
+                    conn._set_state(ConnState.STALE)
                     log.warning(
                         "feed stale; reconnecting",
-                        connection=self.name,
+                        connection=conn.name,
                         verdict=verdict,
-                        age=round(self._stale.age(now), 3),
+                        age=round(stale.age(now), 3),
                         threshold=threshold,
                     )
                     raise _SessionEnd(verdict)
+
+    async def _resend_unacked(self, now: float) -> None:
+        for pending in list(self.pending.values()):
+            if now - pending.sent_at < self._cfg.ack_timeout:
+                continue
+            if pending.attempts > self._cfg.ack_retries:
+                raise _SessionEnd("ack_timeout")
+            pending.attempts += 1
+            pending.sent_at = now
+            self._metrics.subscribe_retries.inc()
+            log.info(
+                "ack timed out; re-subscribing", connection=self._conn.name, subscription=pending.subscription.type
+            )
+            await self._send(encode_subscribe(pending.subscription))
