@@ -356,9 +356,9 @@ async def test_partitioned_instance_gives_up_its_leases(nats_server: NatsServer,
 async def test_both_instances_read_the_tape_and_each_wide_block_is_stored_once(
     mariadb_url: str, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    """Active-active wide tier (design §6): every instance reads the whole tape and reports each block of a
-    wide address under the same `signal_id`; JetStream stores it once, with the ledger's size and VWAP, and
-    answers the second instance's publish as a duplicate."""
+    """Active-active wide tier (docs/architecture.md §5): every instance reads the whole tape and reports each
+    block of a wide address under the same `signal_id`; JetStream stores it once, with the ledger's size and
+    VWAP, and answers the second instance's publish as a duplicate."""
     await upgrade(mariadb_url)
     db = create_async_engine(mariadb_url)
     try:

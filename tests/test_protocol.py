@@ -272,7 +272,7 @@ def test_all_mids_values_are_exact_decimals() -> None:
     assert frame.data.dex is None
 
 
-# Channels with no genuine capture: shapes from hyperliquid-api.md (§2.7, §2.8, §2.9, §2.15, §5.1).
+# Channels with no genuine capture (tests/fixtures/SOURCES.md): shapes from the docs (docs/protocol.md §2).
 FLAT_STATE = {
     "marginSummary": {"accountValue": "0.0", "totalNtlPos": "0.0", "totalRawUsd": "0.0", "totalMarginUsed": "0.0"},
     "crossMarginSummary": {"accountValue": "0.0", "totalNtlPos": "0.0", "totalRawUsd": "0.0", "totalMarginUsed": "0.0"},

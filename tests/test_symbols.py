@@ -9,7 +9,7 @@ from hl_monitor.hyperliquid.protocol import PerpDex, PerpMeta, SpotMeta, decode_
 from hl_monitor.hyperliquid.symbols import SymbolMap, coin_type_for, is_spot_coin
 from tests.conftest import FIXTURES
 
-# A spotMeta in the exchange's shape with the pairs the seed documents (@107 HYPE, @142 UBTC, PURR/USDC)
+# A spotMeta in the exchange's shape with the pairs the old service's tables name (@107 HYPE, @142 UBTC, PURR/USDC)
 # plus a USDT0-quoted pair and a pair whose base token is missing from `tokens`.
 SPOT_META = {
     "tokens": [

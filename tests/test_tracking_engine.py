@@ -1,4 +1,4 @@
-"""Golden scenarios for the tracking engine: frames in, exact signals out (rules and the old bugs fixed)."""
+"""Golden scenarios for the tracking engine: frames in, exact signals out (rules; what the old service got wrong)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def ids(signals: list[Signal]) -> list[str]:
 
 
 def test_real_snapshot_of_new_address_only_seeds_then_stream_replay_is_absorbed() -> None:
-    """Bug 3: the first snapshot of a new address makes no signal; replaying its fills later changes nothing."""
+    """The first snapshot of a new address makes no signal (the old service ignored `isSnapshot` and re-emitted
+    old orders); replaying its fills later changes nothing."""
     data = fixture_frame(2)
     eng = TrackingEngine(AggregationConfig(), SymbolMap.empty())
     eng.add_address(data.user)
@@ -170,7 +171,8 @@ def test_real_partial_fills_of_one_order_aggregate_with_vwap() -> None:
 
 
 def test_real_dust_and_vault_fills_are_recorded_without_signals() -> None:
-    """Bug 13: dust conversions and Net Child Vaults rows make no signal and leave no pending state."""
+    """Dust conversions and Net Child Vaults rows make no signal and leave no pending state (the old service kept
+    orders of dirs it did not handle pending forever)."""
     eng = engine()
     eng.on_user_fills(ADDR, frame(*fixture_fills("http_user_fills_dust_conversion.json")), NOW)
     assert eng.stats.ignored_fills == 2
@@ -178,7 +180,7 @@ def test_real_dust_and_vault_fills_are_recorded_without_signals() -> None:
     signals = eng.tick(NOW + TIMEOUT)
     assert [s.dir for s in signals] == ["Open Long", "Close Short", "Buy"]  # timeouts in arrival order
     close_short = signals[1]
-    assert close_short.close_rate == D("0.004931")  # bug 4: a Close Short is not 0
+    assert close_short.close_rate == D("0.004931")  # the old service reported 0 for every Close Short
     assert eng.stats.pending_orders == 0
 
 
@@ -266,7 +268,8 @@ def test_vwap_and_size_over_several_frames_one_signal_on_terminal_status() -> No
 
 
 def test_bug2_first_fill_redelivered_is_not_counted_twice() -> None:
-    """Bug 2: the first fill's tid is recorded, so its redelivery does not double size or skew VWAP."""
+    """The first fill's tid is recorded (the old service skipped it), so its redelivery does not double size or
+    skew VWAP."""
     eng = engine()
     first = fill(1, 11, "1", "100")
     eng.on_user_fills(ADDR, frame(first), NOW)
@@ -312,7 +315,7 @@ def test_liquidation_without_block_is_a_tagged_close() -> None:
 
 
 def test_unknown_dir_is_counted_and_leaks_nothing() -> None:
-    """Bug 13: an unknown dir is counted, named in stats, and never creates a pending order."""
+    """An unknown dir is counted, named in stats, and never creates a pending order (no state that never ends)."""
     eng = engine()
     eng.on_user_fills(ADDR, frame(fill(3, 31, "1", dir="Outcome Merge")), NOW)
     assert eng.stats.unknown_dirs == 1
@@ -324,7 +327,7 @@ def test_unknown_dir_is_counted_and_leaks_nothing() -> None:
 
 
 def test_bug23_exact_decimals_for_huge_sizes_and_tiny_prices() -> None:
-    """Bug 23: sizes beyond 10^10 and 1e-8 prices stay exact (no float, no decimal(18,8) overflow)."""
+    """Sizes beyond 10^10 and 1e-8 prices stay exact (no float, no decimal(18,8) overflow as in the old service)."""
     eng = engine()
     eng.on_user_fills(ADDR, frame(fill(4, 41, "123456789012.123456789", "0.00000001234", coin="kPEPE")), NOW)
     (signal,) = eng.on_order_updates(ADDR, [update(4, "filled", orig="123456789012.123456789")], NOW)
@@ -338,7 +341,7 @@ def test_bug23_exact_decimals_for_huge_sizes_and_tiny_prices() -> None:
 
 
 def test_bug5_timeout_runs_from_the_last_fill() -> None:
-    """Bug 5: an order filling over 12 minutes is one signal, flushed 5 min after its LAST fill."""
+    """An order filling over 12 minutes is one signal, flushed 5 min after its LAST fill (not its first)."""
     eng = engine()
     for i in range(5):
         now = NOW + i * 3 * MINUTE
@@ -351,7 +354,7 @@ def test_bug5_timeout_runs_from_the_last_fill() -> None:
 
 
 def test_bug6_status_and_timeout_together_flush_once() -> None:
-    """Bug 6: a terminal status and an expired timeout in the same instant give exactly one signal."""
+    """A terminal status and an expired timeout in the same instant give exactly one signal (no double flush)."""
     eng = engine()
     eng.on_user_fills(ADDR, frame(fill(7, 71, "1")), NOW)
     late = NOW + TIMEOUT
@@ -365,7 +368,7 @@ def test_bug6_status_and_timeout_together_flush_once() -> None:
 
 
 def test_bug7_status_before_fills_is_parked_and_applied() -> None:
-    """Bug 7: `filled` arrives before any fill; the fills then flush at once with that status."""
+    """`filled` arrives before any fill (the old service lost it); the fills then flush at once with that status."""
     eng = engine()
     assert eng.on_order_updates(ADDR, [update(8, "filled", orig="2")], NOW) == []
     assert eng.stats.parked_statuses == 1
@@ -472,7 +475,7 @@ def test_continuation_completes_when_the_late_status_accounts_for_all_fills() ->
 
 
 def test_reconnect_snapshot_processes_only_new_fills_as_backfilled() -> None:
-    """Bug 3: after a reconnect, the snapshot's unseen fills are processed and flagged with lateness."""
+    """After a reconnect, the snapshot's unseen fills are processed and flagged with lateness."""
     eng = engine()
     eng.on_user_fills(ADDR, frame(fill(20, 201, "1")), NOW)
     eng.on_order_updates(ADDR, [update(20, "filled")], NOW)
@@ -527,7 +530,7 @@ def test_seen_keys_are_bounded_per_address_and_evictions_counted() -> None:
 
 
 def test_bug19_mixed_case_address_matches_lowercase_user() -> None:
-    """Bug 19: an address stored mixed-case still receives Hyperliquid's lowercase frames."""
+    """An address stored mixed-case still receives Hyperliquid's lowercase frames (the old service dropped them)."""
     mixed = "0x" + "AbCdEf" * 6 + "ABCD"
     eng = TrackingEngine(AggregationConfig(), SymbolMap.empty())
     eng.add_address(mixed)
@@ -539,7 +542,8 @@ def test_bug19_mixed_case_address_matches_lowercase_user() -> None:
 
 
 def test_bug8_removing_one_address_keeps_the_others_orders() -> None:
-    """Bug 8: unsubscribing address A does not disturb address B's in-flight order matching."""
+    """Unsubscribing address A does not disturb address B's in-flight order matching (the old service wiped the
+    oid map of every address)."""
     eng = engine()
     eng.add_address(OTHER)
     eng.on_user_fills(OTHER, frame(snapshot=True, user=OTHER), NOW)
@@ -597,7 +601,7 @@ def test_position_rate_falls_back_to_100_when_balance_unknown() -> None:
 
 
 def test_spot_sell_of_non_usdc_pair_gets_a_close_rate() -> None:
-    """Bug 4: close_rate of a spot sell on a USDT0-quoted pair comes from startPosition, not a cache miss."""
+    """close_rate of a spot sell on a USDT0-quoted pair comes from startPosition, not a cache miss."""
     eng = engine(symbols=build_symbols())
     eng.on_user_fills(ADDR, frame(fill(53, 531, "2", "40", dir="Sell", start="8", coin="@181")), NOW)
     (signal,) = eng.flush_address(ADDR, NOW)

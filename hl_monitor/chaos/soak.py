@@ -1,7 +1,8 @@
 """Soak: a busy day compressed 20x, with the service's memory and queues watched the whole time.
 
-A busy day, as this scenario defines it (there are no exchange statistics in the references; these are
-deliberately generous round numbers for a deployment watching a few dozen whales):
+A busy day, as this scenario defines it (no exchange statistics back these numbers; docs/protocol.md §8 has
+the one tape-volume measurement there is; these are deliberately generous round numbers for a deployment
+watching a few dozen whales):
 - 8 precise whales (`hyperliquid.user_slots`' default: the precise tier full), each taking 2,160 actions a day
   (one every 40 s: multi-fill market orders with flips, resting limit orders filled in steps, cancels; the
   chaos `Trader`), around the clock;

@@ -1,6 +1,6 @@
 """Per-IP budgets: one object enforces every Hyperliquid per-IP limit for the whole process.
 
-Hyperliquid counts per egress IP (hyperliquid-api.md §7): open WebSocket connections, new connections a
+Hyperliquid counts per egress IP (docs/protocol.md §5): open WebSocket connections, new connections a
 minute, subscriptions, distinct users across user-specific subscriptions, client→server messages a
 minute and REST weight a minute. Every component asks `Budgets` before it spends any of them, so the
 service can never exceed a limit, however many tasks ask at once.
@@ -46,7 +46,8 @@ LIMIT_WINDOW_S: Final = 60.0
 WINDOW_SLACK_S: Final = 1.0
 # Float slack when comparing an entry's expiry with the clock, so a timer set for the expiry always sees it expired.
 EXPIRY_EPSILON_S: Final = 1e-6
-# The server frees a closed connection's users/subscriptions "within ~2 s" (§7.2); wait a bit longer.
+# The server frees a closed connection's users/subscriptions about 2 s after the close (docs/protocol.md §5);
+# wait a bit longer.
 RELEASE_AFTER_CLOSE_S: Final = 3.0
 
 CONNECTIONS: Final = "connections"

@@ -22,9 +22,9 @@ pushed before an `orderStatus` answer is applied before that status, so a status
 order whose last fills are still waiting in the queue. REST goes through the weight budget (high
 priority); a failed recovery is retried with backoff, and the gap start survives until one succeeds.
 
-Fill audit (design §5, "a slow periodic REST check catches a subscription that silently misses
-events"): every `fill_audit_interval` a live, recovered stream re-reads its address's fills since the
-previous audit (minus an overlap, up to a few seconds ago) with `userFillsByTime` at low priority and
+Fill audit (docs/architecture.md §8; a subscription can miss events while its connection and canary flow,
+docs/protocol.md §9): every `fill_audit_interval` a live, recovered stream re-reads its address's fills since
+the previous audit (minus an overlap, up to a few seconds ago) with `userFillsByTime` at low priority and
 posts them like a backfill. Fills the engine had not seen are processed (signals flagged backfilled) and
 counted; any such fill means the subscription lost events while the canary still flowed, so the
 connection is rebuilt (`reconnects{reason="fills_missed"}`), which resubscribes and runs a full gap

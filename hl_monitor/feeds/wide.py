@@ -44,7 +44,7 @@ __all__ = ["READ_WEIGHT_PER_DEX", "WideManager"]
 
 log = get_logger(__name__)
 
-# clearinghouseState and spotClearinghouseState both weigh 2 (hyperliquid-api.md §7.1).
+# clearinghouseState and spotClearinghouseState both weigh 2 (docs/protocol.md §4).
 READ_WEIGHT_PER_DEX: Final = 2
 # Exchange time vs our wall clock (NTP skew, block time resolution): trades this close to a request's
 # send/receive time may or may not be in its answer.

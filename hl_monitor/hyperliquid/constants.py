@@ -1,4 +1,4 @@
-"""Hyperliquid endpoints, limits and protocol constants (facts from docs/hyperliquid-api.md)."""
+"""Hyperliquid endpoints, limits and protocol constants (facts and sources: docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ MAINNET_INFO_URL: Final = "https://api.hyperliquid.xyz/info"
 TESTNET_WS_URL: Final = "wss://api.hyperliquid-testnet.xyz/ws"
 TESTNET_INFO_URL: Final = "https://api.hyperliquid-testnet.xyz/info"
 
-# Per-IP limits, official docs (§7.1). The live server allows 15 users; the documented contract is 10.
+# Per-IP limits, official docs (docs/protocol.md §5). The live server allows 15 users; the documented contract is 10.
 MAX_CONNECTIONS: Final = 10
 MAX_NEW_CONNECTIONS_PER_MINUTE: Final = 30
 MAX_SUBSCRIPTIONS: Final = 1000
@@ -22,12 +22,12 @@ REST_WEIGHT_PER_MINUTE: Final = 1200
 SERVER_IDLE_TIMEOUT_S: Final = 60.0
 # Ping well inside the idle window so one lost ping still leaves time for another.
 PING_INTERVAL_S: Final = 20.0
-# nktkas and our design: a pong later than 10 s means the socket is dead.
+# The nktkas SDK's deadline, kept here: a pong later than 10 s means the socket is dead (docs/protocol.md §8).
 PONG_TIMEOUT_S: Final = 10.0
-# OneKey caps the ack wait at 5 s and retries; acks are occasionally dropped (§1.4).
+# OneKey caps the ack wait at 5 s and retries; acks are occasionally dropped (docs/protocol.md §1).
 ACK_TIMEOUT_S: Final = 5.0
 
-# REST info weights (§7.1). Everything not listed costs the default.
+# REST info weights (docs/protocol.md §4). Everything not listed costs the default.
 INFO_WEIGHT_DEFAULT: Final = 20
 INFO_WEIGHTS: Final[dict[str, int]] = {
     "l2Book": 2,
@@ -38,7 +38,7 @@ INFO_WEIGHTS: Final[dict[str, int]] = {
     "exchangeStatus": 2,
     "userRole": 60,
 }
-# Requests that cost one more weight unit per this many returned items (S13 reading: +1 per 20).
+# Requests that cost one more weight unit per this many returned items (read as +1 per 20, docs/protocol.md §4).
 INFO_ITEM_WEIGHTED: Final = frozenset(
     {
         "recentTrades",

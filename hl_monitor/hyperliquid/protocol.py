@@ -151,12 +151,12 @@ class Fill(_Wire, frozen=True):
 
     @property
     def sort_key(self) -> tuple[int, int]:
-        """Chronological order: `(time, tid)` (REST order is not guaranteed, §8)."""
+        """Chronological order: `(time, tid)` (REST page order is not guaranteed, docs/protocol.md §4)."""
         return (self.time, self.tid)
 
     @property
     def identity(self) -> tuple[str, int, int]:
-        """`(coin, oid, tid)`: with the user this is the dedupe key (§3.6); never the hash (zeros for TWAP)."""
+        """`(coin, oid, tid)`: with the user, the dedupe key; never the hash (docs/protocol.md §3)."""
         return (self.coin, self.oid, self.tid)
 
 
@@ -465,7 +465,7 @@ class UserFunding(_Wire, frozen=True):
 
 
 class LiquidationEvent(msgspec.Struct, frozen=True, gc=False):
-    """The `liquidation` event of `userEvents`: its keys are snake_case on the wire (§2.4)."""
+    """The `liquidation` event of `userEvents`: its keys are snake_case on the wire (docs/protocol.md §2)."""
 
     lid: U64
     liquidator: str
@@ -678,7 +678,7 @@ def encode_subscribe(sub: Subscription) -> bytes:
 
 
 def encode_unsubscribe(sub: Subscription) -> bytes:
-    """The unsubscribe subscription must equal the original subscribe object (§1.2)."""
+    """The unsubscribe subscription must equal the original subscribe object (docs/protocol.md §1)."""
     return _ENCODER.encode(_Command("unsubscribe", sub))
 
 

@@ -1,7 +1,7 @@
 """Coin names → old-service symbols, asset type and coin_type (pure; every lookup answers, none raises).
 
 Built from decoded exchange metadata: `meta` per perp dex (`PerpMeta`), `perpDexs`, `spotMeta`, plus the
-old service's alias table (seed §3.7) and the `pair_configs` categories (seed §3.8). The rules are the old
+old service's alias table (`ALIASES`) and the `pair_configs` categories. The rules are the old
 service's, so symbols on the legacy subject do not change:
 
 - perp: strip a leading `xyz:` (other dex prefixes stay verbatim), alias, append `USDC`

@@ -1,4 +1,4 @@
-"""Fake Hyperliquid: WebSocket at `/ws` and REST `POST /info` on one aiohttp port (hyperliquid-api.md §10).
+"""Fake Hyperliquid: WebSocket at `/ws` and REST `POST /info` on one aiohttp port (the protocol: docs/protocol.md).
 
 In-process API (stable; tests of other components use it):
 
@@ -20,7 +20,7 @@ without `user`, `user` (userEvents) frames with fills and liquidations, `clearin
 `trades` with `users` (replay of the last `trades_replay` on subscribe), `allMids`, `bbo`, ping/pong, idle
 timeout, `post` info requests, REST weights and 429.
 
-Choices where the real server's behaviour is UNVERIFIED (hyperliquid-api.md §11):
+Choices where the real server's behaviour is UNVERIFIED (docs/protocol.md §10):
 - Over the connection count or the new-connection rate: the upgrade is refused with HTTP 429.
 - Over the client message rate: an error frame (`MESSAGE_RATE_ERROR`), then a close frame with 1008.
 - Over the subscription cap: an error frame (`SUBSCRIPTION_CAP_ERROR`), no echo; the socket stays open.
@@ -72,8 +72,8 @@ __all__ = ["ConnectionInfo", "Faults", "SimConfig", "SimServer", "SimStats"]
 log = get_logger(__name__)
 
 WINDOW_S: Final = 60.0  # every per-IP rate limit is "per minute"
-DEFAULT_PUSH_INTERVAL_S: Final = 5.0  # allDexsClearinghouseState cadence measured on idle accounts (§2.7)
-DEFAULT_TRADES_REPLAY: Final = 30  # trades replayed on subscribe (observed 30 on testnet, §2.12)
+DEFAULT_PUSH_INTERVAL_S: Final = 5.0  # allDexsClearinghouseState cadence on idle accounts (docs/protocol.md §8)
+DEFAULT_TRADES_REPLAY: Final = 30  # trades replayed on subscribe (30 observed on testnet, docs/protocol.md §8)
 DEFAULT_FILLS_SNAPSHOT: Final = 2000  # userFills snapshot size (UNVERIFIED; matches the REST cap)
 DEFAULT_SEND_QUEUE: Final = 50_000  # frames queued per connection before it counts as a slow consumer
 CLOSE_TIMEOUT_S: Final = 1.0  # how long a close handshake may take before the socket is dropped

@@ -1,15 +1,16 @@
 """The tracking engine: fills and order statuses in, one signal per order direction out (pure, no I/O).
 
-Rules (design.md §3; numbers are the old service's bugs this fixes):
+Rules (how they add up to exactly-once delivery: docs/architecture.md §3; golden cases in
+`tests/test_tracking_engine.py`):
 
-Dedup (2). Every fill is keyed per address on its `tid` (tid 0 system fills: oid, coin and time) and
+Dedup. Every fill is keyed per address on its `tid` (tid 0 system fills: oid, coin and time) and
 dropped when the key was seen, the first fill of an order included; `hash` is never used. Each address
 keeps the keys of fills at or after its `floor`; fills older than the floor count as already processed.
 The floor trails the newest fill by `aggregation.seen_window` (and rises when an address exceeds
 `aggregation.max_seen_per_address` keys), so a snapshot replay or REST backfill inside that window is
 absorbed exactly, whatever order frames arrive in.
 
-Snapshots (3). The first `isSnapshot` frame of a newly added address only seeds the watermark (newest
+Snapshots. The first `isSnapshot` frame of a newly added address only seeds the watermark (newest
 fill, floor = its time). Later snapshots and `on_backfill` batches are processed like stream fills;
 fills they bring that were not seen make signals flagged `backfilled` with `lateness_ms`.
 
@@ -17,11 +18,11 @@ Aggregation. Each fill is split into legs (`fills.py`) and appended to the recor
 leg, or of its TWAP (`twapId`) and leg. A signal is built from the record's fills sorted by
 `(time, tid)`, so arrival order never changes it.
 
-Flush, exactly once per record (5, 6):
+Flush, exactly once per record:
 - status: a terminal order status (anything but open/triggered) ends the order once the fills it
   accounts for (`origSz - sz`) have arrived, or `aggregation.status_grace` after the status if they
   never do. A status can therefore arrive before, between or after the fills of its order.
-- a status for an oid with no fill yet is parked for `aggregation.status_park_ttl` (7) and applied by
+- a status for an oid with no fill yet is parked for `aggregation.status_park_ttl` and applied by
   the order's first fill; a terminal status that filled nothing is not parked (no fill will come).
 - timeout: no fill of the order for `aggregation.timeout` (since the last fill, by the local clock).
 - reconcile: `on_order_status` with a terminal REST status flushes at once (trigger `reconcile`).
@@ -42,7 +43,7 @@ stays `pending` in `take_dirty`/`export_state` until it is emitted, so a restart
 Gap recovery: fills older than the floor are never reprocessed, so a REST backfill recovers a gap only
 within `aggregation.seen_window` of the newest fill (default 1 h); older ones are counted as stale.
 
-Memory (13). Nothing is allocated for a watched address until its first frame. Pending orders (size
+Memory. Nothing is allocated for a watched address until its first frame. Pending orders (size
 bound: the least recently active is flushed early), parked statuses, remembered flushes and per-address
 dedup keys expire by TTL or size; every eviction is counted in `stats.evictions_by_kind`. Unknown and
 ignored dirs only update dedup state.

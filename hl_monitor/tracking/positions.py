@@ -5,7 +5,7 @@ replaces what it covers: a `clearinghouseState` frame replaces one dex, an `allD
 frame replaces every dex, a `spotState` frame replaces the balances.
 
 Account value is `marginSummary.accountValue` (cross + isolated; the old service preferred the cross
-summary and lost isolated margin, bug 22) summed over every perp dex. Spot total USD counts dollar
+summary and lost isolated margin) summed over every perp dex. Spot total USD counts dollar
 stablecoins at 1, other tokens at the latest known token price (`set_token_prices`, e.g. from `allMids`
 through `SymbolMap.token_prices`) and, without a price, at their `entryNtl` (cost basis) rather than 0.
 """
