@@ -138,7 +138,7 @@ class AggregationConfig(_Section, frozen=True):
 
 
 class WideConfig(_Section, frozen=True):
-    """The wide tier (design.md §1): the `trades` tape of every coin, filtered by the watched set."""
+    """The wide tier (docs/architecture.md §4): the `trades` tape of every coin, filtered by the watched set."""
 
     enabled: bool = True  # run the tape at all (cluster mode: also needs cluster.tape_role = "active")
     subscription_budget: int = 900  # `trades` subscriptions; leaves 100 of the 1000 for precise users and retries
@@ -187,7 +187,7 @@ class SymbolsConfig(_Section, frozen=True):
 
 
 class ClusterConfig(_Section, frozen=True):
-    """Scale-out (design.md §6): how this instance shares the precise addresses with others."""
+    """Scale-out (docs/architecture.md §5): how this instance shares the precise addresses with others."""
 
     # single: one instance (as before); static: addresses pinned by addresses.server_id; nats: leases on JetStream KV.
     mode: Literal["single", "static", "nats"] = "single"

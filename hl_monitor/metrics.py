@@ -40,7 +40,7 @@ class Metrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> Histogram:
             return Histogram(name, doc, labels, namespace=NS, registry=r, buckets=buckets)
 
-        # ---- old service names (seed-behaviour §10), all updated now ----
+        # ---- old service names (the old service's, kept for existing dashboards), all updated now ----
         self.signals_published = counter("signals_published", "Signals acknowledged by JetStream.", ("side", "symbol"))
         self.signal_errors = counter("signal_errors", "Signal build/publish/store errors by type.", ("type",))
         self.addresses_subscribed = gauge("addresses_subscribed", "Watched addresses with a live feed.")
