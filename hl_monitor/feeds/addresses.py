@@ -136,7 +136,7 @@ class AddressDiff(msgspec.Struct, frozen=True):
 
 
 def for_instance(entries: Iterable[WatchedAddress], server_id: int | None) -> list[WatchedAddress]:
-    """Rows pinned to another instance are not ours; an instance without a server_id takes every row (as the old service did)."""
+    """Rows pinned to another instance are not ours; one without a server_id takes every row (as the old service)."""
     if server_id is None:
         return list(entries)
     return [e for e in entries if e.server_id is None or e.server_id == server_id]
