@@ -15,13 +15,11 @@ and is re-published (deduplicated by JetStream) at the next start.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
-import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +43,10 @@ from hl_monitor.feeds.symbols import SymbolLoader
 from hl_monitor.feeds.wide import WideManager
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
-from hl_monitor.logging import configure_logging, get_logger
+from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, create_app
-from hl_monitor.ops.metrics import CounterField, FieldsAsLabel, GaugeValue, StatsExporter
+from hl_monitor.ops.metrics import StatsExporter, service_exporter
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
 from hl_monitor.ops.status import Admin, DatabaseProbe, StatusView, WideTier
 from hl_monitor.storage.cleaner import RetentionCleaner
@@ -62,12 +60,13 @@ from hl_monitor.storage.repository import (
     load_pair_categories,
 )
 from hl_monitor.storage.writer import BatchWriter
+from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.planner import TierPlanner
 from hl_monitor.watch.watchset import WatchSet
 
-__all__ = ["Components", "Service", "cancel_and_wait", "run_service"]
+__all__ = ["Components", "Service", "build", "serve"]
 
 log = get_logger(__name__)
 
@@ -295,7 +294,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         precise=precise,
         status=status,
         database=database,
-        exporter=_exporter(metrics, engine, tape_tracker, book, writer),
+        exporter=service_exporter(metrics, engine, tape_tracker, book, writer),
         cleaner=RetentionCleaner(db, cfg.retention, metrics),
         http=http,
         wide_tier=wide_tier,
@@ -319,14 +318,13 @@ async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> Non
             start("cleaner", c.cleaner.run()),
             start("db-probe", c.database.run()),
             start("stats", c.exporter.run()),
-            start("positions", _persist_positions(c)),
         ]
         if c.embedded is not None:
             background.append(start("embedded-nats", c.embedded.run()))
         if c.lease is not None:
             background.append(start("instance-lease", c.lease.run()))
         intake = [start("address-book", c.book.run()), start("symbols", c.symbols.run())]
-        await _first(c.book.wait_loaded(), stop.wait())
+        await first_of(c.book.wait_loaded(), stop.wait())
         intake.append(start("precise", c.precise.run()))
         if c.wide_tier is not None:
             intake += [
@@ -364,7 +362,6 @@ async def _drain(c: Components) -> None:
             if c.wide_tier is not None:
                 await c.wide_tier.tape.finish()
             await c.watch.finish()
-            await _persist_positions_once(c, {})
             left = await c.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
             await c.writer.close()
             log.info("shutdown: drained", unacknowledged=left, seconds=round(time.monotonic() - started, 2))
@@ -382,69 +379,6 @@ async def _unassigned(planner: TierPlanner | None, addresses: frozenset[str]) ->
         await planner.on_unassigned(addresses)
 
 
-# Position cache rows are written at most this often per address (the engine keeps the live copy).
-POSITIONS_PERSIST_INTERVAL_S: Final = 1.0
-
-
-async def _persist_positions(c: Components) -> None:
-    stamps: dict[str, tuple[int | None, int | None]] = {}
-    while True:
-        await _persist_positions_once(c, stamps)
-        await asyncio.sleep(POSITIONS_PERSIST_INTERVAL_S)
-
-
-async def _persist_positions_once(c: Components, stamps: dict[str, tuple[int | None, int | None]]) -> None:
-    """Write the position cache row of every address whose perp or spot state changed since the last write."""
-    book = c.engine.positions
-    for address in list(book):
-        entry = book.get(address)
-        if entry is None:
-            continue
-        stamp = (entry.perp_updated_at, entry.spot_updated_at)
-        if stamps.get(address) != stamp:
-            stamps[address] = stamp
-            await c.writer.put_position(address, entry)
-    for gone in stamps.keys() - set(book):
-        del stamps[gone]
-
-
-def _exporter(
-    metrics: Metrics, engine: TrackingEngine, tape: TapeTracker | None, book: AddressBook, writer: BatchWriter
-) -> StatsExporter:
-    """Which component stat feeds which Prometheus series (names unchanged from the first build)."""
-    m = metrics
-    exporter = StatsExporter()
-    exporter.counters(
-        lambda: engine.stats,
-        CounterField("fills_processed", m.trades_processed, ("fill",)),
-        CounterField("duplicate_fills", m.trades_deduplicated),
-        CounterField("backfilled_fills", m.backfilled_fills, ("snapshot_or_rest",)),
-        CounterField("late_fills_dropped", m.late_fills, ("dropped",)),
-        CounterField("continuations", m.late_fills, ("continuation",)),
-        CounterField("unknown_dirs", m.unknown_dirs),
-        CounterField("statuses_received", m.order_updates_received),
-        CounterField("position_frames", m.position_updates, ("applied",)),
-        CounterField("position_frames", m.margin_updates, ("applied",)),
-        CounterField("spot_frames", m.position_updates, ("spot",)),
-        CounterField("duplicate_fills", m.cache_hit, ("dedup",)),
-        CounterField("fills_processed", m.cache_miss, ("dedup",)),
-        CounterField("flushes_by_trigger", m.order_flush),
-        CounterField("held_released", m.held_signals, ("released",)),
-        CounterField("held_expired", m.held_signals, ("expired",)),
-        CounterField("evictions_by_kind", m.evictions),
-    )
-    if tape is not None:
-        exporter.counters(lambda: tape.stats, FieldsAsLabel(m.tape_events))
-    exporter.gauges(
-        GaugeValue(m.order_aggregation_active, lambda: engine.stats.pending_orders),
-        GaugeValue(m.parked_statuses, lambda: engine.stats.parked_statuses),
-        GaugeValue(m.positions_total, engine.positions.open_positions),
-        GaugeValue(m.addresses_subscribed, lambda: len(book.entries())),
-        GaugeValue(m.writer_queue_depth, lambda: writer.depth),
-    )
-    return exporter
-
-
 def _quietly(close: Callable[[], Awaitable[None]], *errors: type[BaseException]) -> Callable[[], Awaitable[None]]:
     """A release step whose expected failures (the peer is already gone) must not mask the real exit reason."""
 
@@ -453,62 +387,3 @@ def _quietly(close: Callable[[], Awaitable[None]], *errors: type[BaseException])
             await close()
 
     return run
-
-
-async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
-    """Wait until the first of `aws` finishes; cancel the others."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_and_wait(tasks)
-
-
-async def cancel_and_wait(tasks: Sequence[asyncio.Future[Any]]) -> None:
-    """Cancel `tasks` and wait until they are done; a task's own error is raised.
-
-    A cancel of the caller while it waits propagates: awaiting each task under `suppress(CancelledError)` would
-    swallow it too, and the caller (the service's shutdown) would carry on as if never cancelled.
-    """
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)
-    for task in tasks:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            raise exc
-
-
-async def run_service(cfg: Config, stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set (or SIGTERM/SIGINT)."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-    try:
-        log.info("service starting", instance_id=cfg.instance_id, version=__version__)
-        await Service(cfg).run(stop)
-        log.info("service stopped")
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from hl_monitor.cli import config_from_args
-
-    cfg = config_from_args(args)
-    configure_logging(cfg.log.level, cfg.log.format, cfg.instance_id)
-    asyncio.run(run_service(cfg))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from hl_monitor.cli import add_config_arg
-
-    run = sub.add_parser("run", help="run the service")
-    add_config_arg(run)
-    run.set_defaults(handler=_run)

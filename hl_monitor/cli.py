@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +16,9 @@ from typing import Protocol
 from hl_monitor import __version__
 from hl_monitor.config import Config, load_config, masked
 from hl_monitor.errors import ConfigError, HlMonitorError
+from hl_monitor.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
 
 # Exit codes: 2 = bad configuration or usage (systemd/k8s must not restart-loop on it), 1 = runtime failure.
 EXIT_OK = 0
@@ -23,7 +29,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add subcommands: each has `register(subparsers)`; handlers are set with `set_defaults(handler=...)`.
 _COMMAND_MODULES: tuple[str, ...] = (
-    "hl_monitor.app",
     "hl_monitor.bench.cli",
     "hl_monitor.chaos.cli",
     "hl_monitor.ops.healthcheck",
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the config and print it with secrets masked")
     add_config_arg(check)
     check.set_defaults(handler=_check_config)
+    run = sub.add_parser("run", help="run the service")
+    add_config_arg(run)
+    run.set_defaults(handler=_run)
     for name in _COMMAND_MODULES:
         module = importlib.import_module(name)
         module.register(sub)
@@ -87,3 +95,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+async def run_service(cfg: Config, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        log.info("service starting", instance_id=cfg.instance_id, version=__version__)
+        from hl_monitor.app import Service  # the whole service: imported only by the command that runs it
+
+        await Service(cfg).run(stop)
+        log.info("service stopped")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    configure_logging(cfg.log.level, cfg.log.format, cfg.instance_id)
+    asyncio.run(run_service(cfg))
+    return 0

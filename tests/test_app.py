@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from hl_monitor.app import Service, cancel_and_wait
+from hl_monitor.app import Service
 from hl_monitor.chaos.env import stream_signals
 from hl_monitor.config import Config, load_config
 from hl_monitor.domain.signal import Signal
@@ -24,6 +24,7 @@ from hl_monitor.errors import SchemaOutdatedError
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
+from hl_monitor.tasks import cancel_and_wait
 from tests.conftest import NatsServer, free_port
 from tests.test_feeds_connection import wait_until
 from tests.test_feeds_precise import expected_orders

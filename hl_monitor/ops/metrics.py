@@ -16,7 +16,13 @@ from typing import Final
 import msgspec
 from prometheus_client import Counter, Gauge
 
-__all__ = ["CounterField", "FieldsAsLabel", "GaugeValue", "StatsExporter"]
+from hl_monitor.feeds.addresses import AddressBook
+from hl_monitor.metrics import Metrics
+from hl_monitor.storage.writer import BatchWriter
+from hl_monitor.tracking.engine import TrackingEngine
+from hl_monitor.tracking.tape import TapeTracker
+
+__all__ = ["CounterField", "FieldsAsLabel", "GaugeValue", "StatsExporter", "service_exporter"]
 
 # Component counters are copied this often: a few dozen integers, cheap; dashboards scrape every 15 s.
 EXPORT_INTERVAL_S: Final = 1.0
@@ -93,3 +99,40 @@ class StatsExporter:
         if delta > 0:
             (counter.labels(*labels) if labels else counter).inc(delta)
         self._last[key] = value
+
+
+def service_exporter(
+    metrics: Metrics, engine: TrackingEngine, tape: TapeTracker | None, book: AddressBook, writer: BatchWriter
+) -> StatsExporter:
+    """Which component stat feeds which Prometheus series (names unchanged from the first build)."""
+    m = metrics
+    exporter = StatsExporter()
+    exporter.counters(
+        lambda: engine.stats,
+        CounterField("fills_processed", m.trades_processed, ("fill",)),
+        CounterField("duplicate_fills", m.trades_deduplicated),
+        CounterField("backfilled_fills", m.backfilled_fills, ("snapshot_or_rest",)),
+        CounterField("late_fills_dropped", m.late_fills, ("dropped",)),
+        CounterField("continuations", m.late_fills, ("continuation",)),
+        CounterField("unknown_dirs", m.unknown_dirs),
+        CounterField("statuses_received", m.order_updates_received),
+        CounterField("position_frames", m.position_updates, ("applied",)),
+        CounterField("position_frames", m.margin_updates, ("applied",)),
+        CounterField("spot_frames", m.position_updates, ("spot",)),
+        CounterField("duplicate_fills", m.cache_hit, ("dedup",)),
+        CounterField("fills_processed", m.cache_miss, ("dedup",)),
+        CounterField("flushes_by_trigger", m.order_flush),
+        CounterField("held_released", m.held_signals, ("released",)),
+        CounterField("held_expired", m.held_signals, ("expired",)),
+        CounterField("evictions_by_kind", m.evictions),
+    )
+    if tape is not None:
+        exporter.counters(lambda: tape.stats, FieldsAsLabel(m.tape_events))
+    exporter.gauges(
+        GaugeValue(m.order_aggregation_active, lambda: engine.stats.pending_orders),
+        GaugeValue(m.parked_statuses, lambda: engine.stats.parked_statuses),
+        GaugeValue(m.positions_total, engine.positions.open_positions),
+        GaugeValue(m.addresses_subscribed, lambda: len(book.entries())),
+        GaugeValue(m.writer_queue_depth, lambda: writer.depth),
+    )
+    return exporter
