@@ -186,6 +186,7 @@ class PortfolioStats(msgspec.Struct, kw_only=True):
     duplicates: int = 0  # an execution already applied
     covered_by_state: int = 0  # an execution a state frame had already shown
     drifts: int = 0  # a state frame showed a size the executions had not produced
+    states_out_of_order: int = 0  # a state older than one already applied to its dex (ignored)
     states_behind: int = 0  # coins whose state was older than executions already applied (kept)
     start_mismatches: int = 0  # a fill's startPosition disagreed with the model (the fill wins)
     rejected: dict[str, int] = msgspec.field(default_factory=dict)
@@ -646,8 +647,11 @@ class PositionModel:
         if self._dexes is not None and dex_name not in self._dexes:
             self._reject("unknown_dex")
             return
-        self.stats.states += 1
         old = account.portfolio.dexes.get(dex_name)
+        if old is not None and old.state_time and 0 < state.time < old.state_time:
+            self.stats.states_out_of_order += 1  # e.g. two REST reads in flight: the newer one already applied
+            return
+        self.stats.states += 1
         first = old is None or old.state_time is None
         old_positions = old.positions if old is not None else {}
         shown: dict[str, Position] = {}
