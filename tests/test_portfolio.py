@@ -71,7 +71,7 @@ def wire_position(coin: str, szi: str, entry: str, **fields: Any) -> dict[str, A
     return position
 
 
-def all_dexs(user: str, states: list[tuple[str, Any]]) -> AllDexsClearinghouseStateData:
+def all_dexs(user: str, states: list[list[Any]]) -> AllDexsClearinghouseStateData:
     frame = decode_frame(
         json.dumps({"channel": "allDexsClearinghouseState", "data": {"user": user, "clearinghouseStates": states}})
     )
@@ -119,7 +119,7 @@ def test_rest_state_fixture_gives_the_whole_position_as_the_exchange_reports_it(
         updated_at=NOW,
         source="rest",
     )
-    assert model.stats.rejected == {}
+    assert model.stats.bad_input == {}
 
 
 def test_document_encodes_to_json_with_decimals_as_strings() -> None:
@@ -156,7 +156,7 @@ def test_all_dexs_frame_keeps_each_dex_apart_with_builder_coins() -> None:
     assert nvda.mark_px == D("676.0") / D("5.0")
     assert nvda.liquidation_distance == abs(D("135.2") - D("50.0")) / D("135.2")
     assert doc.account_value == D("10246.125") + 2 * D("15246.125")
-    assert model.stats.rejected == {}
+    assert model.stats.bad_input == {}
 
 
 def test_builder_fixture_as_one_state_counts_coins_of_other_dexes_and_keeps_them() -> None:
@@ -168,7 +168,7 @@ def test_builder_fixture_as_one_state_counts_coins_of_other_dexes_and_keeps_them
     doc = model.get(ADDR)
     assert doc is not None
     assert sorted(doc.dexes[""].positions) == ["BTC", "cash:NVDA", "xyz:TSLA"]
-    assert model.stats.rejected == {"coin_outside_dex": 2}
+    assert model.stats.bad_input == {"coin_outside_dex": 2}
     # A fill of such a coin finds the position where the exchange put it.
     model.on_fill(ADDR, fill(1, 1, "1", "280", coin="xyz:TSLA", start="10.0", time=STATE_TIME + 1), NOW)
     assert doc.dexes[""].positions["xyz:TSLA"].size == D("10.0")  # documents handed out never change
@@ -283,7 +283,7 @@ def test_captured_fills_snapshot_replays_into_positions_and_events() -> None:
         ("xyz:SILVER", "closed"),
         ("xyz:SILVER", "opened"),
     ]
-    assert model.stats.rejected == {"spot_execution": 2}
+    assert model.stats.bad_input == {"spot_execution": 2}
     assert model.stats.start_mismatches == 0  # every fill's startPosition matched the model
     doc = model.get(user)
     assert doc is not None
@@ -357,7 +357,7 @@ def test_captured_tape_trades_move_both_counterparties() -> None:
     assert (sold.event, sold.size_after) == ("opened", D("-0.00022"))
     assert bought.event_id == f"{buyer}:pos:BTC:f1788490042052:1095884267920331"
     assert model.on_trade(ADDR, first, NOW).events == []
-    assert model.stats.rejected == {"foreign_trade": 1}
+    assert model.stats.bad_input == {"foreign_trade": 1}
     doc = model.get(seller)
     assert doc is not None
     assert doc.source == "tape"
@@ -588,7 +588,7 @@ def test_bad_fields_are_counted_and_never_stored() -> None:
     assert (positions_by_coin["BTC"].liquidation_px, positions_by_coin["BTC"].liquidation_distance) == (None, None)
     assert (positions_by_coin["ETH"].mark_px, positions_by_coin["ETH"].position_value_usd) == (None, None)
     assert (positions_by_coin["SOL"].entry_px, positions_by_coin["SOL"].leverage) == (None, None)
-    assert model.stats.rejected == {
+    assert model.stats.bad_input == {
         "bad_liquidation_px": 1,
         "missing_position_value": 1,
         "missing_leverage": 1,
@@ -615,7 +615,7 @@ def test_unknown_dex_bad_marks_and_odd_executions_are_counted_not_applied() -> N
     assert doc is not None
     assert before is not None
     assert doc.dexes == before.dexes
-    assert model.stats.rejected == {
+    assert model.stats.bad_input == {
         "unknown_dex": 2,
         "bad_mark": 2,
         "spot_execution": 1,

@@ -199,7 +199,7 @@ def test_any_mark_walk_gives_unique_alert_ids_and_ignores_non_positive_marks(mar
     alerts = [a for i, mark in enumerate(marks) for a in model.on_marks({"BTC": mark}, NOW + i)]
 
     assert len({a.alert_id for a in alerts}) == len(alerts)
-    assert model.stats.rejected.get("bad_mark", 0) == sum(1 for m in marks if m <= 0)
+    assert model.stats.bad_input.get("bad_mark", 0) == sum(1 for m in marks if m <= 0)
     doc = model.get(ADDR)
     assert doc is not None
     mark = doc.dexes[""].positions["BTC"].mark_px
@@ -239,4 +239,4 @@ def test_bad_state_fields_are_counted_never_raised_never_stored(
         "missing_entry_px": int(entry != "100"),
         "missing_leverage": 1,
     }
-    assert model.stats.rejected == {k: n for k, n in expected.items() if n}
+    assert model.stats.bad_input == {k: n for k, n in expected.items() if n}

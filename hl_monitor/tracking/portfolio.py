@@ -23,8 +23,10 @@ After an execution the exchange-computed fields that depend on the size (`liquid
 `liquidation_distance`) are unknown (None) until the next state frame: a stale liquidation price would
 understate the risk.
 
-Bad input never raises and never reaches a document: it is counted in `PortfolioStats.rejected` by kind
-(`REJECT_KINDS`) and the rest of the input is applied. `export()` / `PositionModel.restore()` carry the
+Bad input never raises and never reaches a document: it is counted in `PortfolioStats.bad_input` by kind
+(`BAD_INPUT_KINDS`); a bad item (a mark of 0, a fill of size 0, a dex outside the configured set) is skipped,
+a bad field (a liquidation price of 0, a missing entry price) is stored as unknown (None), and the rest of
+the input is applied. `export()` / `PositionModel.restore()` carry the
 documents and the per-coin bookkeeping (remembered executions, alert state) across a restart.
 """
 
@@ -67,9 +69,9 @@ from hl_monitor.tracking.positions import STABLE_TOKENS
 from hl_monitor.tracking.risk import DEFAULT_ALERT_LEVELS, AlertState, RiskAlert, alert_id, liquidation_distance, step
 
 __all__ = [
+    "BAD_INPUT_KINDS",
     "EXPORT_VERSION",
     "MAX_REMEMBERED",
-    "REJECT_KINDS",
     "AddressPortfolio",
     "CoinLedger",
     "DexAccount",
@@ -90,8 +92,8 @@ _ZERO: Final = Decimal(0)
 _NO_TIME: Final = -1
 _LEVERAGE_TYPES: Final = frozenset(get_args(LeverageType))
 
-# Kinds of refused input, each counted in `PortfolioStats.rejected`.
-REJECT_KINDS: Final = (
+# Kinds of bad input, each counted in `PortfolioStats.bad_input`.
+BAD_INPUT_KINDS: Final = (
     "unknown_dex",  # a dex outside the configured set (`set_dexes`)
     "duplicate_dex",  # a dex twice in one allDexs frame (the first one counts)
     "duplicate_coin",  # a coin twice in one state or spot frame (the first one counts)
@@ -189,7 +191,7 @@ class PortfolioStats(msgspec.Struct, kw_only=True):
     states_out_of_order: int = 0  # a state older than one already applied to its dex (ignored)
     states_behind: int = 0  # coins whose state was older than executions already applied (kept)
     start_mismatches: int = 0  # a fill's startPosition disagreed with the model (the fill wins)
-    rejected: dict[str, int] = msgspec.field(default_factory=dict)
+    bad_input: dict[str, int] = msgspec.field(default_factory=dict)  # by kind, see BAD_INPUT_KINDS
 
 
 class CoinLedger(msgspec.Struct, kw_only=True):
@@ -316,7 +318,7 @@ class PositionModel:
         latest = 0
         for dex, state in data.clearinghouse_states:
             if dex in seen:
-                self._reject("duplicate_dex")
+                self._bad("duplicate_dex")
                 continue
             seen.add(dex)
             latest = max(latest, state.time)
@@ -355,10 +357,10 @@ class PositionModel:
         spot: dict[str, SpotHolding] = {}
         for balance in state.balances:
             if balance.coin in spot:
-                self._reject("duplicate_coin")
+                self._bad("duplicate_coin")
                 continue
             if balance.total < 0:
-                self._reject("bad_spot_balance")
+                self._bad("bad_spot_balance")
                 continue
             if balance.total == 0:
                 continue
@@ -381,10 +383,10 @@ class PositionModel:
         self.stats.fills += 1
         address = address.lower()
         if is_spot_coin(fill.coin):
-            self._reject("spot_execution")
+            self._bad("spot_execution")
             return PositionChanges()
         if fill.sz <= 0 or fill.px <= 0:
-            self._reject("bad_fill")
+            self._bad("bad_fill")
             return PositionChanges()
         liq = fill.liquidation
         liquidated = liq is not None and (
@@ -401,16 +403,16 @@ class PositionModel:
         address = address.lower()
         users = tuple(u.lower() for u in trade.users) if trade.users is not None else ()
         if address not in users:
-            self._reject("foreign_trade")
+            self._bad("foreign_trade")
             return PositionChanges()
         if users[0] == users[1]:
-            self._reject("self_trade")
+            self._bad("self_trade")
             return PositionChanges()
         if is_spot_coin(trade.coin):
-            self._reject("spot_execution")
+            self._bad("spot_execution")
             return PositionChanges()
         if trade.sz <= 0 or trade.px <= 0:
-            self._reject("bad_fill")
+            self._bad("bad_fill")
             return PositionChanges()
         delta = trade.sz if users[0] == address else -trade.sz
         execution = _Execution(trade.coin, trade.time, trade.tid, delta, trade.px, None, False, "tape")
@@ -424,7 +426,7 @@ class PositionModel:
         alerts: list[RiskAlert] = []
         for coin, mid in mids.items():
             if mid <= 0:
-                self._reject("bad_mark")
+                self._bad("bad_mark")
                 continue
             self._marks[coin] = mid
             for address in list(self._holders.get(coin, ())):
@@ -482,8 +484,8 @@ class PositionModel:
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _reject(self, kind: str) -> None:
-        self.stats.rejected[kind] = self.stats.rejected.get(kind, 0) + 1
+    def _bad(self, kind: str) -> None:
+        self.stats.bad_input[kind] = self.stats.bad_input.get(kind, 0) + 1
 
     def _account(self, address: str, source: Source, now_ms: int) -> _Account:
         address = address.lower()
@@ -571,7 +573,7 @@ class PositionModel:
         portfolio = account.portfolio if account is not None else None
         dex_name = self._locate(portfolio, coin) if portfolio is not None else _dex_of(coin)
         if self._dexes is not None and dex_name not in self._dexes:
-            self._reject("unknown_dex")
+            self._bad("unknown_dex")
             return PositionChanges()
         account = self._account(address, source, now_ms)
         ledger = account.ledgers.setdefault(coin, CoinLedger())
@@ -583,7 +585,7 @@ class PositionModel:
             self.stats.covered_by_state += 1
             return PositionChanges()
         if time <= ledger.floor:
-            self._reject("too_old")
+            self._bad("too_old")
             return PositionChanges()
         current = dex.positions.get(coin) if dex is not None else None
         before = current.size if current is not None else _ZERO
@@ -645,7 +647,7 @@ class PositionModel:
         out: PositionChanges,
     ) -> None:
         if self._dexes is not None and dex_name not in self._dexes:
-            self._reject("unknown_dex")
+            self._bad("unknown_dex")
             return
         old = account.portfolio.dexes.get(dex_name)
         if old is not None and old.state_time and 0 < state.time < old.state_time:
@@ -660,10 +662,10 @@ class PositionModel:
             if position.szi == 0:
                 continue
             if position.coin in shown:
-                self._reject("duplicate_coin")
+                self._bad("duplicate_coin")
                 continue
             if _dex_of(position.coin) != dex_name:
-                self._reject("coin_outside_dex")
+                self._bad("coin_outside_dex")
             shown[position.coin] = position
         summary = state.margin_summary
         dex = DexAccount(
@@ -823,11 +825,11 @@ class PositionModel:
         same_side = current is not None and (current.size > 0) == (size > 0)
         entry = shown.entry_px
         if entry is None or entry <= 0:
-            self._reject("missing_entry_px")
+            self._bad("missing_entry_px")
             entry = current.entry_px if current is not None and same_side else None
         liq = shown.liquidation_px
         if liq is not None and liq <= 0:
-            self._reject("bad_liquidation_px")
+            self._bad("bad_liquidation_px")
             liq = None
         leverage_type: LeverageType | None = None
         leverage: int | None = None
@@ -836,14 +838,14 @@ class PositionModel:
             leverage_type = "cross" if lev.type == "cross" else "isolated"
             leverage = lev.value
         else:
-            self._reject("missing_leverage")
+            self._bad("missing_leverage")
         mark: Decimal | None = None
         value: Decimal | None = None
         if shown.position_value > 0:
             value = shown.position_value
             mark = shown.position_value / abs(size)
         else:
-            self._reject("missing_position_value")
+            self._bad("missing_position_value")
             mark = self._marks.get(shown.coin)
             value = abs(size) * mark if mark is not None else None
         funding = shown.cum_funding.since_open if shown.cum_funding is not None else None
