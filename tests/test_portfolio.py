@@ -476,6 +476,20 @@ def test_state_older_than_applied_fills_changes_nothing() -> None:
     assert doc.dexes[""].positions["BTC"].size == D("2")
 
 
+def test_rest_answers_arriving_out_of_order_do_not_move_the_position_back() -> None:
+    model = PositionModel()
+    model.on_dex_state(ADDR, "", state_with([wire_position("BTC", "1", "100")], 1000), NOW)
+    model.on_dex_state(ADDR, "", state_with([wire_position("BTC", "3", "100")], 3000), NOW)
+
+    older = model.on_dex_state(ADDR, "", state_with([wire_position("BTC", "2", "100")], 2000), NOW)
+
+    assert older.events == []
+    assert model.stats.states_out_of_order == 1
+    doc = model.get(ADDR)
+    assert doc is not None
+    assert doc.dexes[""].positions["BTC"].size == D("3")
+
+
 def test_state_showing_a_change_no_fill_reported_is_a_drift_event() -> None:
     model = PositionModel()
     model.on_dex_state(ADDR, "", state_with([wire_position("BTC", "3", "100")], 1000), NOW)

@@ -24,9 +24,12 @@ change in the same input (a size event already carries both leverages).
                         `{address}:pos:{coin}:s{state_time}:seen` names a position a state showed first
                         (no event; it anchors alert ids, see `tracking.risk`).
 `s{state_time}` is the state's own exchange `time`; a state without one (`time` 0) is named `h{digest}`
-instead, a digest of its whole wire content. Two different changes never share an id: fills differ in `(time, tid)`,
-states in time or content, and the `f`/`s` prefixes keep the two forms apart. A change confirmed twice (a
-fill and then a state frame showing the size it produced) is one event: see `tracking.portfolio`.
+instead, a digest of its whole wire content. Two different changes never share an id: fills differ in
+`(time, tid)`, states in time or content, and the `f`/`s` prefixes keep the two forms apart. A change confirmed twice (a
+fill and then a state frame showing the size it produced) is one event: see `tracking.portfolio`. That
+event is named by whichever input showed the change first, so two instances agree on its id when they saw
+the fills and state channels in the same order (the usual case: a fill reaches the stream well before the
+next state push); an instance that saw the state first names it by the state form.
 """
 
 from __future__ import annotations
