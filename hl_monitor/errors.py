@@ -8,6 +8,7 @@
      ├── InfoError              REST /info failed (status, body)
      │    └── RateLimitedError  HTTP 429 after the retries ran out
      ├── BudgetExceededError    a per-IP budget refused the request (budget, used, capacity)
+     ├── PortfolioStateError    an exported position model that cannot be restored (reason)
      ├── StorageError           the database refused or is unreachable
      │    └── SchemaOutdatedError  the schema is behind the code: run `hl-monitor db upgrade`
      ├── DeliveryError          NATS/JetStream refused or is unreachable
@@ -34,6 +35,7 @@ __all__ = [
     "InstanceLockedError",
     "InvalidAddressError",
     "LeaseLostError",
+    "PortfolioStateError",
     "ProtocolError",
     "PublishError",
     "RateLimitedError",
@@ -103,6 +105,14 @@ class BudgetExceededError(HlMonitorError):
         self.used = used
         self.capacity = capacity
         super().__init__(f"budget {budget} exhausted ({used:g}/{capacity:g})")
+
+
+class PortfolioStateError(HlMonitorError):
+    """An exported position model state that cannot be restored (`reason` says why)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"cannot restore the position model: {reason}")
 
 
 class StorageError(HlMonitorError):

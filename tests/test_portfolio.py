@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from hl_monitor.errors import PortfolioStateError
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
     AllDexsClearinghouseStateFrame,
@@ -25,7 +26,7 @@ from hl_monitor.hyperliquid.protocol import (
     decode_info,
 )
 from hl_monitor.hyperliquid.symbols import SymbolInfo, SymbolMap
-from hl_monitor.tracking.portfolio import PortfolioStateError, PositionModel
+from hl_monitor.tracking.portfolio import PositionModel
 from hl_monitor.tracking.position_events import PerpPosition
 from tests.conftest import FIXTURES
 from tests.tracking_factories import ADDR, OTHER, fill

@@ -38,7 +38,7 @@ from typing import Final, NamedTuple, get_args
 
 import msgspec
 
-from hl_monitor.errors import HlMonitorError
+from hl_monitor.errors import PortfolioStateError
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
     ClearinghouseState,
@@ -75,7 +75,6 @@ __all__ = [
     "AddressPortfolio",
     "CoinLedger",
     "DexAccount",
-    "PortfolioStateError",
     "PortfolioStats",
     "PositionChanges",
     "PositionModel",
@@ -110,14 +109,6 @@ BAD_INPUT_KINDS: Final = (
     "bad_spot_balance",  # a negative token total
     "too_old",  # an execution older than the remembered ones of its coin
 )
-
-
-class PortfolioStateError(HlMonitorError):
-    """An exported model state that cannot be restored (`reason` says why)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(f"cannot restore the position model: {reason}")
 
 
 class DexAccount(msgspec.Struct, frozen=True, kw_only=True):
