@@ -35,7 +35,7 @@ __all__ = [
     "is_spot_coin",
 ]
 
-# Same values as `tracking.signals.AssetType`; protocol knowledge does not import the tracking layer.
+# Same values as `domain.signal.AssetType`; protocol knowledge imports no other part of the service.
 AssetType: TypeAlias = Literal["futures", "spot"]
 
 # Mainnet token renames of the old service (UI name for wrapped/bridged tokens); PUMP→PUMP-26 is deliberate.

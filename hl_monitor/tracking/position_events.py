@@ -40,8 +40,8 @@ from typing import Final, Literal, TypeAlias
 
 import msgspec
 
+from hl_monitor.domain.signal import PositionSide
 from hl_monitor.hyperliquid.protocol import ClearinghouseState
-from hl_monitor.tracking.signals import PositionSide
 
 __all__ = [
     "EventKind",

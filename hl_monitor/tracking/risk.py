@@ -22,7 +22,7 @@ from typing import Final
 
 import msgspec
 
-from hl_monitor.tracking.signals import PositionSide
+from hl_monitor.domain.signal import PositionSide
 
 __all__ = [
     "DEFAULT_ALERT_LEVELS",
