@@ -42,6 +42,7 @@ from websockets.frames import CloseCode
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
+from hl_monitor.domain.address import Priority
 from hl_monitor.errors import FrameDecodeError, ProtocolError
 from hl_monitor.feeds.supervisor import Backoff
 from hl_monitor.hyperliquid.constants import classify_error_text
@@ -111,7 +112,7 @@ class ConnectionBudget(Protocol):
 
     async def new_connection_permit(self) -> None: ...
 
-    async def message_permit(self, n: int = 1, priority: Any = "low") -> None: ...
+    async def message_permit(self, n: int = 1, priority: Priority = "low") -> None: ...
 
 
 class _Slot(Protocol):

@@ -45,6 +45,7 @@ import msgspec
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig, WideConfig
+from hl_monitor.domain.address import Priority
 from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.feeds.connection import (
@@ -103,10 +104,10 @@ STATUS_UNCOVERED: Final = 50
 class TapeInfoApi(Protocol):
     """The REST calls the tape makes (`hyperliquid.info.InfoClient`)."""
 
-    async def perp_dexs(self, *, priority: Any = ...) -> PerpDexs: ...
-    async def meta_and_asset_ctxs(self, dex: str = "", *, priority: Any = ...) -> MetaAndAssetCtxs: ...
-    async def spot_meta_and_asset_ctxs(self, *, priority: Any = ...) -> SpotMetaAndAssetCtxs: ...
-    async def recent_trades(self, coin: str, *, priority: Any = ...) -> list[WsTrade]: ...
+    async def perp_dexs(self, *, priority: Priority = ...) -> PerpDexs: ...
+    async def meta_and_asset_ctxs(self, dex: str = "", *, priority: Priority = ...) -> MetaAndAssetCtxs: ...
+    async def spot_meta_and_asset_ctxs(self, *, priority: Priority = ...) -> SpotMetaAndAssetCtxs: ...
+    async def recent_trades(self, coin: str, *, priority: Priority = ...) -> list[WsTrade]: ...
 
 
 class TapeIntake(Protocol):
@@ -513,34 +514,36 @@ class MarketTape:
     # ------------------------------------------------------------------ events, in arrival order per shard
 
     async def _handle(self, s: _Shard, event: ConnEvent) -> None:
-        if isinstance(event, Received):
-            frame = event.frame
-            if isinstance(frame, TradesFrame) and frame.data:
-                await self._on_trades(s, frame.data, event.received_ms, backfilled=False)
-        elif isinstance(event, Connected):
-            s.epochs += 1
-            s.connected_ms = self._wall_ms()
-            s.in_gap = True
-        elif isinstance(event, Live):
-            if s.epochs == 1:
+        match event:
+            case Received(frame=TradesFrame(data=trades)) if trades:
+                await self._on_trades(s, trades, event.received_ms, backfilled=False)
+            case Connected():
+                s.epochs += 1
+                s.connected_ms = self._wall_ms()
+                s.in_gap = True
+            case Live() if s.epochs == 1:
                 s.in_gap = False
                 s.continuous_since = s.connected_ms
-            else:
+            case Live():
                 await self._cancel_backfill(s)
                 s.backfill = asyncio.create_task(self._backfill(s, event.epoch), name=f"tape-{s.index}:backfill")
-        elif isinstance(event, Disconnected):
-            await self._cancel_backfill(s)
-            s.in_gap = True
-        elif isinstance(event, SubscriptionFailed):
-            self._metrics.tape_events.labels(kind="subscription_refused").inc()
-            log.error("tape subscription refused", connection=f"tape-{s.index}", kind=event.kind, text=event.text[:300])
-        elif isinstance(event, _Backfill):
-            if event.trades:
-                trades = sorted(event.trades, key=lambda t: (t.time, t.tid))
-                await self._on_trades(s, trades, self._wall_ms(), backfilled=True)
-        elif isinstance(event, _BackfillDone) and s.connection is not None and event.epoch == s.connection.epoch:
-            s.in_gap = False
-            s.continuous_since = s.connected_ms
+            case Disconnected():
+                await self._cancel_backfill(s)
+                s.in_gap = True
+            case SubscriptionFailed():
+                self._metrics.tape_events.labels(kind="subscription_refused").inc()
+                log.error(
+                    "tape subscription refused", connection=f"tape-{s.index}", kind=event.kind, text=event.text[:300]
+                )
+            case _Backfill(trades=trades) if trades:
+                await self._on_trades(
+                    s, sorted(trades, key=lambda t: (t.time, t.tid)), self._wall_ms(), backfilled=True
+                )
+            case _BackfillDone() if s.connection is not None and event.epoch == s.connection.epoch:
+                s.in_gap = False
+                s.continuous_since = s.connected_ms
+            case _:
+                pass  # other frames (none subscribed) and stale backfill ends
 
     async def _on_trades(self, s: _Shard, trades: Sequence[WsTrade], now_ms: int, *, backfilled: bool) -> None:
         coin = trades[0].coin

@@ -43,6 +43,7 @@ from typing import Any, Final, Protocol
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
+from hl_monitor.domain.address import Priority
 from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.feeds.connection import (
     Connected,
@@ -132,11 +133,13 @@ class Tracker(Protocol):
 class InfoApi(Protocol):
     """The REST calls gap recovery makes (`hyperliquid.info.InfoClient`)."""
 
-    async def order_status(self, user: str, oid: int | str, *, priority: Any = ...) -> OrderStatusResponse: ...
+    async def order_status(self, user: str, oid: int | str, *, priority: Priority = ...) -> OrderStatusResponse: ...
     async def user_fills_by_time(
-        self, user: str, start_ms: int, end_ms: int | None = None, *, priority: Any = ...
+        self, user: str, start_ms: int, end_ms: int | None = None, *, priority: Priority = ...
     ) -> FillHistory: ...
-    async def clearinghouse_state(self, user: str, dex: str = "", *, priority: Any = ...) -> ClearinghouseState: ...
+    async def clearinghouse_state(
+        self, user: str, dex: str = "", *, priority: Priority = ...
+    ) -> ClearinghouseState: ...
 
 
 def user_subscriptions(address: str, flow_coin: str = FLOW_COIN) -> list[Subscription]:
@@ -272,78 +275,80 @@ class UserStream:
 
     async def _handle(self, event: ConnEvent) -> None:
         now_ms = self._wall_ms()
-        if isinstance(event, Received):
-            await self._on_frame(event)
-        elif isinstance(event, Connected):
-            if not self._gap_open:
-                watermark = self._tracker.watermark(self.address)
-                self._gap_start = None if watermark is None else watermark.time
-                self._gap_open = True
-        elif isinstance(event, Live):
-            await self._cancel_recovery()
-            self.recovering = True
-            self._recovery = asyncio.create_task(self._recover(event.epoch), name=f"recover:{self.address}")
-        elif isinstance(event, Disconnected):
-            await self._cancel_recovery()
-        elif isinstance(event, SubscriptionFailed):
-            if event.kind == "user_cap":
+        match event:
+            case Received():
+                await self._on_frame(event)
+            case Connected():
+                if not self._gap_open:
+                    watermark = self._tracker.watermark(self.address)
+                    self._gap_start = None if watermark is None else watermark.time
+                    self._gap_open = True
+            case Live():
+                await self._cancel_recovery()
+                self.recovering = True
+                self._recovery = asyncio.create_task(self._recover(event.epoch), name=f"recover:{self.address}")
+            case Disconnected():
+                await self._cancel_recovery()
+            case SubscriptionFailed(kind="user_cap"):
                 self._refused(event.text)
-            else:
+            case SubscriptionFailed():
                 log.error("subscription refused", address=self.address, kind=event.kind, text=event.text[:300])
-        elif isinstance(event, _Backfill):
-            try:
-                if event.audit_epoch is not None:
-                    if event.audit_epoch == self._recovered_epoch == self.connection.epoch:
-                        event.unseen = self._tracker.unseen_fills(self.address, event.fills)
-                    else:
-                        event.stale = True
-                await self._emit(self._tracker.on_backfill(self.address, event.fills, now_ms))
-            finally:
-                event.done.set()
-        elif isinstance(event, _OrderStatus):
-            await self._emit(
-                self._tracker.on_order_status(self.address, event.oid, event.status, event.status_time, now_ms)
-            )
-        elif isinstance(event, _Positions):
-            data = ClearinghouseStateData(user=self.address, clearinghouse_state=event.state, dex="")
-            self._tracker.on_clearinghouse(self.address, data, now_ms)
-        elif isinstance(event, _RecoveryDone) and event.epoch == self.connection.epoch:
-            self._gap_open = False
-            self._gap_start = None
-            self.recovering = False
-            self.recoveries += 1
-            self._audited_to = event.covered_to
-            self._recovered_epoch = event.epoch
-            if self._held_twaps:
-                # The gap's fills and order statuses are in now: a TWAP's end no longer overtakes its slices.
-                held = UserTwapHistoryData(user=self.address, history=list(self._held_twaps.values()))
-                self._held_twaps.clear()
-                await self._emit(self._tracker.on_twap_history(self.address, held, now_ms))
+            case _Backfill():
+                try:
+                    if event.audit_epoch is not None:
+                        if event.audit_epoch == self._recovered_epoch == self.connection.epoch:
+                            event.unseen = self._tracker.unseen_fills(self.address, event.fills)
+                        else:
+                            event.stale = True
+                    await self._emit(self._tracker.on_backfill(self.address, event.fills, now_ms))
+                finally:
+                    event.done.set()
+            case _OrderStatus():
+                await self._emit(
+                    self._tracker.on_order_status(self.address, event.oid, event.status, event.status_time, now_ms)
+                )
+            case _Positions():
+                data = ClearinghouseStateData(user=self.address, clearinghouse_state=event.state, dex="")
+                self._tracker.on_clearinghouse(self.address, data, now_ms)
+            case _RecoveryDone() if event.epoch == self.connection.epoch:
+                await self._recovered(event, now_ms)
+
+    async def _recovered(self, event: _RecoveryDone, now_ms: int) -> None:
+        self._gap_open = False
+        self._gap_start = None
+        self.recovering = False
+        self.recoveries += 1
+        self._audited_to = event.covered_to
+        self._recovered_epoch = event.epoch
+        if self._held_twaps:
+            # The gap's fills and order statuses are in now: a TWAP's end no longer overtakes its slices.
+            held = UserTwapHistoryData(user=self.address, history=list(self._held_twaps.values()))
+            self._held_twaps.clear()
+            await self._emit(self._tracker.on_twap_history(self.address, held, now_ms))
 
     async def _on_frame(self, event: Received) -> None:
-        frame = event.frame
         now_ms = event.received_ms
-        if isinstance(frame, UserFillsFrame):
-            if self._mine(frame.data.user, "userFills"):
-                if not frame.data.is_snapshot:
+        match event.frame:
+            case UserFillsFrame(data=fills) if self._mine(fills.user, "userFills"):
+                if not fills.is_snapshot:
                     observe = self._metrics.exchange_to_receive_seconds.labels(source="user_fills").observe
-                    for fill in frame.data.fills:
+                    for fill in fills.fills:
                         observe(max(0.0, (now_ms - fill.time) / 1000))
-                await self._emit(self._tracker.on_user_fills(self.address, frame.data, now_ms))
-        elif isinstance(frame, OrderUpdatesFrame):
-            self._metrics.order_updates_received.inc(len(frame.data))
-            await self._emit(self._tracker.on_order_updates(self.address, frame.data, now_ms))
-        elif isinstance(frame, AllDexsClearinghouseStateFrame):
-            if self._mine(frame.data.user, CANARY_CHANNEL):
-                self._tracker.on_clearinghouse(self.address, frame.data, now_ms)
-        elif isinstance(frame, SpotStateFrame) and self._mine(frame.data.user, "spotState"):
-            self._tracker.on_spot_state(self.address, frame.data, now_ms)
-        elif isinstance(frame, UserTwapHistoryFrame) and self._mine(frame.data.user, "userTwapHistory"):
-            if self._gap_open:
-                self._hold_twaps(frame.data.history)
-            else:
-                await self._emit(self._tracker.on_twap_history(self.address, frame.data, now_ms))
-        # bbo (the flow canary) and anything else: liveness only, nothing to track
+                await self._emit(self._tracker.on_user_fills(self.address, fills, now_ms))
+            case OrderUpdatesFrame(data=updates):
+                self._metrics.order_updates_received.inc(len(updates))
+                await self._emit(self._tracker.on_order_updates(self.address, updates, now_ms))
+            case AllDexsClearinghouseStateFrame(data=state) if self._mine(state.user, CANARY_CHANNEL):
+                self._tracker.on_clearinghouse(self.address, state, now_ms)
+            case SpotStateFrame(data=spot) if self._mine(spot.user, "spotState"):
+                self._tracker.on_spot_state(self.address, spot, now_ms)
+            case UserTwapHistoryFrame(data=twaps) if self._mine(twaps.user, "userTwapHistory"):
+                if self._gap_open:
+                    self._hold_twaps(twaps.history)
+                else:
+                    await self._emit(self._tracker.on_twap_history(self.address, twaps, now_ms))
+            case _:
+                pass  # bbo (the flow canary) and anything else: liveness only, nothing to track
 
     def _hold_twaps(self, entries: list[TwapHistoryEntry]) -> None:
         held = self._held_twaps

@@ -33,7 +33,7 @@ from typing import Any, Final, Protocol
 from hl_monitor.clock import Clock
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig, WideConfig
-from hl_monitor.domain.address import TrackedBy
+from hl_monitor.domain.address import Priority, TrackedBy
 from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, SpotClearinghouseState
@@ -58,8 +58,10 @@ MAX_PENDING: Final = 1024
 
 
 class WideInfoApi(Protocol):
-    async def clearinghouse_state(self, user: str, dex: str = "", *, priority: Any = ...) -> ClearinghouseState: ...
-    async def spot_clearinghouse_state(self, user: str, *, priority: Any = ...) -> SpotClearinghouseState: ...
+    async def clearinghouse_state(
+        self, user: str, dex: str = "", *, priority: Priority = ...
+    ) -> ClearinghouseState: ...
+    async def spot_clearinghouse_state(self, user: str, *, priority: Priority = ...) -> SpotClearinghouseState: ...
 
 
 class TapeView(Protocol):
