@@ -199,6 +199,19 @@ class ClusterConfig(_Section, frozen=True):
     tape_role: Literal["active", "none"] = "active"  # advertised: whether this instance runs the wide tier's tape
 
 
+class PositionsConfig(_Section, frozen=True):
+    """What whales hold (docs/architecture.md §9): documents, position events, liquidation alerts, the KV view."""
+
+    enabled: bool = True
+    subject_prefix: str = "hl.positions"  # events: {prefix}.{address}.{symbol}
+    alerts_prefix: str = "hl.alerts"  # alerts: {prefix}.{address}.{symbol}.liquidation_risk
+    stream: str = "HL_POSITIONS"  # JetStream stream holding position events and alerts
+    max_age: float = 604800.0  # seconds the stream keeps an event (7 d, like signals in the database)
+    kv_bucket: str = "hl_positions"  # KV: key = address, value = its whole position document (JSON)
+    kv_refresh: float = 5.0  # mark-driven document refreshes per address at most this often; changes go at once
+    liquidation_alert_levels: list[float] = msgspec.field(default_factory=lambda: [0.10, 0.05, 0.02])
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -226,6 +239,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     symbols: SymbolsConfig = msgspec.field(default_factory=SymbolsConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    positions: PositionsConfig = msgspec.field(default_factory=PositionsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
