@@ -130,7 +130,13 @@ class Metrics:
         self.held_signals = counter("held_signals", "Signals held for an unknown coin, by outcome.", ("outcome",))
         self.signals_built = counter("signals_built", "Signals built by source and direction.", ("source", "direction"))
 
-        # ---- cluster (feeds/cluster.py) ----
+        # ---- positions (watch/positions.py) ----
+        self.position_events = counter("position_events", "Position events published, by event.", ("event",))
+        self.liquidation_alerts = counter(
+            "liquidation_alerts", "Liquidation-risk alerts published, by alert level crossed.", ("level",)
+        )
+
+        # ---- cluster (cluster/) ----
         self.cluster_members = gauge("cluster_members", "Live instances in the membership bucket (self included).")
         self.cluster_owned_addresses = gauge("cluster_owned_addresses", "Precise addresses leased by this instance.")
         self.cluster_lease_takeovers = counter("cluster_lease_takeovers", "Leases claimed from another instance.")

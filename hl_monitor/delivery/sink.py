@@ -1,8 +1,9 @@
 """The one signal sink: every tracker of every source hands its signals here, and nothing else counts them.
 
-For each signal, in order: stamp it with this instance's id, persist it (the stored row is the outbox:
-docs/architecture.md §3), submit it to the outbox for publishing, count it (`signals_built` by source and
-direction, fills per order, receive→signal latency). Awaiting the sink is backpressure: it returns once the
+For each signal, in order: stamp it with this instance's id and the position after it as far as the position
+keeper knows it (entry, leverage, liquidation price; not in the legacy payload), persist it (the stored row is
+the outbox: docs/architecture.md §3), submit it to the outbox for publishing, count it (`signals_built` by source
+and direction, fills per order, receive→signal latency). Awaiting the sink is backpressure: it returns once the
 writer and the outbox have taken the signals.
 """
 
@@ -14,7 +15,7 @@ from typing import Protocol
 import msgspec
 
 from hl_monitor.clock import wall_ms as _wall_ms
-from hl_monitor.domain.signal import Signal
+from hl_monitor.domain.signal import PositionLookup, Signal
 from hl_monitor.metrics import Metrics
 
 __all__ = ["Sink"]
@@ -42,8 +43,10 @@ class Sink:
         metrics: Metrics,
         *,
         instance_id: str,
+        positions: PositionLookup | None = None,
         wall_ms: Callable[[], int] = _wall_ms,
     ) -> None:
+        self._positions = positions
         self._writer = writer
         self._outbox = outbox
         self._metrics = metrics
@@ -53,7 +56,7 @@ class Sink:
     async def __call__(self, signals: Sequence[Signal], /) -> None:
         metrics = self._metrics
         for signal in signals:
-            stamped = signal if signal.detected_by else msgspec.structs.replace(signal, detected_by=self._instance_id)
+            stamped = signal if signal.detected_by else self._stamp(signal)
             await self._writer.put_signal(stamped)
             await self._outbox.submit(stamped)
             metrics.signals_built.labels(stamped.source, stamped.direction).inc()
@@ -61,3 +64,16 @@ class Sink:
             metrics.receive_to_signal_seconds.labels(stamped.trigger).observe(
                 max(0.0, (self._wall_ms() - stamped.detected_at) / 1000)
             )
+
+    def _stamp(self, signal: Signal) -> Signal:
+        fields = self._positions.position_fields(signal.address, signal.coin) if self._positions is not None else None
+        if fields is None or signal.asset_type != "futures":
+            return msgspec.structs.replace(signal, detected_by=self._instance_id)
+        entry_px, leverage, liquidation_px = fields
+        return msgspec.structs.replace(
+            signal,
+            detected_by=self._instance_id,
+            entry_px=entry_px,
+            leverage=leverage,
+            liquidation_px=liquidation_px,
+        )

@@ -130,6 +130,10 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
     label: str | None = None
     detected_at: int  # local wall clock when the signal was built, ms
     detected_by: str | None = None  # instance id
+    # --- the position after the signal, as far as known when it went out (docs/architecture.md §9) ---
+    entry_px: Decimal | None = None
+    leverage: int | None = None
+    liquidation_px: Decimal | None = None
 
     def legacy_payload(self) -> dict[str, object]:
         """The flat object the old `hl_address_signal` consumers expect."""
@@ -151,6 +155,12 @@ def encode_legacy(signal: Signal) -> bytes:
 
 def decode_signal(raw: bytes | str) -> Signal:
     return _DECODER.decode(raw)
+
+
+class PositionLookup(Protocol):
+    """`(entry_px, leverage, liquidation_px)` of an address's position in a coin, None when flat or unknown."""
+
+    def position_fields(self, address: str, coin: str) -> tuple[Decimal | None, int | None, Decimal | None] | None: ...
 
 
 class SignalSink(Protocol):

@@ -59,6 +59,7 @@ from hl_monitor.feeds.connection import (
     Received,
     SubscriptionFailed,
 )
+from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
 from hl_monitor.feeds.supervisor import Backoff
 from hl_monitor.hyperliquid.protocol import (
     MetaAndAssetCtxs,
@@ -315,6 +316,7 @@ class MarketTape:
         metrics: Metrics,
         on_signals: SignalSink,
         on_universe: Callable[[TapeUniverse], None] | None = None,
+        holdings: HoldingsIntake = NO_HOLDINGS,
         wall_ms: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
     ) -> None:
@@ -328,6 +330,7 @@ class MarketTape:
         self._metrics = metrics
         self._on_signals = on_signals
         self._on_universe = on_universe
+        self._holdings = holdings
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
         self._dedup = TradeDedup(round(wide.dedup_window * 1000))
@@ -559,6 +562,7 @@ class MarketTape:
             self._latency.observe(max(0.0, (now_ms - newest) / 1000))
             # Replayed trades that happened while this shard was disconnected are late: flag them.
             backfilled = s.epochs > 1 and fresh[0].time < s.connected_ms
+        await self._holdings.on_trades(fresh, now_ms)  # first, so the block's signal carries the position after it
         signals = self._tracker.on_trades(coin, fresh, now_ms, backfilled=backfilled)
         if not backfilled:
             s.applied_ms = max(s.applied_ms, newest)

@@ -26,6 +26,7 @@ from hl_monitor.config import HyperliquidConfig
 from hl_monitor.domain.address import WatchedAddress
 from hl_monitor.domain.signal import SignalSink
 from hl_monitor.feeds.connection import ConnectionBudget, ConnState
+from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
 from hl_monitor.feeds.supervisor import Supervisor
 from hl_monitor.feeds.user_stream import FLOW_COIN, InfoApi, Tracker, UserStream, user_subscriptions
 from hl_monitor.logging import get_logger
@@ -95,6 +96,7 @@ class PreciseManager:
         metrics: Metrics,
         on_signals: SignalSink,
         on_unassigned: Callable[[frozenset[str]], Awaitable[None]] | None = None,
+        holdings: HoldingsIntake = NO_HOLDINGS,
         flow_coin: str = FLOW_COIN,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = _wall_ms,
@@ -111,6 +113,7 @@ class PreciseManager:
         self._flow_coin = flow_coin
         self._clock = clock
         self._wall_ms = wall_ms
+        self._holdings = holdings
         self._rng = rng or random.Random()
         self._assigned: dict[str, _Assignment] = {}
         self._over_budget: dict[str, OverBudget] = {}
@@ -285,6 +288,7 @@ class PreciseManager:
             metrics=self._metrics,
             on_signals=self._on_signals,
             on_over_budget=self._report_over_budget,
+            holdings=self._holdings,
             flow_coin=self._flow_coin,
             wall_ms=self._wall_ms,
             rng=self._rng,

@@ -57,6 +57,7 @@ from hl_monitor.feeds.connection import (
     Received,
     SubscriptionFailed,
 )
+from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
 from hl_monitor.feeds.supervisor import Backoff
 from hl_monitor.hyperliquid.info import FillHistory
 from hl_monitor.hyperliquid.protocol import (
@@ -201,11 +202,13 @@ class UserStream:
         metrics: Metrics,
         on_signals: SignalSink,
         on_over_budget: Callable[[str, str], None],
+        holdings: HoldingsIntake = NO_HOLDINGS,
         flow_coin: str = FLOW_COIN,
         wall_ms: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
     ) -> None:
         self.address = address.lower()
+        self._holdings = holdings
         self.slot = slot
         self._cfg = cfg
         self._tracker = tracker
@@ -300,6 +303,7 @@ class UserStream:
                             event.unseen = self._tracker.unseen_fills(self.address, event.fills)
                         else:
                             event.stale = True
+                    await self._holdings.on_fills(self.address, event.fills, now_ms)
                     await self._emit(self._tracker.on_backfill(self.address, event.fills, now_ms))
                 finally:
                     event.done.set()
@@ -334,14 +338,18 @@ class UserStream:
                     observe = self._metrics.exchange_to_receive_seconds.labels(source="user_fills").observe
                     for fill in fills.fills:
                         observe(max(0.0, (now_ms - fill.time) / 1000))
+                    # Positions first, so the order signal these fills complete carries the position after them.
+                    await self._holdings.on_fills(self.address, fills.fills, now_ms)
                 await self._emit(self._tracker.on_user_fills(self.address, fills, now_ms))
             case OrderUpdatesFrame(data=updates):
                 self._metrics.order_updates_received.inc(len(updates))
                 await self._emit(self._tracker.on_order_updates(self.address, updates, now_ms))
             case AllDexsClearinghouseStateFrame(data=state) if self._mine(state.user, CANARY_CHANNEL):
                 self._tracker.on_clearinghouse(self.address, state, now_ms)
+                await self._holdings.on_state(state, now_ms)
             case SpotStateFrame(data=spot) if self._mine(spot.user, "spotState"):
                 self._tracker.on_spot_state(self.address, spot, now_ms)
+                await self._holdings.on_spot(self.address, spot.spot_state, now_ms)
             case UserTwapHistoryFrame(data=twaps) if self._mine(twaps.user, "userTwapHistory"):
                 if self._gap_open:
                     self._hold_twaps(twaps.history)

@@ -36,6 +36,7 @@ from hl_monitor.config import HyperliquidConfig, WideConfig
 from hl_monitor.domain.address import Priority, TrackedBy
 from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
+from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, SpotClearinghouseState
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
@@ -133,9 +134,11 @@ class WideManager:
         metrics: Metrics,
         on_signals: SignalSink,
         dexes: Callable[[], Sequence[str]],
+        holdings: HoldingsIntake = NO_HOLDINGS,
         wall_ms: Callable[[], int] = _wall_ms,
     ) -> None:
         self._cfg = cfg
+        self._holdings = holdings
         self._tracker = tracker
         self._info = info
         self._tape = tape
@@ -338,6 +341,7 @@ class WideManager:
             return
         stats = self._tracker.stats
         before = (stats.drifts_perp, stats.drifts_spot, stats.bootstraps)
+        await self._holdings.on_rest(address, read.states, read.spot, now)
         signals = self._tracker.apply_read(address, read.states, read.spot, window=read.window, now_ms=now)
         perp, spot, boots = stats.drifts_perp - before[0], stats.drifts_spot - before[1], stats.bootstraps - before[2]
         if perp:

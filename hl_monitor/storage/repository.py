@@ -266,9 +266,15 @@ def void_pending_statement(addresses: list[str]) -> sa.Delete:
     return sa.delete(t.aggregations).where(a.address.in_(addresses), a.closed == sa.false())
 
 
+# Signal fields kept as their own columns (for queries); every field, these and the newer ones, is in `payload`.
+_SIGNAL_COLUMNS: Final = frozenset(t.signals.c.keys())
+
+
 def signal_row(signal: Signal, created_at: int, published_at: int | None = None) -> dict[str, Any]:
-    """The signals-table row of one signal: every field as a column plus the exact JSON."""
-    row: dict[str, Any] = {f: getattr(signal, f) for f in signal.__struct_fields__ if f != "liquidation"}
+    """The signals-table row of one signal: its columns plus the exact JSON."""
+    row: dict[str, Any] = {
+        f: getattr(signal, f) for f in signal.__struct_fields__ if f in _SIGNAL_COLUMNS and f != "liquidation"
+    }
     row["liquidation"] = encode_json(signal.liquidation) if signal.liquidation is not None else None
     row["payload"] = encode_signal(signal).decode()
     row["published"] = published_at is not None

@@ -287,6 +287,13 @@ class PositionModel:
     def __iter__(self) -> Iterator[str]:
         return iter(self._accounts)
 
+    def holders(self, coins: Iterable[str]) -> set[str]:
+        """Addresses holding a perp position in any of `coins` (their documents move with those coins' marks)."""
+        out: set[str] = set()
+        for coin in coins:
+            out.update(self._holders.get(coin, ()))
+        return out
+
     def remove(self, address: str) -> bool:
         """Forget an address (no events: nothing changed on the exchange)."""
         account = self._accounts.pop(address.lower(), None)

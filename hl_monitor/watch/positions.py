@@ -1,0 +1,273 @@
+"""The owner of what whales hold: feeds the pure `PositionModel`, and sends what it finds on its way.
+
+Inputs (docs/architecture.md §9), each from the component that reads it:
+- precise tier (`feeds.user_stream`): `userFills` fills (not the subscription snapshot: the first state frame
+  is the baseline), `allDexsClearinghouseState` and `spotState` frames;
+- wide tier: the tape's trades of addresses tracked `wide` (`feeds.market_tape`), and the REST reads of the
+  wide reader (`feeds.wide`);
+- marks: `allMids` (`feeds.marks`), applied at most every `MARK_APPLY_INTERVAL_S`.
+Outputs, for every input that changed something:
+- each position event and liquidation alert as a `Publication` (persisted first, then JetStream with its
+  deterministic id: `hl.positions.{address}.{symbol}`, `hl.alerts.{address}.{symbol}.liquidation_risk`), and
+  each event's history row;
+- the address's document, to the database (`hlm_positions`) and the KV view (`hl_positions`). A change goes at
+  once; a document that only moved with the marks is refreshed in the KV at most every `positions.kv_refresh`
+  per address and at most `KV_MARK_WRITES_PER_S` documents a second in all, round robin, so 100k wide addresses
+  with open positions cost a bounded write rate (their refresh interval stretches to N ÷ that rate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
+from decimal import Decimal
+from typing import Final, Protocol
+
+import msgspec
+
+from hl_monitor.clock import wall_ms as _wall_ms
+from hl_monitor.config import PositionsConfig
+from hl_monitor.delivery.publisher import subject_token
+from hl_monitor.domain.publication import Publication, PublicationSink
+from hl_monitor.hyperliquid.protocol import (
+    AllDexsClearinghouseStateData,
+    ClearinghouseState,
+    Fill,
+    SpotState,
+    WsTrade,
+)
+from hl_monitor.logging import get_logger
+from hl_monitor.metrics import Metrics
+from hl_monitor.tracking.portfolio import AddressPortfolio, PositionChanges, PositionModel
+from hl_monitor.tracking.position_events import PositionEvent
+from hl_monitor.tracking.risk import RiskAlert
+
+__all__ = ["PortfolioStore", "PositionKeeper", "PositionsKv"]
+
+log = get_logger(__name__)
+
+# allMids arrives on every mid change (several times a second on a busy exchange); revaluing every holder that
+# often would cost loop time for no reader's benefit. Marks are folded and applied this often.
+MARK_APPLY_INTERVAL_S: Final = 1.0
+# Upper bound of mark-driven KV refreshes a second over all addresses (changes are not limited): 100k wide
+# addresses with open positions are then each refreshed every 100 s instead of every `kv_refresh`.
+KV_MARK_WRITES_PER_S: Final = 1000
+# The KV refresher wakes this often; each wake writes at most its share of the rate above.
+KV_TICK_S: Final = 0.25
+
+_ENCODE: Final = msgspec.json.Encoder(decimal_format="string")
+
+
+class PortfolioStore(Protocol):
+    """The storage writer's position intake (`storage.writer.BatchWriter`)."""
+
+    async def put_portfolio(self, address: str, doc: AddressPortfolio) -> None: ...
+    async def delete_portfolio(self, address: str) -> None: ...
+    async def put_position_event(self, event: PositionEvent) -> None: ...
+
+
+class PositionsKv(Protocol):
+    """The `hl_positions` KV view (`delivery.kv_view.PositionsView`): coalescing, latest value wins."""
+
+    async def put(self, address: str, doc_json: bytes) -> None: ...
+    async def delete(self, address: str) -> None: ...
+
+
+class PositionKeeper:
+    """See the module docstring. `run()` applies marks and refreshes the KV until cancelled."""
+
+    def __init__(
+        self,
+        model: PositionModel,
+        *,
+        cfg: PositionsConfig,
+        publish: PublicationSink,
+        store: PortfolioStore,
+        kv: PositionsKv,
+        metrics: Metrics,
+        tracked_wide: Callable[[str], bool],
+        wall_ms: Callable[[], int] = _wall_ms,
+    ) -> None:
+        self.model = model
+        self._cfg = cfg
+        self._publish = publish
+        self._store = store
+        self._kv = kv
+        self._metrics = metrics
+        self._tracked_wide = tracked_wide
+        self._wall_ms = wall_ms
+        self._pending_mids: dict[str, Decimal] = {}
+        # Addresses whose document moved only with the marks, oldest first; with the time of their last KV write.
+        self._mark_dirty: OrderedDict[str, None] = OrderedDict()
+        self._kv_written: dict[str, int] = {}
+        self._refresh_ms = round(cfg.kv_refresh * 1000)
+
+    # ------------------------------------------------------------------ reading
+
+    def portfolio(self, address: str) -> AddressPortfolio | None:
+        return self.model.get(address)
+
+    def portfolios(self) -> list[AddressPortfolio]:
+        return [doc for address in self.model if (doc := self.model.get(address)) is not None]
+
+    def position_fields(self, address: str, coin: str) -> tuple[Decimal | None, int | None, Decimal | None] | None:
+        """`(entry_px, leverage, liquidation_px)` of the address's position in `coin` as far as known."""
+        doc = self.model.get(address)
+        position = doc.position(coin) if doc is not None else None
+        if position is None:
+            return None
+        return position.entry_px, position.leverage, position.liquidation_px
+
+    # ------------------------------------------------------------------ precise tier
+
+    async def on_fills(self, address: str, fills: Sequence[Fill], now_ms: int) -> None:
+        out = PositionChanges()
+        for fill in fills:
+            _merge(out, self.model.on_fill(address, fill, now_ms))
+        await self._changed(address, out)
+
+    async def on_state(self, data: AllDexsClearinghouseStateData, now_ms: int) -> None:
+        await self._changed(data.user, self.model.on_all_dexs_state(data, now_ms))
+
+    async def on_spot(self, address: str, state: SpotState, now_ms: int) -> None:
+        self.model.on_spot_state(address, state, now_ms)
+        await self._changed(address, PositionChanges())
+
+    # ------------------------------------------------------------------ wide tier
+
+    async def on_trades(self, trades: Sequence[WsTrade], now_ms: int) -> None:
+        """Tape trades of one coin; only parties the tape tracks as `wide` are the wide tier's to account."""
+        touched: dict[str, PositionChanges] = {}
+        for trade in trades:
+            if trade.users is None:
+                continue
+            for user in set(trade.users):
+                address = user.lower()
+                if self._tracked_wide(address):
+                    _merge(touched.setdefault(address, PositionChanges()), self.model.on_trade(address, trade, now_ms))
+        for address, changes in touched.items():
+            await self._changed(address, changes)
+
+    async def on_rest(
+        self,
+        address: str,
+        states: Sequence[tuple[str, ClearinghouseState]],
+        spot: SpotState | None,
+        now_ms: int,
+    ) -> None:
+        out = PositionChanges()
+        for dex, state in states:
+            _merge(out, self.model.on_dex_state(address, dex, state, now_ms, source="rest"))
+        if spot is not None:
+            self.model.on_spot_state(address, spot, now_ms, source="rest")
+        await self._changed(address, out)
+
+    # ------------------------------------------------------------------ marks and the watched set
+
+    async def on_marks(self, mids: Mapping[str, Decimal], now_ms: int) -> None:
+        self._pending_mids.update(mids)
+
+    async def forget(self, addresses: Collection[str]) -> None:
+        """Addresses no longer watched: their documents leave the KV view and the table."""
+        for address in addresses:
+            if self.model.remove(address):
+                self._mark_dirty.pop(address, None)
+                self._kv_written.pop(address, None)
+                await self._kv.delete(address)
+                await self._store.delete_portfolio(address)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._apply_marks_loop(), name="positions:marks")
+            tg.create_task(self._kv_refresh_loop(), name="positions:kv")
+
+    async def _apply_marks_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MARK_APPLY_INTERVAL_S)
+            await self.apply_marks()
+
+    async def apply_marks(self) -> None:
+        """Revalue every holder of a coin whose mid moved; alerts go out, documents wait for the KV refresher."""
+        if not self._pending_mids:
+            return
+        mids, self._pending_mids = self._pending_mids, {}
+        now = self._wall_ms()
+        alerts = self.model.on_marks(mids, now)
+        for address in self.model.holders(mids):
+            self._mark_dirty[address] = None
+        if alerts:
+            await self._send([], alerts)
+
+    async def _kv_refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KV_TICK_S)
+            await self.refresh_kv(round(KV_MARK_WRITES_PER_S * KV_TICK_S))
+
+    async def refresh_kv(self, budget: int) -> int:
+        """Write up to `budget` mark-moved documents whose last write is `kv_refresh` old; how many were written."""
+        now = self._wall_ms()
+        written = 0
+        for address in list(self._mark_dirty):
+            if written >= budget:
+                break
+            if now - self._kv_written.get(address, 0) < self._refresh_ms:
+                continue
+            del self._mark_dirty[address]
+            doc = self.model.get(address)
+            if doc is not None:
+                await self._write_kv(address, doc, now)
+                written += 1
+        return written
+
+    # ------------------------------------------------------------------ outputs
+
+    async def _changed(self, address: str, changes: PositionChanges) -> None:
+        address = address.lower()
+        doc = self.model.get(address)
+        if doc is None:
+            return
+        await self._send(changes.events, changes.alerts)
+        await self._store.put_portfolio(address, doc)
+        self._mark_dirty.pop(address, None)
+        await self._write_kv(address, doc, self._wall_ms())
+
+    async def _write_kv(self, address: str, doc: AddressPortfolio, now: int) -> None:
+        self._kv_written[address] = now
+        await self._kv.put(address, _ENCODE.encode(doc))
+
+    async def _send(self, events: Sequence[PositionEvent], alerts: Sequence[RiskAlert]) -> None:
+        now = self._wall_ms()
+        out: list[Publication] = []
+        for event in events:
+            await self._store.put_position_event(event)
+            self._metrics.position_events.labels(event=event.event).inc()
+            subject = f"{self._cfg.subject_prefix}.{subject_token(event.address)}.{subject_token(event.symbol)}"
+            out.append(
+                Publication(
+                    msg_id=event.event_id,
+                    kind="position_event",
+                    subject=subject,
+                    payload=_ENCODE.encode(event),
+                    created_at=now,
+                )
+            )
+        for alert in alerts:
+            self._metrics.liquidation_alerts.labels(level=str(alert.level)).inc()
+            token = f"{subject_token(alert.address)}.{subject_token(alert.symbol)}"
+            out.append(
+                Publication(
+                    msg_id=alert.alert_id,
+                    kind="alert",
+                    subject=f"{self._cfg.alerts_prefix}.{token}.liquidation_risk",
+                    payload=_ENCODE.encode(alert),
+                    created_at=now,
+                )
+            )
+        if out:
+            await self._publish(out)
+
+
+def _merge(into: PositionChanges, more: PositionChanges) -> None:
+    into.events.extend(more.events)
+    into.alerts.extend(more.alerts)
