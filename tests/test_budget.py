@@ -14,6 +14,7 @@ from hl_monitor.config import HyperliquidConfig
 from hl_monitor.errors import BudgetExceededError, ConfigError
 from hl_monitor.feeds.budget import LIMIT_WINDOW_S, RELEASE_AFTER_CLOSE_S, Budgets, ManualClock, Priority
 from hl_monitor.ops.metrics import Metrics
+from tests.support.budget import max_in_any_window
 
 WHALE_A = "0xAbC0000000000000000000000000000000000001"
 WHALE_B = "0x0000000000000000000000000000000000000002"
@@ -30,15 +31,6 @@ def make(clock: ManualClock | None = None, **limits: int | float) -> tuple[Budge
     clock = clock or ManualClock()
     metrics = Metrics()
     return Budgets(HyperliquidConfig(**limits), metrics, clock=clock), clock, metrics  # type: ignore[arg-type]
-
-
-def max_in_any_window(events: list[tuple[float, int]], window: float) -> int:
-    """Largest sum of amounts stamped within any half-open `window` (events sorted by time)."""
-    worst = 0
-    for i, (t_end, _) in enumerate(events):
-        total = sum(amount for t, amount in events[: i + 1] if t > t_end - window)
-        worst = max(worst, total)
-    return worst
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -18,7 +18,7 @@ from hl_monitor.chaos.cli import results_table
 from hl_monitor.chaos.env import ChaosOptions, compare
 from hl_monitor.chaos.scenarios import SCENARIOS, ScenarioResult, run_scenario
 from hl_monitor.tracking.signals import Signal
-from tests.test_storage import make_signal
+from tests.support.storage import make_signal
 
 QUICK_SQLITE = ChaosOptions(quick=True, db="sqlite")
 # Scenarios that run on SQLite in CI; db_outage and kill9 run on MariaDB below (the database a production

@@ -26,10 +26,11 @@ from hl_monitor.ops.http import AddressInput
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import AddressTable
-from tests.conftest import NatsServer, free_port
-from tests.test_app import by_order
-from tests.test_cluster import Proxy
-from tests.test_feeds_precise import expected_orders as expected_precise_orders
+from tests.support.ledger import expected_orders as expected_precise_orders
+from tests.support.ledger import observed_orders
+from tests.support.nats import NatsServer
+from tests.support.net import free_port
+from tests.support.proxy import Proxy
 
 WHALES = ["0x" + f"{i:02x}" * 20 for i in range(0xA1, 0xA7)]
 WIDE = ["0x" + f"{i:02x}" * 20 for i in range(0xB1, 0xB4)]  # tier "wide" in the address table
@@ -229,7 +230,7 @@ async def assert_exactly_once(sim: SimServer, nats_url: str, nodes: list[Node]) 
     ids = [msg_id for msg_id, _ in stored]
     assert len(ids) == len(set(ids)), "a signal_id was stored twice in the stream"
     assert all(msg_id == sig.signal_id for msg_id, sig in stored)
-    assert by_order([sig for _, sig in stored]) == want
+    assert observed_orders([sig for _, sig in stored]) == want
 
 
 async def test_three_instances_spread_evenly_and_survive_kill_9(

@@ -23,7 +23,8 @@ from hl_monitor.feeds.addresses import (
 from hl_monitor.ops.metrics import Metrics
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import AddressTable, create_engine
-from tests.test_feeds_connection import wait_until
+from tests.support.metrics import metric_value
+from tests.support.waiting import wait_until
 
 A = "0x" + "a" * 40
 B = "0x" + "b" * 40
@@ -60,11 +61,6 @@ class MutableSource:
         return list(self.entries)
 
 
-def _value(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(f"hl_monitor_{name}", labels or None)
-    return 0.0 if value is None else value
-
-
 def test_addresses_are_validated_and_lowercased() -> None:
     assert normalize_address("  0x" + "AbC" * 13 + "d ") == "0x" + "abc" * 13 + "d"
     for bad in ("0x123", "abc", "0x" + "g" * 40, None, 42, "0x" + "a" * 41):
@@ -88,7 +84,7 @@ async def test_reload_normalises_rows_and_skips_invalid_ones() -> None:
     assert diff == AddressDiff(added=(A, C))
     assert book.entries()[A] == WatchedAddress(address=A, label="whale", tier="precise", priority=5)
     assert book.entries()[C].tier == "wide"
-    assert _value(metrics, "address_reloads_total", outcome="invalid_address") == 2
+    assert metric_value(metrics, "address_reloads_total", outcome="invalid_address") == 2
 
 
 async def test_removal_waits_for_the_grace_and_a_readd_cancels_it() -> None:
@@ -154,7 +150,7 @@ async def test_a_failing_source_keeps_the_last_good_set() -> None:
     try:
         await asyncio.wait_for(book.wait_loaded(), 2)
         source.fail = True
-        await wait_until(lambda: _value(metrics, "address_reloads_total", outcome="error") >= 2)
+        await wait_until(lambda: metric_value(metrics, "address_reloads_total", outcome="error") >= 2)
         assert list(book.entries()) == [A]
     finally:
         task.cancel()

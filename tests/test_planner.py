@@ -19,8 +19,8 @@ from hl_monitor.ops.metrics import Metrics
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.signals import Signal
 from hl_monitor.tracking.tape import Owner, TapeTracker
-from tests.test_tape_tracker import OTHER, T0, WHALE, rest, symbols, trade
-from tests.tracking_factories import fill, frame, update
+from tests.support.factories import fill, frame, update
+from tests.support.tape import OTHER, T0, WHALE, rest, symbols, trade
 
 SETTLE_MS = 500
 

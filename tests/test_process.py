@@ -18,7 +18,7 @@ from hl_monitor.errors import InstanceLockedError
 from hl_monitor.ops.healthcheck import check, default_url
 from hl_monitor.ops.metrics import Metrics
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 HOLDER = textwrap.dedent(
     """

@@ -28,8 +28,9 @@ from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.signals import Signal
 from hl_monitor.tracking.tape import TapeTracker
-from tests.test_feeds_connection import _value, wait_until
-from tests.test_feeds_precise import MutableSource, fast_cfg
+from tests.support.metrics import metric_value
+from tests.support.precise import MutableSource, fast_cfg
+from tests.support.waiting import wait_until
 
 W1 = "0x" + "1" * 40
 W2 = "0x" + "2" * 40
@@ -259,7 +260,7 @@ async def test_precise_and_wide_views_of_one_whale_agree_on_direction_size_and_v
             assert t.status is None
             assert p.oid is not None
         assert len({x.signal_id for x in s.of(W1, "market_tape")}) == len(tape) == len(truth)
-        assert _value(s.metrics, "trades_processed_total", type="tape") >= 11
+        assert metric_value(s.metrics, "trades_processed_total", type="tape") >= 11
 
 
 async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> None:
@@ -271,7 +272,8 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
             whale = s.sim.exchange.whale(W1)
             await whale.market_order("ETH", True, "2", "2300", fills=2)
             await wait_until(
-                lambda: _value(s.metrics, "reconnects_total", kind="tape", reason="stale_connection") >= 1, within=5
+                lambda: metric_value(s.metrics, "reconnects_total", kind="tape", reason="stale_connection") >= 1,
+                within=5,
             )
             await wait_until(lambda: len(s.of(W1)) == 1)
             await wait_until(lambda: s.tape.continuous_since_ms() is not None)
@@ -280,8 +282,8 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
         assert (signal.coin, signal.direction, signal.side, signal.size) == ("ETH", "open", "LONG", Decimal(2))
         assert signal.backfilled
         assert signal.lateness_ms is not None
-        assert _value(s.metrics, "tape_events_total", kind="backfill_request") >= 1
-        assert _value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
+        assert metric_value(s.metrics, "tape_events_total", kind="backfill_request") >= 1
+        assert metric_value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
 
 
 async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet() -> None:
@@ -342,7 +344,7 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
     async with stack(planner=False, precise=False, user_slots=9, wide=wide) as s:
         await watched(s, W1)
         assert "xyz:XYZ100" in s.tape.uncovered()
-        assert _value(s.metrics, "tape_uncovered_coins") == 5
+        assert metric_value(s.metrics, "tape_uncovered_coins") == 5
         whale = s.sim.exchange.whale(W1)
         await whale.market_order("xyz:XYZ100", False, "0.5", "25000")
         await whale.market_order("BTC", True, "1", "80000")  # covered: a tape signal, no drift
@@ -361,7 +363,7 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
         assert r.signal_id.startswith(f"{W1}:recon:xyz:XYZ100:")
         assert r.price == Decimal(25000)  # the position's mark price from the REST answer
         assert [x.coin for x in s.of(W1, "market_tape")] == ["BTC"]
-        assert _value(s.metrics, "drift_corrections_total", asset_type="futures") == 1
+        assert metric_value(s.metrics, "drift_corrections_total", asset_type="futures") == 1
         assert s.tracker.position(W1, "xyz:XYZ100") == Decimal("-0.5")
 
 
@@ -376,7 +378,7 @@ async def test_a_spot_pair_that_gets_busy_is_moved_onto_a_short_tape() -> None:
         mover = s.sim.exchange.whale(W2)  # not watched: only makes the pair the busiest market
         await mover.market_order("@107", True, "100000", "40")
         await wait_until(lambda: "@107" not in s.tape.uncovered(), within=10)
-        assert _value(s.metrics, "tape_uncovered_coins") == 5
+        assert metric_value(s.metrics, "tape_uncovered_coins") == 5
         await tape_live(s)
         await s.sim.exchange.whale(W1).market_order("@107", True, "10", "40")
         await wait_until(lambda: [x.coin for x in s.of(W1, "market_tape")] == ["@107"])
