@@ -34,9 +34,6 @@ def make(clock: ManualClock | None = None, **limits: int | float) -> tuple[Budge
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.blocks_loop(
-    "starts 300 tasks in one step: ~3 ms normally, ~0.1 s under debug mode's per-task stack capture"
-)
 async def test_rest_weight_never_exceeds_capacity_with_many_concurrent_callers(seed: int) -> None:
     budgets, clock, _ = make(rest_weight_per_minute=100)
     rng = random.Random(seed)

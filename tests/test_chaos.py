@@ -38,7 +38,6 @@ WAITS_FOR_THE_MINUTE = {"reconnect_storm"}
 
 
 @pytest.mark.slow
-@pytest.mark.blocks_loop("only the harness runs on this loop (sim, comparisons); the service is a subprocess")
 @pytest.mark.parametrize(
     "name",
     [pytest.param(n, marks=pytest.mark.timeout(150)) if n in WAITS_FOR_THE_MINUTE else n for n in SQLITE_SCENARIOS],

@@ -57,7 +57,6 @@ STATUS_TIMEOUT_S = 2.0
 DEADLINE_S = 120.0
 pytestmark = [
     pytest.mark.timeout(DEADLINE_S + 60),
-    pytest.mark.blocks_loop("only the harness runs on this loop (sim, status polls, NATS reads); nodes are processes"),
 ]
 
 

@@ -68,7 +68,6 @@ async def _request(
 @pytest.mark.slow
 @pytest.mark.mariadb
 @pytest.mark.timeout(90)
-@pytest.mark.blocks_loop("only the harness runs on this loop (sim, NATS reads); the service is a subprocess")
 async def test_secrets_never_appear_in_logs_status_metrics_or_errors(mariadb_url: str, tmp_path: Path) -> None:
     secrets = _secrets()
     user = f"hlm_sec_{uuid.uuid4().hex[:8]}"
