@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.format_helpers as asyncio_format_helpers
-import inspect
 import logging
 import os
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -129,12 +128,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[object]:
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
     """Around looptime's own hook: for a plain (sync) test it asks the policy for the current loop, which on
     the main thread creates one that nobody closes; its ResourceWarning then fails whichever test the garbage
     collector happens to run in. With the current loop explicitly unset, the policy raises instead (looptime
     expects that) and no loop is created."""
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+    if pyfuncitem.get_closest_marker("asyncio") is None:  # pytest-asyncio marks every async test (auto mode)
         asyncio.set_event_loop(None)
     return (yield)
 

@@ -217,14 +217,26 @@ async def trade(sim: SimServer, whales: list[str], round_: int) -> None:
 
 
 async def assert_exactly_once(sim: SimServer, nats_url: str, nodes: list[Node]) -> None:
+    """Every order in the stream once, checked at a quiet point: a marker order per whale traded after
+    everything else is in the stream, and every running node has an empty outbox and writer queue. A late
+    duplicate (a second holder, a replay) is made from fills that came before the markers, so by then it is
+    stored, or at least still queued in some node."""
+    for address in WHALES:
+        await sim.exchange.whale(address).market_order("SOL", True, "1", "150")
     want = {k: v for address in WHALES for k, v in expected_precise_orders(sim, address).items()}
 
     async def complete() -> bool:
         stored = await stream_signals(nats_url)
         return len({msg_id for msg_id, _ in stored}) >= len(want)
 
+    async def drained() -> bool:
+        statuses = await asyncio.gather(*(n.status() for n in nodes if n.proc is not None))
+        if any(status is None for status in statuses):
+            return False  # a running node that does not answer may still hold signals
+        return all(s is not None and s["outbox_depth"] == 0 and s["writer_queue_depth"] == 0 for s in statuses)
+
     await eventually(complete, 30, f"{len(want)} signals in the stream", nodes)
-    await asyncio.sleep(1.0)  # a late duplicate (a second holder, a replay) would be stored by now
+    await eventually(drained, 30, "every node's outbox and writer queue empty", nodes)
     stored = await stream_signals(nats_url)
     ids = [msg_id for msg_id, _ in stored]
     assert len(ids) == len(set(ids)), "a signal_id was stored twice in the stream"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import pytest
 
@@ -29,6 +30,10 @@ from tests.support.waiting import wait_until
 A = "0x" + "a" * 40
 B = "0x" + "b" * 40
 C = "0x" + "c" * 40
+# A realistic removal grace; on looptime's loop clock waiting it out costs no real time.
+GRACE_S: Final = 60.0
+# Change-marker polls that make a quiet point: the poll before the last has certainly been compared and acted on.
+QUIET_POLLS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -120,9 +125,14 @@ async def test_removal_waits_for_the_grace_and_a_readd_cancels_it() -> None:
     assert changes == [AddressDiff(added=(A, B)), AddressDiff(removed=(B,)), AddressDiff(updated=(A,))]
 
 
+@pytest.mark.looptime
 async def test_run_applies_refresh_now_and_expires_graces_without_a_reload() -> None:
+    """On loop time under looptime: the grace is a minute, and the test sees it end at exactly that minute."""
+    loop = asyncio.get_running_loop()
     source = MutableSource(WatchedAddress(address=A))
-    book = AddressBook([source], Metrics(), reload_interval=3600, remove_grace=0.2, poll_interval=0.05)
+    book = AddressBook(
+        [source], Metrics(), reload_interval=3600, remove_grace=GRACE_S, poll_interval=0.05, clock=loop.time
+    )
     task = asyncio.create_task(book.run())
     try:
         await asyncio.wait_for(book.wait_loaded(), 2)
@@ -132,11 +142,13 @@ async def test_run_applies_refresh_now_and_expires_graces_without_a_reload() -> 
         version = await asyncio.wait_for(book.wait_changed(version), 1)
         assert set(book.entries()) == {A, B}
         source.entries = [WatchedAddress(address=B)]
+        removed_at = loop.time()
         book.refresh_now()
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(GRACE_S - 1)
         assert set(book.entries()) == {A, B}  # A in grace
-        await asyncio.wait_for(book.wait_changed(book.version), 1)  # the grace ran out on its own
+        await asyncio.wait_for(book.wait_changed(book.version), 2)  # the grace ran out on its own
         assert set(book.entries()) == {B}
+        assert loop.time() - removed_at >= GRACE_S
     finally:
         task.cancel()
         await asyncio.wait([task])
@@ -180,13 +192,20 @@ async def test_cli_writes_to_the_table_take_effect_within_a_second(sqlite_url: s
     table = AddressTable(engine)
     loads = 0
 
+    polls = 0
+
     async def load() -> Sequence[AddressRow]:
         nonlocal loads
         loads += 1
         return await table.load()
 
+    async def change_marker() -> object:
+        nonlocal polls
+        polls += 1
+        return await table.change_marker()
+
     book = AddressBook(
-        [CallableSource(load, table.change_marker)],
+        [CallableSource(load, change_marker)],
         Metrics(),
         reload_interval=3600,
         remove_grace=0.0,
@@ -196,8 +215,9 @@ async def test_cli_writes_to_the_table_take_effect_within_a_second(sqlite_url: s
     try:
         await asyncio.wait_for(book.wait_loaded(), 2)
         assert not book.entries()
-        quiet_loads = loads
-        await asyncio.sleep(0.3)
+        quiet_loads, polled = loads, polls
+        # Quiet point: the book has read the unchanged marker a few more times and decided each time.
+        await wait_until(lambda: polls >= polled + QUIET_POLLS, what="more change-marker polls")
         assert loads == quiet_loads  # an unchanged marker costs no reload
         version = book.version
         await table.add([Change(A.upper().replace("0X", "0x"), label="cli", tier="precise", priority=2)])

@@ -83,6 +83,16 @@ class Harness:
         assert self.sim.faults.abrupt_close_all() == 1
         await wait_until(lambda: stream.connection.state is not ConnState.LIVE)
 
+    async def quiet_point(self, address: str, recoveries: int) -> int:
+        """Wait for the address's `recoveries`-th gap recovery to finish, then trade one marker order and wait for
+        its signal: whatever the recovery or earlier frames would still emit comes out before it. Returns its oid."""
+        stream = self.manager.stream(address)
+        assert stream is not None
+        await wait_until(lambda: stream.recoveries >= recoveries and stream.connection.state is ConnState.LIVE)
+        oid = await self.sim.exchange.whale(address).market_order("HYPE", True, "1", "40")
+        await wait_until(lambda: any(s.oid == oid for s in self.signals), what="the marker order's signal")
+        return oid
+
     def reconnect(self) -> None:
         """Let the connection `cut` held back dial again."""
         assert isinstance(self.budgets, GatedBudgets)
@@ -194,7 +204,9 @@ async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> 
 
         h.reconnect()
         await wait_until(lambda: len(h.signals) == 4)
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        marker = await h.quiet_point(W1, recoveries=2)  # the first at subscribe, the second after the cut
+        assert len(h.signals) == 5, "a gap order came out twice"
+        assert h.signals[-1].oid == marker
 
         assert observed_orders(h.signals) == expected_orders(h.sim, W1)
         by_oid = {s.oid: s for s in h.signals}
@@ -202,7 +214,7 @@ async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> 
         assert by_oid[during].backfilled
         assert by_oid[partly].status == "canceled"
         assert by_oid[partly].size == Decimal("4")
-        assert len({s.signal_id for s in h.signals}) == 4
+        assert len({s.signal_id for s in h.signals}) == 5
         assert metric_value(h.metrics, "reconnects_total", kind="user", reason="dropped") == 1
         assert metric_value(h.metrics, "backfilled_fills_total", via="rest") >= 2
         assert metric_value(h.metrics, "gap_recoveries_total", outcome="ok") == 2
@@ -295,8 +307,8 @@ async def test_a_twap_that_ends_during_a_gap_comes_out_once_with_every_slice() -
         twap_id = await whale.twap("SOL", True, "9", slices=3, px="95")
         h.reconnect()
         await wait_until(lambda: len(h.signals) == 2)
-        await asyncio.sleep(0.3)  # a second (continuation) signal would arrive now
-        assert len(h.signals) == 2
+        marker = await h.quiet_point(W1, recoveries=2)  # the first at subscribe, the second after the cut
+        assert [s.oid for s in h.signals[2:]] == [marker], "a second (continuation) TWAP signal came out"
         twap = h.signals[1]
         assert (twap.twap_id, twap.size, twap.fill_count, twap.status) == (twap_id, Decimal(9), 3, "finished")
         assert twap.backfilled

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from hl_monitor.config import AggregationConfig, HyperliquidConfig, WideConfig
 from hl_monitor.feeds.addresses import AddressBook, AddressDiff, WatchedAddress
@@ -35,6 +35,8 @@ from tests.support.waiting import wait_until
 W1 = "0x" + "1" * 40
 W2 = "0x" + "2" * 40
 NOISE = "0x" + "9" * 40  # an unwatched trader keeping the tape busy
+# Fills of a quiet-point marker order (the `trade` helper's market orders fill twice).
+MARKER_FILLS: Final = 2
 
 
 @dataclass
@@ -453,9 +455,19 @@ async def test_tier_moves_lose_and_duplicate_no_signal() -> None:
         await wait_until(lambda: s.planner.tier(W1) == "precise")
         await trade("SOL", True, "1", "94")  # precise again
         await trade("ETH", False, "1", "2320")
+        await wait_until(lambda: signals_by_block(s.of(W1)) == fills_by_block(s.sim, W1), within=8)
+        # Quiet point: a marker order that both the user stream and the tape see after everything above. Once
+        # its signal is out, the tape has read past it and no block is still settling, a duplicate of any
+        # earlier block would already be among the signals.
+        tape_before = metric_value(s.metrics, "trades_processed_total", type="tape")
+        await trade("BTC", True, "0.1", "80060")
         truth = fills_by_block(s.sim, W1)
-        await wait_until(lambda: signals_by_block(s.of(W1)) == truth, within=8)
-        await asyncio.sleep(0.5)  # a duplicate would show up now
+
+        def quiet() -> bool:
+            tape_read = metric_value(s.metrics, "trades_processed_total", type="tape") >= tape_before + MARKER_FILLS
+            return tape_read and s.tracker.open_blocks() == 0 and len(signals_by_block(s.of(W1))) >= len(truth)
+
+        await wait_until(quiet, what="the marker order through both tiers")
         assert signals_by_block(s.of(W1)) == truth
         ids = [x.signal_id for x in s.of(W1)]
         assert len(ids) == len(set(ids))
