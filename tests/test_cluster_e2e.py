@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from tests.support.ledger import observed_orders
 from tests.support.nats import NatsServer
 from tests.support.net import free_port
 from tests.support.proxy import Proxy
+from tests.support.waiting import wait_until
 
 WHALES = ["0x" + f"{i:02x}" * 20 for i in range(0xA1, 0xA7)]
 WIDE = ["0x" + f"{i:02x}" * 20 for i in range(0xB1, 0xB4)]  # tier "wide" in the address table
@@ -52,6 +52,8 @@ SHARED_IP = SimConfig(
     rest_weight_per_minute=1_000_000,
 )
 STATUS_TIMEOUT_S = 2.0
+# Status and stream polls are HTTP/NATS round trips to subprocesses: a tenth of a second is often enough.
+STATUS_POLL_S = 0.1
 # Whole-test bound (the windows of `eventually` alone add up to more): a hung step fails with the nodes' logs and
 # the processes are stopped, where pytest-timeout would kill the loop and leak them into later tests.
 DEADLINE_S = 120.0
@@ -160,15 +162,11 @@ class Node:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str, nodes: list[Node]) -> float:
-    """Poll `check` until true; returns the seconds it took. On timeout, fail with the nodes' log tails."""
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await check():
-            took = time.monotonic() - started
-            print(f"{took:5.1f}s  {what}")  # shown with a failure: which step was slow
-            return took
-        await asyncio.sleep(0.1)
-    pytest.fail(f"timed out after {within}s waiting for: {what}\n{log_tails(nodes)}")
+    """`wait_until` with the nodes' log tails on a timeout; prints how long each step took (shown with a failure:
+    which step was slow)."""
+    took = await wait_until(check, within, what, poll=STATUS_POLL_S, details=lambda: log_tails(nodes))
+    print(f"{took:5.1f}s  {what}")
+    return took
 
 
 def log_tails(nodes: list[Node]) -> str:

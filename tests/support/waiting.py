@@ -15,20 +15,29 @@ DEFAULT_WITHIN_S: Final = 15.0
 POLL_S: Final = 0.01
 
 
-async def wait_until(check: Callable[[], object], within: float = DEFAULT_WITHIN_S, what: str = "") -> None:
-    """Poll `check` (plain or async) until it is truthy; fail the test if it stays falsy for `within` seconds.
+async def wait_until(
+    check: Callable[[], object],
+    within: float = DEFAULT_WITHIN_S,
+    what: str = "",
+    *,
+    poll: float = POLL_S,
+    details: Callable[[], str] | None = None,
+) -> float:
+    """Poll `check` (plain or async) until it is truthy and return the seconds that took; fail the test if it
+    stays falsy for `within` seconds, with `details()` (e.g. the log tails of subprocesses) in the message.
 
     Polling, because there is no event to wait on for "the sim saw N things". The deadline is loop time, so
     under `@pytest.mark.looptime` it is fake time as well.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
+    started = loop.time()
     while True:
         result = check()
         if inspect.isawaitable(result):
             result = await result
         if result:
-            return
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what or check}")
-        await asyncio.sleep(POLL_S)
+            return loop.time() - started
+        if loop.time() - started > within:
+            extra = "" if details is None else "\n" + details()
+            pytest.fail(f"timed out after {within} s waiting for {what or check}{extra}", pytrace=details is None)
+        await asyncio.sleep(poll)
