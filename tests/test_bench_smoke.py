@@ -17,7 +17,6 @@ from hl_monitor.cli import build_parser
 EXPECTED_BENCHES = {"decode", "engine", "tape", "memory", "e2e_throughput", "e2e_latency"}
 
 
-@pytest.mark.blocks_loop("the in-process benches measure CPU-bound work on the loop thread by design")
 async def test_smoke_run_writes_every_bench_with_baselines_and_zero_loss(tmp_path: Path, mariadb_url: str) -> None:
     await run_all(tmp_path, SMOKE, mysql_url=mariadb_url, require_mariadb=True)
 

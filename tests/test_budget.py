@@ -16,6 +16,7 @@ from hl_monitor.domain.address import Priority
 from hl_monitor.errors import BudgetExceededError, ConfigError
 from hl_monitor.feeds.budget import LIMIT_WINDOW_S, RELEASE_AFTER_CLOSE_S, Budgets
 from hl_monitor.metrics import Metrics
+from tests.support.budget import max_in_any_window
 
 WHALE_A = "0xAbC0000000000000000000000000000000000001"
 WHALE_B = "0x0000000000000000000000000000000000000002"
@@ -34,19 +35,7 @@ def make(clock: ManualClock | None = None, **limits: int | float) -> tuple[Budge
     return Budgets(HyperliquidConfig(**limits), metrics, clock=clock), clock, metrics  # type: ignore[arg-type]
 
 
-def max_in_any_window(events: list[tuple[float, int]], window: float) -> int:
-    """Largest sum of amounts stamped within any half-open `window` (events sorted by time)."""
-    worst = 0
-    for i, (t_end, _) in enumerate(events):
-        total = sum(amount for t, amount in events[: i + 1] if t > t_end - window)
-        worst = max(worst, total)
-    return worst
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.blocks_loop(
-    "starts 300 tasks in one step: ~3 ms normally, ~0.1 s under debug mode's per-task stack capture"
-)
 async def test_rest_weight_never_exceeds_capacity_with_many_concurrent_callers(seed: int) -> None:
     budgets, clock, _ = make(rest_weight_per_minute=100)
     rng = random.Random(seed)

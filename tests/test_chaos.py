@@ -18,7 +18,7 @@ from hl_monitor.chaos.cli import results_table
 from hl_monitor.chaos.env import ChaosOptions, compare
 from hl_monitor.chaos.scenarios import SCENARIOS, ScenarioResult, run_scenario
 from hl_monitor.domain.signal import Signal
-from tests.test_storage import make_signal
+from tests.support.storage import make_signal
 
 QUICK_SQLITE = ChaosOptions(quick=True, db="sqlite")
 # Scenarios that run on SQLite in CI; db_outage and kill9 run on MariaDB below (the database a production
@@ -38,7 +38,6 @@ WAITS_FOR_THE_MINUTE = {"reconnect_storm"}
 
 
 @pytest.mark.slow
-@pytest.mark.blocks_loop("only the harness runs on this loop (sim, comparisons); the service is a subprocess")
 @pytest.mark.parametrize(
     "name",
     [pytest.param(n, marks=pytest.mark.timeout(150)) if n in WAITS_FOR_THE_MINUTE else n for n in SQLITE_SCENARIOS],

@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,12 @@ from hl_monitor.ops.http import AddressInput
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import AddressTable
-from tests.conftest import NatsServer, free_port
-from tests.test_app import by_order
-from tests.test_cluster import Proxy
-from tests.test_feeds_precise import expected_orders as expected_precise_orders
+from tests.support.ledger import expected_orders as expected_precise_orders
+from tests.support.ledger import observed_orders
+from tests.support.nats import NatsServer
+from tests.support.net import free_port
+from tests.support.proxy import Proxy
+from tests.support.waiting import wait_until
 
 WHALES = ["0x" + f"{i:02x}" * 20 for i in range(0xA1, 0xA7)]
 WIDE = ["0x" + f"{i:02x}" * 20 for i in range(0xB1, 0xB4)]  # tier "wide" in the address table
@@ -51,12 +52,13 @@ SHARED_IP = SimConfig(
     rest_weight_per_minute=1_000_000,
 )
 STATUS_TIMEOUT_S = 2.0
+# Status and stream polls are HTTP/NATS round trips to subprocesses: a tenth of a second is often enough.
+STATUS_POLL_S = 0.1
 # Whole-test bound (the windows of `eventually` alone add up to more): a hung step fails with the nodes' logs and
 # the processes are stopped, where pytest-timeout would kill the loop and leak them into later tests.
 DEADLINE_S = 120.0
 pytestmark = [
     pytest.mark.timeout(DEADLINE_S + 60),
-    pytest.mark.blocks_loop("only the harness runs on this loop (sim, status polls, NATS reads); nodes are processes"),
 ]
 
 
@@ -160,15 +162,11 @@ class Node:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str, nodes: list[Node]) -> float:
-    """Poll `check` until true; returns the seconds it took. On timeout, fail with the nodes' log tails."""
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await check():
-            took = time.monotonic() - started
-            print(f"{took:5.1f}s  {what}")  # shown with a failure: which step was slow
-            return took
-        await asyncio.sleep(0.1)
-    pytest.fail(f"timed out after {within}s waiting for: {what}\n{log_tails(nodes)}")
+    """`wait_until` with the nodes' log tails on a timeout; prints how long each step took (shown with a failure:
+    which step was slow)."""
+    took = await wait_until(check, within, what, poll=STATUS_POLL_S, details=lambda: log_tails(nodes))
+    print(f"{took:5.1f}s  {what}")
+    return took
 
 
 def log_tails(nodes: list[Node]) -> str:
@@ -217,19 +215,31 @@ async def trade(sim: SimServer, whales: list[str], round_: int) -> None:
 
 
 async def assert_exactly_once(sim: SimServer, nats_url: str, nodes: list[Node]) -> None:
+    """Every order in the stream once, checked at a quiet point: a marker order per whale traded after
+    everything else is in the stream, and every running node has an empty outbox and writer queue. A late
+    duplicate (a second holder, a replay) is made from fills that came before the markers, so by then it is
+    stored, or at least still queued in some node."""
+    for address in WHALES:
+        await sim.exchange.whale(address).market_order("SOL", True, "1", "150")
     want = {k: v for address in WHALES for k, v in expected_precise_orders(sim, address).items()}
 
     async def complete() -> bool:
         stored = await stream_signals(nats_url)
         return len({msg_id for msg_id, _ in stored}) >= len(want)
 
+    async def drained() -> bool:
+        statuses = await asyncio.gather(*(n.status() for n in nodes if n.proc is not None))
+        if any(status is None for status in statuses):
+            return False  # a running node that does not answer may still hold signals
+        return all(s is not None and s["outbox_depth"] == 0 and s["writer_queue_depth"] == 0 for s in statuses)
+
     await eventually(complete, 30, f"{len(want)} signals in the stream", nodes)
-    await asyncio.sleep(1.0)  # a late duplicate (a second holder, a replay) would be stored by now
+    await eventually(drained, 30, "every node's outbox and writer queue empty", nodes)
     stored = await stream_signals(nats_url)
     ids = [msg_id for msg_id, _ in stored]
     assert len(ids) == len(set(ids)), "a signal_id was stored twice in the stream"
     assert all(msg_id == sig.signal_id for msg_id, sig in stored)
-    assert by_order([sig for _, sig in stored]) == want
+    assert observed_orders([sig for _, sig in stored]) == want
 
 
 async def test_three_instances_spread_evenly_and_survive_kill_9(

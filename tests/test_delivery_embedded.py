@@ -16,8 +16,10 @@ from hl_monitor.delivery.embedded_nats import EmbeddedNats, find_nats_server
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.errors import DeliveryError
 from hl_monitor.metrics import Metrics
-from tests.conftest import NatsServer
-from tests.test_delivery_publisher import make_signal, nats_cfg, read_stream, sample, wait_until
+from tests.support.delivery import make_signal, nats_cfg
+from tests.support.metrics import metric_value
+from tests.support.nats import NatsServer, read_stream
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -76,7 +78,7 @@ async def test_crashed_server_is_restarted_with_its_store_and_dedup_state(embedd
     finally:
         await publisher.close()
     assert [m[1] for m in await read_stream(embedded.url)] == [signal.signal_id]
-    assert sample(embedded._metrics, "task_restarts_total", task="nats_server") == 1
+    assert metric_value(embedded._metrics, "task_restarts_total", task="nats_server") == 1
 
 
 async def test_store_dir_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:

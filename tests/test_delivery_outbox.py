@@ -18,8 +18,10 @@ from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
 from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.storage.writer import BatchWriter
-from tests.conftest import NatsServer
-from tests.test_delivery_publisher import freeze, make_signal, nats_cfg, read_stream, sample, wait_until
+from tests.support.delivery import freeze, make_signal, nats_cfg
+from tests.support.metrics import metric_value
+from tests.support.nats import NatsServer, read_stream
+from tests.support.waiting import wait_until
 
 
 class MemoryStore:
@@ -117,7 +119,7 @@ async def test_submitted_signals_are_published_once_and_marked(nats_server: Nats
         await r.submit(signals[0])  # a second submit of a held or acked signal changes nothing
         await wait_until(store.all_published, what="all marked published")
         assert r.outbox.depth == 0
-        assert sample(r.metrics, "outbox_depth") == 0
+        assert metric_value(r.metrics, "outbox_depth") == 0
     await assert_stream_holds_exactly(nats_server.url, signals)
 
 
@@ -177,7 +179,7 @@ async def test_service_crash_then_restart_republishes_from_the_store_once(nats_s
     store.fail_marks = False
     async with relay(nats_server.url, store) as second:
         await wait_until(store.all_published, what="all marked published after restart")
-        assert sample(second.metrics, "publish_duplicates_total") > 0  # the first run's acks, absorbed by dedup
+        assert metric_value(second.metrics, "publish_duplicates_total") > 0  # the first run's acks, absorbed by dedup
     await assert_stream_holds_exactly(nats_server.url, signals)
 
 
@@ -206,7 +208,7 @@ async def test_full_outbox_leaves_signals_to_the_store_scan(nats_server: NatsSer
         for s in signals:
             await r.submit(s)
         assert r.outbox.held == 10
-        assert sample(r.metrics, "outbox_spilled_total") == 30
+        assert metric_value(r.metrics, "outbox_spilled_total") == 30
         assert r.outbox.depth == 40
         await asyncio.to_thread(nats_server.start)
         await wait_until(store.all_published, what="all marked published")
@@ -231,7 +233,7 @@ async def test_slow_nats_applies_backpressure_instead_of_spilling(nats_server: N
             os.kill(nats_server.proc.pid, os_signal.SIGCONT)
         await blocked
         await wait_until(store.all_published, what="all marked published")
-        assert sample(r.metrics, "outbox_spilled_total") == 0
+        assert metric_value(r.metrics, "outbox_spilled_total") == 0
     await assert_stream_holds_exactly(nats_server.url, signals)
 
 

@@ -13,7 +13,7 @@ import shutil
 import signal as os_signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -28,89 +28,15 @@ from nats.js.api import RetentionPolicy
 
 from hl_monitor.config import NatsConfig, Secret, SignalsConfig
 from hl_monitor.delivery.publisher import Publisher, signal_subject, subject_token
-from hl_monitor.domain.signal import LEGACY_KEYS, Signal, decode_signal
+from hl_monitor.domain.signal import LEGACY_KEYS, decode_signal
 from hl_monitor.errors import ConfigError, DeliveryError, PublishError
 from hl_monitor.metrics import Metrics
-from tests import nats_auth
-from tests.conftest import NatsServer, free_port, nats_server_binary
-
-ADDRESS = "0x" + "ab" * 20
-
-
-def make_signal(i: int = 0, *, address: str = ADDRESS, symbol: str = "BTCUSDC", **changes: Any) -> Signal:
-    """A realistic close signal whose decimals would not survive a float round trip."""
-    signal = Signal(
-        address=address,
-        asset_type="futures",
-        symbol=symbol,
-        coin_type="A",
-        direction="close",
-        side="SHORT",
-        position_rate=Decimal("12.345678901234567890"),
-        close_rate=Decimal("0.5"),
-        size=Decimal("1.000000000000000001") + i,
-        price=Decimal("65000.123456789012345"),
-        timestamp=1_717_000_000_000 + i,
-        signal_id=f"{address}:{535618784464 + i}:CS",
-        coin="BTC",
-        dir="Close Short",
-        oid=535618784464 + i,
-        status="filled",
-        trigger="status",
-        fill_count=3,
-        first_fill_time=1_717_000_000_000 + i,
-        last_fill_time=1_717_000_000_500 + i,
-        notional_usd=Decimal("65000.1234567890123450001"),
-        position_before=Decimal("-2.5"),
-        position_after=Decimal("-1.25"),
-        detected_at=int(time.time() * 1000),
-    )
-    return msgspec.structs.replace(signal, **changes) if changes else signal
-
-
-def nats_cfg(**changes: Any) -> NatsConfig:
-    """Config tuned for fast tests: quick reconnects, short timeouts and scans."""
-    values: dict[str, Any] = {
-        "reconnect_wait": 0.05,
-        "publish_timeout": 1.0,
-        "outbox_scan_interval": 0.1,
-        "retry_initial_delay": 0.02,
-        "retry_max_delay": 0.2,
-    }
-    values.update(changes)
-    return NatsConfig(**values)
-
-
-async def wait_until(check: Callable[[], bool | Awaitable[bool]], within: float = 15.0, what: str = "") -> None:
-    """Poll `check` every 20 ms; fail the test if it stays false for `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.02)
-
-
-async def read_stream(url: str, stream: str = "HL_SIGNALS") -> list[tuple[str, str, bytes]]:
-    """Every message in the stream as (subject, Nats-Msg-Id, payload), in stream order."""
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(stream)
-        out = []
-        if info.state.messages:
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                msg = await js.get_msg(stream, seq)
-                assert msg.subject is not None
-                assert msg.data is not None
-                out.append((msg.subject, (msg.headers or {}).get("Nats-Msg-Id", ""), msg.data))
-        return out
-    finally:
-        await nc.close()
+from tests.support import nats_auth
+from tests.support.delivery import ADDRESS, freeze, make_signal, nats_cfg
+from tests.support.metrics import metric_value
+from tests.support.nats import NatsServer, nats_server_binary, read_stream
+from tests.support.net import free_port
+from tests.support.waiting import wait_until
 
 
 async def received(sub: Subscription, quiet: float = 0.3) -> list[Msg]:
@@ -128,20 +54,6 @@ async def connected_publisher(url: str, cfg: NatsConfig | None = None, **signals
     await publisher.connect(wait=5)
     await publisher.ensure_stream()
     return publisher, metrics
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(f"hl_monitor_{name}", labels)
-    return 0.0 if value is None else value
-
-
-def freeze(pid: int) -> None:
-    """SIGSTOP a process and wait until it is really stopped (signal delivery is asynchronous)."""
-    os.kill(pid, os_signal.SIGSTOP)
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "T":
-        assert time.monotonic() < deadline, "process did not stop"
-        time.sleep(0.001)
 
 
 @contextlib.asynccontextmanager
@@ -229,9 +141,9 @@ async def test_publish_stores_each_signal_id_once_with_exact_payload(nats_server
     assert msg_id == signal.signal_id
     assert decode_signal(payload) == signal
     assert b'"size":1.000000000000000001' in payload
-    assert sample(metrics, "signals_published_total", side="SHORT", symbol="BTCUSDC") == 1
-    assert sample(metrics, "publish_duplicates_total") == 1
-    assert sample(metrics, "signal_to_ack_seconds_count") == 1
+    assert metric_value(metrics, "signals_published_total", side="SHORT", symbol="BTCUSDC") == 1
+    assert metric_value(metrics, "publish_duplicates_total") == 1
+    assert metric_value(metrics, "signal_to_ack_seconds_count") == 1
 
 
 async def test_stream_is_created_with_configured_settings_and_updated_when_they_change(
@@ -326,7 +238,7 @@ async def test_publish_with_unknown_outcome_still_sends_legacy_once(nats_server:
     finally:
         await publisher.close()
         await listener.close()
-    assert sample(metrics, "publish_errors_total", reason="timeout") == 1
+    assert metric_value(metrics, "publish_errors_total", reason="timeout") == 1
     assert [m[1] for m in await read_stream(nats_server.url)] == [signal.signal_id]
 
 
@@ -342,20 +254,20 @@ async def test_connected_gauge_is_zero_while_reconnecting(nats_server: NatsServe
 
     try:
         assert up()
-        assert sample(metrics, "nats_connected") == 1
+        assert metric_value(metrics, "nats_connected") == 1
         await asyncio.to_thread(nats_server.stop)
-        await wait_until(lambda: sample(metrics, "nats_connected") == 0, what="gauge 0")
+        await wait_until(lambda: metric_value(metrics, "nats_connected") == 0, what="gauge 0")
         assert not up()
         with pytest.raises(PublishError) as err:
             await publisher.publish(make_signal())
         assert err.value.reason == "disconnected"
         await asyncio.to_thread(nats_server.start)
         await wait_until(up, what="reconnect")
-        assert sample(metrics, "nats_connected") == 1
+        assert metric_value(metrics, "nats_connected") == 1
         assert not (await publisher.publish(make_signal())).duplicate
     finally:
         await publisher.close()
-    assert sample(metrics, "nats_connected") == 0
+    assert metric_value(metrics, "nats_connected") == 0
     assert not up()
 
 
@@ -378,7 +290,7 @@ async def test_stream_is_recreated_after_the_server_lost_its_store(nats_server: 
         await publisher.close()
     assert "no_stream" in reasons
     assert [m[1] for m in await read_stream(nats_server.url)] == [make_signal(1).signal_id]
-    assert sample(metrics, "publish_errors_total", reason="no_stream") == 1
+    assert metric_value(metrics, "publish_errors_total", reason="no_stream") == 1
 
 
 async def test_unreachable_server_gives_up_after_wait() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import pytest
 
@@ -15,11 +16,16 @@ from hl_monitor.feeds.addresses import AddressBook, AddressDiff, AddressRow, Cal
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import AddressTable, create_engine
-from tests.test_feeds_connection import wait_until
+from tests.support.metrics import metric_value
+from tests.support.waiting import wait_until
 
 A = "0x" + "a" * 40
 B = "0x" + "b" * 40
 C = "0x" + "c" * 40
+# A realistic removal grace; on looptime's loop clock waiting it out costs no real time.
+GRACE_S: Final = 60.0
+# Change-marker polls that make a quiet point: the poll before the last has certainly been compared and acted on.
+QUIET_POLLS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,6 @@ class MutableSource:
         return list(self.entries)
 
 
-def _value(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(f"hl_monitor_{name}", labels or None)
-    return 0.0 if value is None else value
-
-
 def test_addresses_are_validated_and_lowercased() -> None:
     assert parse_address("  0x" + "AbC" * 13 + "d ") == "0x" + "abc" * 13 + "d"
     for bad in ("0x123", "abc", "0x" + "g" * 40, None, 42, "0x" + "a" * 41):
@@ -80,7 +81,7 @@ async def test_reload_normalises_rows_and_skips_invalid_ones() -> None:
     assert diff == AddressDiff(added=(A, C))
     assert book.entries()[A] == WatchedAddress(address=A, label="whale", tier="precise", priority=5)
     assert book.entries()[C].tier == "wide"
-    assert _value(metrics, "address_reloads_total", outcome="invalid_address") == 2
+    assert metric_value(metrics, "address_reloads_total", outcome="invalid_address") == 2
 
 
 async def test_removal_waits_for_the_grace_and_a_readd_cancels_it() -> None:
@@ -116,9 +117,14 @@ async def test_removal_waits_for_the_grace_and_a_readd_cancels_it() -> None:
     assert changes == [AddressDiff(added=(A, B)), AddressDiff(removed=(B,)), AddressDiff(updated=(A,))]
 
 
+@pytest.mark.looptime
 async def test_run_applies_refresh_now_and_expires_graces_without_a_reload() -> None:
+    """On loop time under looptime: the grace is a minute, and the test sees it end at exactly that minute."""
+    loop = asyncio.get_running_loop()
     source = MutableSource(WatchedAddress(address=A))
-    book = AddressBook([source], Metrics(), reload_interval=3600, remove_grace=0.2, poll_interval=0.05)
+    book = AddressBook(
+        [source], Metrics(), reload_interval=3600, remove_grace=GRACE_S, poll_interval=0.05, clock=loop.time
+    )
     task = asyncio.create_task(book.run())
     try:
         await asyncio.wait_for(book.wait_loaded(), 2)
@@ -128,11 +134,13 @@ async def test_run_applies_refresh_now_and_expires_graces_without_a_reload() -> 
         version = await asyncio.wait_for(book.wait_changed(version), 1)
         assert set(book.entries()) == {A, B}
         source.entries = [WatchedAddress(address=B)]
+        removed_at = loop.time()
         book.refresh_now()
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(GRACE_S - 1)
         assert set(book.entries()) == {A, B}  # A in grace
-        await asyncio.wait_for(book.wait_changed(book.version), 1)  # the grace ran out on its own
+        await asyncio.wait_for(book.wait_changed(book.version), 2)  # the grace ran out on its own
         assert set(book.entries()) == {B}
+        assert loop.time() - removed_at >= GRACE_S
     finally:
         task.cancel()
         await asyncio.wait([task])
@@ -146,7 +154,7 @@ async def test_a_failing_source_keeps_the_last_good_set() -> None:
     try:
         await asyncio.wait_for(book.wait_loaded(), 2)
         source.fail = True
-        await wait_until(lambda: _value(metrics, "address_reloads_total", outcome="error") >= 2)
+        await wait_until(lambda: metric_value(metrics, "address_reloads_total", outcome="error") >= 2)
         assert list(book.entries()) == [A]
     finally:
         task.cancel()
@@ -176,13 +184,20 @@ async def test_cli_writes_to_the_table_take_effect_within_a_second(sqlite_url: s
     table = AddressTable(engine)
     loads = 0
 
+    polls = 0
+
     async def load() -> Sequence[AddressRow]:
         nonlocal loads
         loads += 1
         return await table.load()
 
+    async def change_marker() -> object:
+        nonlocal polls
+        polls += 1
+        return await table.change_marker()
+
     book = AddressBook(
-        [CallableSource(load, table.change_marker)],
+        [CallableSource(load, change_marker)],
         Metrics(),
         reload_interval=3600,
         remove_grace=0.0,
@@ -192,8 +207,9 @@ async def test_cli_writes_to_the_table_take_effect_within_a_second(sqlite_url: s
     try:
         await asyncio.wait_for(book.wait_loaded(), 2)
         assert not book.entries()
-        quiet_loads = loads
-        await asyncio.sleep(0.3)
+        quiet_loads, polled = loads, polls
+        # Quiet point: the book has read the unchanged marker a few more times and decided each time.
+        await wait_until(lambda: polls >= polled + QUIET_POLLS, what="more change-marker polls")
         assert loads == quiet_loads  # an unchanged marker costs no reload
         version = book.version
         await table.add([Change(A.upper().replace("0X", "0x"), label="cli", tier="precise", priority=2)])

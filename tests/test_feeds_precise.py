@@ -18,7 +18,7 @@ from hl_monitor.clock import ManualClock
 from hl_monitor.config import AggregationConfig, HyperliquidConfig
 from hl_monitor.domain.address import WatchedAddress
 from hl_monitor.domain.signal import Signal
-from hl_monitor.feeds.addresses import AddressBook, AddressDiff, AddressRow
+from hl_monitor.feeds.addresses import AddressBook, AddressDiff
 from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.connection import ConnState
 from hl_monitor.feeds.precise import PreciseManager
@@ -27,20 +27,15 @@ from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.metrics import Metrics
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.tracking.engine import TrackingEngine
-from tests.test_feeds_connection import _value, wait_until
+from tests.support.ledger import expected_orders, observed_orders
+from tests.support.metrics import metric_value
+from tests.support.precise import MutableSource, fast_cfg
+from tests.support.waiting import wait_until
 
 W1 = "0x" + "1" * 40
 W2 = "0x" + "2" * 40
 W3 = "0x" + "3" * 40
 W4 = "0x" + "4" * 40
-
-
-class MutableSource:
-    def __init__(self, *entries: WatchedAddress) -> None:
-        self.entries = list(entries)
-
-    async def load(self) -> Sequence[AddressRow]:
-        return list(self.entries)
 
 
 class GatedBudgets(Budgets):
@@ -90,27 +85,20 @@ class Harness:
         assert self.sim.faults.abrupt_close_all() == 1
         await wait_until(lambda: stream.connection.state is not ConnState.LIVE)
 
+    async def quiet_point(self, address: str, recoveries: int) -> int:
+        """Wait for the address's `recoveries`-th gap recovery to finish, then trade one marker order and wait for
+        its signal: whatever the recovery or earlier frames would still emit comes out before it. Returns its oid."""
+        stream = self.manager.stream(address)
+        assert stream is not None
+        await wait_until(lambda: stream.recoveries >= recoveries and stream.connection.state is ConnState.LIVE)
+        oid = await self.sim.exchange.whale(address).market_order("HYPE", True, "1", "40")
+        await wait_until(lambda: any(s.oid == oid for s in self.signals), what="the marker order's signal")
+        return oid
+
     def reconnect(self) -> None:
         """Let the connection `cut` held back dial again."""
         assert isinstance(self.budgets, GatedBudgets)
         self.budgets.gate.set()
-
-
-def fast_cfg(sim: SimServer, **overrides: Any) -> HyperliquidConfig:
-    values: dict[str, Any] = {
-        "ws_url": sim.ws_url,
-        "info_url": sim.info_url,
-        "ping_interval": 0.5,
-        "pong_timeout": 1.0,
-        "ack_timeout": 0.5,
-        "stale_after": 5.0,
-        "reconnect_initial_delay": 0.05,
-        "reconnect_max_delay": 0.2,
-        "over_budget_retry": 0.3,
-        "request_timeout": 2.0,
-    }
-    values.update(overrides)
-    return HyperliquidConfig(**values)
 
 
 @contextlib.asynccontextmanager
@@ -176,26 +164,6 @@ async def harness(
                         raise failure
 
 
-def expected_orders(sim: SimServer, address: str) -> dict[tuple[int, str], tuple[Decimal, Decimal, int]]:
-    """Ground truth: (oid, dir) → (size, VWAP, fill count) for every order that filled something."""
-    out = {}
-    for order in sim.exchange.ledger.for_user(address):
-        for total in order.totals.values():
-            if total.fills:
-                out[(order.oid, total.dir)] = (total.size, total.vwap, total.fills)
-    return out
-
-
-def observed_orders(signals: Sequence[Signal]) -> dict[tuple[int, str], tuple[Decimal, Decimal, int]]:
-    out = {}
-    for s in signals:
-        assert s.oid is not None
-        key = (s.oid, s.dir)
-        assert key not in out, f"duplicate signal for {key}"
-        out[key] = (s.size, s.price, s.fill_count)
-    return out
-
-
 async def test_live_orders_come_out_once_with_exact_size_and_vwap() -> None:
     async with harness(WatchedAddress(address=W1, tier="precise")) as h:
         await h.live(W1)
@@ -208,8 +176,8 @@ async def test_live_orders_come_out_once_with_exact_size_and_vwap() -> None:
         await wait_until(lambda: len(h.signals) == 2)
         assert observed_orders(h.signals) == expected_orders(h.sim, W1)
         assert not any(s.backfilled for s in h.signals)
-        assert _value(h.metrics, "addresses_by_tier", tier="precise", state="assigned") == 1
-        assert _value(h.metrics, "connection_state", kind="user", state="live") == 1
+        assert metric_value(h.metrics, "addresses_by_tier", tier="precise", state="assigned") == 1
+        assert metric_value(h.metrics, "connection_state", kind="user", state="live") == 1
 
 
 async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> None:
@@ -238,7 +206,9 @@ async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> 
 
         h.reconnect()
         await wait_until(lambda: len(h.signals) == 4)
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        marker = await h.quiet_point(W1, recoveries=2)  # the first at subscribe, the second after the cut
+        assert len(h.signals) == 5, "a gap order came out twice"
+        assert h.signals[-1].oid == marker
 
         assert observed_orders(h.signals) == expected_orders(h.sim, W1)
         by_oid = {s.oid: s for s in h.signals}
@@ -246,10 +216,10 @@ async def test_abrupt_close_mid_order_loses_nothing_and_duplicates_nothing() -> 
         assert by_oid[during].backfilled
         assert by_oid[partly].status == "canceled"
         assert by_oid[partly].size == Decimal("4")
-        assert len({s.signal_id for s in h.signals}) == 4
-        assert _value(h.metrics, "reconnects_total", kind="user", reason="dropped") == 1
-        assert _value(h.metrics, "backfilled_fills_total", via="rest") >= 2
-        assert _value(h.metrics, "gap_recoveries_total", outcome="ok") == 2
+        assert len({s.signal_id for s in h.signals}) == 5
+        assert metric_value(h.metrics, "reconnects_total", kind="user", reason="dropped") == 1
+        assert metric_value(h.metrics, "backfilled_fills_total", via="rest") >= 2
+        assert metric_value(h.metrics, "gap_recoveries_total", outcome="ok") == 2
 
 
 async def test_stalled_channels_on_a_live_socket_are_detected_and_recovered() -> None:
@@ -261,11 +231,11 @@ async def test_stalled_channels_on_a_live_socket_are_detected_and_recovered() ->
         h.sim.faults.stall("userFills", user=W1)
         oid = await whale.market_order("BTC", False, "0.25", "80000", fills=2)
         await wait_until(lambda: len(h.signals) == 1)
-        stale = _value(h.metrics, "reconnects_total", kind="user", reason="stale_canary") + _value(
+        stale = metric_value(h.metrics, "reconnects_total", kind="user", reason="stale_canary") + metric_value(
             h.metrics, "reconnects_total", kind="user", reason="stale_connection"
         )
         assert stale == 1
-        assert _value(h.metrics, "reconnects_total", kind="user", reason="pong_timeout") == 0
+        assert metric_value(h.metrics, "reconnects_total", kind="user", reason="pong_timeout") == 0
         assert observed_orders(h.signals) == expected_orders(h.sim, W1)
         assert h.signals[0].oid == oid
         assert h.signals[0].backfilled
@@ -285,7 +255,7 @@ async def test_fill_audit_recovers_fills_a_silent_subscription_missed_and_rebuil
         first = await whale.market_order("ETH", True, "2", "2400", fills=2)
         await wait_until(lambda: len(h.signals) == 1)
         # Healthy: audits covering a traded stretch find nothing and change nothing.
-        await wait_until(lambda: _value(h.metrics, "fill_audits_total", outcome="ok") >= 2, within=15)
+        await wait_until(lambda: metric_value(h.metrics, "fill_audits_total", outcome="ok") >= 2, within=15)
         assert len(h.signals) == 1
 
         h.sim.faults.stall("userFills", user=W1)
@@ -295,9 +265,9 @@ async def test_fill_audit_recovers_fills_a_silent_subscription_missed_and_rebuil
         assert h.signals[1].backfilled
         # The audit counts once the connection's handler has applied its fills: just after the signal went out.
         await wait_until(lambda: stream.fills_missed == 3)
-        assert _value(h.metrics, "fill_audits_total", outcome="missed") == 1
-        assert _value(h.metrics, "backfilled_fills_total", via="audit") == 3
-        await wait_until(lambda: _value(h.metrics, "reconnects_total", kind="user", reason="fills_missed") == 1)
+        assert metric_value(h.metrics, "fill_audits_total", outcome="missed") == 1
+        assert metric_value(h.metrics, "backfilled_fills_total", via="audit") == 3
+        await wait_until(lambda: metric_value(h.metrics, "reconnects_total", kind="user", reason="fills_missed") == 1)
         assert stale_reconnects(h) == 0  # nothing else noticed the fault
 
         await h.live(W1)
@@ -339,8 +309,8 @@ async def test_a_twap_that_ends_during_a_gap_comes_out_once_with_every_slice() -
         twap_id = await whale.twap("SOL", True, "9", slices=3, px="95")
         h.reconnect()
         await wait_until(lambda: len(h.signals) == 2)
-        await asyncio.sleep(0.3)  # a second (continuation) signal would arrive now
-        assert len(h.signals) == 2
+        marker = await h.quiet_point(W1, recoveries=2)  # the first at subscribe, the second after the cut
+        assert [s.oid for s in h.signals[2:]] == [marker], "a second (continuation) TWAP signal came out"
         twap = h.signals[1]
         assert (twap.twap_id, twap.size, twap.fill_count, twap.status) == (twap_id, Decimal(9), 3, "finished")
         assert twap.backfilled
@@ -348,7 +318,7 @@ async def test_a_twap_that_ends_during_a_gap_comes_out_once_with_every_slice() -
 
 def stale_reconnects(h: Harness) -> float:
     return sum(
-        _value(h.metrics, "reconnects_total", kind="user", reason=reason)
+        metric_value(h.metrics, "reconnects_total", kind="user", reason=reason)
         for reason in ("stale_canary", "stale_connection", "pong_timeout")
     )
 
@@ -366,8 +336,8 @@ async def test_user_cap_refusal_marks_over_budget_and_retries_until_a_slot_frees
         # The refusal is recorded at once; the slot is given up on the manager's next pass.
         await wait_until(lambda: W3 in h.manager.over_budget() and W3 in h.manager.unassigned())
         assert h.manager.over_budget()[W3].reason == "user_cap"
-        assert _value(h.metrics, "error_frames_total", kind="user_cap") >= 1
-        assert _value(h.metrics, "addresses_by_tier", tier="precise", state="over_budget") == 1
+        assert metric_value(h.metrics, "error_frames_total", kind="user_cap") >= 1
+        assert metric_value(h.metrics, "addresses_by_tier", tier="precise", state="over_budget") == 1
         status = h.manager.status()
         assert [o["address"] for o in status["over_budget"]] == [W3]
         assert W3 in h.manager.unassigned()
@@ -393,14 +363,14 @@ async def test_slots_go_by_priority_and_the_rest_are_reported_unassigned() -> No
         await h.live(W2)
         assert h.manager.unassigned() == {W1}
         assert h.unassigned[-1] == {W1}
-        assert _value(h.metrics, "addresses_by_tier", tier="precise", state="unassigned") == 1
+        assert metric_value(h.metrics, "addresses_by_tier", tier="precise", state="unassigned") == 1
 
         h.source.entries = [*entries, WatchedAddress(address=W4, priority=9, tier="precise")]
         h.book.refresh_now()
         await h.live(W4)  # the new higher-priority address takes the slot
         await wait_until(lambda: h.manager.unassigned() == {W1, W2})
         assert h.manager.assigned() == {W4: 0}
-        await wait_until(lambda: _value(h.metrics, "connection_state", kind="user", state="live") == 1)
+        await wait_until(lambda: metric_value(h.metrics, "connection_state", kind="user", state="live") == 1)
 
 
 async def test_removed_address_keeps_its_stream_for_the_grace_then_frees_the_slot() -> None:
@@ -436,7 +406,7 @@ async def test_reconnect_storm_stays_within_the_new_connection_budget() -> None:
             await asyncio.sleep(0.5)
         assert h.sim.stats.connections_opened == per_minute
         assert h.sim.stats.connections_refused == 0  # we never even asked the server for a 7th
-        assert _value(h.metrics, "budget_refusals_total", budget="new_connections") >= 1
+        assert metric_value(h.metrics, "budget_refusals_total", budget="new_connections") >= 1
         streams = [h.manager.stream(w.address) for w in whales]
         waiting = [s for s in streams if s is not None and s.connection.state is not ConnState.LIVE]
         assert waiting  # held back by the budget, not by the server

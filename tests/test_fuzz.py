@@ -33,7 +33,8 @@ from hl_monitor.hyperliquid.protocol import (
     decode_fills,
     decode_info,
 )
-from tests.test_protocol import REAL_FRAMES, _mutate, assert_decodes_or_typed_error, fixture, json_values
+from tests.support.frames import REAL_FRAMES, assert_decodes_or_typed_error, json_values, mutate
+from tests.support.paths import fixture
 
 # A hang or a quadratic blow-up shows as an example slower than this (a 2 MB frame decodes in ~20 ms).
 DEADLINE_MS: Final = 2000
@@ -135,7 +136,7 @@ def test_rest_decoders_on_mutated_real_bodies_raise_only_protocol_error(
     target: tuple[str, Callable[[bytes], Any], Any], path: list[int], replacement: Any
 ) -> None:
     _, decode, body = target
-    decodes_or_protocol_error(decode, json.dumps(_mutate(body, path, replacement)).encode())
+    decodes_or_protocol_error(decode, json.dumps(mutate(body, path, replacement)).encode())
 
 
 @settings(max_examples=EXAMPLES, deadline=DEADLINE_MS)
@@ -168,7 +169,7 @@ def test_big_user_fills_frames_decode_or_fail_cleanly_within_the_deadline(
     rows = [_ONE_FILL] * fills
     if rows:
         index = path[0] % len(rows) if path else 0
-        rows[index] = _mutate(_ONE_FILL, path[1:], replacement)
+        rows[index] = mutate(_ONE_FILL, path[1:], replacement)
     frame = {
         "channel": "userFills",
         "data": {"isSnapshot": snapshot, "user": _FILLS_FRAME["data"]["user"], "fills": rows},

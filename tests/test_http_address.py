@@ -16,8 +16,8 @@ from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, Readiness, create_app
 from hl_monitor.tracking.engine import TrackingEngine
-from tests.conftest import FIXTURES
-from tests.tracking_factories import ADDR, NOW, T0, fill, frame
+from tests.support.factories import ADDR, NOW, T0, fill, frame
+from tests.support.paths import FIXTURES
 
 UNWATCHED = "0x" + "ef" * 20
 

@@ -20,8 +20,9 @@ from hl_monitor.hyperliquid.constants import INFO_ITEM_WEIGHTED, info_weight
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.metrics import Metrics
 from hl_monitor.sim.server import SimConfig, SimServer
-from tests.conftest import FIXTURES, free_port
-from tests.test_budget import max_in_any_window
+from tests.support.budget import max_in_any_window
+from tests.support.net import free_port
+from tests.support.paths import FIXTURES
 
 USER = "0x31ca8395cf837de08b24da3f660e77761dfb974b"
 # A scripted slow reply: longer than the client's 0.3 s timeout in the error tests.

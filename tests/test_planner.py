@@ -19,9 +19,9 @@ from hl_monitor.metrics import Metrics
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.planner import TierPlanner
+from tests.support.factories import fill, frame, update
+from tests.support.tape import OTHER, T0, WHALE, rest, symbols, trade
 from tests.support.watch import watch_of
-from tests.test_tape_tracker import OTHER, T0, WHALE, rest, symbols, trade
-from tests.tracking_factories import fill, frame, update
 
 SETTLE_MS = 500
 

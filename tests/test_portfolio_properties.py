@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, Fill, MarginSummary, WsTrade
 from hl_monitor.tracking.portfolio import PositionModel
 from hl_monitor.tracking.position_events import PositionEvent
-from tests.test_portfolio import state_with, wire_position
-from tests.tracking_factories import ADDR, NOW, OTHER, fill
+from tests.support.factories import ADDR, NOW, OTHER, fill
+from tests.support.portfolio import state_with, wire_position
 
 T0 = 1_780_000_000_000
 sizes = st.decimals(min_value=Decimal("0.001"), max_value=Decimal("40"), places=3)

@@ -18,7 +18,7 @@ from hl_monitor.errors import InstanceLockedError
 from hl_monitor.metrics import Metrics
 from hl_monitor.ops.healthcheck import check, default_url
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 HOLDER = textwrap.dedent(
     """
@@ -118,7 +118,6 @@ def test_healthcheck_cli_exit_codes() -> None:
     assert default_url("[::1]:9000", ready=False) == "http://[::1]:9000/health/live"
 
 
-@pytest.mark.blocks_loop("the 400 ms blocking call is what the watchdog must notice")
 async def test_watchdog_counts_a_blocking_callback() -> None:
     """A callback that blocks the loop for 400 ms is seen as one stall and counted in loop_stalls."""
     metrics = Metrics()

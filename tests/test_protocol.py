@@ -53,14 +53,10 @@ from hl_monitor.hyperliquid.protocol import (
     encode_unsubscribe,
     subscription_from_echo,
 )
-from tests.conftest import FIXTURES
+from tests.support.frames import REAL_FRAMES, WS_LINES, assert_decodes_or_typed_error, json_values, mutate
+from tests.support.paths import fixture
 
-WS_LINES = (FIXTURES / "ws_frames.jsonl").read_bytes().splitlines()
 ZERO_HASH = "0x" + "0" * 64
-
-
-def fixture(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
 
 
 # ------------------------------------------------------------------------------------- captured WS frames
@@ -419,48 +415,6 @@ def test_pathological_nesting_is_a_decode_error() -> None:
 
 # ------------------------------------------------------------------------------------- property tests
 
-json_leaves = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(10**400), max_value=10**400)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-    | st.sampled_from(["NaN", "-Infinity", "1e999999999999", "0x" + "f" * 64, "B", "A", ""])
-)
-json_values = st.recursive(
-    json_leaves,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
-    max_leaves=25,
-)
-REAL_FRAMES = [json.loads(line) for line in WS_LINES] + [
-    json.loads(fixture(name))
-    for name in (
-        "ws_allmids.json",
-        "ws_user_fill_liquidation.json",
-        "ws_user_twap_history.json",
-        "ws_user_twap_slice_fills.json",
-    )
-]
-
-
-def assert_decodes_or_typed_error(raw: bytes | str) -> None:
-    try:
-        frame = decode_frame(raw)
-    except FrameDecodeError:
-        return
-    assert type(frame).__name__.endswith("Frame")
-
-
-def _mutate(value: Any, path: list[int], replacement: Any) -> Any:
-    """Replace the node reached by following `path` (indexes modulo the children) with `replacement`."""
-    if not path or not isinstance(value, (dict, list)) or not value:
-        return replacement
-    if isinstance(value, dict):
-        key = sorted(value)[path[0] % len(value)]
-        return {**value, key: _mutate(value[key], path[1:], replacement)}
-    index = path[0] % len(value)
-    return [*value[:index], _mutate(value[index], path[1:], replacement), *value[index + 1 :]]
-
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
@@ -480,7 +434,7 @@ def test_arbitrary_json_under_any_channel_never_raises_anything_else(channel: st
 def test_real_frames_with_one_node_replaced_never_raise_anything_else(
     frame: dict[str, Any], path: list[int], replacement: Any
 ) -> None:
-    assert_decodes_or_typed_error(json.dumps(_mutate(frame, path, replacement)))
+    assert_decodes_or_typed_error(json.dumps(mutate(frame, path, replacement)))
 
 
 @settings(max_examples=200, deadline=None)

@@ -35,9 +35,9 @@ from hl_monitor.errors import HlMonitorError
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
-from tests.test_app import W1, W2, by_order, live, running, service_config
-from tests.test_feeds_connection import wait_until
-from tests.test_feeds_precise import expected_orders
+from tests.support.ledger import expected_orders, observed_orders
+from tests.support.service import W1, W2, live, running, service_config
+from tests.support.waiting import wait_until
 
 INJECTION_LABEL = "x'); DROP TABLE hlm_signals; -- \" OR 1=1 /* ` \\"
 NEW_WHALE = "0x" + "e3" * 20
@@ -68,7 +68,6 @@ async def _request(
 @pytest.mark.slow
 @pytest.mark.mariadb
 @pytest.mark.timeout(90)
-@pytest.mark.blocks_loop("only the harness runs on this loop (sim, NATS reads); the service is a subprocess")
 async def test_secrets_never_appear_in_logs_status_metrics_or_errors(mariadb_url: str, tmp_path: Path) -> None:
     secrets = _secrets()
     user = f"hlm_sec_{uuid.uuid4().hex[:8]}"
@@ -272,7 +271,7 @@ async def test_nats_tls_with_a_local_ca(tls_nats: NatsProcess, local_ca: Path, t
             await wait_until(lambda: _published(service) >= 1, within=15)
     context = ssl.create_default_context(cafile=str(local_ca / "ca.pem"))
     stored = await stream_signals(tls_nats.url, tls=context)
-    assert by_order([sig for _, sig in stored]) == expected_orders(sim, W1)
+    assert observed_orders([sig for _, sig in stored]) == expected_orders(sim, W1)
 
 
 def _published(service: Service) -> float:
@@ -333,4 +332,4 @@ async def test_too_big_frame_is_refused_counted_and_the_connection_recovers(nats
     assert (too_big or 0) >= 1
     assert (reconnects or 0) >= 1
     stored = await stream_signals(nats_server.url)
-    assert by_order([sig for _, sig in stored]) == expected_orders(sim, W1)
+    assert observed_orders([sig for _, sig in stored]) == expected_orders(sim, W1)

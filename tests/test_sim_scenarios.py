@@ -18,7 +18,7 @@ from hl_monitor.hyperliquid.protocol import UserFillsFrame, decode_fills, decode
 from hl_monitor.sim.exchange import Exchange, wire_decimal
 from hl_monitor.sim.scenarios import SCENARIOS, run_scenario, scenario_whales
 from hl_monitor.sim.server import SimConfig, SimServer
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 W1 = "0x" + "a1" * 20
 

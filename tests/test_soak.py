@@ -106,7 +106,6 @@ def test_soak_is_a_registered_chaos_scenario() -> None:
 @pytest.mark.slow
 @pytest.mark.mariadb
 @pytest.mark.timeout(180)
-@pytest.mark.blocks_loop("only the harness runs on this loop (sim, load driver); the service's own stalls are judged")
 async def test_busy_day_at_20x_keeps_memory_flat_queues_bounded_and_delivers_exactly_once(
     mariadb_url: str, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.repository import MAX_MARKS_PER_STATEMENT, Repository, create_engine, mark_published_call
 from hl_monitor.storage.writer import BatchWriter
-from tests.test_storage import T0, WHALE, make_signal, writer_cfg
+from tests.support.storage import T0, WHALE, make_signal, writer_cfg
 
 # Every character MySQL's default mode treats specially inside a quoted string.
 AWKWARD = "it's a \\ back\\slash, \\' a quote, \\n not a newline, \"double\", \\0, %s %(x)s ' end\\"

@@ -7,78 +7,58 @@ from pathlib import Path
 
 import pytest
 
-from hl_monitor.cli import main
 from hl_monitor.storage import migrate
 from hl_monitor.storage.cli import parse_import
+from tests.support.cli import run
 
 WHALE = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
 
 
-@pytest.fixture
-def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A config whose relative SQLite path lands in a `data/` directory that does not exist yet."""
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)  # not the repository: migrations must come from the package
-    path = workdir / "cfg.toml"
-    path.write_text('[database]\nurl = "sqlite+aiosqlite:///./data/hl.db"\n')
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def listed(capsys: pytest.CaptureFixture[str], config: Path) -> list[dict[str, object]]:
-    code, out, _ = run(capsys, "addresses", "list", "--all", "--json", "--config", str(config))
+def listed(capsys: pytest.CaptureFixture[str], cli_config: Path) -> list[dict[str, object]]:
+    code, out, _ = run(capsys, "addresses", "list", "--all", "--json", "--config", str(cli_config))
     assert code == 0
     rows: list[dict[str, object]] = json.loads(out)
     return rows
 
 
 def test_commands_refuse_an_unmigrated_database_then_work_after_db_upgrade(
-    capsys: pytest.CaptureFixture[str], config: Path
+    capsys: pytest.CaptureFixture[str], cli_config: Path
 ) -> None:
-    code, _, err = run(capsys, "addresses", "list", "--config", str(config))
+    code, _, err = run(capsys, "addresses", "list", "--config", str(cli_config))
     assert code == 1
     assert "run `hl-monitor db upgrade`" in err
-    code, out, _ = run(capsys, "db", "upgrade", "--config", str(config))
+    code, out, _ = run(capsys, "db", "upgrade", "--config", str(cli_config))
     assert code == 0
     assert f"at revision {migrate.head_revision()}" in out
-    assert (config.parent / "data" / "hl.db").exists()
-    code, out, _ = run(capsys, "db", "current", "--config", str(config))
+    assert (cli_config.parent / "data" / "hl.db").exists()
+    code, out, _ = run(capsys, "db", "current", "--config", str(cli_config))
     assert (code, "up to date" in out) == (0, True)
 
 
-def test_add_list_remove(capsys: pytest.CaptureFixture[str], config: Path) -> None:
-    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
+def test_add_list_remove(capsys: pytest.CaptureFixture[str], cli_config: Path) -> None:
+    assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
     mixed_case = "0x" + "AB" * 20
     code, _, _ = run(
         capsys, "addresses", "add", mixed_case, OTHER, "--label", "big fish", "--tier", "precise",
-        "--priority", "7", "--server-id", "2", "--config", str(config),
+        "--priority", "7", "--server-id", "2", "--config", str(cli_config),
     )  # fmt: skip
     assert code == 0
-    rows = listed(capsys, config)
+    rows = listed(capsys, cli_config)
     assert [(r["address"], r["label"], r["tier"], r["priority"], r["server_id"]) for r in rows] == [
         (WHALE, "big fish", "precise", 7, 2),
         (OTHER, "big fish", "precise", 7, 2),
     ]
-    assert run(capsys, "addresses", "add", WHALE, "--tier", "wide", "--config", str(config))[0] == 0
-    assert run(capsys, "addresses", "remove", OTHER, "--config", str(config))[0] == 0
-    by_address = {r["address"]: r for r in listed(capsys, config)}
+    assert run(capsys, "addresses", "add", WHALE, "--tier", "wide", "--config", str(cli_config))[0] == 0
+    assert run(capsys, "addresses", "remove", OTHER, "--config", str(cli_config))[0] == 0
+    by_address = {r["address"]: r for r in listed(capsys, cli_config)}
     assert (by_address[WHALE]["tier"], by_address[WHALE]["label"]) == ("wide", "big fish")  # untouched fields kept
     assert by_address[OTHER]["is_active"] is False
-    code, out, _ = run(capsys, "addresses", "list", "--config", str(config))
+    code, out, _ = run(capsys, "addresses", "list", "--config", str(cli_config))
     assert WHALE in out
     assert OTHER not in out
-    assert run(capsys, "addresses", "remove", OTHER, "--purge", "--config", str(config))[0] == 0
-    assert [r["address"] for r in listed(capsys, config)] == [WHALE]
+    assert run(capsys, "addresses", "remove", OTHER, "--purge", "--config", str(cli_config))[0] == 0
+    assert [r["address"] for r in listed(capsys, cli_config)] == [WHALE]
 
 
 @pytest.mark.parametrize(
@@ -92,31 +72,32 @@ def test_add_list_remove(capsys: pytest.CaptureFixture[str], config: Path) -> No
     ],
 )
 def test_invalid_input_exits_2_with_a_clear_message(
-    capsys: pytest.CaptureFixture[str], config: Path, argv: list[str], message: str
+    capsys: pytest.CaptureFixture[str], cli_config: Path, argv: list[str], message: str
 ) -> None:
-    code, _, err = run(capsys, "addresses", *argv, "--config", str(config))
+    code, _, err = run(capsys, "addresses", *argv, "--config", str(cli_config))
     assert code == 2
     assert message in err
 
 
-def test_import_validates_the_whole_file_before_writing(capsys: pytest.CaptureFixture[str], config: Path) -> None:
-    assert run(capsys, "db", "upgrade", "--config", str(config))[0] == 0
-    bad = config.parent / "bad.csv"
+def test_import_validates_the_whole_file_before_writing(capsys: pytest.CaptureFixture[str], cli_config: Path) -> None:
+    assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
+    bad = cli_config.parent / "bad.csv"
     bad.write_text(f"address,label\n{WHALE},ok\n0xnothex,broken\n{OTHER},a,b\n")
-    code, _, err = run(capsys, "addresses", "import", str(bad), "--config", str(config))
+    code, _, err = run(capsys, "addresses", "import", str(bad), "--config", str(cli_config))
     assert code == 2
     assert f"{bad}:3:" in err
     assert f"{bad}:4: expected `address` or `address,label`" in err
-    assert listed(capsys, config) == []  # nothing written
+    assert listed(capsys, cli_config) == []  # nothing written
 
-    good = config.parent / "whales.txt"
+    good = cli_config.parent / "whales.txt"
     good.write_text(f'# exported list\n{WHALE.upper().replace("0X", "0x")}\n\n{OTHER},"Fund, Ltd"\n')
-    code, out, _ = run(capsys, "addresses", "import", str(good), "--tier", "wide", "--config", str(config))
+    code, out, _ = run(capsys, "addresses", "import", str(good), "--tier", "wide", "--config", str(cli_config))
     assert code == 0
     assert "imported 2 addresses" in out
-    rows = listed(capsys, config)
+    rows = listed(capsys, cli_config)
     assert [(r["address"], r["label"], r["tier"]) for r in rows] == [(WHALE, "", "wide"), (OTHER, "Fund, Ltd", "wide")]
-    code, _, err = run(capsys, "addresses", "import", str(config.parent / "missing.txt"), "--config", str(config))
+    missing = str(cli_config.parent / "missing.txt")
+    code, _, err = run(capsys, "addresses", "import", missing, "--config", str(cli_config))
     assert code == 2
     assert "cannot read" in err
 

@@ -24,8 +24,8 @@ from hl_monitor.sim import exchange as sim_exchange
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.repository import create_engine, load_pair_categories
 from hl_monitor.tracking.engine import TrackingEngine
-from tests.conftest import free_port
-from tests.tracking_factories import ADDR, NOW, fill, frame, update
+from tests.support.factories import ADDR, NOW, fill, frame, update
+from tests.support.net import free_port
 
 # Fast retries; scheduled refreshes far away so only failures and requests cause loads in a test.
 CFG = SymbolsConfig(refresh_interval=3600.0, retry_initial_delay=0.05, retry_max_delay=0.2, reload_min_interval=0.05)

@@ -23,20 +23,9 @@ from hl_monitor.hyperliquid.protocol import (
 )
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.engine import TrackingEngine
-from tests.conftest import FIXTURES
-from tests.test_symbols import build as build_symbols
-from tests.tracking_factories import (
-    ADDR,
-    NOW,
-    OTHER,
-    T0,
-    engine,
-    fill,
-    fixture_fills,
-    fixture_frame,
-    frame,
-    update,
-)
+from tests.support.factories import ADDR, NOW, OTHER, T0, engine, fill, fixture_fills, fixture_frame, frame, update
+from tests.support.paths import FIXTURES
+from tests.support.symbols import build as build_symbols
 
 D = Decimal
 MINUTE = 60_000

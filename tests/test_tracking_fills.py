@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hl_monitor.tracking.fills import fill_key, split_fill
-from tests.tracking_factories import fill, fixture_fills
+from tests.support.factories import fill, fixture_fills
 
 
 def test_trade_dirs_map_to_one_leg_each() -> None:

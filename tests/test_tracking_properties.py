@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hl_monitor.domain.signal import Signal
 from hl_monitor.hyperliquid.protocol import Fill, WsOrder
 from hl_monitor.tracking.engine import TrackingEngine
-from tests.tracking_factories import ADDR, NOW, T0, engine, fill, frame, update
+from tests.support.factories import ADDR, NOW, T0, engine, fill, frame, update
 
 sizes = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("50"), places=2)
 # Extra deliveries (duplicates, reconnects, ticks) per replay.

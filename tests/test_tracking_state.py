@@ -13,7 +13,7 @@ from hl_monitor.domain.signal import Signal
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.state import AggregationRecord, EngineState, StateDelta, Watermark
-from tests.tracking_factories import ADDR, NOW, T0, engine, fill, frame, update
+from tests.support.factories import ADDR, NOW, T0, engine, fill, frame, update
 
 TIMEOUT = 300_000
 # Generous ceiling for an idle watched address (one dict slot + the label reference); measured ~60-110 B.

@@ -12,8 +12,8 @@ from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking import engine as engine_module
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.state import EngineState
-from tests.test_symbols import build as build_symbols
-from tests.tracking_factories import ADDR, NOW, engine, fill, frame, update
+from tests.support.factories import ADDR, NOW, engine, fill, frame, update
+from tests.support.symbols import build as build_symbols
 
 HOLD = 60_000  # aggregation.unknown_coin_hold in ms (the default)
 

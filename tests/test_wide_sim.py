@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from hl_monitor.clock import ManualClock
 from hl_monitor.config import AggregationConfig, HyperliquidConfig, WideConfig
@@ -31,13 +31,16 @@ from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.planner import TierPlanner
+from tests.support.metrics import metric_value
+from tests.support.precise import MutableSource, fast_cfg
+from tests.support.waiting import wait_until
 from tests.support.watch import watch_of
-from tests.test_feeds_connection import _value, wait_until
-from tests.test_feeds_precise import MutableSource, fast_cfg
 
 W1 = "0x" + "1" * 40
 W2 = "0x" + "2" * 40
 NOISE = "0x" + "9" * 40  # an unwatched trader keeping the tape busy
+# Fills of a quiet-point marker order (the `trade` helper's market orders fill twice).
+MARKER_FILLS: Final = 2
 
 
 @dataclass
@@ -271,7 +274,7 @@ async def test_precise_and_wide_views_of_one_whale_agree_on_direction_size_and_v
             assert t.status is None
             assert p.oid is not None
         assert len({x.signal_id for x in s.of(W1, "market_tape")}) == len(tape) == len(truth)
-        assert _value(s.metrics, "trades_processed_total", type="tape") >= 11
+        assert metric_value(s.metrics, "trades_processed_total", type="tape") >= 11
 
 
 async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> None:
@@ -283,7 +286,8 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
             whale = s.sim.exchange.whale(W1)
             await whale.market_order("ETH", True, "2", "2300", fills=2)
             await wait_until(
-                lambda: _value(s.metrics, "reconnects_total", kind="tape", reason="stale_connection") >= 1, within=5
+                lambda: metric_value(s.metrics, "reconnects_total", kind="tape", reason="stale_connection") >= 1,
+                within=5,
             )
             await wait_until(lambda: len(s.of(W1)) == 1)
             await wait_until(lambda: s.tape.continuous_since_ms() is not None)
@@ -292,8 +296,8 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
         assert (signal.coin, signal.direction, signal.side, signal.size) == ("ETH", "open", "LONG", Decimal(2))
         assert signal.backfilled
         assert signal.lateness_ms is not None
-        assert _value(s.metrics, "tape_events_total", kind="backfill_request") >= 1
-        assert _value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
+        assert metric_value(s.metrics, "tape_events_total", kind="backfill_request") >= 1
+        assert metric_value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
 
 
 async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet() -> None:
@@ -364,7 +368,7 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
     async with stack(planner=False, precise=False, user_slots=9, wide=wide) as s:
         await watched(s, W1)
         assert "xyz:XYZ100" in s.tape.uncovered()
-        assert _value(s.metrics, "tape_uncovered_coins") == 5
+        assert metric_value(s.metrics, "tape_uncovered_coins") == 5
         whale = s.sim.exchange.whale(W1)
         await whale.market_order("xyz:XYZ100", False, "0.5", "25000")
         await whale.market_order("BTC", True, "1", "80000")  # covered: a tape signal, no drift
@@ -383,7 +387,7 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
         assert r.signal_id.startswith(f"{W1}:recon:xyz:XYZ100:")
         assert r.price == Decimal(25000)  # the position's mark price from the REST answer
         assert [x.coin for x in s.of(W1, "market_tape")] == ["BTC"]
-        assert _value(s.metrics, "drift_corrections_total", asset_type="futures") == 1
+        assert metric_value(s.metrics, "drift_corrections_total", asset_type="futures") == 1
         assert s.tracker.position(W1, "xyz:XYZ100") == Decimal("-0.5")
         assert built_by_source(s) == {"reconcile": 1, "market_tape": 1}
 
@@ -399,7 +403,7 @@ async def test_a_spot_pair_that_gets_busy_is_moved_onto_a_short_tape() -> None:
         mover = s.sim.exchange.whale(W2)  # not watched: only makes the pair the busiest market
         await mover.market_order("@107", True, "100000", "40")
         await wait_until(lambda: "@107" not in s.tape.uncovered(), within=10)
-        assert _value(s.metrics, "tape_uncovered_coins") == 5
+        assert metric_value(s.metrics, "tape_uncovered_coins") == 5
         await tape_live(s)
         await s.sim.exchange.whale(W1).market_order("@107", True, "10", "40")
         await wait_until(lambda: [x.coin for x in s.of(W1, "market_tape")] == ["@107"])
@@ -474,9 +478,19 @@ async def test_tier_moves_lose_and_duplicate_no_signal() -> None:
         await wait_until(lambda: s.planner.tier(W1) == "precise")
         await trade("SOL", True, "1", "94")  # precise again
         await trade("ETH", False, "1", "2320")
+        await wait_until(lambda: signals_by_block(s.of(W1)) == fills_by_block(s.sim, W1), within=8)
+        # Quiet point: a marker order that both the user stream and the tape see after everything above. Once
+        # its signal is out, the tape has read past it and no block is still settling, a duplicate of any
+        # earlier block would already be among the signals.
+        tape_before = metric_value(s.metrics, "trades_processed_total", type="tape")
+        await trade("BTC", True, "0.1", "80060")
         truth = fills_by_block(s.sim, W1)
-        await wait_until(lambda: signals_by_block(s.of(W1)) == truth, within=8)
-        await asyncio.sleep(0.5)  # a duplicate would show up now
+
+        def quiet() -> bool:
+            tape_read = metric_value(s.metrics, "trades_processed_total", type="tape") >= tape_before + MARKER_FILLS
+            return tape_read and s.tracker.open_blocks() == 0 and len(signals_by_block(s.of(W1))) >= len(truth)
+
+        await wait_until(quiet, what="the marker order through both tiers")
         assert signals_by_block(s.of(W1)) == truth
         ids = [x.signal_id for x in s.of(W1)]
         assert len(ids) == len(set(ids))

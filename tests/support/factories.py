@@ -12,7 +12,7 @@ from hl_monitor.config import AggregationConfig
 from hl_monitor.hyperliquid.protocol import Fill, UserFillsData, WsOrder, decode_fills, decode_frame
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.engine import TrackingEngine
-from tests.conftest import FIXTURES
+from tests.support.paths import FIXTURES
 
 ADDR = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
