@@ -118,7 +118,7 @@ CHILD = """
 import asyncio, sys
 from hl_monitor.config import NatsConfig
 from hl_monitor.delivery.embedded_nats import EmbeddedNats
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.metrics import Metrics
 
 async def main():
     server = EmbeddedNats(NatsConfig(store_dir=sys.argv[1]), Metrics())

@@ -155,8 +155,8 @@ async def test_an_unreachable_database_does_not_stop_the_holder(sqlite_url: str)
 HOLD_AND_WAIT = """
 import asyncio, sys
 from hl_monitor.config import Config, DatabaseConfig
-from hl_monitor.ops.lease import InstanceLease
-from hl_monitor.ops.metrics import Metrics
+from hl_monitor.storage.lease import InstanceLease
+from hl_monitor.metrics import Metrics
 from hl_monitor.storage.repository import create_engine
 
 async def main() -> None:
@@ -179,8 +179,8 @@ async def test_lease_of_a_killed_local_process_is_taken_over_at_once(sqlite_url:
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(20):
-            while (await proc.stdout.readline()).strip() != b"held":  # skip its log lines
-                pass
+            while (line := await proc.stdout.readline()).strip() != b"held":  # skip its log lines
+                assert line, f"the holder exited before holding the lease (code {await proc.wait()})"
         with pytest.raises(InstanceLockedError):  # alive: refused even though it is on this host
             await lease(eng, ttl=30.0).acquire()
         proc.kill()
