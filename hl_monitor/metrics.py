@@ -2,8 +2,8 @@
 
 Components receive the `Metrics` object (tests build a fresh one per test with its own registry).
 The old service's `hl_monitor_*` names are kept with their labels and are actually updated here.
-Labels are bounded: no per-address label anywhere; `symbol` on signals is the one exception the old
-service had and is kept because dashboards use it (symbols are a bounded set from meta).
+Labels are bounded: no per-address label anywhere; `symbol` (on signals, as the old service had it, and on
+the whale position gauges) is bounded by the exchange's coin list from meta.
 """
 
 from __future__ import annotations
@@ -130,10 +130,34 @@ class Metrics:
         self.held_signals = counter("held_signals", "Signals held for an unknown coin, by outcome.", ("outcome",))
         self.signals_built = counter("signals_built", "Signals built by source and direction.", ("source", "direction"))
 
-        # ---- positions (watch/positions.py) ----
-        self.position_events = counter("position_events", "Position events published, by event.", ("event",))
+        # ---- whale positions (set by ops.positions.export_gauges; events and alerts counted by their owner) ----
+        self.whale_notional_usd = gauge(
+            "whale_notional_usd",
+            "Notional (USD at the mark) of watched addresses' perp positions per symbol and side (long, short); "
+            "symbol is bounded by the exchange's coin list, and a symbol nobody holds any more is removed.",
+            ("symbol", "side"),
+        )
+        self.whale_unrealized_pnl_usd = gauge(
+            "whale_unrealized_pnl_usd",
+            "Unrealized PnL (USD) of watched addresses' perp positions per symbol; "
+            "symbol is bounded by the exchange's coin list.",
+            ("symbol",),
+        )
+        self.positions_near_liquidation = gauge(
+            "positions_near_liquidation",
+            "Perp positions whose liquidation distance (|mark - liquidation price| / mark) is below each alert "
+            "level; level is the configured fraction without trailing zeros (0.1, 0.05, 0.02).",
+            ("level",),
+        )
+        self.position_events = counter(
+            "position_events",
+            "Position events by kind (opened, increased, reduced, closed, flipped, liquidated, leverage_changed).",
+            ("event",),
+        )
         self.liquidation_alerts = counter(
-            "liquidation_alerts", "Liquidation-risk alerts published, by alert level crossed.", ("level",)
+            "liquidation_alerts",
+            "Liquidation risk alerts by the level crossed (same level values as positions_near_liquidation).",
+            ("level",),
         )
 
         # ---- cluster (cluster/) ----

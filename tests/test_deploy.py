@@ -24,6 +24,8 @@ import pytest
 from hl_monitor.config import HttpConfig
 from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, Readiness, create_app
+from hl_monitor.ops.positions import export_gauges, level_label
+from hl_monitor.tracking.risk import DEFAULT_ALERT_LEVELS
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS = REPO / "deploy" / "prometheus"
@@ -219,7 +221,7 @@ async def test_every_dashboard_and_alert_query_names_an_exported_metric() -> Non
     }
     series = re.findall(r"series:\s*['\"]([a-zA-Z_:][\w:]*)", RULE_TESTS.read_text())
     assert len(sources["dashboard"]) >= 40
-    assert len(sources["alerts.yml"]) == 10
+    assert len(sources["alerts.yml"]) == 11
     assert len(series) >= 20
     unknown = {
         f"{where}: {name} in {expr}"
@@ -257,10 +259,48 @@ def test_dashboard_shows_every_required_view() -> None:
         "hl_monitor_reconnects_total",
         "hl_monitor_backfilled_fills_total",
         "hl_monitor_evictions_total",
+        "hl_monitor_whale_notional_usd",  # whale positions: exposure per symbol, long/short split
+        "hl_monitor_whale_unrealized_pnl_usd",
+        "hl_monitor_positions_near_liquidation",  # at-risk count
+        "hl_monitor_position_events_total",
+        "hl_monitor_liquidation_alerts_total",
     }
     assert required <= used, sorted(required - used)
     direction = [e for e in dashboard_exprs(dashboard) if "hl_monitor_signals_built_total" in e]
     assert any("by (direction)" in e for e in direction)
+
+
+def row_panels(dashboard: dict[str, Any], title: str) -> list[dict[str, Any]]:
+    """The panels under the row titled `title` (up to the next row)."""
+    panels: list[dict[str, Any]] = dashboard["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title)
+    end = next((i for i in range(start + 1, len(panels)) if panels[i]["type"] == "row"), len(panels))
+    return panels[start + 1 : end]
+
+
+def test_whale_positions_row_shows_exposure_split_and_risk() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [e for panel in row_panels(dashboard, "Whale positions") for e in dashboard_exprs(panel)]
+    notional = [e for e in exprs if "hl_monitor_whale_notional_usd" in e]
+    assert any("by (symbol)" in e for e in notional)  # exposure per symbol
+    assert any("by (side)" in e for e in notional)  # long/short split
+    assert any('side="long"' in e and 'side="short"' in e for e in notional)  # net bias
+    assert any(re.search(r"by \(level\) \(hl_monitor_positions_near_liquidation", e) for e in exprs)  # at risk
+    # Every row is laid out below the one before it: the inserted row pushed the rest down.
+    rows = [p["gridPos"]["y"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert rows == sorted(rows)
+    assert len(rows) == len(set(rows))
+
+
+def test_liquidation_alert_selects_a_level_the_service_exports() -> None:
+    metrics = Metrics()
+    export_gauges(metrics, [], DEFAULT_ALERT_LEVELS)  # no positions: every level is exported as 0
+    levels = {
+        sample.labels["level"] for family in metrics.positions_near_liquidation.collect() for sample in family.samples
+    }
+    selected = re.findall(r'hl_monitor_positions_near_liquidation\{level="([^"]+)"\}', ALERTS.read_text())
+    assert selected == [level_label(min(DEFAULT_ALERT_LEVELS))]  # the tightest, "imminent" level
+    assert set(selected) <= levels
 
 
 def test_dashboard_panels_are_laid_out_and_use_the_provisioned_datasource() -> None:
@@ -343,6 +383,7 @@ def test_every_alert_has_a_unit_test() -> None:
         "HlMonitorDatabaseDown",
         "HlMonitorWriterFailing",
         "HlMonitorTimeoutFlushesRising",
+        "HlMonitorWhalesNearLiquidation",
     }
     assert alerts <= tested, sorted(alerts - tested)
 

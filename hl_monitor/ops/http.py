@@ -2,7 +2,8 @@
 
 One aiohttp application. Health and status read a `ServiceView` (the composition root implements it
 over the live components); the admin routes call an `AddressAdmin` and exist only when an admin token
-is configured. Every error answer is JSON `{"error": "..."}`; health endpoints never answer 500.
+is configured; the `/positions` routes read a `PositionsView` (`ops.positions`) and exist only when one is
+given. Every error answer is JSON `{"error": "..."}`; health endpoints never answer 500.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Protocol
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Final, Protocol, cast
 
 import msgspec
 import orjson
@@ -29,6 +31,18 @@ from hl_monitor.domain.address import Tier, parse_address
 from hl_monitor.errors import ConfigError, StorageError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
+from hl_monitor.ops.positions import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    SORT_KEYS,
+    PositionsView,
+    SideFilter,
+    SortKey,
+    document_json,
+    position_row,
+    select_positions,
+    summary,
+)
 
 __all__ = [
     "AddressAdmin",
@@ -57,6 +71,10 @@ AUDIT_MAX_LISTED: Final = 100  # addresses named in one audit line; the count is
 # Health probes and admin calls are short; a stuck keep-alive client must not hold shutdown for long.
 SHUTDOWN_TIMEOUT_S: Final = 5.0
 BEARER_REALM: Final = 'Bearer realm="hl-monitor"'
+# Longer than any wire coin (`dex:NAME`) or symbol the exchange lists; bounds what a filter echoes back.
+SYMBOL_MAX_CHARS: Final = 64
+_LIMIT_RE: Final = re.compile(r"[0-9]{1,7}")  # digits only: int() would also take "+5", " 5" and "1_0"
+_SIDES: Final[tuple[SideFilter, ...]] = ("long", "short")
 
 
 # ---------------------------------------------------------------- the contracts the service implements
@@ -467,6 +485,105 @@ class _Admin:
         return await self._call(request, run)
 
 
+class _Positions:
+    """`/positions`: what the watched addresses hold, filtered and sorted, and the whale bias per symbol."""
+
+    LIST_PARAMS: Final = ("symbol", "min_usd", "side", "sort", "limit")
+    SUMMARY_PARAMS: Final = ("symbol",)
+
+    def __init__(self, view: PositionsView) -> None:
+        self.view = view
+
+    @staticmethod
+    def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+        """The query parameters, each at most once, all of them known (a misspelt filter must not be ignored)."""
+        query: dict[str, str] = {}
+        for name, value in request.query.items():
+            if name not in allowed:
+                expected = f"expected one of {', '.join(allowed)}" if allowed else "this path takes none"
+                raise _ApiError(400, f"{name}: unknown parameter; {expected}")
+            if name in query:
+                raise _ApiError(400, f"{name}: given more than once")
+            query[name] = value
+        return query
+
+    @staticmethod
+    def _symbol(query: Mapping[str, str]) -> str | None:
+        raw = query.get("symbol")
+        if raw is None:
+            return None
+        symbol = raw.strip()
+        if not symbol:
+            raise _ApiError(400, "symbol: empty; give a symbol (BTCUSDC) or a coin (BTC, xyz:TSLA)")
+        if len(symbol) > SYMBOL_MAX_CHARS:
+            raise _ApiError(400, f"symbol: longer than {SYMBOL_MAX_CHARS} characters")
+        return symbol
+
+    @staticmethod
+    def _min_usd(query: Mapping[str, str]) -> Decimal | None:
+        raw = query.get("min_usd")
+        if raw is None:
+            return None
+        try:
+            value = Decimal(raw)
+        except InvalidOperation:
+            raise _ApiError(400, f"min_usd: {raw!r} is not a number") from None
+        if not value.is_finite():
+            raise _ApiError(400, f"min_usd: {raw!r} is not a finite number")
+        if value < 0:
+            raise _ApiError(400, f"min_usd: {raw!r} is negative; give 0 or more")
+        return value
+
+    @staticmethod
+    def _side(query: Mapping[str, str]) -> SideFilter | None:
+        raw = query.get("side")
+        if raw is None:
+            return None
+        side = raw.strip().lower()
+        for known in _SIDES:
+            if side == known:
+                return known
+        raise _ApiError(400, f"side: {raw!r} is not long or short")
+
+    @staticmethod
+    def _sort(query: Mapping[str, str]) -> SortKey:
+        raw = query.get("sort")
+        if raw is None:
+            return "value"
+        if raw not in SORT_KEYS:
+            raise _ApiError(400, f"sort: {raw!r} is not one of {', '.join(SORT_KEYS)}")
+        return cast(SortKey, raw)
+
+    @staticmethod
+    def _limit(query: Mapping[str, str]) -> int:
+        raw = query.get("limit")
+        if raw is None:
+            return DEFAULT_LIMIT
+        if not _LIMIT_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
+            raise _ApiError(400, f"limit: {raw!r} is not an integer from 1 to {MAX_LIMIT}")
+        return int(raw)
+
+    async def list(self, request: web.Request) -> web.Response:
+        query = self._query(request, self.LIST_PARAMS)
+        symbol, min_usd, side = self._symbol(query), self._min_usd(query), self._side(query)
+        sort, limit = self._sort(query), self._limit(query)
+        selected = select_positions(self.view.portfolios(), symbol=symbol, min_usd=min_usd, side=side, sort=sort)
+        rows = [position_row(holding, self.view.label) for holding in selected[:limit]]
+        return _json({"positions": rows, "count": len(rows), "matched": len(selected)})
+
+    async def summary(self, request: web.Request) -> web.Response:
+        symbol = self._symbol(self._query(request, self.SUMMARY_PARAMS))
+        return _json({"symbols": summary(self.view.portfolios(), self.view.label, symbol=symbol)})
+
+    async def address(self, request: web.Request) -> web.Response:
+        self._query(request, ())
+        address = _path_address(request)
+        doc = self.view.portfolio(address)
+        if doc is None:
+            raise _ApiError(404, f"{address} has no position document")
+        return _json(document_json(doc, self.view.label))
+
+
 def register_runtime_collectors(registry: CollectorRegistry) -> None:
     """Process, platform and GC metrics on the service registry (idempotent: skips ones already there)."""
     for make in (ProcessCollector, PlatformCollector, GCCollector):
@@ -480,8 +597,10 @@ def create_app(
     metrics: Metrics,
     admin: AddressAdmin | None,
     http_cfg: HttpConfig,
+    positions: PositionsView | None = None,
 ) -> web.Application:
-    """The HTTP app; the admin routes exist only when both `admin` and `http_cfg.admin_token` are set."""
+    """The HTTP app; the admin routes exist only when both `admin` and `http_cfg.admin_token` are set, the
+    `/positions` routes only when `positions` is given."""
     app = web.Application(middlewares=[_json_errors], client_max_size=http_cfg.max_body_bytes)
     register_runtime_collectors(metrics.registry)
     ops = _Ops(state, metrics)
@@ -491,6 +610,11 @@ def create_app(
     app.router.add_get("/status", ops.status)
     app.router.add_get("/addresses/{address}", ops.address)
     app.router.add_get("/metrics", ops.prometheus)
+    if positions is not None:
+        holdings = _Positions(positions)
+        app.router.add_get("/positions", holdings.list)
+        app.router.add_get("/positions/summary", holdings.summary)  # before {address}: "summary" is no address
+        app.router.add_get("/positions/{address}", holdings.address)
     token = http_cfg.admin_token
     if admin is not None and token:
         routes = _Admin(admin, metrics, http_cfg, token)

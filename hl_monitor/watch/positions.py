@@ -40,7 +40,7 @@ from hl_monitor.hyperliquid.protocol import (
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 from hl_monitor.tracking.portfolio import AddressPortfolio, PositionChanges, PositionModel
-from hl_monitor.tracking.position_events import PositionEvent
+from hl_monitor.tracking.position_events import PositionEvent, format_decimal
 from hl_monitor.tracking.risk import RiskAlert
 
 __all__ = ["PortfolioStore", "PositionKeeper", "PositionsKv"]
@@ -253,7 +253,7 @@ class PositionKeeper:
                 )
             )
         for alert in alerts:
-            self._metrics.liquidation_alerts.labels(level=str(alert.level)).inc()
+            self._metrics.liquidation_alerts.labels(level=format_decimal(alert.level)).inc()
             token = f"{subject_token(alert.address)}.{subject_token(alert.symbol)}"
             out.append(
                 Publication(
