@@ -15,7 +15,7 @@ from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, Readiness, create_app
 from hl_monitor.ops.positions import list_positions, summary
 from hl_monitor.tracking.portfolio import AddressPortfolio, PositionModel
-from tests.test_positions_summary import ALPHA, BRAVO, CHARLIE, DELTA, LABELS, NOW, docs, whales
+from tests.support.whales import ALPHA, BRAVO, CHARLIE, DELTA, LABELS, NOW, docs, whales
 
 UNWATCHED = "0x" + "ef" * 20
 
