@@ -576,6 +576,14 @@ async def test_all_mids_subscription(http: aiohttp.ClientSession) -> None:
     assert refused.kind == "user_cap"
 
 
+async def test_all_mids_takes_a_subscription_slot() -> None:
+    async with SimServer(SimConfig(max_subscriptions=1)) as sim, connect(sim.ws_url) as ws:
+        await subscribe(ws, {"type": "allMids"})
+        await ws.send(json.dumps({"method": "subscribe", "subscription": {"type": "trades", "coin": "ETH"}}))
+        refused: ErrorFrame = await next_frame(ws, ErrorFrame)
+    assert refused.data == "Cannot subscribe to more than 1 total subscriptions."
+
+
 async def test_all_mids_pushed_at_the_interval_without_moves() -> None:
     async with (
         SimServer(SimConfig(clearinghouse_push_interval=NEVER, all_mids_interval=FAST)) as sim,
