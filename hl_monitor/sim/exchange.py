@@ -41,8 +41,8 @@ cash amounts, i.e. fees, closed PnL, funding and isolated margin, are kept at 6 
 - margin: cross `marginUsed = positionValue ÷ leverage`; isolated positions hold their own margin `M`
   (`|fill|·px ÷ leverage` moved out of the dex's cash on every increase, released pro rata on a reduce, reset
   to `|szi|·entry ÷ leverage` when the leverage value changes) and show `marginUsed = M + unrealizedPnl` and
-  `leverage.rawUsd = M − szi·entry`, as the exchange does; the margin type cannot change while a position is
-  open (the exchange refuses it too);
+  `leverage.rawUsd = M − szi·entry`, as the exchange does; the sim refuses a change of margin type while a
+  position is open (`ValueError`);
 - maintenance margin of a position: `positionValue ÷ (2·maxLeverage)`;
 - liquidation price, where equity meets maintenance margin with every other mark held where it is:
   cross `(szi·entry − cash − Σ others (unrealizedPnl − maintenance)) ÷ (szi − |szi| ÷ (2·maxLeverage))` over
@@ -1049,8 +1049,6 @@ class Exchange:
             margin = (notional / setting.value).quantize(USDC_DECIMALS)
             pos.isolated_margin += margin
             ledger.cash -= margin
-        else:
-            pos.isolated_margin = ZERO
 
     @staticmethod
     def _release_margin(ledger: DexLedger, pos: PerpPosition, sz: Decimal, held: Decimal) -> None:
