@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from hl_monitor.hyperliquid.protocol import UserFillsFrame, decode_fills, decode_frame
-from hl_monitor.sim.exchange import Exchange, wire_decimal
+from hl_monitor.sim.exchange import Exchange, LeverageSetting, wire_decimal
 from hl_monitor.sim.scenarios import SCENARIOS, run_scenario, scenario_whales
 from hl_monitor.sim.server import SimConfig, SimServer
 from tests.support.net import free_port
@@ -42,7 +42,8 @@ async def test_same_seed_same_ledger(name: str) -> None:
 
 
 async def test_demo_covers_every_behaviour_and_ends_flat() -> None:
-    """One demo cycle opens, adds, partially fills, cancels, flips, closes, trades spot, liquidates, TWAPs."""
+    """One demo cycle opens, adds, partially fills, cancels, flips, closes, trades spot, liquidates, TWAPs, holds
+    an isolated position and pays funding, and every account ends as its cash flows."""
     async with SimServer() as sim:
         whales = await run_scenario(sim, "demo", 3, step_delay=0, cycles=1)
         ledger = sim.exchange.ledger
@@ -54,6 +55,12 @@ async def test_demo_covers_every_behaviour_and_ends_flat() -> None:
             acct = sim.exchange.accounts[addr]
             assert acct.positions == {}, f"{addr} not flat: {acct.positions}"
             assert all(b.total == 0 for t, b in acct.spot.items() if t != "USDC")
+            assert acct.leverage["ETH"] == LeverageSetting("isolated", 3)
+            assert acct.funding_all_time["xyz:XYZ100"] != 0
+            for dex, cash in acct.dexes.items():
+                # Flat again: every isolated margin went back, so the account is its cash flows.
+                expected = cash.deposited + cash.realized_pnl - cash.fees - cash.funding
+                assert sim.exchange.dex_view(addr, dex).account_value == cash.cash == expected
     assert whales == scenario_whales("demo", 3)
     assert {
         "Open Long",

@@ -30,6 +30,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         max_users=args.max_users,
         idle_timeout=args.idle_timeout,
         clearinghouse_push_interval=args.push_interval,
+        all_mids_interval=args.all_mids_interval,
         send_greeting=args.greeting,
         record_ledger=args.scenario != "load",
     )
@@ -62,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from hl_monitor.sim.scenarios import SCENARIOS
+    from hl_monitor.sim.server import DEFAULT_ALL_MIDS_INTERVAL_S, DEFAULT_PUSH_INTERVAL_S
 
     p = sub.add_parser("sim", help="run the fake Hyperliquid (WebSocket /ws + REST /info on one port)")
     p.add_argument("--host", default="127.0.0.1")
@@ -73,7 +75,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--step-delay", type=float, default=1.0, help="seconds between scripted steps")
     p.add_argument("--max-users", type=int, default=hl.MAX_USERS, help="distinct-user cap per IP")
     p.add_argument("--idle-timeout", type=float, default=hl.SERVER_IDLE_TIMEOUT_S)
-    p.add_argument("--push-interval", type=float, default=5.0, help="allDexsClearinghouseState cadence (s)")
+    p.add_argument(
+        "--push-interval", type=float, default=DEFAULT_PUSH_INTERVAL_S, help="allDexsClearinghouseState cadence (s)"
+    )
+    p.add_argument(
+        "--all-mids-interval",
+        type=float,
+        default=DEFAULT_ALL_MIDS_INTERVAL_S,
+        help="allMids cadence (s), besides a push on every move",
+    )
     p.add_argument("--greeting", action="store_true", help="send 'Websocket connection established.' first")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=_run)

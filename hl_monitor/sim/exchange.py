@@ -21,6 +21,46 @@ Fills carry a correct `startPosition`, `dir` (flips as `Long > Short` / `Short >
 `fee`, increasing `tid`s and oids above 2^32. Every trade also appears on the public `trades` feed with
 `users: [buyer, seller]` (the counterparty is a seeded non-whale address) and the aggressor's `side`.
 `exchange.ledger` records what each order did (per `dir`: size, VWAP, fill count) for end-to-end checks.
+
+Positions and margin (the account ledger; `clearinghouseState`, `allDexsClearinghouseState`, `spotState` and
+their REST forms are views of it, computed at the current marks whenever they are asked for):
+
+    w.set_leverage("ETH", 5, "isolated")          # per whale and coin; default cross, min(10, maxLeverage)
+    w.set_balance("25000", dex="xyz")             # the dex's cross cash (a deposit or a withdrawal)
+    sim.exchange.set_mid("ETH", "2100")           # move a mark without a trade (pushes allMids)
+    sim.exchange.apply_funding("ETH", "0.0001")   # one funding payment on every open ETH position
+    sim.exchange.dex_view(addr, "")               # the numbers the next state frame carries (`DexView`)
+
+Rules (exact `Decimal`s, nothing rounded for display, so a client's own arithmetic can be checked exactly;
+cash amounts, i.e. fees, closed PnL, funding and isolated margin, are kept at 6 decimals like USDC):
+- mark: the coin's mid, i.e. its last trade price unless `set_mid` moved it since;
+- size and entry: signed `szi`; entry on an open is the fill price, on an increase
+  `(|old|·entry + |fill|·px) ÷ |new|`, unchanged on a reduce, the fill price after a flip;
+- `positionValue = |szi|·mark`, `unrealizedPnl = szi·(mark − entry)`,
+  `returnOnEquity = unrealizedPnl ÷ (|szi|·entry ÷ leverage)`;
+- margin: cross `marginUsed = positionValue ÷ leverage`; isolated positions hold their own margin `M`
+  (`|fill|·px ÷ leverage` moved out of the dex's cash on every increase, released pro rata on a reduce, reset
+  to `|szi|·entry ÷ leverage` when the leverage value changes) and show `marginUsed = M + unrealizedPnl` and
+  `leverage.rawUsd = M − szi·entry`, as the exchange does; the sim refuses a change of margin type while a
+  position is open (`ValueError`);
+- maintenance margin of a position: `positionValue ÷ (2·maxLeverage)`;
+- liquidation price, where equity meets maintenance margin with every other mark held where it is:
+  cross `(szi·entry − cash − Σ others (unrealizedPnl − maintenance)) ÷ (szi − |szi| ÷ (2·maxLeverage))` over
+  the dex's other cross positions; isolated `(szi·entry − M) ÷ (szi − |szi| ÷ (2·maxLeverage))`;
+  `null` when that price is not positive (nothing can liquidate the position) or the account is flat;
+- funding (only when a script calls `apply_funding`): `szi·mark·rate`, positive = paid by the position, out
+  of the cash (cross) or of `M` (isolated); `cumFunding.allTime` per coin over the account's life,
+  `sinceOpen` since the position opened (or flipped), `sinceChange` since its size last changed;
+- per dex: cash = deposit + closed PnL − fees − funding − isolated margin held; cross account value =
+  cash + Σ cross unrealized PnL; `accountValue` = that + Σ isolated `M + unrealizedPnl` (so deposit + closed
+  PnL − fees − funding + Σ unrealized PnL); `totalNtlPos` = Σ positionValue; `totalRawUsd` = accountValue −
+  Σ szi·mark; `totalMarginUsed` = Σ marginUsed; `crossMarginSummary` the same over cross positions only;
+  `crossMaintenanceMarginUsed` = Σ cross maintenance; `withdrawable` = max(0, cross account value − cross
+  margin used). The first dex starts with `DEFAULT_USDC`, each builder dex with `DEFAULT_DEX_USDC`;
+- spot: `total` and `entryNtl` follow the fills (a sell removes its share of `entryNtl` at the average cost);
+  `hold` is what resting orders reserve (the base size of sells, the quote notional of buys).
+A state's `time` is strictly before any later fill's time (fills stamped in the same millisecond move one ms
+on), so a client may take every fill at or before a state's time as included in it.
 """
 
 from __future__ import annotations
@@ -30,7 +70,7 @@ import hashlib
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from typing import Final, Literal, Protocol, TypeAlias
@@ -48,8 +88,10 @@ TAKER_FEE: Final = Decimal("0.00045")  # base-tier taker fee on Hyperliquid perp
 MAKER_FEE: Final = Decimal("0.00015")  # base-tier maker fee
 DEFAULT_USDC: Final = Decimal(1_000_000)  # a whale's starting perp collateral
 DEFAULT_SPOT_USDC: Final = Decimal(250_000)  # a whale's starting spot USDC
-DEFAULT_LEVERAGE: Final = 10  # cross leverage shown on positions
-ENTRY_SIG_FIGS: Final = 6  # entryPx is shown with about this many significant figures
+DEFAULT_DEX_USDC: Final = Decimal(100_000)  # collateral a whale keeps on each builder dex
+DEFAULT_LEVERAGE: Final = 10  # leverage of a coin until a script sets one (capped at the coin's maxLeverage)
+MAINTENANCE_DIVISOR: Final = 2  # maintenance margin is half the initial margin at max leverage
+LEVERAGE_TYPES: Final = ("cross", "isolated")
 OID_BASE: Final = 300_000_000_000  # live oids are ~3e11, well above 2^32 (clients must use 64-bit ints)
 TID_BASE: Final = 100_000_000_000_000  # live tids are ~1e14-1e15 (50-bit hashes)
 TWAP_ID_BASE: Final = 2_000_000  # live twapIds are ~2e6
@@ -89,12 +131,6 @@ def to_decimal(value: Num) -> Decimal:
     if isinstance(value, float):
         return Decimal(str(value))
     return Decimal(value)
-
-
-def _sig(value: Decimal, figures: int) -> Decimal:
-    if value == 0:
-        return ZERO
-    return value.quantize(Decimal(1).scaleb(value.adjusted() - figures + 1))
 
 
 class _Out(msgspec.Struct, rename="camel", omit_defaults=True, frozen=True, gc=False, kw_only=True):
@@ -218,6 +254,17 @@ class WireLiquidationEvent(msgspec.Struct, frozen=True, gc=False):
     liquidated_user: str
     liquidated_ntl_pos: str
     liquidated_account_value: str
+
+
+class WireUserFunding(_Out, frozen=True, kw_only=True):
+    """The `funding` event of the `user` channel: `usdc` negative = paid."""
+
+    time: int
+    coin: str
+    usdc: str
+    szi: str
+    funding_rate: str
+    n_samples: int | None = None
 
 
 class WireCumFunding(_Out, frozen=True, kw_only=True):
@@ -500,16 +547,111 @@ class ExchangeListener(Protocol):
     def on_twap_history(self, user: str, entries: Sequence[WireTwapHistoryEntry]) -> None: ...
 
 
+class MarkListener(Protocol):
+    """Receives mark moves and funding payments (kept apart from `ExchangeListener`, whose implementers
+    outside the server only relay order flow)."""
+
+    def on_mids(self, coins: Collection[str]) -> None: ...
+
+    def on_funding(self, user: str, event: WireUserFunding) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LeverageSetting:
+    type: Literal["cross", "isolated"]
+    value: int
+
+
 @dataclass(slots=True)
-class _PerpPosition:
+class PerpPosition:
+    """An open position in the ledger (a flat coin has none). Leverage lives in `Account.leverage`."""
+
     szi: Decimal = ZERO
     entry_px: Decimal = ZERO
+    isolated_margin: Decimal = ZERO  # `M` of an isolated position, 0 for cross
+    funding_since_open: Decimal = ZERO
+    funding_since_change: Decimal = ZERO
+
+
+@dataclass(slots=True)
+class DexLedger:
+    """Cash of one perp dex and where it came from (see the module docstring for how they add up)."""
+
+    deposited: Decimal
+    cash: Decimal
+    realized_pnl: Decimal = ZERO
+    fees: Decimal = ZERO
+    funding: Decimal = ZERO  # paid (positive) or received (negative), cross and isolated
 
 
 @dataclass(slots=True)
 class _SpotBalance:
     total: Decimal = ZERO
     entry_ntl: Decimal = ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class PositionView:
+    """One position valued at the current mark: exactly the numbers its state frame carries."""
+
+    coin: str
+    dex: str
+    szi: Decimal
+    entry_px: Decimal
+    leverage_type: Literal["cross", "isolated"]
+    leverage: int
+    max_leverage: int
+    mark_px: Decimal
+    position_value: Decimal
+    unrealized_pnl: Decimal
+    return_on_equity: Decimal
+    margin_used: Decimal
+    maintenance_margin: Decimal
+    liquidation_px: Decimal | None
+    raw_usd: Decimal | None  # isolated only
+    isolated_margin: Decimal
+    funding_all_time: Decimal
+    funding_since_open: Decimal
+    funding_since_change: Decimal
+
+    @property
+    def liquidation_distance(self) -> Decimal | None:
+        """`|mark − liquidation price| ÷ mark`, None without a liquidation price."""
+        if self.liquidation_px is None:
+            return None
+        return abs(self.mark_px - self.liquidation_px) / self.mark_px
+
+
+@dataclass(frozen=True, slots=True)
+class DexView:
+    """One perp dex of one account at the current marks: exactly the numbers its state frame carries."""
+
+    dex: str
+    account_value: Decimal
+    total_ntl_pos: Decimal
+    total_raw_usd: Decimal
+    total_margin_used: Decimal
+    cross_account_value: Decimal
+    cross_ntl_pos: Decimal
+    cross_raw_usd: Decimal
+    cross_margin_used: Decimal
+    cross_maintenance_margin_used: Decimal
+    withdrawable: Decimal
+    positions: tuple[PositionView, ...]
+
+    def position(self, coin: str) -> PositionView | None:
+        return next((p for p in self.positions if p.coin == coin), None)
+
+
+@dataclass(frozen=True, slots=True)
+class SpotBalanceView:
+    """One spot token balance as `spotState` shows it."""
+
+    coin: str
+    token: int
+    total: Decimal
+    hold: Decimal
+    entry_ntl: Decimal
 
 
 @dataclass(slots=True)
@@ -570,18 +712,36 @@ class Order:
 
 
 class Account:
-    """One address: perp collateral and positions, spot balances, fill and order history."""
+    """One address: perp cash per dex, positions, leverage settings, spot balances, fill and order history."""
 
-    def __init__(self, address: str, usdc: Decimal, spot_usdc: Decimal, fill_limit: int, order_limit: int) -> None:
+    def __init__(
+        self,
+        address: str,
+        usdc: Decimal,
+        spot_usdc: Decimal,
+        fill_limit: int,
+        order_limit: int,
+        dex_usdc: Decimal = DEFAULT_DEX_USDC,
+    ) -> None:
         self.address = address
-        self.usdc = usdc
-        self.positions: dict[str, _PerpPosition] = {}
+        self.dexes: dict[str, DexLedger] = {
+            dex: DexLedger(deposited=start, cash=start)
+            for dex, start in ((d, usdc if d == "" else dex_usdc) for d in PERP_DEXES)
+        }
+        self.positions: dict[str, PerpPosition] = {}
+        self.leverage: dict[str, LeverageSetting] = {}  # coins a script set; the others use the default
+        self.funding_all_time: dict[str, Decimal] = {}
         self.spot: dict[str, _SpotBalance] = {"USDC": _SpotBalance(spot_usdc, ZERO)} if spot_usdc else {}
         self.fills: deque[WireFill] = deque(maxlen=fill_limit)
         self.orders: OrderedDict[int, Order] = OrderedDict()
         self.open_orders: dict[int, Order] = {}
         self.twaps: OrderedDict[int, WireTwapHistoryEntry] = OrderedDict()  # newest state per twapId
         self._order_limit = order_limit
+
+    @property
+    def usdc(self) -> Decimal:
+        """Cash on the first perp dex."""
+        return self.dexes[""].cash
 
     def remember(self, order: Order) -> None:
         self.orders[order.oid] = order
@@ -620,6 +780,7 @@ class Exchange:
         self.universe = Universe()
         self.ledger = Ledger()
         self.listener: ExchangeListener | None = None
+        self.mark_listener: MarkListener | None = None
         # Fault: push an order's status update before its fills (the service must park it).
         self.status_before_fills = False
         self._rng = random.Random(seed)
@@ -633,6 +794,7 @@ class Exchange:
         self._record = record_ledger
         self._clock = clock
         self._last_ms = 0
+        self._state_ms = 0  # time of the newest state view handed out: later fills are stamped after it
         self.accounts: dict[str, Account] = {}
         self.mids: dict[str, Decimal] = {p.name: p.mid for p in PERPS} | {s.name: s.mid for s in SPOT_PAIRS}
         self.day_ntl_vlm: dict[str, Decimal] = dict.fromkeys(self.mids, ZERO)
@@ -672,15 +834,32 @@ class Exchange:
     def _counterparty(self) -> str:
         return self.counterparties[self._rng.randrange(COUNTERPARTIES)]
 
-    def whale(self, address: str, *, usdc: Num = DEFAULT_USDC, spot_usdc: Num = DEFAULT_SPOT_USDC) -> Whale:
+    def whale(
+        self,
+        address: str,
+        *,
+        usdc: Num = DEFAULT_USDC,
+        spot_usdc: Num = DEFAULT_SPOT_USDC,
+        dex_usdc: Num = DEFAULT_DEX_USDC,
+    ) -> Whale:
         """The scripting handle for `address` (created with starting balances on first use)."""
-        return Whale(self, self.account(address, usdc=usdc, spot_usdc=spot_usdc))
+        return Whale(self, self.account(address, usdc=usdc, spot_usdc=spot_usdc, dex_usdc=dex_usdc))
 
-    def account(self, address: str, *, usdc: Num = DEFAULT_USDC, spot_usdc: Num = DEFAULT_SPOT_USDC) -> Account:
+    def account(
+        self,
+        address: str,
+        *,
+        usdc: Num = DEFAULT_USDC,
+        spot_usdc: Num = DEFAULT_SPOT_USDC,
+        dex_usdc: Num = DEFAULT_DEX_USDC,
+    ) -> Account:
+        """`address`'s account; `usdc` (first dex), `dex_usdc` (each builder dex) and `spot_usdc` seed a new one."""
         addr = address.lower()
         acct = self.accounts.get(addr)
         if acct is None:
-            acct = Account(addr, to_decimal(usdc), to_decimal(spot_usdc), self._fill_limit, self._order_limit)
+            acct = Account(
+                addr, to_decimal(usdc), to_decimal(spot_usdc), self._fill_limit, self._order_limit, to_decimal(dex_usdc)
+            )
             self.accounts[addr] = acct
         return acct
 
@@ -755,7 +934,7 @@ class Exchange:
         spot = order.coin in self.universe.spot
         rate = TAKER_FEE if aggressor else MAKER_FEE
         aggressor_side: Side = order.side if aggressor else ("A" if is_buy else "B")
-        now = self.now_ms()
+        now = self._fill_ms()
         fills: list[WireFill] = []
         trades: list[WireTrade] = []
         ledger = self.ledger.orders.get(order.oid) if self._record else None
@@ -765,8 +944,7 @@ class Exchange:
             if spot:
                 start, dir_, pnl = self._apply_spot(acct, order.coin, is_buy, sz, px, fee)
             else:
-                start, dir_, pnl = self._apply_perp(acct, order.coin, is_buy, sz, px)
-                acct.usdc += pnl - fee
+                start, dir_, pnl = self._apply_perp(acct, order.coin, is_buy, sz, px, fee)
             if liquidation_dir is not None:
                 dir_ = liquidation_dir
             tid = self._tid()
@@ -812,32 +990,76 @@ class Exchange:
                 total.size += sz
                 total.notional += sz * px
                 total.fills += 1
+        if pieces:
+            self._mids_moved((order.coin,))
         return fills, trades
 
-    @staticmethod
-    def _apply_perp(acct: Account, coin: str, is_buy: bool, sz: Decimal, px: Decimal) -> tuple[Decimal, str, Decimal]:
+    def _fill_ms(self) -> int:
+        """The time of a new fill: now, but after the newest state view (which cannot contain it)."""
+        ms = max(self.now_ms(), self._state_ms + 1)
+        self._last_ms = ms
+        return ms
+
+    def _state_time(self) -> int:
+        """The time of a state view being handed out; every fill so far is at or before it."""
+        ms = self.now_ms()
+        self._state_ms = ms
+        return ms
+
+    def _apply_perp(
+        self, acct: Account, coin: str, is_buy: bool, sz: Decimal, px: Decimal, fee: Decimal
+    ) -> tuple[Decimal, str, Decimal]:
+        """One perp fill on the ledger (module docstring rules); returns startPosition, dir and closedPnl."""
+        ledger = acct.dexes[self._dex_of(coin)]
+        setting = self.leverage_of(acct, coin)
         pos = acct.positions.get(coin)
         if pos is None:
-            pos = acct.positions[coin] = _PerpPosition()
+            pos = acct.positions[coin] = PerpPosition(entry_px=px)
         start = pos.szi
         new = start + sz if is_buy else start - sz
         pnl = ZERO
         if start == 0 or (start > 0) == is_buy:
             dir_ = "Open Long" if is_buy else "Open Short"
-            pos.entry_px = (pos.entry_px * abs(start) + px * sz) / abs(new)
+            pos.entry_px = px if start == 0 else (abs(start) * pos.entry_px + sz * px) / abs(new)
+            self._hold_margin(ledger, pos, setting, sz * px)
         elif sz <= abs(start):
             dir_ = "Close Long" if start > 0 else "Close Short"
             pnl = ((px - pos.entry_px) * (sz if start > 0 else -sz)).quantize(USDC_DECIMALS)
-            if new == 0:
-                pos.entry_px = ZERO
+            self._release_margin(ledger, pos, sz, abs(start))
         else:
             dir_ = "Long > Short" if start > 0 else "Short > Long"
             pnl = ((px - pos.entry_px) * start).quantize(USDC_DECIMALS)
+            self._release_margin(ledger, pos, abs(start), abs(start))
             pos.entry_px = px
+            pos.funding_since_open = ZERO
+            self._hold_margin(ledger, pos, setting, abs(new) * px)
         pos.szi = new
+        pos.funding_since_change = ZERO
+        ledger.cash += pnl - fee
+        ledger.realized_pnl += pnl
+        ledger.fees += fee
         if new == 0:
             del acct.positions[coin]
         return start, dir_, pnl
+
+    @staticmethod
+    def _hold_margin(ledger: DexLedger, pos: PerpPosition, setting: LeverageSetting, notional: Decimal) -> None:
+        """An isolated position takes `notional ÷ leverage` out of the dex's cash; a cross one takes nothing."""
+        if setting.type == "isolated":
+            margin = (notional / setting.value).quantize(USDC_DECIMALS)
+            pos.isolated_margin += margin
+            ledger.cash -= margin
+
+    @staticmethod
+    def _release_margin(ledger: DexLedger, pos: PerpPosition, sz: Decimal, held: Decimal) -> None:
+        """Reducing `held` by `sz` gives back that share of the isolated margin (all of it on a close)."""
+        released = pos.isolated_margin if sz >= held else (pos.isolated_margin * sz / held).quantize(USDC_DECIMALS)
+        pos.isolated_margin -= released
+        ledger.cash += released
+
+    def _mids_moved(self, coins: Collection[str]) -> None:
+        if self.mark_listener is not None:
+            self.mark_listener.on_mids(coins)
 
     def _apply_spot(
         self, acct: Account, coin: str, is_buy: bool, sz: Decimal, px: Decimal, fee: Decimal
@@ -1010,7 +1232,8 @@ class Exchange:
         price = mark if px is None else to_decimal(px)
         is_buy = pos.szi < 0
         size = abs(pos.szi)
-        label = "Liquidated Cross Short" if is_buy else "Liquidated Cross Long"
+        margin = "Isolated" if self.leverage_of(acct, coin).type == "isolated" else "Cross"
+        label = f"Liquidated {margin} {'Short' if is_buy else 'Long'}"
         pieces = self.split(coin, size, price, fills, ZERO, is_buy)
         order = self._new_order(
             acct, coin, is_buy, size, price, order_type="Market", tif="LiquidationMarket",
@@ -1033,7 +1256,7 @@ class Exchange:
                     liquidator=self._counterparty(),
                     liquidated_user=acct.address,
                     liquidated_ntl_pos=wire_decimal(ntl.quantize(USDC_DECIMALS)),
-                    liquidated_account_value=wire_decimal(self.account_value(acct, "").quantize(USDC_DECIMALS)),
+                    liquidated_account_value=wire_decimal(self.account_value(acct, self._dex_of(coin))),
                 ),
             )
         return order.oid
@@ -1119,96 +1342,268 @@ class Exchange:
         if sz > held:
             raise ValueError(f"{acct.address} sells {sz} {pair.base.name} but holds {held}")
 
-    # ---------------------------------------------------------------- state views (REST and WS pushes)
+    # ---------------------------------------------------------------- positions, leverage, marks, funding
 
-    def account_value(self, acct: Account, dex: str) -> Decimal:
-        upnl = sum(
-            ((self.mids[c] - p.entry_px) * p.szi for c, p in acct.positions.items() if self._dex_of(c) == dex), ZERO
-        )
-        if dex == "":
-            return acct.usdc + upnl
-        margin = sum(
-            (abs(p.szi) * self.mids[c] / DEFAULT_LEVERAGE for c, p in acct.positions.items() if self._dex_of(c) == dex),
-            ZERO,
-        )
-        return margin + upnl
+    def leverage_of(self, acct: Account, coin: str) -> LeverageSetting:
+        """The coin's leverage for this account: what a script set, else cross at the default."""
+        setting = acct.leverage.get(coin)
+        if setting is not None:
+            return setting
+        return LeverageSetting("cross", min(DEFAULT_LEVERAGE, self.universe.perps[coin].max_leverage))
+
+    def set_leverage(self, user: str, coin: str, value: int, type: str = "cross") -> None:
+        """Set a coin's leverage (1..maxLeverage) and margin type for one account.
+
+        The type cannot change while a position is open; a new value resets an open isolated position's
+        margin to `|szi|·entry ÷ value` (the difference comes out of, or goes back to, the dex's cash).
+        """
+        acct = self.account(user)
+        perp = self.universe.perps.get(coin)
+        if perp is None:
+            raise ValueError(f"unknown perp {coin!r}; known: {sorted(self.universe.perps)}")
+        if type not in LEVERAGE_TYPES:
+            raise ValueError(f"leverage type must be one of {LEVERAGE_TYPES}, got {type!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= perp.max_leverage:
+            raise ValueError(f"leverage of {coin} must be an integer in 1..{perp.max_leverage}, got {value!r}")
+        new = LeverageSetting("isolated" if type == "isolated" else "cross", value)
+        pos = acct.positions.get(coin)
+        if pos is not None and new.type != self.leverage_of(acct, coin).type:
+            raise ValueError(f"{acct.address} cannot switch {coin} to {type} margin with an open position")
+        acct.leverage[coin] = new
+        if pos is not None and new.type == "isolated":
+            ledger = acct.dexes[self._dex_of(coin)]
+            self._release_margin(ledger, pos, abs(pos.szi), abs(pos.szi))
+            self._hold_margin(ledger, pos, new, abs(pos.szi) * pos.entry_px)
+
+    def set_balance(self, user: str, amount: Num, dex: str = "") -> None:
+        """Make the dex's cash `amount` (a deposit or withdrawal of the difference)."""
+        if dex not in PERP_DEXES:
+            raise ValueError(f"unknown perp dex {dex!r}; known: {PERP_DEXES}")
+        ledger = self.account(user).dexes[dex]
+        value = to_decimal(amount)
+        ledger.deposited += value - ledger.cash
+        ledger.cash = value
+
+    def set_mid(self, coin: str, px: Num) -> None:
+        """Move a coin's mid (its mark) without a trade; `allMids` subscribers see it at once."""
+        self._check_coin(coin)
+        price = to_decimal(px)
+        if price <= 0:
+            raise ValueError(f"a mid must be positive, got {price}")
+        self.mids[coin] = price
+        self._mids_moved((coin,))
+
+    def apply_funding(self, coin: str, rate: Num) -> None:
+        """One funding payment on every open `coin` position: `szi·mark·rate` (positive = paid)."""
+        if coin not in self.universe.perps:
+            raise ValueError(f"unknown perp {coin!r}; known: {sorted(self.universe.perps)}")
+        funding_rate = to_decimal(rate)
+        mark = self.mids[coin]
+        now = self._fill_ms()
+        for acct in self.accounts.values():
+            pos = acct.positions.get(coin)
+            if pos is None:
+                continue
+            payment = (pos.szi * mark * funding_rate).quantize(USDC_DECIMALS)
+            pos.funding_since_open += payment
+            pos.funding_since_change += payment
+            acct.funding_all_time[coin] = acct.funding_all_time.get(coin, ZERO) + payment
+            ledger = acct.dexes[self._dex_of(coin)]
+            ledger.funding += payment
+            if self.leverage_of(acct, coin).type == "isolated":
+                pos.isolated_margin -= payment
+            else:
+                ledger.cash -= payment
+            if self.mark_listener is not None:
+                event = WireUserFunding(
+                    time=now,
+                    coin=coin,
+                    usdc=wire_decimal(-payment),
+                    szi=wire_decimal(pos.szi),
+                    funding_rate=wire_decimal(funding_rate),
+                    n_samples=None,
+                )
+                self.mark_listener.on_funding(acct.address, event)
+
+    # ---------------------------------------------------------------- state views (REST and WS pushes)
 
     @staticmethod
     def _dex_of(coin: str) -> str:
         return coin.split(":", 1)[0] if ":" in coin else ""
 
-    def clearinghouse_state(self, user: str, dex: str = "") -> WireClearinghouseState:
-        """Perp state of one dex (a flat account for unknown addresses)."""
+    def position_view(self, user: str, coin: str) -> PositionView | None:
+        """The open position on `coin` at the current mark (None when flat)."""
+        return self.dex_view(user, self._dex_of(coin)).position(coin)
+
+    def dex_view(self, user: str, dex: str = "") -> DexView:
+        """One dex of an account at the current marks (zeros for an unknown address or dex)."""
         acct = self.accounts.get(user.lower())
-        now = self.now_ms()
-        positions: list[WireAssetPosition] = []
-        ntl = margin = ZERO
-        value = ZERO
-        if acct is not None:
-            for coin, pos in sorted(acct.positions.items()):
-                if self._dex_of(coin) != dex:
-                    continue
-                mark = self.mids[coin]
-                value_pos = abs(pos.szi) * mark
-                used = value_pos / DEFAULT_LEVERAGE
-                upnl = (mark - pos.entry_px) * pos.szi
-                ntl += value_pos
-                margin += used
-                positions.append(
-                    WireAssetPosition(
-                        position=WirePosition(
-                            coin=coin,
-                            cum_funding=WireCumFunding(all_time="0.0", since_open="0.0", since_change="0.0"),
-                            entry_px=wire_decimal(_sig(pos.entry_px, ENTRY_SIG_FIGS)),
-                            leverage=WireLeverage(type="cross", value=DEFAULT_LEVERAGE),
-                            liquidation_px=None,
-                            margin_used=wire_decimal(used.quantize(USDC_DECIMALS)),
-                            max_leverage=self.universe.perps[coin].max_leverage,
-                            position_value=wire_decimal(value_pos.quantize(USDC_DECIMALS)),
-                            return_on_equity=wire_decimal(_sig(upnl / used, ENTRY_SIG_FIGS) if used else ZERO),
-                            szi=wire_decimal(pos.szi),
-                            unrealized_pnl=wire_decimal(upnl.quantize(USDC_DECIMALS)),
-                        ),
-                        type="oneWay",
-                    )
+        ledger = acct.dexes.get(dex) if acct is not None else None
+        if acct is None or ledger is None:
+            return DexView(dex, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ())
+        rows: list[tuple[str, PerpPosition, LeverageSetting, int, Decimal, Decimal, Decimal]] = []
+        for coin in sorted(c for c in acct.positions if self._dex_of(c) == dex):
+            pos = acct.positions[coin]
+            max_lev = self.universe.perps[coin].max_leverage
+            mark = self.mids[coin]
+            value = abs(pos.szi) * mark
+            upnl = pos.szi * (mark - pos.entry_px)
+            rows.append((coin, pos, self.leverage_of(acct, coin), max_lev, mark, value, upnl))
+        cross = [r for r in rows if r[2].type == "cross"]
+        views: list[PositionView] = []
+        for coin, pos, setting, max_lev, mark, value, upnl in rows:
+            maintenance = value / (MAINTENANCE_DIVISOR * max_lev)
+            isolated = setting.type == "isolated"
+            if isolated:
+                margin_used = pos.isolated_margin + upnl
+                cushion = pos.isolated_margin
+            else:
+                margin_used = value / setting.value
+                others = sum(
+                    (r[6] - r[5] / (MAINTENANCE_DIVISOR * r[3]) for r in cross if r[0] != coin),
+                    ZERO,
                 )
-            value = self.account_value(acct, dex)
-        summary = WireMarginSummary(
-            account_value=wire_decimal(value.quantize(USDC_DECIMALS)),
-            total_ntl_pos=wire_decimal(ntl.quantize(USDC_DECIMALS)),
-            total_raw_usd=wire_decimal((value - ntl).quantize(USDC_DECIMALS)),
-            total_margin_used=wire_decimal(margin.quantize(USDC_DECIMALS)),
+                cushion = ledger.cash + others
+            liq = (pos.szi * pos.entry_px - cushion) / (pos.szi - abs(pos.szi) / (MAINTENANCE_DIVISOR * max_lev))
+            views.append(
+                PositionView(
+                    coin=coin,
+                    dex=dex,
+                    szi=pos.szi,
+                    entry_px=pos.entry_px,
+                    leverage_type=setting.type,
+                    leverage=setting.value,
+                    max_leverage=max_lev,
+                    mark_px=mark,
+                    position_value=value,
+                    unrealized_pnl=upnl,
+                    return_on_equity=upnl / (abs(pos.szi) * pos.entry_px / setting.value),
+                    margin_used=margin_used,
+                    maintenance_margin=maintenance,
+                    liquidation_px=liq if liq > 0 else None,
+                    raw_usd=pos.isolated_margin - pos.szi * pos.entry_px if isolated else None,
+                    isolated_margin=pos.isolated_margin,
+                    funding_all_time=acct.funding_all_time.get(coin, ZERO),
+                    funding_since_open=pos.funding_since_open,
+                    funding_since_change=pos.funding_since_change,
+                )
+            )
+        cross_views = [v for v in views if v.leverage_type == "cross"]
+        cross_value = ledger.cash + sum((v.unrealized_pnl for v in cross_views), ZERO)
+        account_value = cross_value + sum(
+            (v.isolated_margin + v.unrealized_pnl for v in views if v.leverage_type == "isolated"), ZERO
         )
+        cross_margin = sum((v.margin_used for v in cross_views), ZERO)
+        return DexView(
+            dex=dex,
+            account_value=account_value,
+            total_ntl_pos=sum((v.position_value for v in views), ZERO),
+            total_raw_usd=account_value - sum((v.szi * v.mark_px for v in views), ZERO),
+            total_margin_used=sum((v.margin_used for v in views), ZERO),
+            cross_account_value=cross_value,
+            cross_ntl_pos=sum((v.position_value for v in cross_views), ZERO),
+            cross_raw_usd=cross_value - sum((v.szi * v.mark_px for v in cross_views), ZERO),
+            cross_margin_used=cross_margin,
+            cross_maintenance_margin_used=sum((v.maintenance_margin for v in cross_views), ZERO),
+            withdrawable=max(cross_value - cross_margin, ZERO),
+            positions=tuple(views),
+        )
+
+    def account_value(self, acct: Account, dex: str) -> Decimal:
+        return self.dex_view(acct.address, dex).account_value
+
+    def clearinghouse_state(self, user: str, dex: str = "") -> WireClearinghouseState:
+        """Perp state of one dex in the exchange's wire format (a flat account for unknown addresses)."""
+        return self._wire_state(self.dex_view(user, dex), self._state_time())
+
+    @staticmethod
+    def _wire_state(view: DexView, time_ms: int) -> WireClearinghouseState:
+        positions = [
+            WireAssetPosition(
+                position=WirePosition(
+                    coin=p.coin,
+                    cum_funding=WireCumFunding(
+                        all_time=wire_decimal(p.funding_all_time),
+                        since_open=wire_decimal(p.funding_since_open),
+                        since_change=wire_decimal(p.funding_since_change),
+                    ),
+                    entry_px=wire_decimal(p.entry_px),
+                    leverage=WireLeverage(
+                        type=p.leverage_type,
+                        value=p.leverage,
+                        raw_usd=None if p.raw_usd is None else wire_decimal(p.raw_usd),
+                    ),
+                    liquidation_px=None if p.liquidation_px is None else wire_decimal(p.liquidation_px),
+                    margin_used=wire_decimal(p.margin_used),
+                    max_leverage=p.max_leverage,
+                    position_value=wire_decimal(p.position_value),
+                    return_on_equity=wire_decimal(p.return_on_equity),
+                    szi=wire_decimal(p.szi),
+                    unrealized_pnl=wire_decimal(p.unrealized_pnl),
+                ),
+                type="oneWay",
+            )
+            for p in view.positions
+        ]
         return WireClearinghouseState(
-            margin_summary=summary,
-            cross_margin_summary=summary,
-            cross_maintenance_margin_used=wire_decimal((margin / 2).quantize(USDC_DECIMALS)),
-            withdrawable=wire_decimal(max(value - margin, ZERO).quantize(USDC_DECIMALS)),
+            margin_summary=WireMarginSummary(
+                account_value=wire_decimal(view.account_value),
+                total_ntl_pos=wire_decimal(view.total_ntl_pos),
+                total_raw_usd=wire_decimal(view.total_raw_usd),
+                total_margin_used=wire_decimal(view.total_margin_used),
+            ),
+            cross_margin_summary=WireMarginSummary(
+                account_value=wire_decimal(view.cross_account_value),
+                total_ntl_pos=wire_decimal(view.cross_ntl_pos),
+                total_raw_usd=wire_decimal(view.cross_raw_usd),
+                total_margin_used=wire_decimal(view.cross_margin_used),
+            ),
+            cross_maintenance_margin_used=wire_decimal(view.cross_maintenance_margin_used),
+            withdrawable=wire_decimal(view.withdrawable),
             asset_positions=positions,
-            time=now,
+            time=time_ms,
         )
 
     def all_dexs_state(self, user: str) -> list[tuple[str, WireClearinghouseState]]:
-        return [(dex, self.clearinghouse_state(user, dex)) for dex in PERP_DEXES]
+        """Every dex at one time (one `allDexsClearinghouseState` frame)."""
+        now = self._state_time()
+        return [(dex, self._wire_state(self.dex_view(user, dex), now)) for dex in PERP_DEXES]
+
+    def spot_view(self, user: str) -> list[SpotBalanceView]:
+        """Spot balances in token order; `hold` is what the account's resting spot orders reserve."""
+        acct = self.accounts.get(user.lower())
+        if acct is None:
+            return []
+        holds: dict[str, Decimal] = {}
+        for order in acct.open_orders.values():
+            pair = self.universe.spot.get(order.coin)
+            if pair is None:
+                continue
+            if order.side == "A":
+                holds[pair.base.name] = holds.get(pair.base.name, ZERO) + order.sz
+            else:
+                holds[pair.quote.name] = holds.get(pair.quote.name, ZERO) + order.sz * order.limit_px
+        out: list[SpotBalanceView] = []
+        for token in SPOT_TOKENS:
+            bal = acct.spot.get(token.name)
+            if bal is not None:
+                hold = holds.get(token.name, ZERO)
+                out.append(SpotBalanceView(token.name, token.index, bal.total, hold, bal.entry_ntl))
+        return out
 
     def spot_state(self, user: str) -> WireSpotState:
-        acct = self.accounts.get(user.lower())
-        balances: list[WireSpotBalance] = []
-        if acct is not None:
-            for token in SPOT_TOKENS:
-                bal = acct.spot.get(token.name)
-                if bal is None:
-                    continue
-                balances.append(
-                    WireSpotBalance(
-                        coin=token.name,
-                        token=token.index,
-                        hold="0.0",
-                        total=wire_decimal(bal.total),
-                        entry_ntl=wire_decimal(bal.entry_ntl.quantize(USDC_DECIMALS)),
-                    )
+        return WireSpotState(
+            balances=[
+                WireSpotBalance(
+                    coin=b.coin,
+                    token=b.token,
+                    hold=wire_decimal(b.hold),
+                    total=wire_decimal(b.total),
+                    entry_ntl=wire_decimal(b.entry_ntl),
                 )
-        return WireSpotState(balances=balances)
+                for b in self.spot_view(user)
+            ]
+        )
 
     def user_fills(self, user: str, limit: int) -> list[WireFill]:
         """Newest first, at most `limit`."""
@@ -1341,6 +1736,18 @@ class Whale:
     def spot_balance(self, token: str) -> Decimal:
         bal = self.account.spot.get(token)
         return bal.total if bal is not None else ZERO
+
+    def set_leverage(self, coin: str, value: int, type: str = "cross") -> None:
+        """`Exchange.set_leverage` for this whale (synchronous: nothing is sent until the next state)."""
+        self.exchange.set_leverage(self.address, coin, value, type)
+
+    def set_balance(self, amount: Num, dex: str = "") -> None:
+        """`Exchange.set_balance` for this whale."""
+        self.exchange.set_balance(self.address, amount, dex)
+
+    def view(self, coin: str) -> PositionView | None:
+        """The open position on `coin` at the current mark, as the next state frame shows it."""
+        return self.exchange.position_view(self.address, coin)
 
     async def market_order(
         self,

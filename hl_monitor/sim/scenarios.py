@@ -5,9 +5,10 @@
     sim.exchange.ledger.digest()                               # equal for equal seeds (and equal SimConfig.seed)
 
 Scenarios:
-- `demo`: a few whales cycling through open, add (limit, partial fills), partial fill + cancel, flip, close,
-  spot buy/sell on `@107` and `PURR/USDC`, a liquidation and a TWAP, perps on both dexes. Loops forever
-  unless `cycles` is given; `step_delay` seconds between steps (good for `make run` against the sim).
+- `demo`: a few whales cycling through open, add (limit, partial fills), an isolated short with a partial
+  fill + cancel and a leverage change, flip, close, spot buy/sell on `@107` and `PURR/USDC`, a mark move and
+  a funding payment on the builder dex, a mark drop then a liquidation, and a TWAP, perps on both dexes.
+  Loops forever unless `cycles` is given; `step_delay` seconds between steps (good for `make run`).
 - `flip`: open long, flip to short, flip back to long, close (`Long > Short`, `Short > Long`).
 - `liquidation`: a long and a short position, each liquidated (`Liquidated Cross Long/Short`).
 - `twap`: a TWAP buy, then a TWAP sell that closes it (slices share a twapId, zero hashes).
@@ -43,6 +44,8 @@ MAX_NOTIONAL: Final = 200_000
 PRICE_JITTER: Final = 0.002  # demo prices wander up to ±0.2% around the mid
 LOAD_COINS: Final = ("BTC", "ETH", "SOL", "HYPE", "xyz:XYZ100")
 LIQUIDATION_DISCOUNT: Final = Decimal("0.9")  # a liquidated long is closed 10% below its mark
+DEMO_FUNDING_RATE: Final = Decimal("0.0000125")  # the exchange's resting hourly rate
+DEMO_ISOLATED_LEVERAGE: Final = (5, 3)  # the isolated short opens at 5x, then the whale lowers it to 3x
 
 
 def scenario_whales(name: str, seed: int = 0, whales: int | None = None) -> list[str]:
@@ -159,12 +162,16 @@ def _demo(c: _Ctx) -> AsyncSteps:
         await w.fill(oid)
 
     async def short_partial_cancel() -> None:
+        opening, lowered = DEMO_ISOLATED_LEVERAGE
+        if w.position("ETH") == 0:  # the margin type can only change while flat
+            w.set_leverage("ETH", opening, "isolated")
         px = c.px("ETH")
         size = c.sz("ETH", px)
         oid = await w.limit_order("ETH", False, size, px)
         lot = c.ex.lot_size("ETH")
         await w.fill(oid, max(lot, (size / 2).quantize(lot, rounding=ROUND_DOWN)))
         await w.cancel(oid)
+        w.set_leverage("ETH", lowered, "isolated")
 
     async def flip_btc() -> None:
         px = c.px("BTC")
@@ -176,6 +183,10 @@ def _demo(c: _Ctx) -> AsyncSteps:
     async def builder_dex() -> None:
         px = c.px("xyz:XYZ100")
         await w.market_order("xyz:XYZ100", True, c.sz("xyz:XYZ100", px), px, fills=2)
+
+    async def mark_and_funding() -> None:
+        c.ex.set_mid("xyz:XYZ100", c.px("xyz:XYZ100"))
+        c.ex.apply_funding("xyz:XYZ100", DEMO_FUNDING_RATE)
 
     async def close_builder() -> None:
         await w.close("xyz:XYZ100", c.px("xyz:XYZ100"))
@@ -196,6 +207,7 @@ def _demo(c: _Ctx) -> AsyncSteps:
         px = c.px("SOL")
         await w.market_order("SOL", True, c.sz("SOL", px), px)
         mark = (px * LIQUIDATION_DISCOUNT).quantize(Decimal("0.01"))
+        c.ex.set_mid("SOL", mark)
         await w.liquidate("SOL", mark_px=mark, fills=2)
 
     async def twap() -> None:
@@ -215,6 +227,7 @@ def _demo(c: _Ctx) -> AsyncSteps:
             flip_btc,
             close_btc,
             builder_dex,
+            mark_and_funding,
             close_builder,
             spot_buy,
             spot_sell,

@@ -11,13 +11,17 @@ In-process API (stable; tests of other components use it):
         sim.stats.subscribe_requests    # counters (class SimStats)
         sim.connections                 # [ConnectionInfo(id, remote, subscriptions, client_messages)]
         sim.push_state()                # the periodic clearinghouse/spot/allMids push, right now
+        sim.exchange.set_mid("ETH", "2100")   # a mark move: allMids pushed at once (positions: exchange.py)
 
 What is modelled: acks with the normalised echo, the real error texts, per-IP limits (connections, new
 connections per minute, subscriptions, distinct users, client messages per minute), `userFills` snapshot
 (`isSnapshot: true`, oldest first) on every subscribe, stream frames without `isSnapshot`, `orderUpdates`
 without `user`, `user` (userEvents) frames with fills and liquidations, `clearinghouseState`,
-`allDexsClearinghouseState` and `spotState` (state on subscribe, then every `clearinghouse_push_interval`),
-`trades` with `users` (replay of the last `trades_replay` on subscribe), `allMids`, `bbo`, ping/pong, idle
+`allDexsClearinghouseState` and `spotState` (state on subscribe, then every `clearinghouse_push_interval`;
+every field a position carries, from the exchange's ledger: see `hl_monitor.sim.exchange`), `trades` with
+`users` (replay of the last `trades_replay` on subscribe), `allMids` (optional `dex`; the map on subscribe,
+then whenever a mid of that dex moves, by a trade or `Exchange.set_mid`, coalesced to one frame per event-loop
+turn, and every `all_mids_interval`), `bbo`, `user` funding events (`Exchange.apply_funding`), ping/pong, idle
 timeout, `post` info requests, REST weights and 429.
 
 Choices where the real server's behaviour is UNVERIFIED (docs/protocol.md §10):
@@ -44,7 +48,7 @@ import socket
 import string
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
@@ -57,6 +61,7 @@ from hl_monitor.hyperliquid.protocol import ErrorFrame, PongFrame, SubAck, Subsc
 from hl_monitor.logging import get_logger
 from hl_monitor.sim.exchange import (
     Exchange,
+    Universe,
     WireClearinghouseState,
     WireFill,
     WireLiquidationEvent,
@@ -64,6 +69,7 @@ from hl_monitor.sim.exchange import (
     WireSpotState,
     WireTrade,
     WireTwapHistoryEntry,
+    WireUserFunding,
     wire_decimal,
 )
 
@@ -73,6 +79,7 @@ log = get_logger(__name__)
 
 WINDOW_S: Final = 60.0  # every per-IP rate limit is "per minute"
 DEFAULT_PUSH_INTERVAL_S: Final = 5.0  # allDexsClearinghouseState cadence on idle accounts (docs/protocol.md §8)
+DEFAULT_ALL_MIDS_INTERVAL_S: Final = 1.0  # live mids move every block; this is the sim's idle cadence
 DEFAULT_TRADES_REPLAY: Final = 30  # trades replayed on subscribe (30 observed on testnet, docs/protocol.md §8)
 DEFAULT_FILLS_SNAPSHOT: Final = 2000  # userFills snapshot size (UNVERIFIED; matches the REST cap)
 DEFAULT_SEND_QUEUE: Final = 50_000  # frames queued per connection before it counts as a slow consumer
@@ -129,6 +136,7 @@ _MODELLED: Final = frozenset(
     }
 )
 _STATE_CHANNELS: Final = ("allDexsClearinghouseState", "clearinghouseState", "spotState", "allMids")
+_ACCOUNT_CHANNELS: Final = _STATE_CHANNELS[:3]  # pushed every `clearinghouse_push_interval`
 _CHANNEL_OF: Final = {"userEvents": "user"}  # data channels named differently from their subscription type
 
 
@@ -162,6 +170,10 @@ class _EventFills(_Data, frozen=True, kw_only=True):
 
 class _EventLiquidation(_Data, frozen=True, kw_only=True):
     liquidation: WireLiquidationEvent
+
+
+class _EventFunding(_Data, frozen=True, kw_only=True):
+    funding: WireUserFunding
 
 
 class _ChState(_Data, frozen=True, kw_only=True):
@@ -214,7 +226,7 @@ class _OrderUpdatesOut(_Out, tag="orderUpdates", frozen=True):
 
 
 class _UserEventsOut(_Out, tag="user", frozen=True):
-    data: _EventFills | _EventLiquidation
+    data: _EventFills | _EventLiquidation | _EventFunding
 
 
 class _TradesOut(_Out, tag="trades", frozen=True):
@@ -266,6 +278,7 @@ class SimConfig:
     rest_weight_per_minute: int = hl.REST_WEIGHT_PER_MINUTE
     idle_timeout: float = hl.SERVER_IDLE_TIMEOUT_S
     clearinghouse_push_interval: float = DEFAULT_PUSH_INTERVAL_S
+    all_mids_interval: float = DEFAULT_ALL_MIDS_INTERVAL_S  # allMids cadence besides the push on every move
     send_greeting: bool = False
     trades_replay: int = DEFAULT_TRADES_REPLAY
     fills_snapshot_size: int = DEFAULT_FILLS_SNAPSHOT
@@ -605,6 +618,7 @@ class SimServer:
             clock=wall_clock,
         )
         self.exchange.listener = self
+        self.exchange.mark_listener = self
         self.faults = Faults(self)
         self.stats = SimStats()
         self._clock = clock
@@ -614,6 +628,9 @@ class SimServer:
         self._next_conn = 0
         self._runner: web.AppRunner | None = None
         self._push_task: asyncio.Task[None] | None = None
+        self._mids_task: asyncio.Task[None] | None = None
+        self._moved_dexes: set[str] = set()  # dexes whose mids moved since the last allMids flush
+        self._mids_flush: asyncio.Handle | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._closers: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -650,15 +667,20 @@ class SimServer:
         self.port = int(sock.getsockname()[1])
         await web.SockSite(self._runner, sock).start()
         self._push_task = asyncio.create_task(self._push_loop(), name="sim-state-push")
+        self._mids_task = asyncio.create_task(self._mids_loop(), name="sim-mids-push")
         log.info("sim listening", ws_url=self.ws_url, info_url=self.info_url)
 
     async def stop(self) -> None:
         """Stop pushing, close every socket (1001), wait for the handlers, then stop the listener."""
-        if self._push_task is not None:
-            self._push_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._push_task
-            self._push_task = None
+        for task in (self._push_task, self._mids_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._push_task = self._mids_task = None
+        if self._mids_flush is not None:
+            self._mids_flush.cancel()
+            self._mids_flush = None
         for conn in list(self._conns.values()):
             conn.close_code = CLOSE_GOING_AWAY
             self._close_soon(conn)
@@ -942,17 +964,57 @@ class SimServer:
         )
         return _ENC.encode(_BboOut(_Bbo(coin=coin, time=self.exchange.now_ms(), bbo=levels)))
 
-    def push_state(self) -> None:
-        """Push clearinghouse, spot and allMids state to every subscriber now (what the periodic task does)."""
+    def push_state(self, channels: Collection[str] = _STATE_CHANNELS) -> None:
+        """Push clearinghouse, spot and allMids state to every subscriber now (what the periodic tasks do)."""
         for route, subs in list(self._routes.items()):
-            if route[0] in _STATE_CHANNELS and subs:
+            if route[0] in channels and subs:
                 first = next(iter(subs))
                 self._fanout(route[0], list(subs), self._state_frame(route, first.echo))
+
+    def push_mids(self, dexes: Collection[str] | None = None) -> None:
+        """Push the allMids map now to its subscribers (of `dexes` only, when given)."""
+        if dexes is None:
+            routes = [route for route in self._routes if route[0] == "allMids"]
+        else:
+            routes = [("allMids", dex) for dex in sorted(dexes)]
+        for route in routes:
+            subs = self._routes.get(route)
+            if subs:
+                first = next(iter(subs))
+                self._fanout("allMids", list(subs), self._state_frame(route, first.echo))
 
     async def _push_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.clearinghouse_push_interval)
-            self.push_state()
+            self.push_state(_ACCOUNT_CHANNELS)
+
+    async def _mids_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.all_mids_interval)
+            self.push_mids()
+
+    # MarkListener: a moved mid is pushed once per event-loop turn, however many fills moved it.
+
+    def on_mids(self, coins: Collection[str]) -> None:
+        self._moved_dexes.update(_mids_dex(coin, self.exchange.universe) for coin in coins)
+        if self._mids_flush is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven synchronously (no server loop running): push at once
+            self._flush_mids()
+            return
+        self._mids_flush = loop.call_soon(self._flush_mids)
+
+    def _flush_mids(self) -> None:
+        self._mids_flush = None
+        dexes, self._moved_dexes = self._moved_dexes, set()
+        self.push_mids(dexes)
+
+    def on_funding(self, user: str, event: WireUserFunding) -> None:
+        subs = self._routes.get(("user", user))
+        if subs:
+            self._fanout("user", list(subs), _ENC.encode(_UserEventsOut(_EventFunding(funding=event))))
 
     # ExchangeListener: encode each batch once, then fan it out.
 
@@ -1071,6 +1133,12 @@ class SimServer:
             trades = list(ex.recent_trades[coin])[-RECENT_TRADES_REST:][::-1]
             return trades, len(trades)
         raise _BadRequest(f"unknown variant `{kind}`")
+
+
+def _mids_dex(coin: str, universe: Universe) -> str:
+    """The dex whose allMids map lists `coin` (spot pairs are listed with the first dex)."""
+    perp = universe.perps.get(coin)
+    return perp.dex if perp is not None else ""
 
 
 def _req_user(req: Mapping[str, Any]) -> str:
