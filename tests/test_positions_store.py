@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from hl_monitor.cli import main
 from hl_monitor.config import Config, DatabaseConfig, RetentionConfig, WriterConfig
 from hl_monitor.domain.publication import Publication
+from hl_monitor.errors import SchemaOutdatedError
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, SpotState, decode_info
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
@@ -165,7 +166,7 @@ async def test_upgrade_from_0002_replaces_old_snapshots_and_creates_the_new_tabl
                 sa.text("INSERT INTO hlm_positions (address, payload, updated_at) VALUES (:a, :p, :u)"),
                 {"a": WHALE, "p": '{"dexes":{}}', "u": T0},
             )
-        with pytest.raises(migrate.SchemaOutdatedError):
+        with pytest.raises(SchemaOutdatedError):
             await migrate.check_schema(eng)  # `run` refuses the outdated schema
         await migrate.upgrade(db_url)
         await migrate.check_schema(eng)
