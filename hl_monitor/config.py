@@ -173,6 +173,8 @@ class RetentionConfig(_Section, frozen=True):
     interval: float = 3600.0
     aggregations: float = 2 * 3600.0
     signals: float = 7 * 86400.0
+    # Position events, and acknowledged publications (position events and alerts), older than this go.
+    position_events: float = 7 * 86400.0
     max_signals: int = 500_000
     # Unflushed aggregations idle this long are abandoned (their order ended long ago).
     open_aggregations: float = 86400.0
@@ -416,6 +418,7 @@ def validate(cfg: Config) -> None:
         "wide.stale_after": cfg.wide.stale_after,
         "wide.block_settle": cfg.wide.block_settle,
         "wide.rest_share": cfg.wide.rest_share,
+        "retention.position_events": cfg.retention.position_events,
     }
     for key, value in positive.items():
         if value <= 0:

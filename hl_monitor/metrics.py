@@ -172,6 +172,26 @@ class Metrics:
         self.publish_errors = counter("publish_errors", "JetStream publish failures by reason.", ("reason",))
         self.publish_duplicates = counter("publish_duplicates", "Publishes JetStream reported as duplicate.")
         self.outbox_spilled = counter("outbox_spilled", "Signals left to the store scan because the outbox was full.")
+        self.publications_published = counter(
+            "publications_published", "Position events and alerts stored by JetStream (first store).", ("kind",)
+        )
+        self.publication_duplicates = counter(
+            "publication_duplicates", "Position event and alert publishes JetStream reported as duplicate.", ("kind",)
+        )
+        self.publication_errors = counter(
+            "publication_errors",
+            "Position event and alert delivery failures by reason (publish, mark_published, outbox_scan).",
+            ("reason",),
+        )
+        self.publications_depth = gauge(
+            "publications_depth", "Position events and alerts persisted but not yet acknowledged by JetStream."
+        )
+        self.publications_spilled = counter(
+            "publications_spilled", "Publications left to the store scan because their outbox was full."
+        )
+        self.kv_writes = counter("kv_writes", "Position documents written to (or deleted from) the KV view.", ("op",))
+        self.kv_errors = counter("kv_errors", "Failed KV view operations by op (each is retried).", ("op",))
+        self.kv_queue_depth = gauge("kv_queue_depth", "Addresses whose latest document waits for the KV view.")
         self.writer_queue_depth = gauge("writer_queue_depth", "Rows waiting in the batch writer.")
         self.writer_retries = counter("writer_retries", "Batch writes retried after an error.", ("table",))
         self.writer_rows = counter("writer_rows", "Rows written by table.", ("table",))

@@ -1,51 +1,24 @@
-"""The outbox relay: every persisted signal reaches JetStream, with the same id, however often NATS goes away.
+"""The signal outbox: the relay (`delivery.relay`) for signals, whose store is the signals table.
 
-The store (signals table with a published flag) is the truth; memory is only the fast path. Callers hand a
-signal to the storage writer first and then `submit()` it here. The relay publishes held signals concurrently
-(at most `nats.max_inflight` un-acked), tells the writer `mark_published` on each ack, and on a failure keeps the
-signal and retries after a jittered exponential backoff, oldest first. Every `nats.outbox_scan_interval` (and at
-start) it re-reads signals the store still has unpublished: those a crash or restart left behind, and those that
-did not fit in memory. When memory is full (`nats.outbox_size`), `submit()` waits briefly if NATS is up but slow
-(backpressure), and otherwise leaves the signal to the store scan instead of stalling the tracker during an
-outage (`outbox_spilled`). JetStream dedup by `Nats-Msg-Id` turns every re-publish into one stored message.
+Callers hand a signal to the storage writer first (`put_signal`) and then `submit()` it here; the relay
+publishes it with `Nats-Msg-Id = signal_id`, marks it published on the ack (`mark_published`), and re-reads
+unpublished rows at start and every `nats.outbox_scan_interval` (docs/architecture.md §3).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import heapq
-import itertools
-import random
-from collections import deque
-from typing import Final, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
-from cachetools import TTLCache
+from prometheus_client import Counter, Gauge
 
-from hl_monitor.clock import wall_ms as _now_ms
 from hl_monitor.config import NatsConfig
 from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.delivery.relay import SUBMIT_WAIT_S, Relay
 from hl_monitor.domain.signal import Signal
-from hl_monitor.errors import PublishError
-from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
 __all__ = ["Outbox", "OutboxStore", "PublishedMarker"]
-
-log = get_logger(__name__)
-
-# A burst on a slow (connected) NATS is absorbed by waiting this long for room; past it the store carries it.
-SUBMIT_WAIT_S: Final = 1.0
-# Acked ids are skipped by the store scan for this long: the writer persists the published flag in batches,
-# so a scan right after an ack could still see the row unpublished (it would only cost a duplicate ack).
-RECENT_ACK_TTL_S: Final = 60.0
-RETRY_JITTER: Final = 0.2  # ±20 % spreads retries of several instances after a shared NATS outage
-DRAIN_POLL_S: Final = 0.05
-# Rows re-read per scan: decoding and publishing them must not hold the loop; the next batch is read as soon
-# as this one is acknowledged.
-SCAN_BATCH: Final = 1000  # how often drain() re-checks that NATS is still up while it waits
-# Publishes started per loop step at most: ~1 ms of work, and one NATS socket write carries them all.
-DISPATCH_BURST: Final = 32
 
 
 class OutboxStore(Protocol):
@@ -64,19 +37,31 @@ class PublishedMarker(Protocol):
     async def mark_published(self, signal_id: str, at_ms: int) -> None: ...
 
 
-async def _wait_event(event: asyncio.Event, within: float) -> None:
-    """Wait for `event` at most `within` s.
+@dataclass(frozen=True, slots=True)
+class _SignalCounters:
+    """The signal relay's instruments (names kept from the first release: dashboards and alerts use them)."""
 
-    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancel that arrives just as the event is set (it
-    returns the result instead), and a loop around it then never stops — `run()`'s TaskGroup waits forever.
-    """
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within):
-            await event.wait()
+    metrics: Metrics
+
+    @property
+    def depth(self) -> Gauge:
+        return self.metrics.outbox_depth
+
+    @property
+    def spilled(self) -> Counter:
+        return self.metrics.outbox_spilled
+
+    def fault(self, kind: str) -> None:
+        if kind == "unexpected":
+            self.metrics.publish_errors.labels(reason=kind).inc()
+        else:
+            self.metrics.signal_errors.labels(type=kind).inc()
 
 
-class Outbox:
+class Outbox(Relay[Signal]):
     """Holds signals until JetStream acknowledges them. Run `run()` in a task; `drain()` at shutdown."""
+
+    noun = "signal"
 
     def __init__(
         self,
@@ -88,246 +73,22 @@ class Outbox:
         *,
         submit_wait: float = SUBMIT_WAIT_S,
     ) -> None:
+        super().__init__(publisher, _SignalCounters(metrics), cfg, submit_wait=submit_wait)
         self._publisher = publisher
         self._store = store
         self._writer = writer
-        self._metrics = metrics
-        self._capacity = cfg.outbox_size
-        self._submit_wait = submit_wait
-        self._scan_interval = cfg.outbox_scan_interval
-        self._retry_initial = cfg.retry_initial_delay
-        self._retry_max = cfg.retry_max_delay
-        self._slots = asyncio.Semaphore(cfg.max_inflight)
-        self._held: dict[str, tuple[int, Signal]] = {}  # id -> (submission order, signal): queued or in flight
-        self._ready: deque[str] = deque()
-        self._retry: list[tuple[int, str]] = []  # heap by submission order: oldest failure goes first
-        self._order = itertools.count()
-        self._recent: TTLCache[str, None] = TTLCache(maxsize=max(1, self._capacity), ttl=RECENT_ACK_TTL_S)
-        self._work = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._empty = asyncio.Event()
-        self._empty.set()
-        self._scan_now = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._closing = False
-        self._delay = 0.0
-        self._retry_at = 0.0
-        self._marks_failing = False
-        self._backlog = 0  # unpublished rows the last scan saw beyond what memory holds
-        self._tg: asyncio.TaskGroup | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._scanned: set[str] = set()  # ids the last store scan handed over that are not acked yet
 
-    @property
-    def depth(self) -> int:
-        """Signals waiting for an ack: held in memory plus the store backlog seen by the last scan."""
-        return len(self._held) + self._backlog
+    def _key(self, item: Signal) -> str:
+        return item.signal_id
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
+    async def _send(self, item: Signal) -> None:
+        await self._publisher.publish(item)
 
-    # ---- intake ----
+    async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Signal]:
+        return await self._store.fetch_unpublished(limit, older_than_ms)
 
-    async def submit(self, signal: Signal) -> None:
-        """Hand over a signal that the storage writer already has; returns once it is held or left to the store."""
-        if signal.signal_id in self._held:
-            return
-        if self._closing:
-            self._spill(signal, "closing")
-            return
-        if len(self._held) >= self._capacity:
-            if not self._publisher.is_connected:  # an outage: waiting would only stall the tracker
-                self._spill(signal, "full")
-                return
-            try:
-                async with asyncio.timeout(self._submit_wait):
-                    while len(self._held) >= self._capacity:
-                        self._room.clear()
-                        await self._room.wait()
-            except TimeoutError:
-                self._spill(signal, "full")
-                return
-        if signal.signal_id not in self._held:
-            self._hold(signal)
+    async def _count_unpublished(self) -> int:
+        return await self._store.count_unpublished()
 
-    def _spill(self, signal: Signal, why: str) -> None:
-        self._metrics.outbox_spilled.inc()
-        self._backlog += 1
-        self._set_depth()
-        log.debug("signal left to the store scan", signal_id=signal.signal_id, why=why)
-
-    def _hold(self, signal: Signal) -> None:
-        self._held[signal.signal_id] = (next(self._order), signal)
-        self._ready.append(signal.signal_id)
-        self._empty.clear()
-        self._work.set()
-        self._set_depth()
-
-    def _set_depth(self) -> None:
-        self._metrics.outbox_depth.set(self.depth)
-
-    # ---- relay ----
-
-    async def run(self) -> None:
-        """Publish held signals and re-read the store until `drain()`."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            dispatcher = tg.create_task(self._dispatch(), name="outbox-dispatch")
-            scanner = tg.create_task(self._scan_loop(), name="outbox-scan")
-            await self._stop.wait()
-            dispatcher.cancel()
-            scanner.cancel()
-            # drain() already gave them their grace; an abandoned publish is re-sent (deduplicated) next start.
-            for task in self._inflight:
-                task.cancel()
-        self._tg = None
-
-    async def drain(self, grace: float) -> int:
-        """Stop taking work, publish what is held for up to `grace` s (while NATS is up), stop `run()`.
-
-        Returns how many signals were still unacknowledged; they stay in the store for the next start.
-        """
-        self._closing = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self._held and self._publisher.is_connected and (left := deadline - loop.time()) > 0:
-            await _wait_event(self._empty, min(DRAIN_POLL_S, left))
-        left_over = len(self._held)
-        self._stop.set()
-        if left_over:
-            log.warning(
-                "outbox drained with signals unacknowledged; they are re-published at next start", count=left_over
-            )
-        else:
-            log.info("outbox drained")
-        return left_over
-
-    async def _dispatch(self) -> None:
-        assert self._tg is not None
-        loop = asyncio.get_running_loop()
-        dispatched = 0
-        while True:
-            while not (self._ready or self._retry):
-                self._work.clear()
-                await self._work.wait()
-            if not self._publisher.is_connected:
-                await self._publisher.wait_connected()
-            if (pause := self._retry_at - loop.time()) > 0:
-                await asyncio.sleep(pause)
-            await self._slots.acquire()
-            sid = heapq.heappop(self._retry)[1] if self._retry else self._ready.popleft()
-            held = self._held.get(sid)
-            if held is None:
-                self._slots.release()
-                continue
-            task = self._tg.create_task(self._publish_one(held[1]))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-            # Yield every few: with a backlog nothing else here awaits, and thousands of dispatches in one step
-            # would hold the loop (and every feed) for tens of milliseconds. Not after each one: the publishes
-            # started between two yields leave in one socket write of the NATS client instead of one each.
-            dispatched += 1
-            if dispatched % DISPATCH_BURST == 0:  # an empty queue suspends on `_work` above anyway
-                await asyncio.sleep(0)
-
-    async def _publish_one(self, signal: Signal) -> None:
-        try:
-            try:
-                await self._publisher.publish(signal)
-            finally:
-                self._slots.release()
-        except PublishError as exc:
-            self._failed(signal, exc.reason, exc.detail)
-            return
-        except Exception as exc:
-            # Not a NATS answer (a bug or an unexpected library error): keep the signal and retry all the same.
-            self._metrics.publish_errors.labels(reason="unexpected").inc()
-            log.exception("unexpected publish error", signal_id=signal.signal_id)
-            self._failed(signal, "unexpected", repr(exc))
-            return
-        await self._acked(signal)
-
-    def _failed(self, signal: Signal, reason: str, detail: str) -> None:
-        entry = self._held.get(signal.signal_id)
-        if entry is None:
-            return
-        heapq.heappush(self._retry, (entry[0], signal.signal_id))
-        self._work.set()
-        now = asyncio.get_running_loop().time()
-        # Publishes that were in flight together fail together: back off once per round, not once per signal.
-        if now >= self._retry_at:
-            if self._delay == 0:
-                log.warning("publish failing; signals stay pending and are retried", reason=reason, detail=detail)
-            self._delay = min(self._delay * 2, self._retry_max) if self._delay else self._retry_initial
-            self._retry_at = now + self._delay * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
-
-    async def _acked(self, signal: Signal) -> None:
-        sid = signal.signal_id
-        if self._delay:
-            log.info("publishing again", pending=len(self._held))
-            self._delay = 0.0
-            self._retry_at = 0.0
-        self._held.pop(sid, None)
-        self._recent[sid] = None
-        if len(self._held) < self._capacity:
-            self._room.set()
-        if not self._held:
-            self._empty.set()
-        batch_done = False
-        if sid in self._scanned:
-            self._scanned.discard(sid)
-            batch_done = not self._scanned
-        if self._backlog and (batch_done or not self._held):
-            self._scan_now.set()  # the last store batch (or everything) is through: read the next one now
-        self._set_depth()
-        try:
-            await self._writer.mark_published(sid, _now_ms())
-        except Exception:
-            # The row stays unpublished; a later scan re-publishes it, JetStream answers duplicate, we mark again.
-            self._metrics.signal_errors.labels(type="mark_published").inc()
-            if not self._marks_failing:  # one traceback per streak, not one per ack during a database outage
-                log.exception("mark_published failed; rows stay unpublished and are re-sent later", signal_id=sid)
-            self._marks_failing = True
-        else:
-            if self._marks_failing:
-                log.info("mark_published works again")
-            self._marks_failing = False
-
-    async def _scan_loop(self) -> None:
-        first = True
-        while True:
-            if not self._publisher.is_connected:
-                await self._publisher.wait_connected()
-            if not self._closing:
-                # At start nothing is in flight, so everything unpublished is ours; later, young rows are
-                # still on the live path and are left alone.
-                older_than = None if first else _now_ms() - int(self._scan_interval * 1000)
-                if await self._scan(older_than):
-                    first = False
-            await _wait_event(self._scan_now, self._scan_interval)
-            self._scan_now.clear()
-
-    async def _scan(self, older_than_ms: int | None) -> bool:
-        room = min(self._capacity - len(self._held), SCAN_BATCH)
-        if room <= 0:
-            return False
-        try:
-            signals = await self._store.fetch_unpublished(room, older_than_ms)
-            unpublished = await self._store.count_unpublished()
-        except Exception:
-            self._metrics.signal_errors.labels(type="outbox_scan").inc()
-            log.exception("outbox scan failed; retrying next interval")
-            return False
-        taken = 0
-        for signal in signals:
-            if signal.signal_id not in self._held and signal.signal_id not in self._recent:
-                self._hold(signal)
-                self._scanned.add(signal.signal_id)
-                taken += 1
-        self._backlog = max(0, unpublished - len(self._held))
-        self._set_depth()
-        if taken:
-            log.info("re-publishing persisted signals", count=taken, backlog=self._backlog)
-        return True
+    async def _mark(self, key: str, at_ms: int) -> None:
+        await self._writer.mark_published(key, at_ms)

@@ -47,7 +47,15 @@ from hl_monitor.errors import ConfigError, DeliveryError, PublishError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
-__all__ = ["PublishError", "Publisher", "signal_subject", "subject_token"]
+__all__ = [
+    "PublishError",
+    "Publisher",
+    "check_subject",
+    "ensure_stream",
+    "publish_with_id",
+    "signal_subject",
+    "subject_token",
+]
 
 log = get_logger(__name__)
 
@@ -82,7 +90,8 @@ def signal_subject(prefix: str, signal: Signal) -> str:
     return f"{prefix}.{subject_token(signal.address)}.{subject_token(signal.symbol)}.{signal.direction}.{signal.side}"
 
 
-def _check_subject(key: str, subject: str) -> None:
+def check_subject(key: str, subject: str) -> None:
+    """Raise `ConfigError` naming `key` unless `subject` is a NATS subject without wildcards or empty tokens."""
     tokens = subject.split(".")
     if not subject or any(not t or t in ("*", ">") or any(c.isspace() for c in t) for t in tokens):
         raise ConfigError(key, f"{subject!r} is not a NATS subject without wildcards or empty tokens")
@@ -94,6 +103,60 @@ def _is_fatal(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(marker in text for marker in _FATAL_MARKERS)
+
+
+# Failures after which the message may or may not have been stored: the server may have written it.
+UNKNOWN_OUTCOME_REASONS: Final = frozenset({"timeout", "disconnected"})
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> StreamInfo:
+    """Create the stream `wanted.name`, or update it when its settings differ; `DeliveryError` when refused."""
+    name = wanted.name
+    if not name:
+        raise DeliveryError("a stream needs a name")
+    try:
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            info = await js.add_stream(wanted)
+            log.info("stream created", stream=name, subjects=wanted.subjects)
+        else:
+            have = info.config
+            if (
+                have.subjects != wanted.subjects
+                or have.duplicate_window != wanted.duplicate_window
+                or have.max_age != wanted.max_age
+                or have.max_bytes != wanted.max_bytes
+                or have.retention != wanted.retention
+                or have.num_replicas != wanted.num_replicas
+            ):
+                info = await js.update_stream(wanted)
+                log.info("stream updated", stream=name, subjects=wanted.subjects)
+    except nats.js.errors.APIError as exc:
+        raise DeliveryError(f"cannot create or update stream {name!r}: {exc.description}") from None
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise DeliveryError(f"cannot create or update stream {name!r}: {exc!r}") from None
+    return info
+
+
+async def publish_with_id(
+    js: JetStreamContext, subject: str, payload: bytes, *, msg_id: str, stream: str, ack_wait: float
+) -> PubAck:
+    """One JetStream publish carrying `Nats-Msg-Id: msg_id`; the ack says whether it was a duplicate.
+
+    Raises `PublishError` whose `reason` is a `publish_errors` label: `no_stream`, `api_error`, `timeout`,
+    `disconnected` (the last two leave the outcome unknown: the server may have stored it). Not counted here.
+    """
+    try:
+        return await js.publish(subject, payload, timeout=ack_wait, stream=stream, headers={MSG_ID_HEADER: msg_id})
+    except nats.js.errors.NoStreamResponseError:
+        raise PublishError("no_stream", "no JetStream stream answered", msg_id) from None
+    except nats.js.errors.APIError as exc:
+        raise PublishError("api_error", f"{exc.err_code}: {exc.description}", msg_id) from None
+    except (nats.errors.TimeoutError, TimeoutError):
+        raise PublishError("timeout", f"no ack within {ack_wait:g} s", msg_id) from None
+    except nats.errors.Error as exc:
+        raise PublishError("disconnected", f"{type(exc).__name__}: {exc}", msg_id) from None
 
 
 class _StartTlsEofNoise(logging.Filter):
@@ -163,9 +226,9 @@ class Publisher:
         self._url = url or nats_cfg.url
         if self._url == "embedded":
             raise DeliveryError("nats.url is 'embedded': pass the embedded server's url to Publisher")
-        _check_subject("signals.subject_prefix", signals_cfg.subject_prefix)
+        check_subject("signals.subject_prefix", signals_cfg.subject_prefix)
         if signals_cfg.legacy_enabled:
-            _check_subject("signals.legacy_subject", signals_cfg.legacy_subject)
+            check_subject("signals.legacy_subject", signals_cfg.legacy_subject)
         if nats_cfg.duplicate_window <= 0:
             raise ConfigError("nats.duplicate_window", "must be > 0: the outbox relies on JetStream dedup")
         if 0 < nats_cfg.max_age < nats_cfg.duplicate_window:
@@ -325,32 +388,13 @@ class Publisher:
 
     async def ensure_stream(self) -> StreamInfo:
         """Create the stream, or update it when its settings differ from the config."""
-        js = self._require_js()
-        wanted = self.stream_config()
-        try:
-            try:
-                info = await js.stream_info(self._cfg.stream)
-            except nats.js.errors.NotFoundError:
-                info = await js.add_stream(wanted)
-                log.info("stream created", stream=self._cfg.stream, subjects=wanted.subjects)
-            else:
-                have = info.config
-                if (
-                    have.subjects != wanted.subjects
-                    or have.duplicate_window != wanted.duplicate_window
-                    or have.max_age != wanted.max_age
-                    or have.max_bytes != wanted.max_bytes
-                    or have.retention != wanted.retention
-                    or have.num_replicas != wanted.num_replicas
-                ):
-                    info = await js.update_stream(wanted)
-                    log.info("stream updated", stream=self._cfg.stream, subjects=wanted.subjects)
-        except nats.js.errors.APIError as exc:
-            raise DeliveryError(f"cannot create or update stream {self._cfg.stream!r}: {exc.description}") from None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise DeliveryError(f"cannot create or update stream {self._cfg.stream!r}: {exc!r}") from None
+        info = await ensure_stream(self._require_js(), self.stream_config())
         self._stream_ready = True
         return info
+
+    def jetstream(self) -> JetStreamContext:
+        """The connection's JetStream context, shared with position publications and the KV view."""
+        return self._require_js()
 
     def _require_js(self) -> JetStreamContext:
         if self._js is None:
@@ -373,26 +417,22 @@ class Publisher:
                 await self.ensure_stream()
             except DeliveryError as exc:
                 raise self._failed("no_stream", str(exc), sid) from None
-        subject = signal_subject(self._signals.subject_prefix, signal)
         try:
-            ack = await js.publish(
-                subject,
+            ack = await publish_with_id(
+                js,
+                signal_subject(self._signals.subject_prefix, signal),
                 encode_signal(signal),
-                timeout=self._cfg.publish_timeout,
+                msg_id=sid,
                 stream=self._cfg.stream,
-                headers={MSG_ID_HEADER: sid},
+                ack_wait=self._cfg.publish_timeout,
             )
-        except nats.js.errors.NoStreamResponseError:
-            self._stream_ready = False  # stream gone (server reset) or JetStream not up yet: re-check next time
-            raise self._failed("no_stream", "no JetStream stream answered", sid) from None
-        except nats.js.errors.APIError as exc:
-            raise self._failed("api_error", f"{exc.err_code}: {exc.description}", sid) from None
-        except (nats.errors.TimeoutError, TimeoutError):
-            self._remember_uncertain(sid)
-            raise self._failed("timeout", f"no ack within {self._cfg.publish_timeout:g} s", sid) from None
-        except nats.errors.Error as exc:
-            self._remember_uncertain(sid)
-            raise self._failed("disconnected", f"{type(exc).__name__}: {exc}", sid) from None
+        except PublishError as exc:
+            if exc.reason == "no_stream":
+                self._stream_ready = False  # stream gone (server reset) or JetStream not up yet: re-check next time
+            elif exc.reason in UNKNOWN_OUTCOME_REASONS:
+                self._remember_uncertain(sid)
+            self._metrics.publish_errors.labels(reason=exc.reason).inc()
+            raise
         uncertain = sid in self._uncertain
         self._uncertain.pop(sid, None)
         if ack.duplicate:

@@ -1,4 +1,5 @@
-"""Retention: delete old aggregations and signals in small batches, never an unpublished signal.
+"""Retention: delete old aggregations, signals, position events and publications in small batches, never an
+unpublished signal or publication.
 
 Each batch selects at most `retention.batch_size` primary keys and deletes them in its own short
 transaction, so the batch writer never waits on the cleaner for longer than one batch (on SQLite, whose
@@ -6,14 +7,16 @@ single write lock both share, that is what keeps the writer's latency flat). Rul
 defaults): closed aggregations older than `retention.aggregations` (2 h); never-closed ones idle for
 `retention.open_aggregations` (their order ended long ago); published signals older than
 `retention.signals` (7 d); then, while more than `retention.max_signals` rows remain, the oldest
-published ones. Unpublished signals are the outbox and stay until delivery marks them.
+published ones; position events older than `retention.position_events` (by exchange time), and
+publications acknowledged and created before that horizon. Unpublished signals and publications are the
+outboxes and stay until delivery marks them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -60,7 +63,8 @@ class RetentionCleaner:
     async def run_once(self) -> dict[str, int]:
         """One pass over every rule; returns rows deleted per table."""
         now = self._clock()
-        a, s = t.aggregations.c, t.signals.c
+        a, s, e, p = t.aggregations.c, t.signals.c, t.position_events.c, t.publications.c
+        events_before = now - int(self.cfg.position_events * MS_PER_S)
         deleted = {
             "aggregations": await self._delete_where(
                 t.aggregations,
@@ -74,6 +78,15 @@ class RetentionCleaner:
             ),
         }
         deleted["signals"] += await self._cap_signals()
+        deleted["position_events"] = await self._delete_where(
+            t.position_events, e.time < events_before, key=e.event_id, order=e.time
+        )
+        deleted["publications"] = await self._delete_where(
+            t.publications,
+            sa.and_(p.published_at.is_not(None), p.created_at < events_before),
+            key=p.msg_id,
+            order=p.created_at,
+        )
         for table, count in deleted.items():
             if count:
                 self.metrics.retention_deleted.labels(table=table).inc(count)
@@ -91,14 +104,24 @@ class RetentionCleaner:
             return 0
         return await self._delete_where(t.signals, t.signals.c.published == sa.true(), limit=excess)
 
-    async def _delete_where(self, table: sa.Table, where: sa.ColumnElement[bool], limit: int | None = None) -> int:
-        """Delete matching rows oldest id first, one bounded batch per transaction; at most `limit` rows."""
-        pk = table.c.id
+    async def _delete_where(
+        self,
+        table: sa.Table,
+        where: sa.ColumnElement[bool],
+        limit: int | None = None,
+        *,
+        key: sa.ColumnElement[Any] | None = None,
+        order: sa.ColumnElement[Any] | None = None,
+    ) -> int:
+        """Delete matching rows oldest first (`order`, default the `id` key), one bounded batch per transaction;
+        at most `limit` rows. The delete repeats `where`, so a row that stopped matching stays."""
+        pk = key if key is not None else table.c.id
+        oldest = order if order is not None else pk
         deleted = 0
         while limit is None or deleted < limit:
             size = self.cfg.batch_size if limit is None else min(self.cfg.batch_size, limit - deleted)
             async with self.engine.begin() as conn:
-                ids = (await conn.execute(sa.select(pk).where(where).order_by(pk).limit(size))).scalars().all()
+                ids = (await conn.execute(sa.select(pk).where(where).order_by(oldest).limit(size))).scalars().all()
                 if ids:
                     await conn.execute(sa.delete(table).where(pk.in_(ids), where))
             deleted += len(ids)

@@ -1,9 +1,11 @@
-"""`hl-monitor db upgrade|current` and `hl-monitor addresses add|remove|list|import|show`.
+"""`hl-monitor db upgrade|current`, `hl-monitor addresses add|remove|list|import|show`, `hl-monitor positions`.
 
 Address commands write `hlm_addresses` directly; a running service notices within a second (it polls
 the table's change marker). `addresses show` prints what the database holds for one address as JSON.
-Invalid input (an address that is not 0x + 40 hex digits, an unknown tier, a malformed import line) is
-reported with its position and exits 2 without writing anything.
+`positions` prints the open perp positions of the stored position documents (`hlm_positions`), largest
+first. Invalid input (an address that is not 0x + 40 hex digits, an unknown tier, a malformed import line, a
+`--min-usd` that is not a non-negative number) is reported with its position and exits 2 without writing
+anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -29,8 +32,10 @@ from hl_monitor.domain.address import TIERS, parse_address
 from hl_monitor.errors import InvalidAddressError, StorageError
 from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
-from hl_monitor.storage.repository import AddressTable, Repository, create_engine
-from hl_monitor.storage.tables import LABEL_LEN
+from hl_monitor.storage.repository import AddressTable, Repository, create_engine, perp_positions, position_matches
+from hl_monitor.storage.tables import COIN_LEN, LABEL_LEN
+from hl_monitor.tracking.portfolio import AddressPortfolio
+from hl_monitor.tracking.position_events import PerpPosition, format_decimal
 from hl_monitor.tracking.state import AggregationRecord, Watermark
 
 EXIT_OK: Final = 0
@@ -38,6 +43,8 @@ EXIT_NOT_FOUND: Final = 1  # `addresses show` of an address the table does not h
 DEFAULT_SHOWN_SIGNALS: Final = 10
 EXIT_USAGE: Final = 2  # same as the top-level CLI's config/usage code: do not restart-loop on it
 PRIORITY_MAX: Final = 2**31 - 1  # the column is a signed INT
+PRICE_DIGITS: Final = 6  # significant digits of prices in the positions table (the JSON keeps them all)
+PERCENT: Final = Decimal(100)
 
 T = TypeVar("T")
 
@@ -241,6 +248,141 @@ def _addresses_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- positions
+
+
+def _min_usd(value: str) -> Decimal:
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number.is_finite() or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a dollar amount of 0 or more, got {value!r}")
+    return number
+
+
+def _symbol(value: str) -> str:
+    text = value.strip()
+    if not text or len(text) > COIN_LEN:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a symbol or coin (1 to {COIN_LEN} characters)")
+    return text
+
+
+def _exact(value: Decimal | None) -> str | None:
+    return None if value is None else format_decimal(value)
+
+
+def _price(value: Decimal | None) -> str:
+    """`PRICE_DIGITS` significant digits, plain notation (a 1e-10 price stays readable)."""
+    if value is None:
+        return "-"
+    places = max(0, PRICE_DIGITS - 1 - value.adjusted())
+    return format_decimal(round(value, places))
+
+
+def _usd(value: Decimal | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
+
+
+def matching_positions(
+    docs: Sequence[AddressPortfolio], symbol: str | None, min_usd: Decimal | None
+) -> list[tuple[str, PerpPosition]]:
+    """(address, position) of every perp position that `position_matches`, largest value first."""
+    found = [
+        (doc.address, pos) for doc in docs for _, pos in perp_positions(doc) if position_matches(pos, symbol, min_usd)
+    ]
+    found.sort(key=lambda item: (-(item[1].position_value_usd or 0), item[0], item[1].coin))
+    return found
+
+
+def position_json(address: str, pos: PerpPosition) -> dict[str, Any]:
+    """One position as JSON-able data, decimals exact (as strings)."""
+    return {
+        "address": address,
+        "coin": pos.coin,
+        "symbol": pos.symbol,
+        "dex": pos.dex,
+        "side": pos.side,
+        "size": _exact(pos.size),
+        "entry_px": _exact(pos.entry_px),
+        "mark_px": _exact(pos.mark_px),
+        "position_value_usd": _exact(pos.position_value_usd),
+        "unrealized_pnl": _exact(pos.unrealized_pnl),
+        "leverage": pos.leverage,
+        "leverage_type": pos.leverage_type,
+        "liquidation_px": _exact(pos.liquidation_px),
+        "liquidation_distance": _exact(pos.liquidation_distance),
+        "updated_at": pos.updated_at,
+    }
+
+
+_POSITION_HEADER: Final = (
+    "ADDRESS",
+    "COIN",
+    "SIDE",
+    "SIZE",
+    "ENTRY",
+    "MARK",
+    "VALUE USD",
+    "UPNL",
+    "LEV",
+    "LIQ PX",
+    "DIST",
+)
+
+
+def _table_cells(address: str, pos: PerpPosition) -> tuple[str, ...]:
+    leverage = (
+        "-" if pos.leverage is None else f"{pos.leverage}x" + (f" {pos.leverage_type}" if pos.leverage_type else "")
+    )
+    distance = "-" if pos.liquidation_distance is None else f"{pos.liquidation_distance * PERCENT:.2f}%"
+    return (
+        address,
+        pos.coin,
+        pos.side,
+        format_decimal(pos.size),
+        _price(pos.entry_px),
+        _price(pos.mark_px),
+        _usd(pos.position_value_usd),
+        _usd(pos.unrealized_pnl),
+        leverage,
+        _price(pos.liquidation_px),
+        distance,
+    )
+
+
+def format_positions_table(rows: Sequence[tuple[str, PerpPosition]]) -> str:
+    """Aligned columns: text left, numbers right."""
+    lines = [_POSITION_HEADER, *(_table_cells(address, pos) for address, pos in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(_POSITION_HEADER))]
+    left = {0, 1, 2}  # address, coin, side
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
+
+
+def _positions(args: argparse.Namespace) -> int:
+    async def action(engine: AsyncEngine, cfg: Config) -> list[AddressPortfolio]:
+        await migrate.check_schema(engine)
+        return await Repository(engine).list_positions(args.symbol, args.min_usd)
+
+    rows = matching_positions(_with_engine(args, action), args.symbol, args.min_usd)
+    if args.json:
+        print(json.dumps([position_json(address, pos) for address, pos in rows], indent=2))
+        return EXIT_OK
+    if rows:
+        print(format_positions_table(rows))
+    addresses = len({address for address, _ in rows})
+    print(
+        f"{len(rows)} position{'s' if len(rows) != 1 else ''} of {addresses} address{'es' if addresses != 1 else ''}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def parse_import(lines: Sequence[str], source: str) -> tuple[dict[str, str | None], list[str]]:
     """Addresses (with optional labels) from `address` or `address,label` lines; also the list of errors.
 
@@ -353,6 +495,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--signals", type=int, default=DEFAULT_SHOWN_SIGNALS, metavar="N", help="newest signals to show (default 10)"
     )
     show.set_defaults(handler=_addresses_show)
+
+    positions = sub.add_parser("positions", help="open perp positions of the watched addresses, from the database")
+    add_config_arg(positions)
+    positions.add_argument("--symbol", type=_symbol, default=None, help="only this symbol or coin (BTCUSDC or BTC)")
+    positions.add_argument(
+        "--min-usd", type=_min_usd, default=None, metavar="N", help="only positions worth at least N dollars"
+    )
+    positions.add_argument("--json", action="store_true", help="print JSON (exact decimals as strings)")
+    positions.set_defaults(handler=_positions)
 
     imp = addr_sub.add_parser("import", help="watch every address in a file (`address` or `address,label` lines)")
     add_config_arg(imp)

@@ -1,9 +1,9 @@
 """Engine creation, dialect-aware statements and every read/direct write the service makes.
 
-The hot path (signals, aggregations, watermarks, positions) is written by `BatchWriter`; this module
-holds the statements it uses (so their shape is defined once) and the queries for everything else:
-the address book (new table or the old `hl_active_addresses`), `pair_configs`, the signal outbox
-and the state reloaded at start.
+The hot path (signals, aggregations, watermarks, position documents and events, publications) is written by
+`BatchWriter`; this module holds the statements it uses (so their shape is defined once) and the queries for
+everything else: the address book (new table or the old `hl_active_addresses`), `pair_configs`, the signal
+and publication outboxes, position documents and events, and the state reloaded at start.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -24,10 +25,13 @@ from sqlalchemy.sql.dml import Insert
 
 from hl_monitor.config import Config
 from hl_monitor.domain.address import WatchedAddress, parse_address
+from hl_monitor.domain.publication import Publication
 from hl_monitor.domain.signal import Signal, decode_signal, encode_signal
 from hl_monitor.errors import StorageError
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import ensure_sqlite_dir
+from hl_monitor.tracking.portfolio import AddressPortfolio
+from hl_monitor.tracking.position_events import PerpPosition, PositionEvent
 from hl_monitor.tracking.state import AggregationRecord, EngineState, Watermark
 
 # SQLite binds at most 32766 parameters per statement (its default since 3.32); stay below with headroom.
@@ -47,6 +51,8 @@ AggKey = tuple[str, int, str]  # (address, oid, direction)
 _JSON: Final = msgspec.json.Encoder()
 _RECORD: Final = msgspec.json.Decoder(AggregationRecord)
 _WATERMARK: Final = msgspec.json.Decoder(Watermark)
+_PORTFOLIO: Final = msgspec.json.Decoder(AddressPortfolio)
+_EVENT: Final = msgspec.json.Decoder(PositionEvent)
 
 
 def encode_json(payload: bytes | str | Mapping[str, Any] | msgspec.Struct | Sequence[Any]) -> str:
@@ -191,6 +197,8 @@ def replace_all(table: sa.Table, keys: Sequence[str]) -> dict[str, Updater]:
 AGG_KEYS: Final = ("address", "oid", "direction")
 SIGNAL_KEYS: Final = ("signal_id",)
 ADDRESS_KEYS: Final = ("address",)
+EVENT_KEYS: Final = ("event_id",)
+PUBLICATION_KEYS: Final = ("msg_id",)
 
 # A signal's content never changes once stored (same id = same exchange data); only its publish state may
 # advance, and never back: a replayed insert with published=false must not re-open the outbox.
@@ -200,6 +208,13 @@ SIGNAL_UPDATE: Final[dict[str, Updater]] = {
 }
 AGG_UPDATE: Final = replace_all(t.aggregations, AGG_KEYS)
 BY_ADDRESS_UPDATE: Final = {"payload": _take("payload"), "updated_at": _take("updated_at")}
+POSITION_UPDATE: Final = replace_all(t.positions, ADDRESS_KEYS)  # the newest document replaces the row
+# An event's content never changes once stored (same id = same change); a replay only touches nothing.
+EVENT_UPDATE: Final[dict[str, Updater]] = {"created_at": lambda new: t.position_events.c.created_at}
+# Like signals: a replayed insert (unpublished) must not re-open a publication already acknowledged.
+PUBLICATION_UPDATE: Final[dict[str, Updater]] = {
+    "published_at": lambda new: sa.func.coalesce(t.publications.c.published_at, new.published_at),
+}
 ADDRESS_UPDATE: Final = {
     col: _take(col) for col in ("label", "is_active", "tier", "priority", "server_id", "updated_at")
 }
@@ -217,20 +232,37 @@ def mark_published_statement(marks: Mapping[str, int]) -> sa.Update:
 
 
 # Publish marks per UPDATE in the writer. Chunks are padded to a power of two, so at most log2 of this many
-# statement shapes exist; each is built and compiled once.
+# statement shapes exist per outbox table; each is built and compiled once.
 MAX_MARKS_PER_STATEMENT: Final = 512
+_OUTBOX_TABLES: Final = ("hlm_signals", "hlm_publications")
 
 
-@functools.lru_cache(maxsize=MAX_MARKS_PER_STATEMENT.bit_length())
-def _mark_published_slots(slots: int) -> sa.Update:
-    s = t.signals.c
-    ids = [sa.bindparam(f"id{i}", type_=s.signal_id.type) for i in range(slots)]
-    at = sa.case(*((s.signal_id == ids[i], sa.bindparam(f"at{i}", type_=s.published_at.type)) for i in range(slots)))
-    return (
-        sa.update(t.signals)
-        .where(s.signal_id.in_(ids), s.published == sa.false())
-        .values(published=True, published_at=at)
-    )
+@functools.lru_cache(maxsize=len(_OUTBOX_TABLES) * MAX_MARKS_PER_STATEMENT.bit_length())
+def _mark_published_slots(table: str, slots: int) -> sa.Update:
+    if table == t.signals.name:
+        key, at_col = t.signals.c.signal_id, t.signals.c.published_at
+        unpublished: sa.ColumnElement[bool] = t.signals.c.published == sa.false()
+        extra: dict[str, Any] = {"published": True}
+    else:
+        key, at_col = t.publications.c.msg_id, t.publications.c.published_at
+        unpublished = t.publications.c.published_at.is_(None)
+        extra = {}
+    ids = [sa.bindparam(f"id{i}", type_=key.type) for i in range(slots)]
+    at = sa.case(*((key == ids[i], sa.bindparam(f"at{i}", type_=at_col.type)) for i in range(slots)))
+    return sa.update(key.table).where(key.in_(ids), unpublished).values(**extra, published_at=at)
+
+
+def _marks_call(table: str, marks: Sequence[tuple[str, int]]) -> tuple[sa.Update, dict[str, Any]]:
+    if not 0 < len(marks) <= MAX_MARKS_PER_STATEMENT:
+        raise ValueError(f"1 to {MAX_MARKS_PER_STATEMENT} marks per statement, got {len(marks)}")
+    slots = 1 << (len(marks) - 1).bit_length()
+    params: dict[str, Any] = {}
+    last = marks[-1]
+    for i in range(slots):
+        key, at = marks[i] if i < len(marks) else last
+        params[f"id{i}"] = key
+        params[f"at{i}"] = at
+    return _mark_published_slots(table, slots), params
 
 
 def mark_published_call(marks: Sequence[tuple[str, int]]) -> tuple[sa.Update, dict[str, Any]]:
@@ -239,16 +271,12 @@ def mark_published_call(marks: Sequence[tuple[str, int]]) -> tuple[sa.Update, di
     Up to `MAX_MARKS_PER_STATEMENT` (signal_id, ack ms) pairs; the chunk is padded with its last pair
     (a repeated id changes nothing) to the statement's power-of-two size.
     """
-    if not 0 < len(marks) <= MAX_MARKS_PER_STATEMENT:
-        raise ValueError(f"1 to {MAX_MARKS_PER_STATEMENT} marks per statement, got {len(marks)}")
-    slots = 1 << (len(marks) - 1).bit_length()
-    params: dict[str, Any] = {}
-    last = marks[-1]
-    for i in range(slots):
-        sid, at = marks[i] if i < len(marks) else last
-        params[f"id{i}"] = sid
-        params[f"at{i}"] = at
-    return _mark_published_slots(slots), params
+    return _marks_call(t.signals.name, marks)
+
+
+def mark_publications_call(marks: Sequence[tuple[str, int]]) -> tuple[sa.Update, dict[str, Any]]:
+    """Like `mark_published_call`, for (msg_id, ack ms) pairs of `hlm_publications` (only unpublished rows move)."""
+    return _marks_call(t.publications.name, marks)
 
 
 def close_aggregations_statement(keys: Sequence[AggKey], status: str | None, at_ms: int) -> sa.Update:
@@ -281,6 +309,85 @@ def signal_row(signal: Signal, created_at: int, published_at: int | None = None)
     row["published_at"] = published_at
     row["created_at"] = created_at
     return row
+
+
+def delete_positions_statement(addresses: list[str]) -> sa.Delete:
+    """Forget the documents of addresses no longer watched."""
+    return sa.delete(t.positions).where(t.positions.c.address.in_(addresses))
+
+
+def _total(values: Sequence[Decimal | None]) -> Decimal | None:
+    known = [v for v in values if v is not None]
+    return sum(known, Decimal(0)) if known else None
+
+
+def portfolio_row(address: str, doc: AddressPortfolio, payload: str, updated_at: int) -> dict[str, Any]:
+    """The positions-table row of one document: its JSON and the account summary over its dexes."""
+    dexes = list(doc.dexes.values())
+    return {
+        "address": address,
+        "payload": payload,
+        "account_value": _total([d.account_value for d in dexes]),
+        "total_ntl_pos": _total([d.total_ntl_pos for d in dexes]),
+        "total_margin_used": _total([d.total_margin_used for d in dexes]),
+        "withdrawable": _total([d.withdrawable for d in dexes]),
+        "spot_usd": _total([h.usd_value for h in doc.spot.values()]),
+        "position_count": sum(len(d.positions) for d in dexes),
+        "as_of": doc.as_of,
+        "updated_at": updated_at,
+    }
+
+
+def snapshot_row(address: str, payload: str, updated_at: int) -> dict[str, Any]:
+    """A positions-table row holding something other than a document (no summary, no `as_of`)."""
+    row = dict.fromkeys(c.name for c in t.positions.columns)
+    row.update(address=address, payload=payload, updated_at=updated_at)
+    return row
+
+
+def position_event_row(event: PositionEvent, created_at: int) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "address": event.address,
+        "coin": event.coin,
+        "symbol": event.symbol,
+        "dex": event.dex,
+        "event": event.event,
+        "size_before": event.size_before,
+        "size_after": event.size_after,
+        "time": event.time,
+        "signal_id": event.signal_id,
+        "payload": encode_json(event),
+        "created_at": created_at,
+    }
+
+
+def publication_row(publication: Publication, published_at: int | None = None) -> dict[str, Any]:
+    return {
+        "msg_id": publication.msg_id,
+        "kind": publication.kind,
+        "subject": publication.subject,
+        "payload": publication.payload.decode(),
+        "created_at": publication.created_at,
+        "published_at": published_at,
+    }
+
+
+def perp_positions(doc: AddressPortfolio) -> list[tuple[str, PerpPosition]]:
+    """Every open perp position of a document with its dex, in dex then coin order."""
+    return [
+        (name, doc.dexes[name].positions[coin])
+        for name in sorted(doc.dexes)
+        for coin in sorted(doc.dexes[name].positions)
+    ]
+
+
+def position_matches(position: PerpPosition, symbol: str | None, min_usd: Decimal | None) -> bool:
+    """`symbol` (case-insensitive) names the position's symbol or coin; its value is at least `min_usd`."""
+    if symbol is not None and symbol.upper() not in (position.symbol.upper(), position.coin.upper()):
+        return False
+    value = position.position_value_usd
+    return min_usd is None or (value is not None and value >= min_usd)
 
 
 # ---------------------------------------------------------------- results
@@ -344,6 +451,30 @@ class Repository:
 
     async def count_unpublished(self) -> int:
         query = sa.select(sa.func.count()).select_from(t.signals).where(t.signals.c.published == sa.false())
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def fetch_unpublished_publications(self, limit: int, older_than_ms: int | None = None) -> list[Publication]:
+        """Publications not yet acknowledged, oldest first; with `older_than_ms`, only those created before it."""
+        p = t.publications.c
+        query = (
+            sa.select(p.msg_id, p.kind, p.subject, p.payload, p.created_at)
+            .where(p.published_at.is_(None))
+            .order_by(p.created_at, p.msg_id)
+            .limit(limit)
+        )
+        if older_than_ms is not None:
+            query = query.where(p.created_at < older_than_ms)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            Publication(msg_id=msg_id, kind=kind, subject=subject, payload=payload.encode(), created_at=created)
+            for msg_id, kind, subject, payload, created in rows
+        ]
+
+    async def count_unpublished_publications(self) -> int:
+        p = t.publications
+        query = sa.select(sa.func.count()).select_from(p).where(p.c.published_at.is_(None))
         async with self.engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
@@ -419,6 +550,40 @@ class Repository:
 
     async def load_positions(self) -> dict[str, bytes]:
         return await self._by_address(t.positions)
+
+    async def load_portfolios(self) -> dict[str, AddressPortfolio]:
+        """Every stored position document by address (what a restarted position model starts from)."""
+        p = t.positions.c
+        query = sa.select(p.address, p.payload).where(p.as_of.is_not(None))  # rows without `as_of` hold no document
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {address: _PORTFOLIO.decode(payload) for address, payload in rows}
+
+    async def list_positions(self, symbol: str | None = None, min_usd: Decimal | None = None) -> list[AddressPortfolio]:
+        """Documents holding at least one perp position that `position_matches`, by address (all with no filter)."""
+        docs = sorted((await self.load_portfolios()).values(), key=lambda doc: doc.address)
+        if symbol is None and min_usd is None:
+            return docs
+        return [
+            doc
+            for doc in docs
+            if any(
+                position_matches(pos, symbol, min_usd) for dex in doc.dexes.values() for pos in dex.positions.values()
+            )
+        ]
+
+    async def list_position_events(self, address: str, limit: int = 100) -> list[PositionEvent]:
+        """The address's newest position events first (by exchange time)."""
+        e = t.position_events.c
+        query = (
+            sa.select(e.payload)
+            .where(e.address == address.lower())
+            .order_by(e.time.desc(), e.event_id.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            payloads = (await conn.execute(query)).scalars().all()
+        return [_EVENT.decode(payload) for payload in payloads]
 
     async def _by_address(self, table: sa.Table) -> dict[str, bytes]:
         async with self.engine.connect() as conn:

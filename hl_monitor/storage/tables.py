@@ -35,6 +35,11 @@ INSTANCE_LEN: Final = 255  # instance ids are host name + data directory
 # Instance ids as a primary key: 191 utf8mb4 characters stay under old MySQL row formats' 767-byte key limit.
 LEASE_KEY_LEN: Final = 191
 LEASE_TOKEN_LEN: Final = 32  # uuid4 hex
+# Position event and publication ids (`{address}:pos:{coin}:…`, alert ids add `:liq:{level}:{n}`): the same
+# 767-byte key limit as signal ids.
+MSG_ID_LEN: Final = 191
+# A publication's subject: prefix, address, a symbol escaped up to 3 bytes per character, a suffix.
+SUBJECT_LEN: Final = 512
 
 DECIMAL_PRECISION: Final = 65  # MySQL's maximum
 DECIMAL_SCALE: Final = 30  # MySQL's maximum; the remaining 35 digits are the integer part
@@ -139,13 +144,55 @@ addresses: Final = sa.Table(
     sa.CheckConstraint("tier IN ('precise', 'wide', 'auto')", name="tier"),
 )
 
-# Last known positions per address (the engine's own JSON), one row per address.
+# What each address holds: the whole `AddressPortfolio` document (JSON) plus its account summary summed over
+# the perp dexes (NULL until a state frame showed one), for SQL readers that need no JSON.
 positions: Final = sa.Table(
     "hlm_positions",
     metadata,
     sa.Column("address", sa.String(ADDRESS_LEN), primary_key=True),
     sa.Column("payload", JsonText(), nullable=False),
+    sa.Column("account_value", ExactDecimal(), nullable=True),
+    sa.Column("total_ntl_pos", ExactDecimal(), nullable=True),
+    sa.Column("total_margin_used", ExactDecimal(), nullable=True),
+    sa.Column("withdrawable", ExactDecimal(), nullable=True),
+    sa.Column("spot_usd", ExactDecimal(), nullable=True),  # spot balances with a known dollar value
+    sa.Column("position_count", sa.Integer(), nullable=True),  # open perp positions over every dex
+    sa.Column("as_of", sa.BigInteger(), nullable=True),  # local time of the input that last changed the document
     sa.Column("updated_at", sa.BigInteger(), nullable=False),
+)
+
+# Every position change (`PositionEvent`), kept `retention.position_events`; the payload is the published JSON.
+position_events: Final = sa.Table(
+    "hlm_position_events",
+    metadata,
+    sa.Column("event_id", sa.String(MSG_ID_LEN), primary_key=True),
+    sa.Column("address", sa.String(ADDRESS_LEN), nullable=False),
+    sa.Column("coin", sa.String(COIN_LEN), nullable=False),
+    sa.Column("symbol", sa.String(COIN_LEN), nullable=False),
+    sa.Column("dex", sa.String(COIN_LEN), nullable=False),
+    sa.Column("event", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("size_before", ExactDecimal(), nullable=False),
+    sa.Column("size_after", ExactDecimal(), nullable=False),
+    sa.Column("time", sa.BigInteger(), nullable=False),
+    sa.Column("signal_id", sa.String(SIGNAL_ID_LEN), nullable=True),
+    sa.Column("payload", JsonText(), nullable=False),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    sa.Index(None, "address", "time"),
+    sa.Index(None, "time"),
+)
+
+# The outbox of messages other than signals (position events, liquidation alerts): `published_at` stays NULL
+# until JetStream acknowledged the message; the payload is the exact JSON, so a re-publish is byte-identical.
+publications: Final = sa.Table(
+    "hlm_publications",
+    metadata,
+    sa.Column("msg_id", sa.String(MSG_ID_LEN), primary_key=True),
+    sa.Column("kind", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("subject", sa.String(SUBJECT_LEN), nullable=False),
+    sa.Column("payload", JsonText(), nullable=False),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    sa.Column("published_at", sa.BigInteger(), nullable=True),
+    sa.Index(None, "published_at", "created_at"),  # unpublished (NULL) oldest first; retention of published ones
 )
 
 # Orders being folded into signals, and for a while after their flush (`closed`), so a restart neither loses

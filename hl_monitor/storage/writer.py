@@ -1,13 +1,15 @@
 """The batch writer: coalesce by natural key, write chunked multi-row upserts, retry forever, lose nothing.
 
-Puts land in a buffer keyed by each table's natural key (signal_id, address+oid+direction, address);
-a newer put for a buffered key replaces or merges into the buffered row (counted as
-`batch_dedup_cache_hit`). The buffer is bounded (`writer.queue_size` distinct rows, counting those being
-written): a put that needs a new slot waits (backpressure, counted in `writer_queue_full`), it never drops.
+Puts land in a buffer keyed by each table's natural key (signal_id, msg_id, event_id, address+oid+direction,
+address); a newer put for a buffered key replaces or merges into the buffered row (counted as
+`batch_dedup_cache_hit`); a position document deleted while its put is buffered is only deleted. The
+buffer is bounded (`writer.queue_size` distinct rows, counting those being written): a put that needs a new
+slot waits (backpressure, counted in `writer_queue_full`), it never drops.
 
 A flush swaps the buffer out and writes it in ONE transaction, one statement per chunk of
 `writer.batch_size` rows per table, in this order: voided pending aggregations of removed addresses,
-signal inserts, publish marks, aggregation upserts, aggregation closes, watermarks, positions.
+signal inserts, publish marks, publication inserts, their publish marks, position events, aggregation
+upserts, aggregation closes, watermarks, deleted position documents, position documents.
 Upserts use one cached statement per table executed with the chunk's rows (compiled once; the driver
 batches them: sqlite3's executemany, aiomysql's multi-row rewrite of `INSERT … VALUES … ON DUPLICATE KEY`),
 so a flush never rebuilds SQLAlchemy constructs per row and value. Only where the driver would not batch
@@ -19,9 +21,9 @@ invalid (DataError/IntegrityError) cannot succeed by waiting: the batch is then 
 chunk and row by row, and only the refused rows are logged in full and counted (`writer_rejected`)
 instead of blocking every later write forever.
 
-Ordering contract with delivery: call `put_signal` before handing the signal to the publisher, so the
-"mark published" that follows its ack is always queued after the insert (FIFO), either merged into the
-buffered insert or written as an UPDATE after the insert committed.
+Ordering contract with delivery: call `put_signal` (`put_publication`) before handing the message to its
+outbox, so the "mark published" that follows its ack is always queued after the insert (FIFO), either merged
+into the buffered insert or written as an UPDATE after the insert committed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from hl_monitor.clock import wall_ms as now_ms
 from hl_monitor.config import WriterConfig
+from hl_monitor.domain.publication import Publication
 from hl_monitor.domain.signal import Signal
 from hl_monitor.errors import StorageError
 from hl_monitor.logging import get_logger
@@ -50,20 +53,33 @@ from hl_monitor.storage.repository import (
     AGG_KEYS,
     AGG_UPDATE,
     BY_ADDRESS_UPDATE,
+    EVENT_KEYS,
+    EVENT_UPDATE,
     MAX_MARKS_PER_STATEMENT,
+    POSITION_UPDATE,
+    PUBLICATION_KEYS,
+    PUBLICATION_UPDATE,
     SIGNAL_KEYS,
     SIGNAL_UPDATE,
     AggKey,
     close_aggregations_statement,
+    delete_positions_statement,
     encode_json,
     is_transient,
+    mark_publications_call,
     mark_published_call,
     max_rows_per_statement,
+    portfolio_row,
+    position_event_row,
+    publication_row,
     signal_row,
+    snapshot_row,
     upsert,
     upsert_statement,
     void_pending_statement,
 )
+from hl_monitor.tracking.portfolio import AddressPortfolio
+from hl_monitor.tracking.position_events import PositionEvent
 from hl_monitor.tracking.state import AggregationRecord, StateDelta
 
 log = get_logger(__name__)
@@ -84,10 +100,14 @@ class _Buffer:
 
     signals: dict[str, Row] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)  # publish acks for signals no longer buffered
+    publications: dict[str, Row] = field(default_factory=dict)
+    publication_marks: dict[str, int] = field(default_factory=dict)  # acks for publications no longer buffered
+    position_events: dict[str, Row] = field(default_factory=dict)
     aggregations: dict[AggKey, Row] = field(default_factory=dict)
     closes: dict[AggKey, tuple[str | None, int]] = field(default_factory=dict)  # (status, at) for unbuffered rows
     watermarks: dict[str, Row] = field(default_factory=dict)
     positions: dict[str, Row] = field(default_factory=dict)
+    deleted_positions: set[str] = field(default_factory=set)  # documents to delete (no put after the delete)
     voided: set[str] = field(default_factory=set)  # addresses whose stored pending aggregations are void
 
     def __len__(self) -> int:
@@ -95,6 +115,10 @@ class _Buffer:
             len(self.voided)
             + len(self.signals)
             + len(self.marks)
+            + len(self.publications)
+            + len(self.publication_marks)
+            + len(self.position_events)
+            + len(self.deleted_positions)
             + len(self.aggregations)
             + len(self.closes)
             + len(self.watermarks)
@@ -266,8 +290,72 @@ class BatchWriter:
         await self._put_by_address("watermarks", address, payload)
 
     async def put_position(self, address: str, payload: Payload) -> None:
-        """Upsert an address's position snapshot (last write wins)."""
-        await self._put_by_address("positions", address, payload)
+        """Upsert an address's position snapshot that is not a position document (last write wins).
+
+        The row carries no account summary and no `as_of`, so document readers (`Repository.load_portfolios`)
+        skip it; `put_portfolio` is the intake for `AddressPortfolio` documents.
+        """
+        await self._put_position_row(address, snapshot_row(address, encode_json(payload), self._clock()))
+
+    async def put_portfolio(self, address: str, doc: AddressPortfolio, encoded: bytes | None = None) -> None:
+        """Upsert an address's whole position document (last write wins; a later delete supersedes it).
+
+        `encoded` is the document's JSON when the caller has it already (the KV view gets the same bytes).
+        """
+        payload = encoded.decode() if encoded is not None else encode_json(doc)
+        await self._put_position_row(address, portfolio_row(address, doc, payload, self._clock()))
+
+    async def delete_portfolio(self, address: str) -> None:
+        """Delete an address's position document (the address is no longer watched); supersedes a buffered put."""
+        pending = self._pending
+        buf = await self._slot(address in pending.positions or address in pending.deleted_positions)
+        if buf.positions.pop(address, None) is not None or address in buf.deleted_positions:
+            self._hit("positions")
+        buf.deleted_positions.add(address)
+        self._accepted()
+
+    async def _put_position_row(self, address: str, row: Row) -> None:
+        pending = self._pending
+        buf = await self._slot(address in pending.positions or address in pending.deleted_positions)
+        if address in buf.positions or address in buf.deleted_positions:
+            self._hit("positions")
+        buf.deleted_positions.discard(address)  # the upsert alone leaves the row as this put wants it
+        buf.positions[address] = row
+        self._accepted()
+
+    async def put_position_event(self, event: PositionEvent) -> None:
+        """Persist a position event. Idempotent on event_id: a repeated put changes nothing stored."""
+        buf = await self._slot(event.event_id in self._pending.position_events)
+        if event.event_id in buf.position_events:
+            self._hit("position_events")
+        else:
+            buf.position_events[event.event_id] = position_event_row(event, self._clock())
+        self._accepted()
+
+    async def put_publication(self, publication: Publication) -> None:
+        """Persist a publication (unpublished) before it goes to its outbox. Idempotent on msg_id."""
+        msg_id = publication.msg_id
+        buf = await self._slot(msg_id in self._pending.publications)
+        if msg_id in buf.publications:
+            self._hit("publications")
+        else:
+            buf.publications[msg_id] = publication_row(publication, buf.publication_marks.pop(msg_id, None))
+        self._accepted()
+
+    async def mark_publication_published(self, msg_id: str, at_ms: int) -> None:
+        """Record the JetStream ack of a publication (merged into its buffered insert when still buffered)."""
+        pending = self._pending
+        buf = await self._slot(msg_id in pending.publications or msg_id in pending.publication_marks)
+        row = buf.publications.get(msg_id)
+        if row is not None:
+            self._hit("publications")
+            if row["published_at"] is None:
+                row["published_at"] = at_ms
+        elif msg_id in buf.publication_marks:
+            self._hit("publications")
+        else:
+            buf.publication_marks[msg_id] = at_ms
+        self._accepted()
 
     async def _put_by_address(self, table: str, address: str, payload: Payload) -> None:
         buf = await self._slot(address in getattr(self._pending, table))
@@ -394,6 +482,18 @@ class BatchWriter:
                 mark_published_call,
                 min(MAX_MARKS_PER_STATEMENT, max_rows_per_statement(d, t.signals, size)),
             ),
+            self._upsert_op(
+                "publications", t.publications, list(batch.publications.values()), PUBLICATION_KEYS, PUBLICATION_UPDATE
+            ),
+            _Op(
+                "publications",
+                list(batch.publication_marks.items()),
+                mark_publications_call,
+                min(MAX_MARKS_PER_STATEMENT, max_rows_per_statement(d, t.publications, size)),
+            ),
+            self._upsert_op(
+                "position_events", t.position_events, list(batch.position_events.values()), EVENT_KEYS, EVENT_UPDATE
+            ),
             self._upsert_op("aggregations", t.aggregations, list(batch.aggregations.values()), AGG_KEYS, AGG_UPDATE),
         ]
         closes_by_status: dict[str | None, list[tuple[AggKey, int]]] = {}
@@ -408,9 +508,22 @@ class BatchWriter:
                     max_rows_per_statement(d, t.aggregations, size),
                 )
             )
-        for name, table in (("watermarks", t.watermarks), ("positions", t.positions)):
-            rows = list(getattr(batch, name).values())
-            ops.append(self._upsert_op(name, table, rows, ADDRESS_KEYS, BY_ADDRESS_UPDATE))
+        ops.append(
+            self._upsert_op(
+                "watermarks", t.watermarks, list(batch.watermarks.values()), ADDRESS_KEYS, BY_ADDRESS_UPDATE
+            )
+        )
+        ops.append(
+            _Op(
+                "positions",
+                sorted(batch.deleted_positions),
+                lambda addresses: (delete_positions_statement(addresses), None),
+                max_rows_per_statement(d, t.positions, size),
+            )
+        )
+        ops.append(
+            self._upsert_op("positions", t.positions, list(batch.positions.values()), ADDRESS_KEYS, POSITION_UPDATE)
+        )
         return [op for op in ops if op.rows]
 
     def _upsert_op(

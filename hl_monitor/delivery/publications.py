@@ -1,0 +1,231 @@
+"""Position events and liquidation alerts out to JetStream exactly once: the positions stream, its outbox
+relay and the `PublicationSink` (docs/architecture.md §3, the same chain as signals).
+
+Subjects: `{positions.subject_prefix}.{address}.{symbol}` for a position event, e.g.
+`hl.positions.0xabc….BTCUSDC`, and `{positions.alerts_prefix}.{address}.{symbol}.liquidation_risk` for an
+alert; address and symbol are escaped with `delivery.publisher.subject_token`, as in signal subjects. Both
+prefixes belong to one stream, `positions.stream`, kept `positions.max_age`, with the signals stream's
+`nats.duplicate_window` and `nats.replicas`. Every message carries `Nats-Msg-Id: msg_id` (the event or alert
+id), so a re-publish after an outage or a restart is stored once.
+
+The chain, as for signals: `PublicationSinkImpl` persists each publication (`hlm_publications`, unpublished)
+and then submits it to `PublicationOutbox`, which publishes it, marks it published on the ack, and re-reads
+unpublished rows at start and every `nats.outbox_scan_interval`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig, StreamInfo
+from prometheus_client import Counter, Gauge
+
+from hl_monitor.config import NatsConfig, PositionsConfig
+from hl_monitor.delivery.publisher import (
+    Publisher,
+    check_subject,
+    ensure_stream,
+    publish_with_id,
+    subject_token,
+)
+from hl_monitor.delivery.relay import SUBMIT_WAIT_S, Relay
+from hl_monitor.domain.publication import Publication
+from hl_monitor.errors import ConfigError, DeliveryError, PublishError
+from hl_monitor.metrics import Metrics
+
+__all__ = [
+    "ALERT_SUFFIX",
+    "PublicationOutbox",
+    "PublicationPublisher",
+    "PublicationSinkImpl",
+    "alert_subject",
+    "position_subject",
+]
+
+ALERT_SUFFIX: Final = "liquidation_risk"
+
+
+def position_subject(prefix: str, address: str, symbol: str) -> str:
+    """The subject of a position event of `address` on `symbol`."""
+    return f"{prefix}.{subject_token(address)}.{subject_token(symbol)}"
+
+
+def alert_subject(prefix: str, address: str, symbol: str) -> str:
+    """The subject of a liquidation alert of `address` on `symbol`."""
+    return f"{prefix}.{subject_token(address)}.{subject_token(symbol)}.{ALERT_SUFFIX}"
+
+
+class PublicationPublisher:
+    """Publishes publications on the service's one NATS connection (`Publisher`) into `positions.stream`.
+
+    `ensure_stream()` at start (after `Publisher.connect()`); `publish()` per message.
+    """
+
+    def __init__(
+        self, publisher: Publisher, nats_cfg: NatsConfig, positions_cfg: PositionsConfig, metrics: Metrics
+    ) -> None:
+        check_subject("positions.subject_prefix", positions_cfg.subject_prefix)
+        check_subject("positions.alerts_prefix", positions_cfg.alerts_prefix)
+        if positions_cfg.subject_prefix == positions_cfg.alerts_prefix:
+            raise ConfigError("positions.alerts_prefix", "must differ from positions.subject_prefix")
+        if 0 < positions_cfg.max_age < nats_cfg.duplicate_window:
+            raise ConfigError("positions.max_age", "must not be below nats.duplicate_window (JetStream refuses it)")
+        self._publisher = publisher
+        self._nats = nats_cfg
+        self._cfg = positions_cfg
+        self._metrics = metrics
+        self._stream_ready = False
+
+    @property
+    def is_connected(self) -> bool:
+        return self._publisher.is_connected
+
+    async def wait_connected(self) -> None:
+        await self._publisher.wait_connected()
+
+    def stream_config(self) -> StreamConfig:
+        cfg = self._cfg
+        return StreamConfig(
+            name=cfg.stream,
+            description="hl-monitor position events and liquidation alerts, one message per msg_id",
+            subjects=[f"{cfg.subject_prefix}.>", f"{cfg.alerts_prefix}.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=cfg.max_age,
+            storage=StorageType.FILE,
+            num_replicas=self._nats.replicas,
+            duplicate_window=self._nats.duplicate_window,
+            discard=DiscardPolicy.OLD,
+        )
+
+    async def ensure_stream(self) -> StreamInfo:
+        """Create the positions stream, or update it when its settings differ from the config."""
+        info = await ensure_stream(self._publisher.jetstream(), self.stream_config())
+        self._stream_ready = True
+        return info
+
+    async def publish(self, publication: Publication) -> PubAck:
+        """Publish once; returns the ack (`duplicate` when the stream already had it).
+
+        Raises `PublishError` (counted in `publication_errors{reason}`); the caller keeps it pending.
+        """
+        msg_id = publication.msg_id
+        try:
+            if not self.is_connected:
+                raise PublishError("disconnected", "not connected to NATS", msg_id)
+            if not self._stream_ready:
+                try:
+                    await self.ensure_stream()
+                except DeliveryError as exc:
+                    raise PublishError("no_stream", str(exc), msg_id) from None
+            ack = await publish_with_id(
+                self._publisher.jetstream(),
+                publication.subject,
+                publication.payload,
+                msg_id=msg_id,
+                stream=self._cfg.stream,
+                ack_wait=self._nats.publish_timeout,
+            )
+        except PublishError as exc:
+            if exc.reason == "no_stream":
+                self._stream_ready = False  # stream gone (server reset) or JetStream not up yet: re-check next time
+            self._metrics.publication_errors.labels(reason=exc.reason).inc()
+            raise
+        if ack.duplicate:
+            self._metrics.publication_duplicates.labels(kind=publication.kind).inc()
+        else:
+            self._metrics.publications_published.labels(kind=publication.kind).inc()
+        return ack
+
+
+class PublicationStore(Protocol):
+    """What the relay reads from storage (`storage.repository.Repository`)."""
+
+    async def fetch_unpublished_publications(self, limit: int, older_than_ms: int | None = None) -> list[Publication]:
+        """Publications not yet marked published, oldest first; with `older_than_ms` only those created before."""
+        ...
+
+    async def count_unpublished_publications(self) -> int: ...
+
+
+class PublicationWriter(Protocol):
+    """The storage writer's publication intake and ack marks (`storage.writer.BatchWriter`)."""
+
+    async def put_publication(self, publication: Publication) -> None: ...
+
+    async def mark_publication_published(self, msg_id: str, at_ms: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _PublicationCounters:
+    metrics: Metrics
+
+    @property
+    def depth(self) -> Gauge:
+        return self.metrics.publications_depth
+
+    @property
+    def spilled(self) -> Counter:
+        return self.metrics.publications_spilled
+
+    def fault(self, kind: str) -> None:
+        self.metrics.publication_errors.labels(reason=kind).inc()
+
+
+class PublicationOutbox(Relay[Publication]):
+    """Holds publications until JetStream acknowledges them. Run `run()` in a task; `drain(grace)` at shutdown."""
+
+    noun = "publication"
+
+    def __init__(
+        self,
+        publisher: PublicationPublisher,
+        store: PublicationStore,
+        writer: PublicationWriter,
+        metrics: Metrics,
+        cfg: NatsConfig,
+        *,
+        submit_wait: float = SUBMIT_WAIT_S,
+    ) -> None:
+        super().__init__(publisher, _PublicationCounters(metrics), cfg, submit_wait=submit_wait)
+        self._publisher = publisher
+        self._store = store
+        self._writer = writer
+
+    def _key(self, item: Publication) -> str:
+        return item.msg_id
+
+    async def _send(self, item: Publication) -> None:
+        await self._publisher.publish(item)
+
+    async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Publication]:
+        return await self._store.fetch_unpublished_publications(limit, older_than_ms)
+
+    async def _count_unpublished(self) -> int:
+        return await self._store.count_unpublished_publications()
+
+    async def _mark(self, key: str, at_ms: int) -> None:
+        await self._writer.mark_publication_published(key, at_ms)
+
+
+class PublicationSubmitter(Protocol):
+    """The outbox's intake (`PublicationOutbox`)."""
+
+    async def submit(self, item: Publication) -> None: ...
+
+
+class PublicationSinkImpl:
+    """The `PublicationSink` of the service: persist each publication, then submit it to its outbox.
+
+    Awaiting it is backpressure: it returns once the writer and the outbox have taken every publication.
+    """
+
+    def __init__(self, writer: PublicationWriter, outbox: PublicationSubmitter) -> None:
+        self._writer = writer
+        self._outbox = outbox
+
+    async def __call__(self, publications: Sequence[Publication], /) -> None:
+        for publication in publications:
+            await self._writer.put_publication(publication)
+            await self._outbox.submit(publication)

@@ -1,0 +1,372 @@
+"""The outbox relay shared by signals and publications: every persisted message reaches JetStream, with the
+same id, however often NATS goes away (docs/architecture.md §3).
+
+The store (a table with a published mark) is the truth; memory is only the fast path. Callers hand a message
+to the storage writer first and then `submit()` it here. The relay publishes held messages concurrently (at
+most `nats.max_inflight` un-acked), tells the writer on each ack, and on a failure keeps the message and
+retries after a jittered exponential backoff, oldest first. Every `nats.outbox_scan_interval` (and at start) it
+re-reads messages the store still has unpublished: those a crash or restart left behind, and those that did
+not fit in memory. When memory is full (`nats.outbox_size`), `submit()` waits briefly if NATS is up but slow
+(backpressure), and otherwise leaves the message to the store scan instead of stalling the tracker during an
+outage (counted as spilled). JetStream dedup by `Nats-Msg-Id` turns every re-publish into one stored message.
+
+`Relay` is the mechanism; a subclass says what a message is: its id, how it is published, where unpublished
+ones are read and acks recorded, and which metrics count it (`delivery.outbox.Outbox` for signals,
+`delivery.publications.PublicationOutbox` for position events and alerts).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import heapq
+import itertools
+import random
+from collections import deque
+from typing import Final, Generic, Protocol, TypeVar
+
+from cachetools import TTLCache
+from prometheus_client import Counter, Gauge
+
+from hl_monitor.clock import wall_ms as _now_ms
+from hl_monitor.config import NatsConfig
+from hl_monitor.errors import PublishError
+from hl_monitor.logging import get_logger
+
+__all__ = ["Link", "Relay", "RelayMetrics"]
+
+log = get_logger(__name__)
+
+# A burst on a slow (connected) NATS is absorbed by waiting this long for room; past it the store carries it.
+SUBMIT_WAIT_S: Final = 1.0
+# Acked ids are skipped by the store scan for this long: the writer persists the published mark in batches,
+# so a scan right after an ack could still see the row unpublished (it would only cost a duplicate ack).
+RECENT_ACK_TTL_S: Final = 60.0
+RETRY_JITTER: Final = 0.2  # ±20 % spreads retries of several instances after a shared NATS outage
+DRAIN_POLL_S: Final = 0.05  # how often drain() re-checks that NATS is still up while it waits
+# Rows re-read per scan: decoding and publishing them must not hold the loop; the next batch is read as soon
+# as this one is acknowledged.
+SCAN_BATCH: Final = 1000
+# Publishes started per loop step at most: ~1 ms of work, and one NATS socket write carries them all.
+DISPATCH_BURST: Final = 32
+
+T = TypeVar("T")
+
+
+class Link(Protocol):
+    """The NATS connection state the relay waits on (`delivery.publisher.Publisher`)."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    async def wait_connected(self) -> None: ...
+
+
+class RelayMetrics(Protocol):
+    """Where one relay counts: its depth gauge, its spill counter, and its own faults by kind."""
+
+    @property
+    def depth(self) -> Gauge: ...
+
+    @property
+    def spilled(self) -> Counter: ...
+
+    def fault(self, kind: str) -> None:
+        """One failure outside the publish itself: `mark_published`, `outbox_scan` or `unexpected`."""
+        ...
+
+
+async def _wait_event(event: asyncio.Event, within: float) -> None:
+    """Wait for `event` at most `within` s.
+
+    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancel that arrives just as the event is set (it
+    returns the result instead), and a loop around it then never stops — `run()`'s TaskGroup waits forever.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            await event.wait()
+
+
+class Relay(abc.ABC, Generic[T]):
+    """Holds messages until JetStream acknowledges them. Run `run()` in a task; `drain()` at shutdown."""
+
+    # What a message is called in logs ("signal", "publication").
+    noun: str = "message"
+
+    def __init__(
+        self,
+        link: Link,
+        counters: RelayMetrics,
+        cfg: NatsConfig,
+        *,
+        submit_wait: float = SUBMIT_WAIT_S,
+    ) -> None:
+        self._link = link
+        self._counters = counters
+        self._capacity = cfg.outbox_size
+        self._submit_wait = submit_wait
+        self._scan_interval = cfg.outbox_scan_interval
+        self._retry_initial = cfg.retry_initial_delay
+        self._retry_max = cfg.retry_max_delay
+        self._slots = asyncio.Semaphore(cfg.max_inflight)
+        self._held: dict[str, tuple[int, T]] = {}  # id -> (submission order, message): queued or in flight
+        self._ready: deque[str] = deque()
+        self._retry: list[tuple[int, str]] = []  # heap by submission order: oldest failure goes first
+        self._order = itertools.count()
+        self._recent: TTLCache[str, None] = TTLCache(maxsize=max(1, self._capacity), ttl=RECENT_ACK_TTL_S)
+        self._work = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._scan_now = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._closing = False
+        self._delay = 0.0
+        self._retry_at = 0.0
+        self._marks_failing = False
+        self._backlog = 0  # unpublished rows the last scan saw beyond what memory holds
+        self._tg: asyncio.TaskGroup | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._scanned: set[str] = set()  # ids the last store scan handed over that are not acked yet
+
+    # ---- what a subclass defines ----
+
+    @abc.abstractmethod
+    def _key(self, item: T) -> str:
+        """The message's id (`Nats-Msg-Id`)."""
+
+    @abc.abstractmethod
+    async def _send(self, item: T) -> None:
+        """Publish once; raise `PublishError` on a failure (the message stays held)."""
+
+    @abc.abstractmethod
+    async def _fetch(self, limit: int, older_than_ms: int | None) -> list[T]:
+        """Stored messages not yet marked published, oldest first (only those stored before `older_than_ms`)."""
+
+    @abc.abstractmethod
+    async def _count_unpublished(self) -> int: ...
+
+    @abc.abstractmethod
+    async def _mark(self, key: str, at_ms: int) -> None:
+        """Record the ack (the storage writer batches it)."""
+
+    # ---- state ----
+
+    @property
+    def depth(self) -> int:
+        """Messages waiting for an ack: held in memory plus the store backlog seen by the last scan."""
+        return len(self._held) + self._backlog
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    # ---- intake ----
+
+    async def submit(self, item: T) -> None:
+        """Hand over a message the storage writer already has; returns once it is held or left to the store."""
+        key = self._key(item)
+        if key in self._held:
+            return
+        if self._closing:
+            self._spill(key, "closing")
+            return
+        if len(self._held) >= self._capacity:
+            if not self._link.is_connected:  # an outage: waiting would only stall the tracker
+                self._spill(key, "full")
+                return
+            try:
+                async with asyncio.timeout(self._submit_wait):
+                    while len(self._held) >= self._capacity:
+                        self._room.clear()
+                        await self._room.wait()
+            except TimeoutError:
+                self._spill(key, "full")
+                return
+        if key not in self._held:
+            self._hold(key, item)
+
+    def _spill(self, key: str, why: str) -> None:
+        self._counters.spilled.inc()
+        self._backlog += 1
+        self._set_depth()
+        log.debug(f"{self.noun} left to the store scan", id=key, why=why)
+
+    def _hold(self, key: str, item: T) -> None:
+        self._held[key] = (next(self._order), item)
+        self._ready.append(key)
+        self._empty.clear()
+        self._work.set()
+        self._set_depth()
+
+    def _set_depth(self) -> None:
+        self._counters.depth.set(self.depth)
+
+    # ---- relay ----
+
+    async def run(self) -> None:
+        """Publish held messages and re-read the store until `drain()`."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            dispatcher = tg.create_task(self._dispatch(), name=f"{self.noun}-outbox-dispatch")
+            scanner = tg.create_task(self._scan_loop(), name=f"{self.noun}-outbox-scan")
+            await self._stop.wait()
+            dispatcher.cancel()
+            scanner.cancel()
+            # drain() already gave them their grace; an abandoned publish is re-sent (deduplicated) next start.
+            for task in self._inflight:
+                task.cancel()
+        self._tg = None
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking work, publish what is held for up to `grace` s (while NATS is up), stop `run()`.
+
+        Returns how many messages were still unacknowledged; they stay in the store for the next start.
+        """
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._held and self._link.is_connected and (left := deadline - loop.time()) > 0:
+            await _wait_event(self._empty, min(DRAIN_POLL_S, left))
+        left_over = len(self._held)
+        self._stop.set()
+        if left_over:
+            log.warning(
+                f"{self.noun} outbox drained with messages unacknowledged; they are re-published at next start",
+                count=left_over,
+            )
+        else:
+            log.info(f"{self.noun} outbox drained")
+        return left_over
+
+    async def _dispatch(self) -> None:
+        assert self._tg is not None
+        loop = asyncio.get_running_loop()
+        dispatched = 0
+        while True:
+            while not (self._ready or self._retry):
+                self._work.clear()
+                await self._work.wait()
+            if not self._link.is_connected:
+                await self._link.wait_connected()
+            if (pause := self._retry_at - loop.time()) > 0:
+                await asyncio.sleep(pause)
+            await self._slots.acquire()
+            key = heapq.heappop(self._retry)[1] if self._retry else self._ready.popleft()
+            held = self._held.get(key)
+            if held is None:
+                self._slots.release()
+                continue
+            task = self._tg.create_task(self._publish_one(key, held[1]))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            # Yield every few: with a backlog nothing else here awaits, and thousands of dispatches in one step
+            # would hold the loop (and every feed) for tens of milliseconds. Not after each one: the publishes
+            # started between two yields leave in one socket write of the NATS client instead of one each.
+            dispatched += 1
+            if dispatched % DISPATCH_BURST == 0:  # an empty queue suspends on `_work` above anyway
+                await asyncio.sleep(0)
+
+    async def _publish_one(self, key: str, item: T) -> None:
+        try:
+            try:
+                await self._send(item)
+            finally:
+                self._slots.release()
+        except PublishError as exc:
+            self._failed(key, exc.reason, exc.detail)
+            return
+        except Exception as exc:
+            # Not a NATS answer (a bug or an unexpected library error): keep the message and retry all the same.
+            self._counters.fault("unexpected")
+            log.exception(f"unexpected {self.noun} publish error", id=key)
+            self._failed(key, "unexpected", repr(exc))
+            return
+        await self._acked(key)
+
+    def _failed(self, key: str, reason: str, detail: str) -> None:
+        entry = self._held.get(key)
+        if entry is None:
+            return
+        heapq.heappush(self._retry, (entry[0], key))
+        self._work.set()
+        now = asyncio.get_running_loop().time()
+        # Publishes that were in flight together fail together: back off once per round, not once per message.
+        if now >= self._retry_at:
+            if self._delay == 0:
+                log.warning(
+                    f"{self.noun} publish failing; messages stay pending and are retried", reason=reason, detail=detail
+                )
+            self._delay = min(self._delay * 2, self._retry_max) if self._delay else self._retry_initial
+            self._retry_at = now + self._delay * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+
+    async def _acked(self, key: str) -> None:
+        if self._delay:
+            log.info(f"{self.noun} publishing again", pending=len(self._held))
+            self._delay = 0.0
+            self._retry_at = 0.0
+        self._held.pop(key, None)
+        self._recent[key] = None
+        if len(self._held) < self._capacity:
+            self._room.set()
+        if not self._held:
+            self._empty.set()
+        batch_done = False
+        if key in self._scanned:
+            self._scanned.discard(key)
+            batch_done = not self._scanned
+        if self._backlog and (batch_done or not self._held):
+            self._scan_now.set()  # the last store batch (or everything) is through: read the next one now
+        self._set_depth()
+        try:
+            await self._mark(key, _now_ms())
+        except Exception:
+            # The row stays unpublished; a later scan re-publishes it, JetStream answers duplicate, we mark again.
+            self._counters.fault("mark_published")
+            if not self._marks_failing:  # one traceback per streak, not one per ack during a database outage
+                log.exception(f"{self.noun} mark_published failed; rows stay unpublished and are re-sent", id=key)
+            self._marks_failing = True
+        else:
+            if self._marks_failing:
+                log.info(f"{self.noun} mark_published works again")
+            self._marks_failing = False
+
+    async def _scan_loop(self) -> None:
+        first = True
+        while True:
+            if not self._link.is_connected:
+                await self._link.wait_connected()
+            if not self._closing:
+                # At start nothing is in flight, so everything unpublished is ours; later, young rows are
+                # still on the live path and are left alone.
+                older_than = None if first else _now_ms() - int(self._scan_interval * 1000)
+                if await self._scan(older_than):
+                    first = False
+            await _wait_event(self._scan_now, self._scan_interval)
+            self._scan_now.clear()
+
+    async def _scan(self, older_than_ms: int | None) -> bool:
+        room = min(self._capacity - len(self._held), SCAN_BATCH)
+        if room <= 0:
+            return False
+        try:
+            items = await self._fetch(room, older_than_ms)
+            unpublished = await self._count_unpublished()
+        except Exception:
+            self._counters.fault("outbox_scan")
+            log.exception(f"{self.noun} outbox scan failed; retrying next interval")
+            return False
+        taken = 0
+        for item in items:
+            key = self._key(item)
+            if key not in self._held and key not in self._recent:
+                self._hold(key, item)
+                self._scanned.add(key)
+                taken += 1
+        self._backlog = max(0, unpublished - len(self._held))
+        self._set_depth()
+        if taken:
+            log.info(f"re-publishing persisted {self.noun}s", count=taken, backlog=self._backlog)
+        return True
