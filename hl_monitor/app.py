@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,14 +31,18 @@ from hl_monitor.cluster.leases import Cluster
 from hl_monitor.cluster.views import ExcludingView
 from hl_monitor.config import Config
 from hl_monitor.delivery.embedded_nats import EmbeddedNats
+from hl_monitor.delivery.kv_view import KvView
 from hl_monitor.delivery.outbox import Outbox
+from hl_monitor.delivery.publications import PublicationOutbox, PublicationPublisher, PublicationSinkImpl
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.delivery.sink import Sink
 from hl_monitor.domain.address import AddressView
 from hl_monitor.errors import DeliveryError, StorageError
 from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource
 from hl_monitor.feeds.budget import Budgets
+from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
 from hl_monitor.feeds.market_tape import MarketTape
+from hl_monitor.feeds.marks import MarkFeed
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.symbols import SymbolLoader
 from hl_monitor.feeds.wide import WideManager
@@ -48,7 +53,7 @@ from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import HttpServer, create_app
 from hl_monitor.ops.metrics import StatsExporter, service_exporter
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
-from hl_monitor.ops.status import Admin, DatabaseProbe, StatusView, WideTier
+from hl_monitor.ops.status import Admin, DatabaseProbe, PositionsTier, StatusView, WideTier
 from hl_monitor.storage.cleaner import RetentionCleaner
 from hl_monitor.storage.lease import InstanceLease
 from hl_monitor.storage.migrate import check_schema
@@ -62,8 +67,10 @@ from hl_monitor.storage.repository import (
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
+from hl_monitor.tracking.portfolio import PositionModel
 from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.planner import TierPlanner
+from hl_monitor.watch.positions import PositionKeeper
 from hl_monitor.watch.watchset import WatchSet
 
 __all__ = ["Components", "Service", "build", "serve"]
@@ -99,6 +106,7 @@ class Components:
     cleaner: RetentionCleaner
     http: HttpServer
     wide_tier: WideTier | None  # wide.enabled, and the tape role in cluster mode
+    positions: PositionsTier | None  # positions.enabled
     cluster: Cluster | None  # cluster.mode = "nats"
     lease: InstanceLease | None  # a shared database (not SQLite)
     embedded: EmbeddedNats | None  # nats.url = "embedded"
@@ -151,7 +159,25 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
 
     writer = BatchWriter(db, cfg.writer, metrics)
     outbox = Outbox(publisher, repo, writer, metrics, cfg.nats)
-    sink = Sink(writer, outbox, metrics, instance_id=cfg.instance_id)
+    keeper: PositionKeeper | None = None
+    if cfg.positions.enabled:
+        positions_publisher = PublicationPublisher(publisher, cfg.nats, cfg.positions, metrics)
+        await positions_publisher.ensure_stream()
+        positions_outbox = PublicationOutbox(positions_publisher, repo, writer, metrics, cfg.nats)
+        kv = KvView(publisher, cfg.nats, cfg.positions, metrics)
+        await kv.open()
+        keeper = PositionKeeper(
+            PositionModel(alert_levels=[Decimal(str(level)) for level in cfg.positions.liquidation_alert_levels]),
+            cfg=cfg.positions,
+            publish=PublicationSinkImpl(writer, positions_outbox),
+            store=writer,
+            kv=kv,
+            metrics=metrics,
+            tracked_wide=lambda address: tape_tracker is not None and tape_tracker.owner(address) == "wide",
+            labels=lambda address: _label(book, address),
+        )
+    holdings: HoldingsIntake = keeper if keeper is not None else NO_HOLDINGS
+    sink = Sink(writer, outbox, metrics, instance_id=cfg.instance_id, positions=keeper)
     budgets = Budgets(cfg.hyperliquid, metrics)
     info = await stack.enter_async_context(InfoClient.from_config(cfg.hyperliquid, budgets, metrics))
 
@@ -176,7 +202,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         reload_interval=cfg.addresses.reload_interval,
         remove_grace=cfg.addresses.remove_grace,
         server_id=cfg.addresses.server_id,
-        on_change=lambda diff: _on_book_change(watch, book, metrics, diff),
+        on_change=lambda diff: _on_book_change(watch, keeper, book, metrics, diff),
     )
 
     precise_view: AddressView = book
@@ -211,12 +237,20 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         engine.set_symbols(symbols)
         if tape_tracker is not None:
             tape_tracker.set_symbols(symbols)
+        if keeper is not None:
+            keeper.model.set_symbols(symbols)
 
     symbols = SymbolLoader(
         info, cfg.symbols, metrics, categories=lambda: load_pair_categories(db), on_update=set_symbols
     )
     engine.on_unknown_coin = symbols.request_reload
     await symbols.load()  # a failed load keeps going (retried, counted)
+    positions: PositionsTier | None = None
+    if keeper is not None:
+        marks = MarkFeed(
+            cfg.hyperliquid, intake=keeper, budget=budgets, metrics=metrics, dexes=sorted(engine.symbols.dexes)
+        )
+        positions = PositionsTier(keeper=keeper, marks=marks, outbox=positions_outbox, kv=kv)
 
     planner: TierPlanner | None = None
     precise = PreciseManager(
@@ -228,11 +262,19 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         metrics=metrics,
         on_signals=sink,
         on_unassigned=None if tape_tracker is None else lambda addresses: _unassigned(planner, addresses),
+        holdings=holdings,
     )
     wide_tier: WideTier | None = None
     if tape_tracker is not None:
         tape = MarketTape(
-            cfg.hyperliquid, cfg.wide, tracker=tape_tracker, info=info, budget=budgets, metrics=metrics, on_signals=sink
+            cfg.hyperliquid,
+            cfg.wide,
+            tracker=tape_tracker,
+            info=info,
+            budget=budgets,
+            metrics=metrics,
+            on_signals=sink,
+            holdings=holdings,
         )
         wide = WideManager(
             cfg.wide,
@@ -244,6 +286,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             metrics=metrics,
             on_signals=sink,
             dexes=lambda: tape.universe.dexes if tape.universe else [],
+            holdings=holdings,
         )
         planner = TierPlanner(
             planner_view,
@@ -272,10 +315,11 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         symbols=symbols,
         precise=precise,
         wide_tier=wide_tier,
+        positions=positions,
         cluster=cluster,
     )
     admin = Admin(AddressTable(db), book) if isinstance(table, AddressTable) else None
-    http = HttpServer(create_app(status, metrics, admin, cfg.http), cfg.http.listen)
+    http = HttpServer(create_app(status, metrics, admin, cfg.http, positions=keeper), cfg.http.listen)
     await http.start()
     stack.push_async_callback(http.stop)
     return Components(
@@ -294,10 +338,11 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         precise=precise,
         status=status,
         database=database,
-        exporter=service_exporter(metrics, engine, tape_tracker, book, writer),
+        exporter=service_exporter(metrics, engine, tape_tracker, book, writer, keeper),
         cleaner=RetentionCleaner(db, cfg.retention, metrics),
         http=http,
         wide_tier=wide_tier,
+        positions=positions,
         cluster=cluster,
         lease=lease,
         embedded=embedded,
@@ -319,6 +364,12 @@ async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> Non
             start("db-probe", c.database.run()),
             start("stats", c.exporter.run()),
         ]
+        if c.positions is not None:
+            background += [
+                start("positions-outbox", c.positions.outbox.run()),
+                start("positions-kv", c.positions.kv.run()),
+                start("positions", c.positions.keeper.run()),
+            ]
         if c.embedded is not None:
             background.append(start("embedded-nats", c.embedded.run()))
         if c.lease is not None:
@@ -334,6 +385,8 @@ async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> Non
             ]
         if c.cluster is not None:
             intake.append(start("cluster", c.cluster.run()))
+        if c.positions is not None:
+            intake.append(start("marks", c.positions.marks.run()))
         intake.append(start("tick", c.watch.run()))
         # Start-up objects (modules, SQLAlchemy, config, restored state) live as long as the process; frozen, the
         # collector's full passes no longer walk them (50-100 ms of event loop each, the latency tail). No
@@ -363,15 +416,27 @@ async def _drain(c: Components) -> None:
                 await c.wide_tier.tape.finish()
             await c.watch.finish()
             left = await c.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
+            if c.positions is not None:
+                left += await c.positions.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
+                await c.positions.kv.drain(deadline * OUTBOX_DRAIN_SHARE)
             await c.writer.close()
             log.info("shutdown: drained", unacknowledged=left, seconds=round(time.monotonic() - started, 2))
     except TimeoutError:
         log.error("shutdown deadline reached; unflushed rows are recovered at next start", deadline_s=deadline)
 
 
-async def _on_book_change(watch: WatchSet, book: AddressBook, metrics: Metrics, diff: AddressDiff) -> None:
+async def _on_book_change(
+    watch: WatchSet, keeper: PositionKeeper | None, book: AddressBook, metrics: Metrics, diff: AddressDiff
+) -> None:
     await watch.on_book_change(diff, book.entries())
+    if keeper is not None:
+        await keeper.forget(diff.removed)
     metrics.addresses_subscribed.set(len(book.entries()))
+
+
+def _label(book: AddressBook, address: str) -> str:
+    entry = book.entries().get(address)
+    return entry.label if entry is not None else ""
 
 
 async def _unassigned(planner: TierPlanner | None, addresses: frozenset[str]) -> None:

@@ -7,7 +7,6 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from hl_monitor.config import Config, DatabaseConfig, WriterConfig
@@ -15,6 +14,7 @@ from hl_monitor.hyperliquid.protocol import ClearinghouseState, decode_info
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage.repository import create_engine
 from hl_monitor.storage.writer import BatchWriter
+from hl_monitor.tracking.portfolio import PositionModel
 from tests.support.cli import run
 from tests.support.factories import ADDR, NOW, T0, engine, fill, frame, update
 from tests.support.paths import FIXTURES
@@ -24,7 +24,8 @@ async def persist_activity(url: str) -> None:
     """Two signals for ADDR (the second with a price only exact decimals keep), a pending order, positions."""
     eng = engine()
     state = decode_info((FIXTURES / "http_clearinghouse_state.json").read_bytes(), ClearinghouseState)
-    eng.positions.apply_dex(ADDR, "", state, NOW)
+    model = PositionModel()
+    model.on_dex_state(ADDR, "", state, NOW)
     signals = []
     eng.on_user_fills(ADDR, frame(fill(1, 10, "1", "80000")), NOW)
     signals += eng.on_order_updates(ADDR, [update(1, "filled")], NOW + 1)
@@ -39,8 +40,9 @@ async def persist_activity(url: str) -> None:
             for signal in signals:
                 await writer.put_signal(signal)
             await writer.put_delta(eng.take_dirty())
-            positions = eng.positions.get(ADDR)
-            await writer.put_position(ADDR, msgspec.json.encode(positions))
+            document = model.get(ADDR)
+            assert document is not None
+            await writer.put_portfolio(ADDR, document)
             await writer.close()
     finally:
         await db.dispose()

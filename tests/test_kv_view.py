@@ -15,8 +15,9 @@ from hl_monitor.config import NatsConfig, PositionsConfig, SignalsConfig
 from hl_monitor.delivery.kv_view import KvView
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.metrics import Metrics
-from tests.conftest import NatsServer
-from tests.test_delivery_publisher import nats_cfg, wait_until
+from tests.support.delivery import nats_cfg
+from tests.support.nats import NatsServer
+from tests.support.waiting import wait_until
 
 BUCKET = "hl_positions"
 ADDRESSES = ["0x" + f"{n:02x}" * 20 for n in range(1, 6)]

@@ -32,7 +32,7 @@ from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.portfolio import AddressPortfolio, DexAccount, PositionModel
 from hl_monitor.tracking.position_events import PerpPosition, PositionEvent
-from tests.conftest import FIXTURES
+from tests.support.paths import FIXTURES
 
 WHALE = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
@@ -230,19 +230,6 @@ async def test_latest_put_wins_and_a_delete_supersedes_a_buffered_put(engine: As
     await writer.put_portfolio(OTHER, first)  # a put after a delete in one buffer: the put stands
     await writer.flush()
     assert await repo.load_portfolios() == {OTHER: first}
-
-
-async def test_a_snapshot_row_is_not_mistaken_for_a_document(engine: AsyncEngine) -> None:
-    writer = BatchWriter(engine, writer_cfg(), Metrics(), clock=Clock())
-    await writer.put_portfolio(WHALE, portfolio(WHALE, position("BTC", "1", "100")))
-    await writer.flush()
-    await writer.put_position(WHALE, {"dexes": {}})  # the position book's snapshot replaces the document
-    await writer.put_position(OTHER, {"dexes": {}})
-    await writer.flush()
-    repo = Repository(engine)
-    assert await repo.load_portfolios() == {}
-    assert (await repo.load_positions()).keys() == {WHALE, OTHER}
-    assert all(r["account_value"] is None and r["as_of"] is None for r in await rows(engine, t.positions))
 
 
 async def test_list_positions_filters_by_symbol_or_coin_and_value(engine: AsyncEngine) -> None:

@@ -27,8 +27,9 @@ from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
 from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.storage.writer import BatchWriter
-from tests.conftest import NatsServer
-from tests.test_delivery_publisher import nats_cfg, read_stream, wait_until
+from tests.support.delivery import nats_cfg
+from tests.support.nats import NatsServer, read_stream
+from tests.support.waiting import wait_until
 
 WHALE = "0x" + "ab" * 20
 STREAM = "HL_POSITIONS"

@@ -269,16 +269,18 @@ async def test_coalescing_keeps_the_last_state_per_key(engine: AsyncEngine) -> N
         )  # fmt: skip
     await writer.close_aggregation(WHALE, 7, "Close Short", status="filled")
     for n in range(3):
-        await writer.put_position(WHALE, {"szi": str(n)})
+        await writer.put_watermark(WHALE, {"address": WHALE, "time": T0 + n, "tid": n})
     with count_statements(engine, "INSERT") as inserts:
         await writer.flush()
-    assert len(inserts) == 2  # one aggregation row, one position row
+    assert len(inserts) == 2  # one aggregation row, one watermark row
     agg = await Repository(engine).load_aggregation(WHALE, 7, "Close Short")
     assert agg is not None
     assert (agg.fill_count, agg.status, agg.closed, agg.record) == (5, "filled", True, b'{"fills":[0,1,2,3,4]}')
-    assert await Repository(engine).load_positions() == {WHALE: b'{"szi":"2"}'}
+    assert await Repository(engine).load_watermarks() == {
+        WHALE: f'{{"address":"{WHALE}","time":{T0 + 2},"tid":2}}'.encode()
+    }
     assert metrics.batch_dedup_cache_hit.labels(table="aggregations")._value.get() == 5
-    assert metrics.batch_dedup_cache_hit.labels(table="positions")._value.get() == 2
+    assert metrics.batch_dedup_cache_hit.labels(table="watermarks")._value.get() == 2
 
 
 async def test_pending_state_is_reloaded_after_restart(db_url: str) -> None:

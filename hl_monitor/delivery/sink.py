@@ -56,7 +56,7 @@ class Sink:
     async def __call__(self, signals: Sequence[Signal], /) -> None:
         metrics = self._metrics
         for signal in signals:
-            stamped = signal if signal.detected_by else self._stamp(signal)
+            stamped = self._stamp(signal)
             await self._writer.put_signal(stamped)
             await self._outbox.submit(stamped)
             metrics.signals_built.labels(stamped.source, stamped.direction).inc()
@@ -66,14 +66,16 @@ class Sink:
             )
 
     def _stamp(self, signal: Signal) -> Signal:
+        """This instance's id where the tracker left none; the position after it for a perp signal."""
+        detected_by = signal.detected_by or self._instance_id
         fields = self._positions.position_fields(signal.address, signal.coin) if self._positions is not None else None
         if fields is None or signal.asset_type != "futures":
-            return msgspec.structs.replace(signal, detected_by=self._instance_id)
+            return (
+                signal
+                if detected_by is signal.detected_by
+                else msgspec.structs.replace(signal, detected_by=detected_by)
+            )
         entry_px, leverage, liquidation_px = fields
         return msgspec.structs.replace(
-            signal,
-            detected_by=self._instance_id,
-            entry_px=entry_px,
-            leverage=leverage,
-            liquidation_px=liquidation_px,
+            signal, detected_by=detected_by, entry_px=entry_px, leverage=leverage, liquidation_px=liquidation_px
         )

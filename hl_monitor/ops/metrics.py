@@ -18,12 +18,16 @@ from prometheus_client import Counter, Gauge
 
 from hl_monitor.feeds.addresses import AddressBook
 from hl_monitor.metrics import Metrics
+from hl_monitor.ops.positions import export_gauges
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.tape import TapeTracker
+from hl_monitor.watch.positions import PositionKeeper
 
 __all__ = ["CounterField", "FieldsAsLabel", "GaugeValue", "StatsExporter", "service_exporter"]
 
+# The whale gauges walk every position document: every 5th export (5 s) keeps that walk off most loop turns.
+POSITION_GAUGES_EVERY: Final = 5
 # Component counters are copied this often: a few dozen integers, cheap; dashboards scrape every 15 s.
 EXPORT_INTERVAL_S: Final = 1.0
 
@@ -63,12 +67,18 @@ class StatsExporter:
         self._sources: list[tuple[Callable[[], msgspec.Struct], tuple[Rule, ...]]] = []
         self._gauges: list[GaugeValue] = []
         self._last: dict[tuple[int, int, str], int] = {}
+        self._hooks: list[tuple[int, Callable[[], None]]] = []
+        self._exports = 0
 
     def counters(self, read: Callable[[], msgspec.Struct], *rules: Rule) -> None:
         self._sources.append((read, rules))
 
     def gauges(self, *values: GaugeValue) -> None:
         self._gauges.extend(values)
+
+    def every(self, exports: int, export: Callable[[], None]) -> None:
+        """Run `export` on every `exports`-th export: for bridges that walk much state (position documents)."""
+        self._hooks.append((exports, export))
 
     def export(self) -> None:
         for index, (read, rules) in enumerate(self._sources):
@@ -88,6 +98,10 @@ class StatsExporter:
                     self._move(rule.counter, (index, r, ""), value, rule.labels)
         for g in self._gauges:
             g.gauge.set(g.read())
+        for every, hook in self._hooks:
+            if self._exports % every == 0:
+                hook()
+        self._exports += 1
 
     async def run(self) -> None:
         while True:
@@ -102,7 +116,12 @@ class StatsExporter:
 
 
 def service_exporter(
-    metrics: Metrics, engine: TrackingEngine, tape: TapeTracker | None, book: AddressBook, writer: BatchWriter
+    metrics: Metrics,
+    engine: TrackingEngine,
+    tape: TapeTracker | None,
+    book: AddressBook,
+    writer: BatchWriter,
+    positions: PositionKeeper | None,
 ) -> StatsExporter:
     """Which component stat feeds which Prometheus series (names unchanged from the first build)."""
     m = metrics
@@ -135,4 +154,7 @@ def service_exporter(
         GaugeValue(m.addresses_subscribed, lambda: len(book.entries())),
         GaugeValue(m.writer_queue_depth, lambda: writer.depth),
     )
+    if positions is not None:
+        levels = positions.model.alert_levels
+        exporter.every(POSITION_GAUGES_EVERY, lambda: export_gauges(m, positions.portfolios(), levels))
     return exporter

@@ -18,13 +18,16 @@ import msgspec
 
 from hl_monitor import __version__
 from hl_monitor.cluster.leases import Cluster
+from hl_monitor.delivery.kv_view import KvView
 from hl_monitor.delivery.outbox import Outbox
+from hl_monitor.delivery.publications import PublicationOutbox
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.domain.address import Tier, WatchedAddress
 from hl_monitor.errors import StorageError
 from hl_monitor.feeds.addresses import AddressBook
 from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.market_tape import MarketTape
+from hl_monitor.feeds.marks import MarkFeed
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.symbols import SymbolLoader
 from hl_monitor.feeds.wide import WideManager
@@ -33,8 +36,9 @@ from hl_monitor.storage.repository import AddressTable, Repository
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.watch.planner import TierPlanner
+from hl_monitor.watch.positions import PositionKeeper
 
-__all__ = ["Admin", "DatabaseProbe", "StatusView", "WideTier"]
+__all__ = ["Admin", "DatabaseProbe", "PositionsTier", "StatusView", "WideTier"]
 
 # How often the database is probed for readiness.
 DB_PROBE_INTERVAL_S: Final = 5.0
@@ -72,6 +76,16 @@ class WideTier:
     planner: TierPlanner
 
 
+@dataclass(frozen=True, slots=True)
+class PositionsTier:
+    """What whales hold: the keeper of the model, its mark feed, and where its outputs go (`positions.enabled`)."""
+
+    keeper: PositionKeeper
+    marks: MarkFeed
+    outbox: PublicationOutbox
+    kv: KvView
+
+
 class StatusView:
     """`ops.http.ServiceView` over the built components."""
 
@@ -91,8 +105,10 @@ class StatusView:
         symbols: SymbolLoader,
         precise: PreciseManager,
         wide_tier: WideTier | None,
+        positions: PositionsTier | None,
         cluster: Cluster | None,
     ) -> None:
+        self._positions = positions
         self._instance_id = instance_id
         self._cluster_mode = cluster_mode
         self._publisher = publisher
@@ -160,6 +176,15 @@ class StatusView:
                 "held_coins": self._engine.held_coins(),
             },
             "cluster": self._cluster.status() if self._cluster is not None else {"mode": self._cluster_mode},
+            "positions": None
+            if self._positions is None
+            else {
+                "documents": len(self._positions.keeper.model),
+                "marks": self._positions.marks.status(),
+                "outbox_depth": self._positions.outbox.depth,
+                "kv_queue_depth": self._positions.kv.depth,
+                "model": msgspec.to_builtins(self._positions.keeper.model.stats),
+            },
         }
 
     async def address_detail(self, address: str) -> dict[str, Any] | None:
@@ -167,8 +192,8 @@ class StatusView:
         if entry is None:
             return None
         row = self._address_row(address, entry)
-        positions = self._engine.positions.get(address)
-        row["positions"] = msgspec.to_builtins(positions) if positions is not None else None
+        document = self._positions.keeper.portfolio(address) if self._positions is not None else None
+        row["positions"] = msgspec.to_builtins(document) if document is not None else None
         row["wide"] = self._wide_tier.wide.address_status(address) if self._wide_tier is not None else None
         row["last_signals"] = []
         with contextlib.suppress(StorageError, OSError):

@@ -338,13 +338,6 @@ def portfolio_row(address: str, doc: AddressPortfolio, payload: str, updated_at:
     }
 
 
-def snapshot_row(address: str, payload: str, updated_at: int) -> dict[str, Any]:
-    """A positions-table row holding something other than a document (no summary, no `as_of`)."""
-    row = dict.fromkeys(c.name for c in t.positions.columns)
-    row.update(address=address, payload=payload, updated_at=updated_at)
-    return row
-
-
 def position_event_row(event: PositionEvent, created_at: int) -> dict[str, Any]:
     return {
         "event_id": event.event_id,

@@ -73,7 +73,6 @@ from hl_monitor.storage.repository import (
     position_event_row,
     publication_row,
     signal_row,
-    snapshot_row,
     upsert,
     upsert_statement,
     void_pending_statement,
@@ -288,14 +287,6 @@ class BatchWriter:
     async def put_watermark(self, address: str, payload: Payload) -> None:
         """Upsert an address's fill high-water mark (last write wins)."""
         await self._put_by_address("watermarks", address, payload)
-
-    async def put_position(self, address: str, payload: Payload) -> None:
-        """Upsert an address's position snapshot that is not a position document (last write wins).
-
-        The row carries no account summary and no `as_of`, so document readers (`Repository.load_portfolios`)
-        skip it; `put_portfolio` is the intake for `AddressPortfolio` documents.
-        """
-        await self._put_position_row(address, snapshot_row(address, encode_json(payload), self._clock()))
 
     async def put_portfolio(self, address: str, doc: AddressPortfolio, encoded: bytes | None = None) -> None:
         """Upsert an address's whole position document (last write wins; a later delete supersedes it).

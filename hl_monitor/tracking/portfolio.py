@@ -266,6 +266,11 @@ class PositionModel:
 
     # ------------------------------------------------------------------------------------ configuration
 
+    @property
+    def alert_levels(self) -> tuple[Decimal, ...]:
+        """The liquidation-distance alert levels, widest first."""
+        return self._levels
+
     def set_symbols(self, symbols: SymbolMap) -> None:
         """New metadata: symbols of positions changed from now on, token prices from the next marks."""
         self._symbols = symbols

@@ -28,7 +28,7 @@ import msgspec
 
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import PositionsConfig
-from hl_monitor.delivery.publisher import subject_token
+from hl_monitor.delivery.publications import alert_subject, position_subject
 from hl_monitor.domain.publication import Publication, PublicationSink
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
@@ -62,7 +62,7 @@ _ENCODE: Final = msgspec.json.Encoder(decimal_format="string")
 class PortfolioStore(Protocol):
     """The storage writer's position intake (`storage.writer.BatchWriter`)."""
 
-    async def put_portfolio(self, address: str, doc: AddressPortfolio) -> None: ...
+    async def put_portfolio(self, address: str, doc: AddressPortfolio, encoded: bytes | None = None) -> None: ...
     async def delete_portfolio(self, address: str) -> None: ...
     async def put_position_event(self, event: PositionEvent) -> None: ...
 
@@ -87,8 +87,10 @@ class PositionKeeper:
         kv: PositionsKv,
         metrics: Metrics,
         tracked_wide: Callable[[str], bool],
+        labels: Callable[[str], str] = lambda _address: "",
         wall_ms: Callable[[], int] = _wall_ms,
     ) -> None:
+        self._labels = labels
         self.model = model
         self._cfg = cfg
         self._publish = publish
@@ -110,6 +112,9 @@ class PositionKeeper:
 
     def portfolios(self) -> list[AddressPortfolio]:
         return [doc for address in self.model if (doc := self.model.get(address)) is not None]
+
+    def label(self, address: str) -> str:
+        return self._labels(address)
 
     def position_fields(self, address: str, coin: str) -> tuple[Decimal | None, int | None, Decimal | None] | None:
         """`(entry_px, leverage, liquidation_px)` of the address's position in `coin` as far as known."""
@@ -228,13 +233,15 @@ class PositionKeeper:
         if doc is None:
             return
         await self._send(changes.events, changes.alerts)
-        await self._store.put_portfolio(address, doc)
         self._mark_dirty.pop(address, None)
-        await self._write_kv(address, doc, self._wall_ms())
+        encoded = await self._write_kv(address, doc, self._wall_ms())
+        await self._store.put_portfolio(address, doc, encoded)
 
-    async def _write_kv(self, address: str, doc: AddressPortfolio, now: int) -> None:
+    async def _write_kv(self, address: str, doc: AddressPortfolio, now: int) -> bytes:
         self._kv_written[address] = now
-        await self._kv.put(address, _ENCODE.encode(doc))
+        encoded = _ENCODE.encode(doc)
+        await self._kv.put(address, encoded)
+        return encoded
 
     async def _send(self, events: Sequence[PositionEvent], alerts: Sequence[RiskAlert]) -> None:
         now = self._wall_ms()
@@ -242,24 +249,22 @@ class PositionKeeper:
         for event in events:
             await self._store.put_position_event(event)
             self._metrics.position_events.labels(event=event.event).inc()
-            subject = f"{self._cfg.subject_prefix}.{subject_token(event.address)}.{subject_token(event.symbol)}"
             out.append(
                 Publication(
                     msg_id=event.event_id,
                     kind="position_event",
-                    subject=subject,
+                    subject=position_subject(self._cfg.subject_prefix, event.address, event.symbol),
                     payload=_ENCODE.encode(event),
                     created_at=now,
                 )
             )
         for alert in alerts:
             self._metrics.liquidation_alerts.labels(level=format_decimal(alert.level)).inc()
-            token = f"{subject_token(alert.address)}.{subject_token(alert.symbol)}"
             out.append(
                 Publication(
                     msg_id=alert.alert_id,
                     kind="alert",
-                    subject=f"{self._cfg.alerts_prefix}.{token}.liquidation_risk",
+                    subject=alert_subject(self._cfg.alerts_prefix, alert.address, alert.symbol),
                     payload=_ENCODE.encode(alert),
                     created_at=now,
                 )

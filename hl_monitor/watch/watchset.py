@@ -7,7 +7,7 @@ Three parties want to change it, and each only expresses an intent here (docs/ar
 - the cluster (`acquire` / `release`): a lease was won or handed over; the engine state travels through the
   database, so the next holder resumes where the last one stopped.
 It is also the one owner that ticks the engine (quiet timeouts, evictions) and persists what changed
-(`take_dirty` has a single consumer, and the position cache rows), and the last flush at shutdown (`finish`).
+(`take_dirty` has a single consumer), and the last flush at shutdown (`finish`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from hl_monitor.domain.address import WatchedAddress
 from hl_monitor.domain.signal import Signal, SignalSink, Trigger
 from hl_monitor.feeds.addresses import AddressDiff
 from hl_monitor.logging import get_logger
-from hl_monitor.tracking.positions import AddressPositions, PositionBook
 from hl_monitor.tracking.state import EngineState, StateDelta, Watermark
 
 __all__ = ["WatchSet", "state_of"]
@@ -38,15 +37,12 @@ class WatchedEngine(Protocol):
     def import_state(self, state: EngineState) -> None: ...
     def take_dirty(self) -> StateDelta: ...
     def tick(self, now_ms: int) -> list[Signal]: ...
-    @property
-    def positions(self) -> PositionBook: ...
     def watermark(self, address: str) -> Watermark | None: ...
     def seed_time(self, address: str) -> int | None: ...
 
 
 class StateWriter(Protocol):
     async def put_delta(self, delta: StateDelta) -> None: ...
-    async def put_position(self, address: str, payload: AddressPositions) -> None: ...
     async def flush(self) -> None: ...
 
 
@@ -90,8 +86,6 @@ class WatchSet:
         self._wall_ms = wall_ms
         self._labels: dict[str, str | None] = {}
         self._held: set[str] = set()  # cluster mode: addresses whose lease this member holds
-        # Per address, the (perp, spot) update times of the position row last written: only changes are written.
-        self._position_stamps: dict[str, tuple[int | None, int | None]] = {}
 
     # ------------------------------------------------------------------ reading
 
@@ -187,27 +181,12 @@ class WatchSet:
         if signals:
             await self._sink(signals)
         await self._writer.put_delta(self._engine.take_dirty())
-        await self._persist_positions()
 
     async def finish(self) -> None:
         """Shutdown, intake stopped: due flushes, then every pending aggregation and watermark persisted."""
         await self.tick()
 
     # ------------------------------------------------------------------ internals
-
-    async def _persist_positions(self) -> None:
-        """Write the position cache row of every address whose perp or spot state changed since the last write."""
-        book = self._engine.positions
-        for address in list(book):
-            entry = book.get(address)
-            if entry is None:
-                continue
-            stamp = (entry.perp_updated_at, entry.spot_updated_at)
-            if self._position_stamps.get(address) != stamp:
-                self._position_stamps[address] = stamp
-                await self._writer.put_position(address, entry)
-        for gone in self._position_stamps.keys() - set(book):
-            del self._position_stamps[gone]
 
     async def _forget(self, address: str, trigger: Trigger) -> None:
         signals = self._engine.flush_address(address, self._wall_ms(), trigger)

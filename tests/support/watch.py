@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hl_monitor.domain.signal import SignalSink
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.positions import AddressPositions
 from hl_monitor.tracking.state import EngineState, StateDelta
 from hl_monitor.watch.watchset import WatchSet
 
@@ -16,9 +15,6 @@ class _NoState:
         return None
 
     async def flush(self) -> None:
-        return None
-
-    async def put_position(self, address: str, payload: AddressPositions) -> None:
         return None
 
     async def load_engine_state(self, flushed_since_ms: int) -> EngineState:
