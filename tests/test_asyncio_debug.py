@@ -7,10 +7,13 @@ test; a callback holding the loop fails only a test marked `loop_guard`, and onl
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from hl_monitor.ops.process import STALL_THRESHOLD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +101,9 @@ def test_guard_fails_blocking_lost_exceptions_and_unawaited_coroutines(tmp_path:
         "test_coroutine_never_awaited": {"FAILED"},  # RuntimeWarning under -W error
         "test_busy_but_fine": {"PASSED"},
     }, result.stdout[-4000:]
-    assert result.stdout.count("held the event loop for 0.3") == 1, result.stdout[-4000:]
+    # The guarded test's 0.3 s block is reported (its exact figure depends on the machine's load).
+    held = [float(s) for s in re.findall(r"held the event loop for (\d+\.\d+) s", result.stdout)]
+    assert held, result.stdout[-4000:]
+    assert min(held) >= STALL_THRESHOLD_S, held
     assert "Task exception was never retrieved" in result.stdout
     assert "was never awaited" in result.stdout
