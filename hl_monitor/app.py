@@ -176,6 +176,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             tracked_wide=lambda address: tape_tracker is not None and tape_tracker.owner(address) == "wide",
             labels=lambda address: _label(book, address),
         )
+        await keeper.restore(repo)
     holdings: HoldingsIntake = keeper if keeper is not None else NO_HOLDINGS
     sink = Sink(writer, outbox, metrics, instance_id=cfg.instance_id, positions=keeper)
     budgets = Budgets(cfg.hyperliquid, metrics)

@@ -149,6 +149,9 @@ class Metrics:
             "level; level is the configured fraction without trailing zeros (0.1, 0.05, 0.02).",
             ("level",),
         )
+        self.position_restore_errors = counter(
+            "position_restore_errors", "Stored position states that could not be restored at start (address afresh)."
+        )
         self.position_events = counter(
             "position_events",
             "Position events by kind (opened, increased, reduced, closed, flipped, liquidated, leverage_changed).",

@@ -149,20 +149,23 @@ async def test_positions_of_both_tiers_reach_events_kv_http_and_signals_once(
             assert len(opened_short) == 1
             assert (opened_short[0].entry_px, opened_short[0].leverage) == (sim_btc.entry_px, sim_btc.leverage)
 
-        # A restart replays the snapshot and recovers the gap: no event goes out twice, none is invented.
+        # While the service is down the whale closes its short; the restarted service reports that once, and
+        # nothing it had already reported goes out again.
+        await precise.market_order("BTC", True, "1", "80000")
         async with running(cfg) as service:
             await live(service, W1)
-            await precise.market_order("BTC", True, "1", "80000")  # a marker: closes the short
             keeper = keeper_of(service)
+            await precise.market_order("BTC", True, "2", "80200")  # a marker after the gap: a new long
 
-            def closed() -> bool:
+            def reopened() -> bool:
                 doc = keeper.portfolio(W1)
-                return doc is not None and doc.position("BTC") is None and quiet(service)
+                btc = doc.position("BTC") if doc is not None else None
+                return btc is not None and btc.size == 2 and quiet(service)
 
-            await wait_until(closed, within=20)
+            await wait_until(reopened, within=20)
             after = await events(nats_server.url)
         assert after[: len(first)] == first
-        assert [(e["coin"], e["event"]) for e in after[len(first) :]] == [("BTC", "closed")]
+        assert [(e["coin"], e["event"]) for e in after[len(first) :]] == [("BTC", "closed"), ("BTC", "opened")]
         assert len({e["_id"] for e in after}) == len(after)
 
 

@@ -321,8 +321,10 @@ def _total(values: Sequence[Decimal | None]) -> Decimal | None:
     return sum(known, Decimal(0)) if known else None
 
 
-def portfolio_row(address: str, doc: AddressPortfolio, payload: str, updated_at: int) -> dict[str, Any]:
-    """The positions-table row of one document: its JSON and the account summary over its dexes."""
+def portfolio_row(
+    address: str, doc: AddressPortfolio, payload: str, updated_at: int, model_state: str | None = None
+) -> dict[str, Any]:
+    """The positions-table row of one document: its JSON, the account summary over its dexes, the model's state."""
     dexes = list(doc.dexes.values())
     return {
         "address": address,
@@ -334,6 +336,7 @@ def portfolio_row(address: str, doc: AddressPortfolio, payload: str, updated_at:
         "spot_usd": _total([h.usd_value for h in doc.spot.values()]),
         "position_count": sum(len(d.positions) for d in dexes),
         "as_of": doc.as_of,
+        "model_state": model_state,
         "updated_at": updated_at,
     }
 
@@ -551,6 +554,13 @@ class Repository:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return {address: _PORTFOLIO.decode(payload) for address, payload in rows}
+
+    async def load_position_states(self) -> list[bytes]:
+        """The position model's stored bookkeeping of every address that has one (`PositionModel.restore_account`)."""
+        p = t.positions.c
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(p.model_state).where(p.model_state.is_not(None)))).all()
+        return [state.encode() if isinstance(state, str) else bytes(state) for (state,) in rows]
 
     async def list_positions(self, symbol: str | None = None, min_usd: Decimal | None = None) -> list[AddressPortfolio]:
         """Documents holding at least one perp position that `position_matches`, by address (all with no filter)."""

@@ -158,6 +158,8 @@ positions: Final = sa.Table(
     sa.Column("spot_usd", ExactDecimal(), nullable=True),  # spot balances with a known dollar value
     sa.Column("position_count", sa.Integer(), nullable=True),  # open perp positions over every dex
     sa.Column("as_of", sa.BigInteger(), nullable=True),  # local time of the input that last changed the document
+    # The position model's bookkeeping of the address (remembered executions, alert states), for a restart.
+    sa.Column("model_state", JsonText(), nullable=True),
     sa.Column("updated_at", sa.BigInteger(), nullable=False),
 )
 

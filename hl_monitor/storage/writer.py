@@ -288,13 +288,17 @@ class BatchWriter:
         """Upsert an address's fill high-water mark (last write wins)."""
         await self._put_by_address("watermarks", address, payload)
 
-    async def put_portfolio(self, address: str, doc: AddressPortfolio, encoded: bytes | None = None) -> None:
+    async def put_portfolio(
+        self, address: str, doc: AddressPortfolio, encoded: bytes | None = None, model_state: bytes | None = None
+    ) -> None:
         """Upsert an address's whole position document (last write wins; a later delete supersedes it).
 
-        `encoded` is the document's JSON when the caller has it already (the KV view gets the same bytes).
+        `encoded` is the document's JSON when the caller has it already (the KV view gets the same bytes);
+        `model_state` the position model's bookkeeping of the address, which a restart resumes from.
         """
         payload = encoded.decode() if encoded is not None else encode_json(doc)
-        await self._put_position_row(address, portfolio_row(address, doc, payload, self._clock()))
+        state = model_state.decode() if model_state is not None else None
+        await self._put_position_row(address, portfolio_row(address, doc, payload, self._clock(), state))
 
     async def delete_portfolio(self, address: str) -> None:
         """Delete an address's position document (the address is no longer watched); supersedes a buffered put."""

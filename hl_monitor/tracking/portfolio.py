@@ -239,6 +239,7 @@ class _ModelExport(msgspec.Struct, kw_only=True):
 
 _EXPORT_ENCODER: Final = msgspec.json.Encoder()
 _EXPORT_DECODER: Final = msgspec.json.Decoder(_ModelExport)
+_ACCOUNT_DECODER: Final = msgspec.json.Decoder(_AccountExport)
 
 
 def _dex_of(coin: str) -> str:
@@ -459,6 +460,31 @@ class PositionModel:
         """Documents and per-coin bookkeeping as JSON (decimals as strings), for `restore`."""
         accounts = [_AccountExport(portfolio=a.portfolio, ledgers=a.ledgers) for a in self._accounts.values()]
         return _EXPORT_ENCODER.encode(_ModelExport(version=EXPORT_VERSION, accounts=accounts))
+
+    def export_account(self, address: str) -> bytes | None:
+        """One address's document and bookkeeping (for `restore_account`), stored beside its document."""
+        account = self._accounts.get(address.lower())
+        if account is None:
+            return None
+        return _EXPORT_ENCODER.encode(_AccountExport(portfolio=account.portfolio, ledgers=account.ledgers))
+
+    def restore_account(self, raw: bytes | str) -> str:
+        """Bring back one address from `export_account` output (its address); `PortfolioStateError` otherwise.
+
+        The remembered executions and alert states come back with the document, so fills replayed after a
+        restart are recognised and an alert already sent is not sent again.
+        """
+        try:
+            item = _ACCOUNT_DECODER.decode(raw)
+        except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
+            raise PortfolioStateError(f"undecodable account export: {exc}") from None
+        address = item.portfolio.address
+        self.remove(address)
+        self._accounts[address] = _Account(item.portfolio, item.ledgers)
+        for dex in item.portfolio.dexes.values():
+            for coin in dex.positions:
+                self._holders.setdefault(coin, set()).add(address)
+        return address
 
     @classmethod
     def restore(

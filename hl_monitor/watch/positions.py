@@ -30,6 +30,7 @@ from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import PositionsConfig
 from hl_monitor.delivery.publications import alert_subject, position_subject
 from hl_monitor.domain.publication import Publication, PublicationSink
+from hl_monitor.errors import PortfolioStateError
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
     ClearinghouseState,
@@ -62,9 +63,17 @@ _ENCODE: Final = msgspec.json.Encoder(decimal_format="string")
 class PortfolioStore(Protocol):
     """The storage writer's position intake (`storage.writer.BatchWriter`)."""
 
-    async def put_portfolio(self, address: str, doc: AddressPortfolio, encoded: bytes | None = None) -> None: ...
+    async def put_portfolio(
+        self, address: str, doc: AddressPortfolio, encoded: bytes | None = None, model_state: bytes | None = None
+    ) -> None: ...
     async def delete_portfolio(self, address: str) -> None: ...
     async def put_position_event(self, event: PositionEvent) -> None: ...
+
+
+class PortfolioSource(Protocol):
+    """Where a restart finds the model's bookkeeping (`storage.repository.Repository`)."""
+
+    async def load_position_states(self) -> list[bytes]: ...
 
 
 class PositionsKv(Protocol):
@@ -104,6 +113,23 @@ class PositionKeeper:
         self._mark_dirty: OrderedDict[str, None] = OrderedDict()
         self._kv_written: dict[str, int] = {}
         self._refresh_ms = round(cfg.kv_refresh * 1000)
+
+    async def restore(self, source: PortfolioSource) -> int:
+        """Start from what the last run stored: documents, remembered executions and alert states.
+
+        A fill replayed by the first snapshot or the gap recovery is then recognised (no second event), a fill
+        missed while the service was down is a new event, and an alert already sent is not sent again.
+        """
+        restored = 0
+        for raw in await source.load_position_states():
+            try:
+                self.model.restore_account(raw)
+                restored += 1
+            except PortfolioStateError as exc:
+                self._metrics.position_restore_errors.inc()
+                log.error("a stored position state could not be restored; the address starts afresh", error=str(exc))
+        log.info("positions restored", addresses=restored)
+        return restored
 
     # ------------------------------------------------------------------ reading
 
@@ -203,6 +229,8 @@ class PositionKeeper:
             self._mark_dirty[address] = None
         if alerts:
             await self._send([], alerts)
+            for address in {alert.address for alert in alerts}:  # the disarmed levels must survive a restart
+                await self._persist(address)
 
     async def _kv_refresh_loop(self) -> None:
         while True:
@@ -235,7 +263,12 @@ class PositionKeeper:
         await self._send(changes.events, changes.alerts)
         self._mark_dirty.pop(address, None)
         encoded = await self._write_kv(address, doc, self._wall_ms())
-        await self._store.put_portfolio(address, doc, encoded)
+        await self._store.put_portfolio(address, doc, encoded, self.model.export_account(address))
+
+    async def _persist(self, address: str) -> None:
+        doc = self.model.get(address)
+        if doc is not None:
+            await self._store.put_portfolio(address, doc, None, self.model.export_account(address))
 
     async def _write_kv(self, address: str, doc: AddressPortfolio, now: int) -> bytes:
         self._kv_written[address] = now

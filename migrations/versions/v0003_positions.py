@@ -39,6 +39,7 @@ def upgrade() -> None:
             batch.add_column(sa.Column(name, ExactDecimal(), nullable=True))
         batch.add_column(sa.Column("position_count", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("as_of", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("model_state", JsonText(), nullable=True))
     op.create_table(
         "hlm_position_events",
         sa.Column("event_id", sa.String(MSG_ID_LEN), nullable=False),
@@ -75,5 +76,5 @@ def downgrade() -> None:
     op.drop_table("hlm_position_events")
     op.execute(sa.text("DELETE FROM hlm_positions"))  # documents do not fit the older snapshot readers
     with op.batch_alter_table("hlm_positions") as batch:
-        for name in ("as_of", "position_count", *reversed(_SUMMARY_COLUMNS)):
+        for name in ("model_state", "as_of", "position_count", *reversed(_SUMMARY_COLUMNS)):
             batch.drop_column(name)
