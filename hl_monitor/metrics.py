@@ -149,6 +149,9 @@ class Metrics:
             "level; level is the configured fraction without trailing zeros (0.1, 0.05, 0.02).",
             ("level",),
         )
+        self.position_bad_input = counter(
+            "position_bad_input", "Inputs (or fields of them) the position model refused, by kind.", ("kind",)
+        )
         self.position_restore_errors = counter(
             "position_restore_errors", "Stored position states that could not be restored at start (address afresh)."
         )

@@ -155,6 +155,7 @@ def service_exporter(
         GaugeValue(m.writer_queue_depth, lambda: writer.depth),
     )
     if positions is not None:
+        exporter.counters(lambda: positions.model.stats, CounterField("bad_input", m.position_bad_input))
         levels = positions.model.alert_levels
         exporter.every(POSITION_GAUGES_EVERY, lambda: export_gauges(m, positions.portfolios(), levels))
     return exporter
