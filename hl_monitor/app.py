@@ -2,7 +2,8 @@
 
 Build order (each step may use only what was built before it; docs/architecture.md §6):
 instance lock → database (schema must be current) and instance lease → NATS (embedded or external) and the
-stream → writer, outbox and the one signal sink → budgets and the REST client → symbols → tracking engine
+stream → writer, outbox and the one signal sink (with `fills.enabled` the fills stream, its outbox and the
+fills sink) → budgets and the REST client → symbols → tracking engine
 and the owner of its watch set → address book → cluster (nats mode) → wide tier → precise tier → HTTP.
 
 Every resource is entered on one `AsyncExitStack`, so its release runs in reverse order whatever fails.
@@ -31,6 +32,7 @@ from hl_monitor.cluster.leases import Cluster
 from hl_monitor.cluster.views import ExcludingView
 from hl_monitor.config import Config
 from hl_monitor.delivery.embedded_nats import EmbeddedNats
+from hl_monitor.delivery.fills import FillPublisher, FillSinkImpl, fill_outbox
 from hl_monitor.delivery.kv_view import KvView
 from hl_monitor.delivery.outbox import Outbox
 from hl_monitor.delivery.publications import PublicationOutbox, PublicationPublisher, PublicationSinkImpl
@@ -56,7 +58,7 @@ from hl_monitor.ops.process import InstanceLock, LoopWatchdog
 from hl_monitor.ops.status import Admin, DatabaseProbe, PositionsTier, StatusView, WideTier
 from hl_monitor.storage.cleaner import RetentionCleaner
 from hl_monitor.storage.lease import InstanceLease
-from hl_monitor.storage.migrate import check_schema
+from hl_monitor.storage.migrate import check_legacy_tables, check_schema
 from hl_monitor.storage.repository import (
     AddressTable,
     Repository,
@@ -107,6 +109,7 @@ class Components:
     http: HttpServer
     wide_tier: WideTier | None  # wide.enabled, and the tape role in cluster mode
     positions: PositionsTier | None  # positions.enabled
+    fills_outbox: PublicationOutbox | None  # fills.enabled
     cluster: Cluster | None  # cluster.mode = "nats"
     lease: InstanceLease | None  # a shared database (not SQLite)
     embedded: EmbeddedNats | None  # nats.url = "embedded"
@@ -140,6 +143,8 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     db = create_engine(cfg)
     stack.push_async_callback(db.dispose)
     await check_schema(db)
+    if cfg.database.legacy_tables:
+        await check_legacy_tables(db)
     lease: InstanceLease | None = None
     if db.dialect.name != "sqlite":  # a shared database: the data-dir lock alone cannot see other hosts
         lease = InstanceLease.from_config(db, cfg, metrics)
@@ -157,8 +162,21 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     stack.push_async_callback(_quietly(publisher.close, DeliveryError))
     await publisher.ensure_stream()
 
-    writer = BatchWriter(db, cfg.writer, metrics)
+    writer = BatchWriter(
+        db,
+        cfg.writer,
+        metrics,
+        legacy_tables=cfg.database.legacy_tables,
+        symbol_of=lambda coin: engine.symbols.lookup(coin).symbol,
+    )
     outbox = Outbox(publisher, repo, writer, metrics, cfg.nats)
+    fills_outbox: PublicationOutbox | None = None
+    fill_sink: FillSinkImpl | None = None
+    if cfg.fills.enabled:
+        fills_publisher = FillPublisher(publisher, cfg.nats, cfg.fills, metrics)
+        await fills_publisher.ensure_stream()
+        fills_outbox = fill_outbox(fills_publisher, repo, writer, metrics, cfg.nats)
+        fill_sink = FillSinkImpl(writer, fills_outbox, metrics, subject_prefix=cfg.fills.subject_prefix)
     keeper: PositionKeeper | None = None
     if cfg.positions.enabled:
         positions_publisher = PublicationPublisher(publisher, cfg.nats, cfg.positions, metrics)
@@ -182,7 +200,9 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     budgets = Budgets(cfg.hyperliquid, metrics)
     info = await stack.enter_async_context(InfoClient.from_config(cfg.hyperliquid, budgets, metrics))
 
-    engine = TrackingEngine(cfg.aggregation, SymbolMap.empty(), instance_id=cfg.instance_id)
+    engine = TrackingEngine(
+        cfg.aggregation, SymbolMap.empty(), instance_id=cfg.instance_id, collect_fills=fill_sink is not None
+    )
     clustered = cfg.cluster.mode == "nats"
     watch = WatchSet(
         engine,
@@ -232,6 +252,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             block_settle_ms=round(cfg.wide.block_settle * 1000),
             hold_ms=round(cfg.wide.handover_hold * 1000),
             instance_id=cfg.instance_id,
+            collect_fills=fill_sink is not None,
         )
 
     def set_symbols(symbols: SymbolMap) -> None:
@@ -264,6 +285,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         on_signals=sink,
         on_unassigned=None if tape_tracker is None else lambda addresses: _unassigned(planner, addresses),
         holdings=holdings,
+        on_fills=fill_sink,
     )
     wide_tier: WideTier | None = None
     if tape_tracker is not None:
@@ -276,6 +298,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             metrics=metrics,
             on_signals=sink,
             holdings=holdings,
+            on_fills=fill_sink,
         )
         wide = WideManager(
             cfg.wide,
@@ -340,10 +363,17 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         status=status,
         database=database,
         exporter=service_exporter(metrics, engine, tape_tracker, book, writer, keeper),
-        cleaner=RetentionCleaner(db, cfg.retention, metrics),
+        cleaner=RetentionCleaner(
+            db,
+            cfg.retention,
+            metrics,
+            fills_retention=cfg.nats.duplicate_window,
+            legacy_tables=cfg.database.legacy_tables,
+        ),
         http=http,
         wide_tier=wide_tier,
         positions=positions,
+        fills_outbox=fills_outbox,
         cluster=cluster,
         lease=lease,
         embedded=embedded,
@@ -371,6 +401,8 @@ async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> Non
                 start("positions-kv", c.positions.kv.run()),
                 start("positions", c.positions.keeper.run()),
             ]
+        if c.fills_outbox is not None:
+            background.append(start("fills-outbox", c.fills_outbox.run()))
         if c.embedded is not None:
             background.append(start("embedded-nats", c.embedded.run()))
         if c.lease is not None:
@@ -420,6 +452,8 @@ async def _drain(c: Components) -> None:
             if c.positions is not None:
                 left += await c.positions.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
                 await c.positions.kv.drain(deadline * OUTBOX_DRAIN_SHARE)
+            if c.fills_outbox is not None:
+                left += await c.fills_outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
             await c.writer.close()
             log.info("shutdown: drained", unacknowledged=left, seconds=round(time.monotonic() - started, 2))
     except TimeoutError:

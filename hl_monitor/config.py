@@ -113,6 +113,9 @@ class DatabaseConfig(_Section, frozen=True):
     connect_timeout: float = 10.0
     tls_ca: str = ""
     legacy_addresses_table: bool = False
+    # Also keep the old service's tables (hl_address_signal, hl_position_cache, hl_order_aggregation) up to date;
+    # `hl-monitor db upgrade` creates them when this is on (README "Legacy tables").
+    legacy_tables: bool = False
     sqlite_busy_timeout: float = 5.0  # seconds a SQLite writer waits for the file lock (cleaner, CLI) before retrying
 
 
@@ -214,6 +217,16 @@ class PositionsConfig(_Section, frozen=True):
     liquidation_alert_levels: list[float] = msgspec.field(default_factory=lambda: [0.10, 0.05, 0.02])
 
 
+class FillsConfig(_Section, frozen=True):
+    """Every deduplicated fill as it happens (README "Fills"), on its own stream."""
+
+    enabled: bool = True
+    subject_prefix: str = "hl.fills"  # {prefix}.{address}.{symbol}
+    stream: str = "HL_FILLS"  # JetStream stream holding fills only, so their retention is their own
+    max_age: float = 86400.0  # seconds the stream keeps a fill (they are many; signals keep the orders for 7 d)
+    max_bytes: int = -1  # stream size cap in bytes (-1: none); the oldest fills go first
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -242,6 +255,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     symbols: SymbolsConfig = msgspec.field(default_factory=SymbolsConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     positions: PositionsConfig = msgspec.field(default_factory=PositionsConfig)
+    fills: FillsConfig = msgspec.field(default_factory=FillsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
@@ -326,6 +340,7 @@ def _section_fields(section_type: Any) -> dict[str, Any]:
         "RetentionConfig": RetentionConfig,
         "SymbolsConfig": SymbolsConfig,
         "ClusterConfig": ClusterConfig,
+        "FillsConfig": FillsConfig,
         "LogConfig": LogConfig,
     }
     cls = sections[section_type if isinstance(section_type, str) else section_type.__name__]

@@ -179,14 +179,16 @@ class Metrics:
         self.publish_duplicates = counter("publish_duplicates", "Publishes JetStream reported as duplicate.")
         self.outbox_spilled = counter("outbox_spilled", "Signals left to the store scan because the outbox was full.")
         self.publications_published = counter(
-            "publications_published", "Position events and alerts stored by JetStream (first store).", ("kind",)
+            "publications_published", "Position events, alerts and fills stored by JetStream (first store).", ("kind",)
         )
         self.publication_duplicates = counter(
-            "publication_duplicates", "Position event and alert publishes JetStream reported as duplicate.", ("kind",)
+            "publication_duplicates",
+            "Position event, alert and fill publishes JetStream reported as duplicate.",
+            ("kind",),
         )
         self.publication_errors = counter(
             "publication_errors",
-            "Position event and alert delivery failures by reason (publish, mark_published, outbox_scan).",
+            "Position event, alert and fill delivery failures by reason (publish, mark_published, outbox_scan).",
             ("reason",),
         )
         self.publications_depth = gauge(
@@ -195,6 +197,11 @@ class Metrics:
         self.publications_spilled = counter(
             "publications_spilled", "Publications left to the store scan because their outbox was full."
         )
+        self.fills_emitted = counter(
+            "fills_emitted", "Deduplicated fills handed to the fills stream's outbox, by source.", ("source",)
+        )
+        self.fills_outbox_depth = gauge("fills_outbox_depth", "Fills persisted but not yet acknowledged by JetStream.")
+        self.fills_spilled = counter("fills_spilled", "Fills left to the store scan because their outbox was full.")
         self.kv_writes = counter("kv_writes", "Position documents written to (or deleted from) the KV view.", ("op",))
         self.kv_errors = counter("kv_errors", "Failed KV view operations by op (each is retried).", ("op",))
         self.kv_queue_depth = gauge("kv_queue_depth", "Addresses whose latest document waits for the KV view.")

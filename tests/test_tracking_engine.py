@@ -8,6 +8,7 @@ from decimal import Decimal
 import msgspec
 
 from hl_monitor.config import AggregationConfig
+from hl_monitor.domain.publication import FillRecord
 from hl_monitor.domain.signal import LiquidationInfo, Signal, encode_signal
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
@@ -23,6 +24,7 @@ from hl_monitor.hyperliquid.protocol import (
 )
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.tracking.engine import TrackingEngine
+from hl_monitor.tracking.state import EngineState
 from tests.support.factories import ADDR, NOW, OTHER, T0, engine, fill, fixture_fills, fixture_frame, frame, update
 from tests.support.paths import FIXTURES
 from tests.support.symbols import build as build_symbols
@@ -628,3 +630,80 @@ def test_flushed_orders_forgotten_by_ttl_and_size() -> None:
     eng.tick(NOW + 60_000)
     assert eng.stats.flushed_orders == 0
     assert eng.stats.evictions_by_kind["flushed_orders_ttl"] == 1
+
+
+# ------------------------------------------------------------------------------------------ fills as they happen
+
+
+def collecting() -> TrackingEngine:
+    eng = engine()
+    eng.collect_fills = True
+    return eng
+
+
+def totals(records: list[FillRecord]) -> list[tuple[str, Decimal | None, Decimal | None]]:
+    return [(r.fill_id, r.order_filled_size, r.order_vwap) for r in records]
+
+
+def test_each_accepted_fill_is_recorded_once_with_its_orders_running_totals() -> None:
+    """A resting order's fills are handed out as they arrive (long before its signal), each with the size and VWAP of
+    the order so far; a stream replay, a snapshot after a reconnect and a REST backfill record nothing again."""
+    eng = collecting()
+    first, second = fill(7, 101, "1", "100", time=T0), fill(7, 102, "3", "104", time=T0 + 1)
+    assert eng.on_user_fills(ADDR, frame(first), NOW) == []
+    assert totals(eng.take_fills()) == [(f"{ADDR}:fill:BTC:101", D(1), D(100))]
+    assert eng.on_user_fills(ADDR, frame(second), NOW + 1) == []
+    [record] = eng.take_fills()
+    assert (record.order_filled_size, record.order_vwap) == (D(4), D(103))  # (100 + 3 × 104) ÷ 4
+    assert (record.oid, record.tid, record.symbol, record.side) == (7, 102, "BTCUSDC", "B")
+    assert (record.px, record.sz) == (D(104), D(3))
+    assert (record.dir, record.start_position, record.source, record.backfilled, record.label) == (
+        "Open Long",
+        D(0),
+        "user_fills",
+        False,
+        "whale",
+    )
+    assert eng.take_fills() == []
+
+    eng.on_user_fills(ADDR, frame(first, second), NOW + 2)
+    eng.on_user_fills(ADDR, frame(first, second, snapshot=True), NOW + 3)
+    eng.on_backfill(ADDR, [second, first], NOW + 4)
+    assert eng.take_fills() == []
+
+    missed = fill(7, 103, "1", "108", time=T0 + 2)  # lost by the stream, found by the gap recovery
+    eng.on_backfill(ADDR, [first, missed], NOW + 5)
+    [late] = eng.take_fills()
+    assert (late.tid, late.backfilled, late.order_filled_size, late.order_vwap) == (103, True, D(5), D("104"))
+
+
+def test_fills_that_make_no_signal_are_recorded_without_order_totals_and_tid_zero_has_a_stable_id() -> None:
+    eng = collecting()
+    dust = fill(8, 0, "0.5", "1", dir="Spot Dust Conversion", coin="@1", time=T0 + 5)
+    eng.on_user_fills(ADDR, frame(dust), NOW)
+    eng.on_user_fills(ADDR, frame(dust), NOW + 1)
+    [record] = eng.take_fills()
+    assert record.fill_id == f"{ADDR}:fill:@1:o8:t{T0 + 5}"
+    assert (record.order_filled_size, record.order_vwap) == (None, None)
+
+
+def test_first_snapshot_only_seeds_and_collection_off_keeps_nothing() -> None:
+    eng = TrackingEngine(AggregationConfig(), SymbolMap.empty(), collect_fills=True)
+    eng.add_address(ADDR)
+    eng.on_user_fills(ADDR, frame(fill(1, 1, "1"), snapshot=True), NOW)
+    assert eng.take_fills() == []  # history before we watched: not "as it happens"
+    quiet = engine()
+    quiet.on_user_fills(ADDR, frame(fill(1, 1, "1")), NOW)
+    assert quiet.take_fills() == []
+
+
+def test_running_totals_resume_after_a_restart_from_the_stored_records() -> None:
+    eng = collecting()
+    eng.on_user_fills(ADDR, frame(fill(9, 201, "2", "100")), NOW)
+    eng.take_fills()
+    restored = msgspec.json.decode(msgspec.json.encode(eng.export_state()), type=EngineState)
+    again = TrackingEngine(AggregationConfig(), SymbolMap.empty(), collect_fills=True)
+    again.add_address(ADDR, "whale")
+    again.import_state(restored)
+    again.on_user_fills(ADDR, frame(fill(9, 201, "2", "100"), fill(9, 202, "2", "110", time=T0 + 1)), NOW + 1)
+    assert totals(again.take_fills()) == [(f"{ADDR}:fill:BTC:202", D(4), D(105))]

@@ -10,12 +10,15 @@ id), so a re-publish after an outage or a restart is stored once.
 
 The chain, as for signals: `PublicationSinkImpl` persists each publication (`hlm_publications`, unpublished)
 and then submits it to `PublicationOutbox`, which publishes it, marks it published on the ack, and re-reads
-unpublished rows at start and every `nats.outbox_scan_interval`.
+unpublished rows at start and every `nats.outbox_scan_interval`. One table holds every kind; each outbox
+re-reads only its own kinds (`kinds`), so the fills' outbox (`delivery.fills`, its own stream) and this one
+never publish each other's rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import abc
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -30,21 +33,26 @@ from hl_monitor.delivery.publisher import (
     publish_with_id,
     subject_token,
 )
-from hl_monitor.delivery.relay import SUBMIT_WAIT_S, Relay
-from hl_monitor.domain.publication import Publication
+from hl_monitor.delivery.relay import SUBMIT_WAIT_S, Relay, RelayMetrics
+from hl_monitor.domain.publication import Publication, PublicationKind
 from hl_monitor.errors import ConfigError, DeliveryError, PublishError
 from hl_monitor.metrics import Metrics
 
 __all__ = [
     "ALERT_SUFFIX",
+    "POSITION_KINDS",
     "PublicationOutbox",
     "PublicationPublisher",
+    "PublicationSender",
     "PublicationSinkImpl",
+    "StreamPublisher",
     "alert_subject",
     "position_subject",
 ]
 
 ALERT_SUFFIX: Final = "liquidation_risk"
+# What the positions stream carries (and so what its outbox re-reads from the shared table).
+POSITION_KINDS: Final[tuple[PublicationKind, ...]] = ("position_event", "alert")
 
 
 def position_subject(prefix: str, address: str, symbol: str) -> str:
@@ -57,25 +65,18 @@ def alert_subject(prefix: str, address: str, symbol: str) -> str:
     return f"{prefix}.{subject_token(address)}.{subject_token(symbol)}.{ALERT_SUFFIX}"
 
 
-class PublicationPublisher:
-    """Publishes publications on the service's one NATS connection (`Publisher`) into `positions.stream`.
+class StreamPublisher(abc.ABC):
+    """Publishes publications on the service's one NATS connection (`Publisher`) into one stream of their own.
 
-    `ensure_stream()` at start (after `Publisher.connect()`); `publish()` per message.
+    `ensure_stream()` at start (after `Publisher.connect()`); `publish()` per message. A subclass says which
+    stream (`stream_config`).
     """
 
-    def __init__(
-        self, publisher: Publisher, nats_cfg: NatsConfig, positions_cfg: PositionsConfig, metrics: Metrics
-    ) -> None:
-        check_subject("positions.subject_prefix", positions_cfg.subject_prefix)
-        check_subject("positions.alerts_prefix", positions_cfg.alerts_prefix)
-        if positions_cfg.subject_prefix == positions_cfg.alerts_prefix:
-            raise ConfigError("positions.alerts_prefix", "must differ from positions.subject_prefix")
-        if 0 < positions_cfg.max_age < nats_cfg.duplicate_window:
-            raise ConfigError("positions.max_age", "must not be below nats.duplicate_window (JetStream refuses it)")
+    def __init__(self, publisher: Publisher, nats_cfg: NatsConfig, metrics: Metrics, *, stream: str) -> None:
         self._publisher = publisher
         self._nats = nats_cfg
-        self._cfg = positions_cfg
         self._metrics = metrics
+        self._stream = stream
         self._stream_ready = False
 
     @property
@@ -85,22 +86,12 @@ class PublicationPublisher:
     async def wait_connected(self) -> None:
         await self._publisher.wait_connected()
 
+    @abc.abstractmethod
     def stream_config(self) -> StreamConfig:
-        cfg = self._cfg
-        return StreamConfig(
-            name=cfg.stream,
-            description="hl-monitor position events and liquidation alerts, one message per msg_id",
-            subjects=[f"{cfg.subject_prefix}.>", f"{cfg.alerts_prefix}.>"],
-            retention=RetentionPolicy.LIMITS,
-            max_age=cfg.max_age,
-            storage=StorageType.FILE,
-            num_replicas=self._nats.replicas,
-            duplicate_window=self._nats.duplicate_window,
-            discard=DiscardPolicy.OLD,
-        )
+        """The stream these publications go to, as the config wants it."""
 
     async def ensure_stream(self) -> StreamInfo:
-        """Create the positions stream, or update it when its settings differ from the config."""
+        """Create the stream, or update it when its settings differ from the config."""
         info = await ensure_stream(self._publisher.jetstream(), self.stream_config())
         self._stream_ready = True
         return info
@@ -124,7 +115,7 @@ class PublicationPublisher:
                 publication.subject,
                 publication.payload,
                 msg_id=msg_id,
-                stream=self._cfg.stream,
+                stream=self._stream,
                 ack_wait=self._nats.publish_timeout,
             )
         except PublishError as exc:
@@ -139,14 +130,58 @@ class PublicationPublisher:
         return ack
 
 
+class PublicationPublisher(StreamPublisher):
+    """Position events and liquidation alerts into `positions.stream`."""
+
+    def __init__(
+        self, publisher: Publisher, nats_cfg: NatsConfig, positions_cfg: PositionsConfig, metrics: Metrics
+    ) -> None:
+        check_subject("positions.subject_prefix", positions_cfg.subject_prefix)
+        check_subject("positions.alerts_prefix", positions_cfg.alerts_prefix)
+        if positions_cfg.subject_prefix == positions_cfg.alerts_prefix:
+            raise ConfigError("positions.alerts_prefix", "must differ from positions.subject_prefix")
+        if 0 < positions_cfg.max_age < nats_cfg.duplicate_window:
+            raise ConfigError("positions.max_age", "must not be below nats.duplicate_window (JetStream refuses it)")
+        super().__init__(publisher, nats_cfg, metrics, stream=positions_cfg.stream)
+        self._cfg = positions_cfg
+
+    def stream_config(self) -> StreamConfig:
+        cfg = self._cfg
+        return StreamConfig(
+            name=cfg.stream,
+            description="hl-monitor position events and liquidation alerts, one message per msg_id",
+            subjects=[f"{cfg.subject_prefix}.>", f"{cfg.alerts_prefix}.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=cfg.max_age,
+            storage=StorageType.FILE,
+            num_replicas=self._nats.replicas,
+            duplicate_window=self._nats.duplicate_window,
+            discard=DiscardPolicy.OLD,
+        )
+
+
+class PublicationSender(Protocol):
+    """What an outbox publishes through (`StreamPublisher`)."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    async def wait_connected(self) -> None: ...
+
+    async def publish(self, publication: Publication) -> PubAck: ...
+
+
 class PublicationStore(Protocol):
     """What the relay reads from storage (`storage.repository.Repository`)."""
 
-    async def fetch_unpublished_publications(self, limit: int, older_than_ms: int | None = None) -> list[Publication]:
-        """Publications not yet marked published, oldest first; with `older_than_ms` only those created before."""
+    async def fetch_unpublished_publications(
+        self, limit: int, older_than_ms: int | None = None, *, kinds: Collection[str] | None = None
+    ) -> list[Publication]:
+        """Publications (of `kinds`, default all) not yet marked published, oldest first; with `older_than_ms`
+        only those created before."""
         ...
 
-    async def count_unpublished_publications(self) -> int: ...
+    async def count_unpublished_publications(self, *, kinds: Collection[str] | None = None) -> int: ...
 
 
 class PublicationWriter(Protocol):
@@ -174,24 +209,31 @@ class _PublicationCounters:
 
 
 class PublicationOutbox(Relay[Publication]):
-    """Holds publications until JetStream acknowledges them. Run `run()` in a task; `drain(grace)` at shutdown."""
+    """Holds publications until JetStream acknowledges them. Run `run()` in a task; `drain(grace)` at shutdown.
+
+    `kinds`: the publications this outbox owns in the shared table (default: position events and alerts);
+    `counters`: where it counts its depth and spills (default: the `publications_*` instruments).
+    """
 
     noun = "publication"
 
     def __init__(
         self,
-        publisher: PublicationPublisher,
+        publisher: PublicationSender,
         store: PublicationStore,
         writer: PublicationWriter,
         metrics: Metrics,
         cfg: NatsConfig,
         *,
         submit_wait: float = SUBMIT_WAIT_S,
+        kinds: Collection[PublicationKind] = POSITION_KINDS,
+        counters: RelayMetrics | None = None,
     ) -> None:
-        super().__init__(publisher, _PublicationCounters(metrics), cfg, submit_wait=submit_wait)
+        super().__init__(publisher, counters or _PublicationCounters(metrics), cfg, submit_wait=submit_wait)
         self._publisher = publisher
         self._store = store
         self._writer = writer
+        self._kinds = tuple(kinds)
 
     def _key(self, item: Publication) -> str:
         return item.msg_id
@@ -200,10 +242,10 @@ class PublicationOutbox(Relay[Publication]):
         await self._publisher.publish(item)
 
     async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Publication]:
-        return await self._store.fetch_unpublished_publications(limit, older_than_ms)
+        return await self._store.fetch_unpublished_publications(limit, older_than_ms, kinds=self._kinds)
 
     async def _count_unpublished(self) -> int:
-        return await self._store.count_unpublished_publications()
+        return await self._store.count_unpublished_publications(kinds=self._kinds)
 
     async def _mark(self, key: str, at_ms: int) -> None:
         await self._writer.mark_publication_published(key, at_ms)

@@ -25,6 +25,10 @@ is complete, so a REST answer is never compared against a tape that may have mis
 `caught_up(t)` whether every trade up to exchange time `t` has been handed over (a busy service can hold
 seconds of tape in its queues: an answer compared before then would count those trades twice).
 
+Fills: with a fills sink (`on_fills`), the fill records the tracker made (`take_fills`: trades of wide-owned
+addresses, and held ones a handover released) are awaited into it before the signals of each frame and tick;
+the tick loop also carries those a REST read or a handover produced between frames.
+
 Symbols: the tracker needs a `SymbolMap` with spot metadata (a spot trade moves its base token). The
 tape does not set it: the app's symbol loader feeds `TapeTracker.set_symbols` like the engine's; every
 loaded universe also goes to `on_universe` (`TapeUniverse.symbols()` builds a map from it).
@@ -46,6 +50,7 @@ import msgspec
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig, WideConfig
 from hl_monitor.domain.address import Priority
+from hl_monitor.domain.publication import FillRecord, FillSink
 from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.feeds.connection import (
@@ -119,6 +124,7 @@ class TapeIntake(Protocol):
     ) -> list[Signal]: ...
 
     def tick(self, now_ms: int) -> list[Signal]: ...
+    def take_fills(self) -> list[FillRecord]: ...
     def open_blocks(self) -> int: ...
     def coins_of_interest(self) -> set[str]: ...
     def addresses(self) -> list[str]: ...
@@ -317,6 +323,7 @@ class MarketTape:
         on_signals: SignalSink,
         on_universe: Callable[[TapeUniverse], None] | None = None,
         holdings: HoldingsIntake = NO_HOLDINGS,
+        on_fills: FillSink | None = None,
         wall_ms: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
     ) -> None:
@@ -331,6 +338,7 @@ class MarketTape:
         self._on_signals = on_signals
         self._on_universe = on_universe
         self._holdings = holdings
+        self._on_fills = on_fills
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
         self._dedup = TradeDedup(round(wide.dedup_window * 1000))
@@ -569,6 +577,10 @@ class MarketTape:
         await self._emit(signals)
 
     async def _emit(self, signals: list[Signal]) -> None:
+        if self._on_fills is not None:
+            fills = self._tracker.take_fills()
+            if fills:
+                await self._on_fills(fills)
         if signals:
             await self._on_signals(signals)
 

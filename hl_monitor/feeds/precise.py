@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
 from hl_monitor.domain.address import WatchedAddress
+from hl_monitor.domain.publication import FillSink
 from hl_monitor.domain.signal import SignalSink
 from hl_monitor.feeds.connection import ConnectionBudget, ConnState
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
@@ -97,6 +98,7 @@ class PreciseManager:
         on_signals: SignalSink,
         on_unassigned: Callable[[frozenset[str]], Awaitable[None]] | None = None,
         holdings: HoldingsIntake = NO_HOLDINGS,
+        on_fills: FillSink | None = None,
         flow_coin: str = FLOW_COIN,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = _wall_ms,
@@ -114,6 +116,7 @@ class PreciseManager:
         self._clock = clock
         self._wall_ms = wall_ms
         self._holdings = holdings
+        self._on_fills = on_fills  # handed to every stream: where the fills its engine accepted go
         self._rng = rng or random.Random()
         self._assigned: dict[str, _Assignment] = {}
         self._over_budget: dict[str, OverBudget] = {}
@@ -289,6 +292,7 @@ class PreciseManager:
             on_signals=self._on_signals,
             on_over_budget=self._report_over_budget,
             holdings=self._holdings,
+            on_fills=self._on_fills,
             flow_coin=self._flow_coin,
             wall_ms=self._wall_ms,
             rng=self._rng,

@@ -5,7 +5,8 @@ user, hence one address per connection), `allDexsClearinghouseState` (positions,
 re-sent about every 5 s), `spotState`, `userTwapHistory` (a TWAP's end flushes its aggregation), plus
 `bbo` of one coin (no user slot) that proves the socket itself flows when the canary goes quiet. Frames
 go, in arrival order, to the tracking engine; the signals it returns are awaited into the sink
-(backpressure).
+(backpressure). With a fills sink (`on_fills`), the fills the engine accepted from each frame or REST answer
+(`take_fills`) are awaited into it first, so a fill goes out before the order signal it completes.
 
 Gap recovery runs after every (re)connect, including the first one after a restart:
 1. On `Connected` the engine's fill watermark is remembered as the start of the gap; if an earlier
@@ -44,6 +45,7 @@ from typing import Any, Final, Protocol
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.config import HyperliquidConfig
 from hl_monitor.domain.address import Priority
+from hl_monitor.domain.publication import FillRecord, FillSink
 from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.feeds.connection import (
     Connected,
@@ -129,6 +131,7 @@ class Tracker(Protocol):
     def on_spot_state(self, address: str, data: SpotStateData, now_ms: int) -> object: ...
     def pending_oids(self, address: str) -> Iterable[int]: ...
     def watermark(self, address: str) -> Watermark | None: ...
+    def take_fills(self) -> list[FillRecord]: ...
 
 
 class InfoApi(Protocol):
@@ -203,12 +206,14 @@ class UserStream:
         on_signals: SignalSink,
         on_over_budget: Callable[[str, str], None],
         holdings: HoldingsIntake = NO_HOLDINGS,
+        on_fills: FillSink | None = None,
         flow_coin: str = FLOW_COIN,
         wall_ms: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
     ) -> None:
         self.address = address.lower()
         self._holdings = holdings
+        self._on_fills = on_fills
         self.slot = slot
         self._cfg = cfg
         self._tracker = tracker
@@ -375,6 +380,10 @@ class UserStream:
         return False
 
     async def _emit(self, signals: list[Signal]) -> None:
+        if self._on_fills is not None:
+            fills = self._tracker.take_fills()
+            if fills:
+                await self._on_fills(fills)
         if signals:
             await self._on_signals(signals)
 

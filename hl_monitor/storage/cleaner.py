@@ -8,8 +8,12 @@ defaults): closed aggregations older than `retention.aggregations` (2 h); never-
 `retention.open_aggregations` (their order ended long ago); published signals older than
 `retention.signals` (7 d); then, while more than `retention.max_signals` rows remain, the oldest
 published ones; position events older than `retention.position_events` (by exchange time), and
-publications acknowledged and created before that horizon. Unpublished signals and publications are the
-outboxes and stay until delivery marks them.
+publications acknowledged and created before that horizon; acknowledged fills (kind `fill`, many) already
+after `fills_retention` when given (the service passes `nats.duplicate_window`: a re-publish after that would
+no longer be deduplicated anyway, and the engine never replays a fill that old). With `legacy_tables`, the old
+service's rows by its own rules: `hl_address_signal` older than `retention.signals`, `hl_order_aggregation`
+not updated for `retention.aggregations`. Unpublished signals and publications are the outboxes and stay until
+delivery marks them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from hl_monitor.config import RetentionConfig
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage import tables as t
+from hl_monitor.storage.legacy import utc
 from hl_monitor.storage.repository import is_transient
 
 log = get_logger(__name__)
@@ -43,11 +48,15 @@ class RetentionCleaner:
         metrics: Metrics,
         *,
         clock: Callable[[], int] = now_ms,
+        fills_retention: float | None = None,
+        legacy_tables: bool = False,
     ) -> None:
         self.engine = engine
         self.cfg = cfg
         self.metrics = metrics
         self._clock = clock
+        self._fills_retention = fills_retention
+        self._legacy = legacy_tables
 
     async def run(self) -> None:
         while True:
@@ -87,6 +96,25 @@ class RetentionCleaner:
             key=p.msg_id,
             order=p.created_at,
         )
+        if self._fills_retention is not None:
+            deleted["publications"] += await self._delete_where(
+                t.publications,
+                sa.and_(
+                    p.kind == "fill",
+                    p.published_at.is_not(None),
+                    p.created_at < now - int(self._fills_retention * MS_PER_S),
+                ),
+                key=p.msg_id,
+                order=p.created_at,
+            )
+        if self._legacy:
+            ls, la = t.legacy_address_signal.c, t.legacy_order_aggregation.c
+            deleted[t.legacy_address_signal.name] = await self._delete_where(
+                t.legacy_address_signal, ls.created_at < utc(now - int(self.cfg.signals * MS_PER_S))
+            )
+            deleted[t.legacy_order_aggregation.name] = await self._delete_where(
+                t.legacy_order_aggregation, la.updated_at < utc(now - int(self.cfg.aggregations * MS_PER_S))
+            )
         for table, count in deleted.items():
             if count:
                 self.metrics.retention_deleted.labels(table=table).inc(count)

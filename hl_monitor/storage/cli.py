@@ -115,7 +115,8 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     try:
-        asyncio.run(migrate.upgrade(cfg.database_url(), args.revision))
+        legacy = cfg.database.legacy_tables or args.legacy_tables
+        asyncio.run(migrate.upgrade(cfg.database_url(), args.revision, legacy_tables=legacy))
     except SQLAlchemyError as exc:
         raise StorageError(f"database {mask_url(cfg.database.url)}: {type(exc).__name__}: {exc.args[0]}") from None
     revision = migrate.head_revision() if args.revision == "head" else args.revision
@@ -456,6 +457,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = db_sub.add_parser("upgrade", help="apply migrations (run before `run`, after every upgrade)")
     add_config_arg(up)
     up.add_argument("--revision", default="head", help="target revision (default: head)")
+    up.add_argument(
+        "--legacy-tables",
+        action="store_true",
+        help="also create the old service's tables (as database.legacy_tables = true does)",
+    )
     up.set_defaults(handler=_db_upgrade)
     current = db_sub.add_parser("current", help="show the database's schema revision")
     add_config_arg(current)

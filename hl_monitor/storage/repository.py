@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Protocol
@@ -215,6 +215,13 @@ EVENT_UPDATE: Final[dict[str, Updater]] = {"created_at": lambda new: t.position_
 PUBLICATION_UPDATE: Final[dict[str, Updater]] = {
     "published_at": lambda new: sa.func.coalesce(t.publications.c.published_at, new.published_at),
 }
+# The old service's tables (`storage.legacy`): an aggregation row keeps its id and first `created_at`, a position
+# row its id; everything else is the newest put's.
+LEGACY_AGG_KEYS: Final = ("address", "oid", "direction")
+LEGACY_AGG_UPDATE: Final = {
+    k: v for k, v in replace_all(t.legacy_order_aggregation, LEGACY_AGG_KEYS).items() if k != "created_at"
+}
+LEGACY_POSITION_UPDATE: Final = replace_all(t.legacy_position_cache, ADDRESS_KEYS)
 ADDRESS_UPDATE: Final = {
     col: _take(col) for col in ("label", "is_active", "tier", "priority", "server_id", "updated_at")
 }
@@ -309,6 +316,17 @@ def signal_row(signal: Signal, created_at: int, published_at: int | None = None)
     row["published_at"] = published_at
     row["created_at"] = created_at
     return row
+
+
+def void_legacy_statement(addresses: list[str]) -> sa.Delete:
+    """`void_pending_statement` for `hl_order_aggregation`: the unsent rows of addresses no longer tracked."""
+    a = t.legacy_order_aggregation.c
+    return sa.delete(t.legacy_order_aggregation).where(a.address.in_(addresses), a.signal_sent == sa.false())
+
+
+def delete_legacy_positions_statement(addresses: list[str]) -> sa.Delete:
+    """`delete_positions_statement` for `hl_position_cache`."""
+    return sa.delete(t.legacy_position_cache).where(t.legacy_position_cache.c.address.in_(addresses))
 
 
 def delete_positions_statement(addresses: list[str]) -> sa.Delete:
@@ -450,8 +468,11 @@ class Repository:
         async with self.engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
-    async def fetch_unpublished_publications(self, limit: int, older_than_ms: int | None = None) -> list[Publication]:
-        """Publications not yet acknowledged, oldest first; with `older_than_ms`, only those created before it."""
+    async def fetch_unpublished_publications(
+        self, limit: int, older_than_ms: int | None = None, *, kinds: Collection[str] | None = None
+    ) -> list[Publication]:
+        """Publications not yet acknowledged, oldest first; with `older_than_ms`, only those created before it;
+        with `kinds`, only those kinds (each outbox re-reads its own)."""
         p = t.publications.c
         query = (
             sa.select(p.msg_id, p.kind, p.subject, p.payload, p.created_at)
@@ -461,6 +482,8 @@ class Repository:
         )
         if older_than_ms is not None:
             query = query.where(p.created_at < older_than_ms)
+        if kinds is not None:
+            query = query.where(p.kind.in_(list(kinds)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [
@@ -468,9 +491,11 @@ class Repository:
             for msg_id, kind, subject, payload, created in rows
         ]
 
-    async def count_unpublished_publications(self) -> int:
+    async def count_unpublished_publications(self, *, kinds: Collection[str] | None = None) -> int:
         p = t.publications
         query = sa.select(sa.func.count()).select_from(p).where(p.c.published_at.is_(None))
+        if kinds is not None:
+            query = query.where(p.c.kind.in_(list(kinds)))
         async with self.engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
@@ -752,26 +777,73 @@ class AddressTable:
 
 
 class LegacyAddressTable:
-    """The old service's `hl_active_addresses` as an address-book source, honouring `server_id`
-    (the old loader ignored it, so instances could not share the table)."""
+    """The old service's address tables as an address-book source.
+
+    `hl_active_addresses`, honouring `server_id` (the old loader ignored it, so instances could not share the
+    table), and next to it the old README's `hl_watch_addresses` (`address`, `label`, `is_active`; the old
+    service's own shape, `nickname` for the label and a `deleted_at` soft delete, is read as well). Either may be
+    missing; with neither the load fails (the address book keeps its last set and retries).
+    """
 
     def __init__(self, engine: AsyncEngine, server_id: int | None) -> None:
         self.engine = engine
         self.server_id = server_id
 
     async def load(self) -> list[WatchedAddress]:
-        legacy = t.legacy_active_addresses
-        query = sa.select(legacy.c.address, legacy.c.server_id).distinct()
-        if self.server_id is not None:
-            query = query.where(legacy.c.server_id == self.server_id)
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            shapes = await conn.run_sync(_legacy_address_shapes)
+            if not shapes:
+                raise StorageError(
+                    f"database.legacy_addresses_table is on but neither {t.legacy_active_addresses.name} "
+                    f"nor {t.LEGACY_WATCH_ADDRESSES} exists"
+                )
+            found: dict[str, WatchedAddress] = {}
+            if t.legacy_active_addresses.name in shapes:
+                legacy = t.legacy_active_addresses
+                query = sa.select(legacy.c.address, legacy.c.server_id).distinct()
+                if self.server_id is not None:
+                    query = query.where(legacy.c.server_id == self.server_id)
+                for address, server_id in (await conn.execute(query)).all():
+                    found.setdefault(str(address).lower(), WatchedAddress(address=address, server_id=server_id))
+            columns = shapes.get(t.LEGACY_WATCH_ADDRESSES)
+            if columns is not None:
+                for address, label in (await conn.execute(_watch_addresses_query(columns))).all():
+                    if address is None:
+                        continue
+                    key = str(address).lower()
+                    entry = found.get(key)
+                    if entry is None or not entry.label:
+                        server_id = entry.server_id if entry is not None else None
+                        found[key] = WatchedAddress(address=address, label=label or "", server_id=server_id)
         # Owned elsewhere: rows are passed as stored; the address book validates and counts malformed ones.
-        return [WatchedAddress(address=address, server_id=server_id) for address, server_id in rows]
+        return list(found.values())
+
+
+def _legacy_address_shapes(sync: sa.Connection) -> dict[str, set[str]]:
+    """The old address tables present in this database, each with its column names."""
+    inspector = sa.inspect(sync)
+    return {
+        name: {column["name"] for column in inspector.get_columns(name)}
+        for name in (t.legacy_active_addresses.name, t.LEGACY_WATCH_ADDRESSES)
+        if inspector.has_table(name)
+    }
+
+
+def _watch_addresses_query(columns: set[str]) -> sa.Select[tuple[Any, Any]]:
+    table = sa.table(t.LEGACY_WATCH_ADDRESSES, *(sa.column(name) for name in columns))
+    label_column = "label" if "label" in columns else "nickname" if "nickname" in columns else None
+    label: sa.ColumnElement[Any] = table.c[label_column] if label_column else sa.literal("")
+    query = sa.select(table.c.address, label)
+    if "is_active" in columns:
+        query = query.where(table.c.is_active == sa.true())
+    if "deleted_at" in columns:
+        query = query.where(table.c.deleted_at.is_(None))
+    return query
 
 
 def address_source(engine: AsyncEngine, cfg: Config) -> AddressTable | LegacyAddressTable:
-    """The configured source: `hlm_addresses`, or `hl_active_addresses` with `database.legacy_addresses_table`."""
+    """The configured source: `hlm_addresses`, or the old tables (`hl_active_addresses`, `hl_watch_addresses`) with
+    `database.legacy_addresses_table`."""
     if cfg.database.legacy_addresses_table:
         return LegacyAddressTable(engine, cfg.addresses.server_id)
     return AddressTable(engine)

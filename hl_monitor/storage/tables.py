@@ -301,3 +301,80 @@ legacy_pair_configs: Final = sa.table(
     sa.column("platform", sa.String()),
     sa.column("category", sa.Integer()),
 )
+
+# ---- the old service's tables, kept up to date only with `database.legacy_tables` (README "Legacy tables") ----
+# Their own MetaData: created by migration 0005 or `hl-monitor db upgrade` only when the option is on, never
+# required otherwise, and not part of the service's schema. Shapes as the old readers know them; where the old
+# types overflowed (decimal(18,8) sizes, varchar(16) directions) these are wider, which no reader notices.
+
+LEGACY_TEXT_LEN: Final = 80  # the old varchar(32) money strings, wide enough for exact decimals
+
+
+class LegacyJson(sa.types.TypeDecorator[str]):
+    """Already-encoded JSON text in a JSON column (MySQL/MariaDB), or text (SQLite). Decimals inside are strings, so
+    MySQL's JSON type keeps them exact."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.JSON())
+        return dialect.type_descriptor(sa.Text())
+
+
+legacy_metadata: Final = sa.MetaData()
+
+legacy_address_signal: Final = sa.Table(
+    "hl_address_signal",
+    legacy_metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("address", sa.String(ADDRESS_LEN), nullable=False, index=True),
+    sa.Column("symbol", sa.String(COIN_LEN), nullable=False, index=True),
+    sa.Column("asset_type", sa.String(SHORT_LEN), nullable=False, index=True),
+    sa.Column("direction", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("side", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("position_size", sa.String(SHORT_LEN), nullable=False),
+    sa.Column("size", ExactDecimal(), nullable=False),
+    sa.Column("price", ExactDecimal(), nullable=False),
+    sa.Column("close_rate", ExactDecimal(), nullable=False),
+    sa.Column("created_at", PreciseDateTime, nullable=False, index=True),  # UTC
+)
+
+legacy_position_cache: Final = sa.Table(
+    "hl_position_cache",
+    legacy_metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("address", sa.String(ADDRESS_LEN), nullable=False, unique=True),
+    sa.Column("spot_balances", LegacyJson(), nullable=False),
+    sa.Column("spot_total_usd", sa.String(LEGACY_TEXT_LEN), nullable=False, server_default="0"),
+    sa.Column("futures_positions", LegacyJson(), nullable=False),
+    sa.Column("account_value", sa.String(LEGACY_TEXT_LEN), nullable=False, server_default="0"),
+    sa.Column("total_margin_used", sa.String(LEGACY_TEXT_LEN), nullable=False, server_default="0"),
+    sa.Column("total_ntl_pos", sa.String(LEGACY_TEXT_LEN), nullable=False, server_default="0"),
+    sa.Column("withdrawable", sa.String(LEGACY_TEXT_LEN), nullable=False, server_default="0"),
+    sa.Column("updated_at", PreciseDateTime, nullable=False, index=True),  # UTC
+)
+
+legacy_order_aggregation: Final = sa.Table(
+    "hl_order_aggregation",
+    legacy_metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("oid", sa.BigInteger(), nullable=False),
+    sa.Column("address", sa.String(ADDRESS_LEN), nullable=False),
+    sa.Column("direction", sa.String(DIR_LEN), nullable=False),
+    sa.Column("symbol", sa.String(COIN_LEN), nullable=False),
+    sa.Column("fills", LegacyJson(), nullable=False),
+    sa.Column("total_size", ExactDecimal(), nullable=False),
+    sa.Column("weighted_avg_px", ExactDecimal(), nullable=False),
+    sa.Column("order_status", sa.String(STATUS_LEN), nullable=False),
+    sa.Column("last_fill_time", sa.BigInteger(), nullable=False, index=True),
+    sa.Column("signal_sent", sa.Boolean(), nullable=False, server_default=sa.false(), index=True),
+    sa.Column("created_at", PreciseDateTime, nullable=False),  # UTC
+    sa.Column("updated_at", PreciseDateTime, nullable=False, index=True),  # UTC
+    sa.UniqueConstraint("address", "oid", "direction", name="uidx_addr_oid_dir"),
+)
+
+# The old README's address table (read only, never created here): `is_active` rows are watched. Teams that have
+# the old service's GORM shape (`nickname`, `deleted_at`) are read too (`storage.repository.LegacyAddressTable`).
+LEGACY_WATCH_ADDRESSES: Final = "hl_watch_addresses"

@@ -21,6 +21,12 @@ invalid (DataError/IntegrityError) cannot succeed by waiting: the batch is then 
 chunk and row by row, and only the refused rows are logged in full and counted (`writer_rejected`)
 instead of blocking every later write forever.
 
+Legacy tables (`database.legacy_tables`, `storage.legacy`): the same puts also buffer the old service's rows,
+coalesced by their own keys and written in the same transaction after the rows they mirror: `hl_address_signal`
+right after the signal inserts (only for signals that flush stored for the first time, so a replayed signal is
+never a second legacy row), `hl_order_aggregation` after the aggregations, `hl_position_cache` after the
+position documents. Off, nothing of this is buffered.
+
 Ordering contract with delivery: call `put_signal` (`put_publication`) before handing the message to its
 outbox, so the "mark published" that follows its ack is always queued after the insert (FIFO), either merged
 into the buffered insert or written as an UPDATE after the insert committed.
@@ -31,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final
@@ -48,6 +54,12 @@ from hl_monitor.errors import StorageError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage import tables as t
+from hl_monitor.storage.legacy import (
+    legacy_aggregation_row,
+    legacy_direction,
+    legacy_position_row,
+    legacy_signal_row,
+)
 from hl_monitor.storage.repository import (
     ADDRESS_KEYS,
     AGG_KEYS,
@@ -55,6 +67,9 @@ from hl_monitor.storage.repository import (
     BY_ADDRESS_UPDATE,
     EVENT_KEYS,
     EVENT_UPDATE,
+    LEGACY_AGG_KEYS,
+    LEGACY_AGG_UPDATE,
+    LEGACY_POSITION_UPDATE,
     MAX_MARKS_PER_STATEMENT,
     POSITION_UPDATE,
     PUBLICATION_KEYS,
@@ -63,6 +78,7 @@ from hl_monitor.storage.repository import (
     SIGNAL_UPDATE,
     AggKey,
     close_aggregations_statement,
+    delete_legacy_positions_statement,
     delete_positions_statement,
     encode_json,
     is_transient,
@@ -75,6 +91,7 @@ from hl_monitor.storage.repository import (
     signal_row,
     upsert,
     upsert_statement,
+    void_legacy_statement,
     void_pending_statement,
 )
 from hl_monitor.tracking.portfolio import AddressPortfolio
@@ -108,10 +125,19 @@ class _Buffer:
     positions: dict[str, Row] = field(default_factory=dict)
     deleted_positions: set[str] = field(default_factory=set)  # documents to delete (no put after the delete)
     voided: set[str] = field(default_factory=set)  # addresses whose stored pending aggregations are void
+    # The old service's rows (`database.legacy_tables`): signal_id → (its hlm_signals created_at, row), and by key.
+    legacy_signals: dict[str, tuple[int, Row]] = field(default_factory=dict)
+    legacy_aggregations: dict[AggKey, Row] = field(default_factory=dict)
+    legacy_positions: dict[str, Row] = field(default_factory=dict)
+    legacy_deleted_positions: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return (
-            len(self.voided)
+            len(self.legacy_signals)
+            + len(self.legacy_aggregations)
+            + len(self.legacy_positions)
+            + len(self.legacy_deleted_positions)
+            + len(self.voided)
             + len(self.signals)
             + len(self.marks)
             + len(self.publications)
@@ -131,12 +157,14 @@ _Call = tuple[sa.Executable, Any]
 
 @dataclass
 class _Op:
-    """One kind of write: its rows, and how to turn a chunk of them into one statement execution."""
+    """One kind of write: its rows, and how to turn a chunk of them into one statement execution (or, with `run`,
+    into whatever statements the chunk needs on the flush's connection)."""
 
     table: str
     rows: list[Any]
     build: Callable[[list[Any]], _Call]
     chunk: int
+    run: Callable[[AsyncConnection, list[Any]], Awaitable[None]] | None = None
 
 
 class BatchWriter:
@@ -149,12 +177,16 @@ class BatchWriter:
         metrics: Metrics,
         *,
         clock: Callable[[], int] = now_ms,
+        legacy_tables: bool = False,
+        symbol_of: Callable[[str], str] | None = None,
     ) -> None:
         self.engine = engine
         self.cfg = cfg
         self.metrics = metrics
         self.dialect = engine.dialect.name
         self._clock = clock
+        self.legacy_tables = legacy_tables  # also write the old service's tables (module docstring)
+        self._symbol_of = symbol_of or (lambda coin: coin)  # coin → symbol for hl_order_aggregation
         self._pending = _Buffer()
         self._inflight: _Buffer | None = None
         self._inflight_seq = 0
@@ -178,7 +210,10 @@ class BatchWriter:
             self._hit("signals")
         else:
             at = buf.marks.pop(signal.signal_id, None)
-            buf.signals[signal.signal_id] = signal_row(signal, self._clock(), at)
+            created = self._clock()
+            buf.signals[signal.signal_id] = signal_row(signal, created, at)
+            if self.legacy_tables:
+                buf.legacy_signals[signal.signal_id] = (created, legacy_signal_row(signal))
         self._accepted()
 
     async def mark_published(self, signal_id: str, at_ms: int) -> None:
@@ -266,6 +301,13 @@ class BatchWriter:
             twap_id=record.twap_id,
             closed=record.state == "flushed",
         )
+        if self.legacy_tables:
+            key = (record.address, record.oid, legacy_direction(record))
+            buf = await self._slot(key in self._pending.legacy_aggregations)
+            if key in buf.legacy_aggregations:
+                self._hit(t.legacy_order_aggregation.name)
+            buf.legacy_aggregations[key] = legacy_aggregation_row(record, self._symbol_of(record.coin), self._clock())
+            self._accepted()
 
     async def put_delta(self, delta: StateDelta) -> None:
         """Persist what `TrackingEngine.take_dirty()` returned."""
@@ -281,6 +323,8 @@ class BatchWriter:
         buf = await self._slot(address in self._pending.voided)
         for key in [k for k, row in buf.aggregations.items() if k[0] == address and not row["closed"]]:
             del buf.aggregations[key]  # older than the void: superseded by it
+        for key in [k for k, row in buf.legacy_aggregations.items() if k[0] == address and not row["signal_sent"]]:
+            del buf.legacy_aggregations[key]
         buf.voided.add(address)
         self._accepted()
 
@@ -298,7 +342,16 @@ class BatchWriter:
         """
         payload = encoded.decode() if encoded is not None else encode_json(doc)
         state = model_state.decode() if model_state is not None else None
-        await self._put_position_row(address, portfolio_row(address, doc, payload, self._clock(), state))
+        now = self._clock()
+        await self._put_position_row(address, portfolio_row(address, doc, payload, now, state))
+        if self.legacy_tables:
+            pending = self._pending
+            buf = await self._slot(address in pending.legacy_positions or address in pending.legacy_deleted_positions)
+            if address in buf.legacy_positions or address in buf.legacy_deleted_positions:
+                self._hit(t.legacy_position_cache.name)
+            buf.legacy_deleted_positions.discard(address)
+            buf.legacy_positions[address] = legacy_position_row(doc, now)
+            self._accepted()
 
     async def delete_portfolio(self, address: str) -> None:
         """Delete an address's position document (the address is no longer watched); supersedes a buffered put."""
@@ -308,6 +361,12 @@ class BatchWriter:
             self._hit("positions")
         buf.deleted_positions.add(address)
         self._accepted()
+        if self.legacy_tables:
+            buf = await self._slot(address in pending.legacy_positions or address in pending.legacy_deleted_positions)
+            if buf.legacy_positions.pop(address, None) is not None or address in buf.legacy_deleted_positions:
+                self._hit(t.legacy_position_cache.name)
+            buf.legacy_deleted_positions.add(address)
+            self._accepted()
 
     async def _put_position_row(self, address: str, row: Row) -> None:
         pending = self._pending
@@ -472,6 +531,13 @@ class BatchWriter:
             ),
             self._upsert_op("signals", t.signals, list(batch.signals.values()), SIGNAL_KEYS, SIGNAL_UPDATE),
             _Op(
+                t.legacy_address_signal.name,
+                [(signal_id, created, row) for signal_id, (created, row) in batch.legacy_signals.items()],
+                _no_statement,
+                max_rows_per_statement(d, t.legacy_address_signal, size),
+                run=_insert_legacy_signals,
+            ),
+            _Op(
                 "signals",
                 list(batch.marks.items()),
                 mark_published_call,
@@ -503,6 +569,24 @@ class BatchWriter:
                     max_rows_per_statement(d, t.aggregations, size),
                 )
             )
+        if batch.legacy_aggregations or (batch.voided and self.legacy_tables):
+            ops.append(
+                _Op(
+                    t.legacy_order_aggregation.name,
+                    sorted(batch.voided) if self.legacy_tables else [],
+                    lambda addresses: (void_legacy_statement(addresses), None),
+                    max_rows_per_statement(d, t.legacy_order_aggregation, size),
+                )
+            )
+            ops.append(
+                self._upsert_op(
+                    t.legacy_order_aggregation.name,
+                    t.legacy_order_aggregation,
+                    list(batch.legacy_aggregations.values()),
+                    LEGACY_AGG_KEYS,
+                    LEGACY_AGG_UPDATE,
+                )
+            )
         ops.append(
             self._upsert_op(
                 "watermarks", t.watermarks, list(batch.watermarks.values()), ADDRESS_KEYS, BY_ADDRESS_UPDATE
@@ -519,6 +603,24 @@ class BatchWriter:
         ops.append(
             self._upsert_op("positions", t.positions, list(batch.positions.values()), ADDRESS_KEYS, POSITION_UPDATE)
         )
+        if batch.legacy_positions or batch.legacy_deleted_positions:
+            ops.append(
+                _Op(
+                    t.legacy_position_cache.name,
+                    sorted(batch.legacy_deleted_positions),
+                    lambda addresses: (delete_legacy_positions_statement(addresses), None),
+                    max_rows_per_statement(d, t.legacy_position_cache, size),
+                )
+            )
+            ops.append(
+                self._upsert_op(
+                    t.legacy_position_cache.name,
+                    t.legacy_position_cache,
+                    list(batch.legacy_positions.values()),
+                    ADDRESS_KEYS,
+                    LEGACY_POSITION_UPDATE,
+                )
+            )
         return [op for op in ops if op.rows]
 
     def _upsert_op(
@@ -565,8 +667,11 @@ class BatchWriter:
     async def _execute(self, conn: AsyncConnection, op: _Op, chunk: list[Any]) -> None:
         self._current_table = op.table
         started = time.perf_counter()
-        statement, params = op.build(chunk)
-        await conn.execute(statement, params)
+        if op.run is not None:
+            await op.run(conn, chunk)
+        else:
+            statement, params = op.build(chunk)
+            await conn.execute(statement, params)
         self.metrics.batch_write_duration_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_write_size.observe(len(chunk))
 
@@ -602,6 +707,22 @@ class BatchWriter:
 def _chunks(rows: Sequence[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(rows), size):
         yield list(rows[start : start + size])
+
+
+def _no_statement(chunk: list[Any]) -> _Call:
+    raise AssertionError("an op with `run` is executed by it")
+
+
+async def _insert_legacy_signals(conn: AsyncConnection, chunk: list[tuple[str, int, Row]]) -> None:
+    """Legacy rows of the signals this transaction stored for the first time: a signal row that was already there
+    kept its older `created_at` (the upsert never changes it), so a replayed signal adds no second legacy row."""
+    s = t.signals.c
+    ids = [signal_id for signal_id, _, _ in chunk]
+    query = sa.select(s.signal_id, s.created_at).where(s.signal_id.in_(ids))
+    stored: dict[str, int] = {row.signal_id: row.created_at for row in (await conn.execute(query)).all()}
+    rows = [row for signal_id, created, row in chunk if stored.get(signal_id) == created]
+    if rows:
+        await conn.execute(sa.insert(t.legacy_address_signal), rows)
 
 
 def _closer(status: str | None) -> Callable[[list[Any]], _Call]:

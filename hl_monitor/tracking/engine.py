@@ -40,6 +40,13 @@ signal of such a coin is held, not emitted with a raw-coin symbol: `tick` emits 
 with the symbol the rules give without metadata, as the old service did (`held_expired`). A held record
 stays `pending` in `take_dirty`/`export_state` until it is emitted, so a restart rebuilds its signal.
 
+Fills as they happen. With `collect_fills` on, every fill that passes dedup and the floor (whatever its dir,
+stream or replay) becomes one `FillRecord` with the running size and VWAP of its order (its TWAP for a slice),
+in processing order; the owner that drives the engine takes them with `take_fills()` after each call and
+publishes them (README "Fills"). A replay is absorbed by the same dedup, so a fill is recorded once. After a
+restart an order's running totals resume from its stored records (`order_filled` for the size; the VWAP over
+the fills those records hold).
+
 Gap recovery: fills older than the floor are never reprocessed, so a REST backfill recovers a gap only
 within `aggregation.seen_window` of the newest fill (default 1 h); older ones are counted as stale.
 
@@ -63,7 +70,8 @@ from typing import Final, Literal
 import msgspec
 
 from hl_monitor.config import AggregationConfig
-from hl_monitor.domain.signal import Signal, Trigger
+from hl_monitor.domain.publication import FillRecord, fill_msg_id
+from hl_monitor.domain.signal import LiquidationInfo, Signal, Trigger
 from hl_monitor.hyperliquid.constants import is_terminal_status
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
@@ -90,7 +98,7 @@ from hl_monitor.tracking.state import (
     Watermark,
 )
 
-__all__ = ["TrackingEngine"]
+__all__ = ["TrackingEngine", "fill_record"]
 
 # Distinct unknown `dir` strings kept for logs/status; more are only counted (bounded memory).
 MAX_UNKNOWN_DIR_NAMES: Final = 32
@@ -110,6 +118,50 @@ _fill_order: Final = attrgetter("time", "tid")
 
 def _norm(address: str) -> str:
     return address if address.islower() else address.lower()
+
+
+def fill_record(
+    address: str,
+    fill: Fill,
+    symbols: SymbolMap,
+    *,
+    backfilled: bool,
+    now_ms: int,
+    label: str | None = None,
+    order_filled_size: Decimal | None = None,
+    order_vwap: Decimal | None = None,
+) -> FillRecord:
+    """The published form of one accepted precise fill; the order totals are the caller's (None: no order)."""
+    info = symbols.lookup(fill.coin)
+    liq = fill.liquidation
+    return FillRecord(
+        fill_id=fill_msg_id(address, fill.coin, fill.tid, fill.oid, fill.time),
+        address=address,
+        source="user_fills",
+        coin=fill.coin,
+        symbol=info.symbol,
+        asset_type=info.asset_type,
+        oid=fill.oid,
+        tid=fill.tid,
+        side=fill.side,
+        px=fill.px,
+        sz=fill.sz,
+        dir=fill.dir,
+        start_position=fill.start_position,
+        time=fill.time,
+        crossed=fill.crossed,
+        hash=fill.hash,
+        fee=fill.fee,
+        fee_token=fill.fee_token,
+        closed_pnl=fill.closed_pnl,
+        liquidation=None if liq is None else LiquidationInfo(liq.mark_px, liq.method, liq.liquidated_user),
+        twap_id=fill.twap_id,
+        backfilled=backfilled,
+        order_filled_size=order_filled_size,
+        order_vwap=order_vwap,
+        label=label,
+        detected_at=now_ms,
+    )
 
 
 class _Addr:
@@ -173,6 +225,8 @@ class _Order:
         "grace_deadline",
         "key",
         "last_activity",
+        "notional",
+        "notional_sz",
         "records",
         "slice_oids",
         "status",
@@ -193,6 +247,9 @@ class _Order:
         self.terminal = False
         self.expected: Decimal | None = None
         self.filled = Decimal(0)
+        # Σ px·sz and Σ sz of the fills whose prices this process knows (for the published running VWAP).
+        self.notional = Decimal(0)
+        self.notional_sz = Decimal(0)
         self.last_activity = 0
         self.done = False
         self.final = False
@@ -220,8 +277,12 @@ class TrackingEngine:
         *,
         instance_id: str | None = None,
         on_unknown_coin: Callable[[str], None] | None = None,
+        collect_fills: bool = False,
     ) -> None:
         self._config = config
+        # Record every accepted fill for `take_fills` (off: nothing is kept, as before).
+        self.collect_fills = collect_fills
+        self._fills: list[FillRecord] = []
         self._symbols = symbols
         self._instance_id = instance_id
         # Called (must not raise) with a coin the map does not know; setting it enables holding such signals.
@@ -403,11 +464,15 @@ class TrackingEngine:
                 parts = split_fill(fill)
                 if parts is None:
                     self._not_a_signal(fill.dir)
+                    if self.collect_fills:
+                        self._record_fill(st, fill, None, now, backfilled)
                     continue
             order = orders.get(fill.oid) if fill.twap_id is None else None
             if order is None or order.done:
                 order = self._order_for(st, fill, now, out)
                 if order is None:
+                    if self.collect_fills:
+                        self._record_fill(st, fill, None, now, backfilled)
                     continue
             if leg is not None:
                 self._add(order, leg, fill, now, backfilled)
@@ -415,6 +480,10 @@ class TrackingEngine:
                 for part_leg, part in parts:
                     self._add(order, part_leg, part, now, backfilled)
             order.filled += fill.sz
+            order.notional += fill.px * fill.sz
+            order.notional_sz += fill.sz
+            if self.collect_fills:
+                self._record_fill(st, fill, order, now, backfilled)
             order.last_activity = now
             dirty[order] = None
             if order in activity:
@@ -434,6 +503,25 @@ class TrackingEngine:
             if not order.done and order.complete:
                 out.extend(self._flush(order, order.via, now))
         return out
+
+    def _record_fill(self, st: _Addr, fill: Fill, order: _Order | None, now: int, backfilled: bool) -> None:
+        self._fills.append(
+            fill_record(
+                st.address,
+                fill,
+                self._symbols,
+                backfilled=backfilled,
+                now_ms=now,
+                label=self._watched.get(st.address),
+                order_filled_size=None if order is None else order.filled,
+                order_vwap=order.notional / order.notional_sz if order is not None and order.notional_sz else None,
+            )
+        )
+
+    def take_fills(self) -> list[FillRecord]:
+        """The fills accepted since the last call, in processing order (empty unless `collect_fills`)."""
+        fills, self._fills = self._fills, []
+        return fills
 
     def _not_a_signal(self, dir_: str) -> None:
         if dir_ in IGNORED_DIRS:
@@ -1063,6 +1151,9 @@ class TrackingEngine:
         elif not order.terminal and rec.status is not None:
             order.status, order.status_time = rec.status, rec.status_time
         order.filled = max(order.filled, rec.order_filled, rec.size)
+        for fill in rec.fills:
+            order.notional += fill.px * fill.sz
+            order.notional_sz += fill.sz
         order.last_activity = max(order.last_activity, rec.last_activity_ms)
         self._activity[order] = None
         self._activity.move_to_end(order)

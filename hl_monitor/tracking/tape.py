@@ -26,6 +26,13 @@ block only when the address is `wide`-owned and the block is newer than its `cut
 `precise`-owned address are held (bounded by count and age) so a handover can release exactly the
 blocks the other tier did not cover.
 
+Fills. With `collect_fills` on, every applied trade of a watched address also becomes one `FillRecord`
+(`source` `market_tape`, the exchange's tid, the derived `dir` and start position, the running size and VWAP of
+its tape block), handed out by `take_fills()`. They follow the blocks' ownership rule: recorded at once for a
+wide-owned address (when newer than its cut), held for a precise-owned one and released or dropped with its
+held blocks. A fill id is built from the exchange's tid exactly as the precise tier builds it, so a trade both
+tiers report around a handover is stored once by JetStream.
+
 Memory per address is bounded: positions (one entry per held coin), at most MAX_HISTORY applied trades
 per position, MAX_BUFFERED trades before the bootstrap, MAX_HELD held signals, open blocks.
 """
@@ -41,9 +48,10 @@ from typing import Final
 import msgspec
 
 from hl_monitor.domain.address import TrackedBy
+from hl_monitor.domain.publication import FillRecord, fill_msg_id
 from hl_monitor.domain.signal import Signal, Source, Trigger
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, Fill, Side, SpotClearinghouseState, WsTrade
-from hl_monitor.hyperliquid.symbols import SymbolMap
+from hl_monitor.hyperliquid.symbols import SymbolInfo, SymbolMap
 from hl_monitor.tracking.aggregator import build_signal, new_record
 from hl_monitor.tracking.fills import Leg, split_fill
 from hl_monitor.tracking.positions import STABLE_TOKENS, PositionBook
@@ -72,6 +80,8 @@ MAX_HISTORY: Final = 128
 HISTORY_MS: Final = 120_000
 # Held signals per precise-owned address (its tape blocks, released if it moves back to wide).
 MAX_HELD: Final = 256
+# Fill records held per precise-owned address (several per held block: one per trade).
+MAX_HELD_FILLS: Final = 1024
 # Flushed block keys remembered per address, so a late trade of a flushed block gets a continuation id.
 MAX_FLUSHED_KEYS: Final = 64
 _ZERO: Final = Decimal(0)
@@ -169,7 +179,7 @@ class TapeStats(msgspec.Struct, kw_only=True):
 
 
 class _Block:
-    __slots__ = ("backfilled", "coin", "last_arrival", "owner", "records", "time")
+    __slots__ = ("backfilled", "coin", "filled", "last_arrival", "notional", "owner", "records", "time")
 
     def __init__(self, owner: _Wide, coin: str, time: int, now: int) -> None:
         self.owner = owner
@@ -178,6 +188,8 @@ class _Block:
         self.last_arrival = now
         self.records: dict[str, AggregationRecord] = {}
         self.backfilled = False
+        self.filled = _ZERO  # the address's traded size in this block so far (running totals of its fills)
+        self.notional = _ZERO
 
 
 class _Wide:
@@ -192,6 +204,7 @@ class _Wide:
         "cut",
         "flushed",
         "held",
+        "held_fills",
         "history",
         "label",
         "marks",
@@ -217,6 +230,7 @@ class _Wide:
         self.blocks: dict[tuple[str, int], _Block] = {}
         self.flushed: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.held: deque[Signal] = deque(maxlen=MAX_HELD)
+        self.held_fills: deque[FillRecord] = deque(maxlen=MAX_HELD_FILLS)
 
 
 def _deep_size(obj: object, seen: set[int]) -> int:
@@ -245,8 +259,12 @@ class TapeTracker:
         block_settle_ms: int,
         hold_ms: int,
         instance_id: str | None = None,
+        collect_fills: bool = False,
     ) -> None:
         self._symbols = symbols
+        # Record every applied trade of a watched address for `take_fills` (off: nothing is kept).
+        self.collect_fills = collect_fills
+        self._fills: list[FillRecord] = []
         self._settle_ms = block_settle_ms
         self._hold_ms = hold_ms
         self._instance_id = instance_id
@@ -341,6 +359,8 @@ class TapeTracker:
         if cut is not None:
             st.cut = cut
         st.owner = "wide"
+        self._fills.extend(f for f in st.held_fills if f.time > st.cut)
+        st.held_fills.clear()
         out = [s for s in st.held if s.timestamp > st.cut]
         self.stats.signals_suppressed += len(st.held) - len(out)
         st.held.clear()
@@ -352,6 +372,9 @@ class TapeTracker:
         st = self._watched.get(address)
         if st is None:
             return []
+        if st.held_fills:
+            self._fills.extend(f for f in st.held_fills if f.time <= upto)
+            st.held_fills = deque((f for f in st.held_fills if f.time > upto), maxlen=MAX_HELD_FILLS)
         out = [s for s in st.held if s.timestamp <= upto]
         if out:
             st.held = deque((s for s in st.held if s.timestamp > upto), maxlen=MAX_HELD)
@@ -453,6 +476,45 @@ class TapeTracker:
         block.backfilled = block.backfilled or backfilled
         for leg, part in parts:
             self._add(block, leg, part, now, continuation_tid=trade.tid if late else None)
+        block.filled += sz
+        block.notional += trade.px * sz
+        if self.collect_fills:
+            self._record_fill(st, block, fill, info, now, backfilled)
+
+    def _record_fill(self, st: _Wide, block: _Block, fill: Fill, info: SymbolInfo, now: int, backfilled: bool) -> None:
+        record = FillRecord(
+            fill_id=fill_msg_id(st.address, fill.coin, fill.tid, 0, fill.time),
+            address=st.address,
+            source="market_tape",
+            coin=fill.coin,
+            symbol=info.symbol,
+            asset_type=info.asset_type,
+            oid=None,
+            tid=fill.tid,
+            side=fill.side,
+            px=fill.px,
+            sz=fill.sz,
+            dir=fill.dir,
+            start_position=fill.start_position,
+            time=fill.time,
+            crossed=fill.crossed,
+            hash=fill.hash,
+            backfilled=backfilled,
+            order_filled_size=block.filled,
+            order_vwap=block.notional / block.filled if block.filled else None,
+            label=st.label,
+            detected_at=now,
+        )
+        if st.owner == "precise":
+            st.held_fills.append(record)
+        elif fill.time > st.cut:
+            self._fills.append(record)
+
+    def take_fills(self) -> list[FillRecord]:
+        """Fill records of wide-owned addresses since the last call, in processing order (empty unless
+        `collect_fills`); a handover (`set_owner`, `release_held`) adds the held ones it releases."""
+        fills, self._fills = self._fills, []
+        return fills
 
     def _add(self, block: _Block, leg: Leg, fill: Fill, now: int, continuation_tid: int | None) -> None:
         rec = block.records.get(leg.code)
@@ -555,6 +617,9 @@ class TapeTracker:
             while held and held[0].detected_at < horizon:
                 held.popleft()
                 self.stats.held_dropped += 1
+            held_fills = st.held_fills
+            while held_fills and held_fills[0].detected_at < horizon:
+                held_fills.popleft()
         return out
 
     def open_blocks(self) -> int:
