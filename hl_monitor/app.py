@@ -448,6 +448,8 @@ async def _drain(c: Components) -> None:
             if c.wide_tier is not None:
                 await c.wide_tier.tape.finish()
             await c.watch.finish()
+            if c.positions is not None:
+                await c.positions.keeper.flush_documents()
             left = await c.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)
             if c.positions is not None:
                 left += await c.positions.outbox.drain(deadline * OUTBOX_DRAIN_SHARE)

@@ -341,6 +341,7 @@ def _section_fields(section_type: Any) -> dict[str, Any]:
         "SymbolsConfig": SymbolsConfig,
         "ClusterConfig": ClusterConfig,
         "FillsConfig": FillsConfig,
+        "PositionsConfig": PositionsConfig,
         "LogConfig": LogConfig,
     }
     cls = sections[section_type if isinstance(section_type, str) else section_type.__name__]

@@ -73,6 +73,7 @@ def keeper(recorder: Recorder, clock: Clock, wide: frozenset[str] = frozenset())
 
 async def holding_btc(k: PositionKeeper, address: str, clock: Clock) -> None:
     await k.on_rest(address, [("", state_with([wire_position("BTC", "2", "80000")], T0))], None, clock())
+    await k.flush_documents()
 
 
 async def test_a_removed_address_leaves_the_kv_view_the_table_and_the_model() -> None:

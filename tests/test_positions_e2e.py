@@ -73,7 +73,12 @@ def quiet(service: Service) -> bool:
     """Everything the keeper produced is stored and acknowledged."""
     positions = service.components.positions
     assert positions is not None
-    return positions.outbox.depth == 0 and positions.kv.depth == 0 and service.components.writer.depth == 0
+    return (
+        positions.keeper.pending_documents == 0
+        and positions.outbox.depth == 0
+        and positions.kv.depth == 0
+        and service.components.writer.depth == 0
+    )
 
 
 async def test_positions_of_both_tiers_reach_events_kv_http_and_signals_once(

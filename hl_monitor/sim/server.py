@@ -11,7 +11,7 @@ In-process API (stable; tests of other components use it):
         sim.stats.subscribe_requests    # counters (class SimStats)
         sim.connections                 # [ConnectionInfo(id, remote, subscriptions, client_messages)]
         sim.push_state()                # the periodic clearinghouse/spot/allMids push, right now
-        sim.exchange.set_mid("ETH", "2100")   # a mark move: allMids pushed at once (positions: exchange.py)
+        sim.exchange.set_mid("ETH", "2100")   # a mark move: allMids pushed within 0.1 s (positions: exchange.py)
 
 What is modelled: acks with the normalised echo, the real error texts, per-IP limits (connections, new
 connections per minute, subscriptions, distinct users, client messages per minute), `userFills` snapshot
@@ -20,8 +20,8 @@ without `user`, `user` (userEvents) frames with fills and liquidations, `clearin
 `allDexsClearinghouseState` and `spotState` (state on subscribe, then every `clearinghouse_push_interval`;
 every field a position carries, from the exchange's ledger: see `hl_monitor.sim.exchange`), `trades` with
 `users` (replay of the last `trades_replay` on subscribe), `allMids` (optional `dex`; the map on subscribe,
-then whenever a mid of that dex moves, by a trade or `Exchange.set_mid`, coalesced to one frame per event-loop
-turn, and every `all_mids_interval`), `bbo`, `user` funding events (`Exchange.apply_funding`), ping/pong, idle
+then whenever a mid of that dex moves, by a trade or `Exchange.set_mid`, coalesced to one frame per 0.1 s
+and every `all_mids_interval`), `bbo`, `user` funding events (`Exchange.apply_funding`), ping/pong, idle
 timeout, `post` info requests, REST weights and 429.
 
 Choices where the real server's behaviour is UNVERIFIED (docs/protocol.md §10):
@@ -79,6 +79,9 @@ log = get_logger(__name__)
 
 WINDOW_S: Final = 60.0  # every per-IP rate limit is "per minute"
 DEFAULT_PUSH_INTERVAL_S: Final = 5.0  # allDexsClearinghouseState cadence on idle accounts (docs/protocol.md §8)
+# The live exchange pushes allMids about once per block; a busy sim market moving mids on every fill would
+# otherwise push the whole map hundreds of times a second.
+MIDS_COALESCE_S: Final = 0.1
 DEFAULT_ALL_MIDS_INTERVAL_S: Final = 1.0  # live mids move every block; this is the sim's idle cadence
 DEFAULT_TRADES_REPLAY: Final = 30  # trades replayed on subscribe (30 observed on testnet, docs/protocol.md §8)
 DEFAULT_FILLS_SNAPSHOT: Final = 2000  # userFills snapshot size (UNVERIFIED; matches the REST cap)
@@ -993,7 +996,7 @@ class SimServer:
             await asyncio.sleep(self.config.all_mids_interval)
             self.push_mids()
 
-    # MarkListener: a moved mid is pushed once per event-loop turn, however many fills moved it.
+    # MarkListener: moved mids are pushed together at most every `MIDS_COALESCE_S`, however many fills moved them.
 
     def on_mids(self, coins: Collection[str]) -> None:
         self._moved_dexes.update(_mids_dex(coin, self.exchange.universe) for coin in coins)
@@ -1004,7 +1007,7 @@ class SimServer:
         except RuntimeError:  # driven synchronously (no server loop running): push at once
             self._flush_mids()
             return
-        self._mids_flush = loop.call_soon(self._flush_mids)
+        self._mids_flush = loop.call_later(MIDS_COALESCE_S, self._flush_mids)
 
     def _flush_mids(self) -> None:
         self._mids_flush = None

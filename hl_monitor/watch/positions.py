@@ -10,8 +10,10 @@ Outputs, for every input that changed something:
 - each position event and liquidation alert as a `Publication` (persisted first, then JetStream with its
   deterministic id: `hl.positions.{address}.{symbol}`, `hl.alerts.{address}.{symbol}.liquidation_risk`), and
   each event's history row;
-- the address's document, to the database (`hlm_positions`) and the KV view (`hl_positions`). A change goes at
-  once; a document that only moved with the marks is refreshed in the KV at most every `positions.kv_refresh`
+- the address's document, to the database (`hlm_positions`, with the model's bookkeeping) and the KV view
+  (`hl_positions`). Changed documents are written together every `DOCUMENT_FLUSH_S` (a whale trading many times a
+  second costs one write per flush, not one per trade; events and alerts never wait); a document that only moved
+  with the marks is refreshed in the KV at most every `positions.kv_refresh`
   per address and at most `KV_MARK_WRITES_PER_S` documents a second in all, round robin, so 100k wide addresses
   with open positions cost a bounded write rate (their refresh interval stretches to N ÷ that rate).
 """
@@ -56,6 +58,8 @@ MARK_APPLY_INTERVAL_S: Final = 1.0
 KV_MARK_WRITES_PER_S: Final = 1000
 # The KV refresher wakes this often; each wake writes at most its share of the rate above.
 KV_TICK_S: Final = 0.25
+# Changed documents are written (KV and table) this often: the latest state of a busy whale, once per flush.
+DOCUMENT_FLUSH_S: Final = 0.25
 
 _ENCODE: Final = msgspec.json.Encoder(decimal_format="string")
 
@@ -112,6 +116,8 @@ class PositionKeeper:
         # Addresses whose document moved only with the marks, oldest first; with the time of their last KV write.
         self._mark_dirty: OrderedDict[str, None] = OrderedDict()
         self._kv_written: dict[str, int] = {}
+        # Addresses whose document changed since the last flush (insertion-ordered, no duplicates).
+        self._changed_docs: dict[str, None] = {}
         self._refresh_ms = round(cfg.kv_refresh * 1000)
 
     async def restore(self, source: PortfolioSource) -> int:
@@ -204,14 +210,39 @@ class PositionKeeper:
         for address in addresses:
             if self.model.remove(address):
                 self._mark_dirty.pop(address, None)
+                self._changed_docs.pop(address, None)
                 self._kv_written.pop(address, None)
                 await self._kv.delete(address)
                 await self._store.delete_portfolio(address)
+
+    @property
+    def pending_documents(self) -> int:
+        """Changed documents not yet handed to the KV view and the table."""
+        return len(self._changed_docs)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._apply_marks_loop(), name="positions:marks")
             tg.create_task(self._kv_refresh_loop(), name="positions:kv")
+            tg.create_task(self._flush_documents_loop(), name="positions:documents")
+
+    async def _flush_documents_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DOCUMENT_FLUSH_S)
+            await self.flush_documents()
+
+    async def flush_documents(self) -> int:
+        """Write every changed document to the KV view and the table (also the shutdown's last step); how many."""
+        changed, self._changed_docs = self._changed_docs, {}
+        now = self._wall_ms()
+        for address in changed:
+            doc = self.model.get(address)
+            if doc is None:
+                continue  # forgotten meanwhile: its delete already went out
+            self._mark_dirty.pop(address, None)
+            encoded = await self._write_kv(address, doc, now)
+            await self._store.put_portfolio(address, doc, encoded, self.model.export_account(address))
+        return len(changed)
 
     async def _apply_marks_loop(self) -> None:
         while True:
@@ -229,8 +260,8 @@ class PositionKeeper:
             self._mark_dirty[address] = None
         if alerts:
             await self._send([], alerts)
-            for address in {alert.address for alert in alerts}:  # the disarmed levels must survive a restart
-                await self._persist(address)
+            for alert in alerts:  # the disarmed levels must survive a restart
+                self._changed_docs[alert.address] = None
 
     async def _kv_refresh_loop(self) -> None:
         while True:
@@ -261,14 +292,7 @@ class PositionKeeper:
         if doc is None:
             return
         await self._send(changes.events, changes.alerts)
-        self._mark_dirty.pop(address, None)
-        encoded = await self._write_kv(address, doc, self._wall_ms())
-        await self._store.put_portfolio(address, doc, encoded, self.model.export_account(address))
-
-    async def _persist(self, address: str) -> None:
-        doc = self.model.get(address)
-        if doc is not None:
-            await self._store.put_portfolio(address, doc, None, self.model.export_account(address))
+        self._changed_docs[address] = None
 
     async def _write_kv(self, address: str, doc: AddressPortfolio, now: int) -> bytes:
         self._kv_written[address] = now
