@@ -141,8 +141,8 @@ class WideConfig(_Section, frozen=True):
     """The wide tier (docs/architecture.md §4): the `trades` tape of every coin, filtered by the watched set."""
 
     enabled: bool = True  # run the tape at all (cluster mode: also needs cluster.tape_role = "active")
-    subscription_budget: int = 900  # `trades` subscriptions; leaves 100 of the 1000 for precise users and retries
-    stale_after: float = 10.0  # no trade on a tape connection for this long → stale, reconnect and backfill
+    subscription_budget: int = 900  # `trades` + one `bbo` canary per tape connection; 100 of 1000 left for precise
+    stale_after: float = 10.0  # no `bbo` canary on a tape connection for this long → stale, reconnect and backfill
     block_settle: float = 0.5  # a tape block is complete this long after its last trade (or when the coin moves on)
     dedup_window: float = 120.0  # trade ids kept per coin; covers the ~30-trade replay after every (re)subscribe
     backfill_max_coins: int = 8  # REST recentTrades after a tape reconnect (20+ weight each), watched coins first

@@ -10,8 +10,14 @@ REST reconcile. The coin list and volumes are re-read every `wide.universe_refre
 other busiest coins when the budget is short, rebuilds the tape connections.
 
 Sharding. The covered coins, busiest first, are dealt round-robin over `max_connections - user_slots`
-connections (`tape-0`, `tape-1`, …), so every connection carries liquid coins and "no trade for
-`wide.stale_after`" (the `Connection` stale detector with `trades` as the canary) means a stuck socket.
+connections (`tape-0`, `tape-1`, …), so every connection carries liquid coins.
+
+Liveness. Trades are no proof of life: at night, or in a quiet market, the least busy connection's coins can
+go minutes without one. So every tape connection also subscribes `bbo` of the busiest covered coin, whose
+best bid/offer moves nearly every block (`docs/protocol.md` §8), and that is its canary: no `bbo` frame for
+`wide.stale_after` (the `Connection` stale detector) means a stuck socket; silence on `trades` means nothing.
+One canary per connection counts against `wide.subscription_budget` and the shared subscription budget like
+a coin, so the covered coins are the budget minus the connections.
 
 Dedup. The server replays ~30 recent trades on every (re)subscribe, and REST backfills overlap the
 stream: a trade is new unless its `(time, tid)` was seen on its coin within `wide.dedup_window` of the
@@ -76,6 +82,7 @@ from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
 __all__ = [
+    "CANARY_CHANNEL",
     "CoveragePlan",
     "MarketTape",
     "TapeCoin",
@@ -84,6 +91,7 @@ __all__ = [
     "load_universe",
     "plan_coverage",
     "shard",
+    "split_budget",
 ]
 
 log = get_logger(__name__)
@@ -100,6 +108,8 @@ LOAD_RETRY_INITIAL_S: Final = 1.0
 LOAD_RETRY_MAX_S: Final = 60.0
 # How many uncovered coins /status lists by name (the count is always exact).
 STATUS_UNCOVERED: Final = 50
+# The tape connections' canary: `bbo` of the busiest coin moves nearly every block, traded or not.
+CANARY_CHANNEL: Final = "bbo"
 
 
 class TapeInfoApi(Protocol):
@@ -256,6 +266,15 @@ def plan_coverage(coins: Sequence[TapeCoin], budget: int) -> CoveragePlan:
     return CoveragePlan(covered=ranked[:budget], uncovered=ranked[budget:])
 
 
+def split_budget(granted: int, connections: int, coins: int) -> tuple[int, int]:
+    """`(connections, coins)` that `granted` subscriptions carry when each connection also needs its canary.
+
+    Every connection carries at least one coin, so no more connections than coins, and none without a coin.
+    """
+    used = max(0, min(connections, granted // 2, coins))
+    return used, min(coins, granted - used) if used else 0
+
+
 def shard(coins: Sequence[str], connections: int) -> list[list[str]]:
     """Deal coins (busiest first) round-robin over `connections`; empty shards are dropped."""
     if connections <= 0:
@@ -318,10 +337,13 @@ class MarketTape:
         on_universe: Callable[[TapeUniverse], None] | None = None,
         holdings: HoldingsIntake = NO_HOLDINGS,
         wall_ms: Callable[[], int] = _wall_ms,
+        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         # The tape's own stale threshold; everything else (ping, acks, backoff) as for every connection.
         self._conn_cfg = msgspec.structs.replace(cfg, stale_after=wide.stale_after)
+        self._clock = clock
+        self._canary_coin: str | None = None
         self._cfg = cfg
         self._wide = wide
         self._tracker = tracker
@@ -441,10 +463,17 @@ class MarketTape:
         """Run connections for `universe` until a refresh changes the coin list; return the new universe."""
         self.universe = universe
         connections = max(0, self._cfg.max_connections - self._cfg.user_slots)
-        budget = min(self._wide.subscription_budget, len(universe.coins)) if connections else 0
-        granted = self._reserve(budget)
-        plan = plan_coverage(universe.coins, granted)
+        n_coins = len(universe.coins)
+        # Every coin plus one canary per connection, as far as the tape's own budget allows.
+        wanted = min(self._wide.subscription_budget, n_coins + min(connections, n_coins)) if connections else 0
+        granted = self._reserve(wanted)
+        connections, covered = split_budget(granted, connections, n_coins)
+        if connections + covered < granted:
+            self._budget.release_subscriptions(granted - connections - covered)
+            self._subscribed = connections + covered
+        plan = plan_coverage(universe.coins, covered)
         self._plan = plan
+        self._canary_coin = plan.covered[0].coin if plan.covered else None
         self._metrics.tape_uncovered_coins.set(len(plan.uncovered))
         if plan.uncovered:
             log.warning(
@@ -501,15 +530,19 @@ class MarketTape:
         async def handler(event: ConnEvent) -> None:
             await self._handle(s, event)
 
+        assert self._canary_coin is not None  # a shard exists only when some coin is covered
+        subscriptions = [Subscription("trades", coin=coin) for coin in s.coins]
+        subscriptions.append(Subscription(CANARY_CHANNEL, coin=self._canary_coin))
         return Connection(
             name=f"tape-{s.index}",
             kind="tape",
-            subscriptions=[Subscription("trades", coin=coin) for coin in s.coins],
+            subscriptions=subscriptions,
             handler=handler,
             cfg=self._conn_cfg,
             budget=self._budget,
             metrics=self._metrics,
-            canary_channel="trades",
+            canary_channel=CANARY_CHANNEL,
+            clock=self._clock,
             wall_ms=self._wall_ms,
             rng=self._rng,
         )
