@@ -152,6 +152,7 @@ class WideConfig(_Section, frozen=True):
     max_addresses: int = 10_000  # watched addresses the tape tracks; beyond this they are reported, not tracked
     universe_refresh: float = 3600.0  # coin list and 24 h volumes are re-read this often (new listings)
     handover_hold: float = 600.0  # tape signals of a precise address are held this long in case it moves back to wide
+    engine_label_wait: float = 2.0  # a tape signal with an engine trade waits this long for its REST label (0 = off)
 
 
 class AddressesConfig(_Section, frozen=True):
@@ -435,6 +436,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "hyperliquid.fill_audit_interval", f"must be ≥ 0 (0 = off), got {cfg.hyperliquid.fill_audit_interval}"
         )
+    if cfg.wide.engine_label_wait < 0:
+        raise ConfigError("wide.engine_label_wait", f"must be ≥ 0 (0 = off), got {cfg.wide.engine_label_wait}")
     if cfg.wide.rest_share > 1:
         raise ConfigError("wide.rest_share", f"must be a share of the REST budget in (0, 1], got {cfg.wide.rest_share}")
     if cfg.service.lease_renew_interval >= cfg.service.lease_ttl:

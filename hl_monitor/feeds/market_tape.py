@@ -31,6 +31,10 @@ is complete, so a REST answer is never compared against a tape that may have mis
 `caught_up(t)` whether every trade up to exchange time `t` has been handed over (a busy service can hold
 seconds of tape in its queues: an answer compared before then would count those trades twice).
 
+Engine trades: the tape tells the tracker its wait for an engine-trade label (`wide.engine_label_wait`); the
+tracker parks such blocks and releases them on the tape's tick (see `tracking.tape`), and `finish` lets
+every parked signal go.
+
 Symbols: the tracker needs a `SymbolMap` with spot metadata (a spot trade moves its base token). The
 tape does not set it: the app's symbol loader feeds `TapeTracker.set_symbols` like the engine's; every
 loaded universe also goes to `on_universe` (`TapeUniverse.symbols()` builds a map from it).
@@ -129,6 +133,8 @@ class TapeIntake(Protocol):
     ) -> list[Signal]: ...
 
     def tick(self, now_ms: int) -> list[Signal]: ...
+    def set_label_wait(self, wait_ms: int) -> None: ...
+    def release_waiting(self) -> list[Signal]: ...
     def open_blocks(self) -> int: ...
     def coins_of_interest(self) -> set[str]: ...
     def addresses(self) -> list[str]: ...
@@ -344,6 +350,7 @@ class MarketTape:
         self._conn_cfg = msgspec.structs.replace(cfg, stale_after=wide.stale_after)
         self._clock = clock
         self._canary_coin: str | None = None
+        tracker.set_label_wait(round(wide.engine_label_wait * 1000))
         self._cfg = cfg
         self._wide = wide
         self._tracker = tracker
@@ -606,8 +613,10 @@ class MarketTape:
             await self._on_signals(signals)
 
     async def finish(self) -> None:
-        """Shutdown, intake stopped: every open block is complete now, so flush them all (the tape's last tick)."""
+        """Shutdown, intake stopped: every open block is complete now, so flush them all (the tape's last tick);
+        signals still waiting for an engine-trade label go out as they are."""
         await self._emit(self._tracker.tick(self._wall_ms() + round(self._wide.block_settle * 1000)))
+        await self._emit(self._tracker.release_waiting())
 
     async def _cancel_backfill(self, s: _Shard) -> None:
         task, s.backfill = s.backfill, None

@@ -517,6 +517,8 @@ class Faults:
         self._drop_acks: list[str | None] = []
         self._duplicates: Counter[str] = Counter()
         self._sticky_stalls: set[tuple[str, str | None]] = set()
+        self._held_rest: set[str] = set()
+        self._rest_released = asyncio.Event()
 
     @property
     def reject_webdata2(self) -> bool:
@@ -552,6 +554,16 @@ class Faults:
         self._sticky_stalls = {
             (c, u) for c, u in self._sticky_stalls if not ((channel is None or c == channel) and (wanted in (None, u)))
         }
+
+    def hold_rest(self, request_type: str) -> None:
+        """Leave REST requests of `request_type` unanswered (the connection stays open) until `release_rest`."""
+        self._held_rest.add(request_type)
+        self._rest_released.clear()
+
+    def release_rest(self) -> None:
+        """Answer every held REST request now, and later ones at once."""
+        self._held_rest.clear()
+        self._rest_released.set()
 
     def abrupt_close_all(self) -> int:
         """TCP-close every connection without a close frame (1006). Returns how many were closed."""
@@ -594,6 +606,10 @@ class Faults:
             self._duplicates[channel] -= 1
             return True
         return False
+
+    async def _hold(self, request_type: str) -> None:
+        while request_type in self._held_rest:
+            await self._rest_released.wait()
 
     def _sticky(self, channel: str, user: str | None) -> bool:
         return (channel, None) in self._sticky_stalls or (user is not None and (channel, user) in self._sticky_stalls)
@@ -677,6 +693,7 @@ class SimServer:
 
     async def stop(self) -> None:
         """Stop pushing, close every socket (1001), wait for the handlers, then stop the listener."""
+        self.faults.release_rest()
         for task in (self._push_task, self._mids_task, self._bbo_task):
             if task is not None:
                 task.cancel()
@@ -1080,6 +1097,7 @@ class SimServer:
                 status=HTTP_UNPROCESSABLE,
                 text="Failed to deserialize the JSON body into the target type: missing field `type`",
             )
+        await self.faults._hold(kind)
         try:
             result, items = self._info(req)
         except _BadRequest as exc:
