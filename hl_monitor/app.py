@@ -267,11 +267,15 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     )
     engine.on_unknown_coin = symbols.request_reload
     await symbols.load()  # a failed load keeps going (retried, counted)
+    mark_dexes = sorted(engine.symbols.dexes)
     positions: PositionsTier | None = None
     if keeper is not None:
-        marks = MarkFeed(
-            cfg.hyperliquid, intake=keeper, budget=budgets, metrics=metrics, dexes=sorted(engine.symbols.dexes)
-        )
+        # Marks ride on the tape's first connection; without a tape they need a connection of their own.
+        marks: MarkFeed | None = None
+        if tape_tracker is None and cfg.hyperliquid.user_slots < cfg.hyperliquid.max_connections:
+            marks = MarkFeed(cfg.hyperliquid, intake=keeper, budget=budgets, metrics=metrics, dexes=mark_dexes)
+        elif tape_tracker is None:
+            log.warning("every connection is a precise slot: marks move only with state frames")
         positions = PositionsTier(keeper=keeper, marks=marks, outbox=positions_outbox, kv=kv)
 
     planner: TierPlanner | None = None
@@ -299,6 +303,8 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             on_signals=sink,
             holdings=holdings,
             on_fills=fill_sink,
+            marks=keeper,
+            mark_dexes=mark_dexes,
         )
         wide = WideManager(
             cfg.wide,
@@ -418,7 +424,7 @@ async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> Non
             ]
         if c.cluster is not None:
             intake.append(start("cluster", c.cluster.run()))
-        if c.positions is not None:
+        if c.positions is not None and c.positions.marks is not None:
             intake.append(start("marks", c.positions.marks.run()))
         intake.append(start("tick", c.watch.run()))
         # Start-up objects (modules, SQLAlchemy, config, restored state) live as long as the process; frozen, the

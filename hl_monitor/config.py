@@ -144,8 +144,8 @@ class WideConfig(_Section, frozen=True):
     """The wide tier (docs/architecture.md §4): the `trades` tape of every coin, filtered by the watched set."""
 
     enabled: bool = True  # run the tape at all (cluster mode: also needs cluster.tape_role = "active")
-    subscription_budget: int = 900  # `trades` subscriptions; leaves 100 of the 1000 for precise users and retries
-    stale_after: float = 10.0  # no trade on a tape connection for this long → stale, reconnect and backfill
+    subscription_budget: int = 900  # `trades` + one `bbo` canary per tape connection; 100 of 1000 left for precise
+    stale_after: float = 10.0  # no `bbo` canary on a tape connection for this long → stale, reconnect and backfill
     block_settle: float = 0.5  # a tape block is complete this long after its last trade (or when the coin moves on)
     dedup_window: float = 120.0  # trade ids kept per coin; covers the ~30-trade replay after every (re)subscribe
     backfill_max_coins: int = 8  # REST recentTrades after a tape reconnect (20+ weight each), watched coins first
@@ -155,6 +155,7 @@ class WideConfig(_Section, frozen=True):
     max_addresses: int = 10_000  # watched addresses the tape tracks; beyond this they are reported, not tracked
     universe_refresh: float = 3600.0  # coin list and 24 h volumes are re-read this often (new listings)
     handover_hold: float = 600.0  # tape signals of a precise address are held this long in case it moves back to wide
+    engine_label_wait: float = 2.0  # a tape signal with an engine trade waits this long for its REST label (0 = off)
 
 
 class AddressesConfig(_Section, frozen=True):
@@ -451,6 +452,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "hyperliquid.fill_audit_interval", f"must be ≥ 0 (0 = off), got {cfg.hyperliquid.fill_audit_interval}"
         )
+    if cfg.wide.engine_label_wait < 0:
+        raise ConfigError("wide.engine_label_wait", f"must be ≥ 0 (0 = off), got {cfg.wide.engine_label_wait}")
     if cfg.wide.rest_share > 1:
         raise ConfigError("wide.rest_share", f"must be a share of the REST budget in (0, 1], got {cfg.wide.rest_share}")
     if cfg.service.lease_renew_interval >= cfg.service.lease_ttl:

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from hl_monitor.feeds.market_tape import TapeCoin, TradeDedup, plan_coverage, shard
-from hl_monitor.tracking.tape import MAX_BUFFERED, MAX_HISTORY, TapeTracker
+import msgspec
+
+from hl_monitor.domain.signal import LiquidationInfo
+from hl_monitor.feeds.market_tape import TapeCoin, TradeDedup, plan_coverage, shard, split_budget
+from hl_monitor.hyperliquid.protocol import WsTrade
+from hl_monitor.tracking.tape import MAX_BUFFERED, MAX_HISTORY, TapeTracker, is_engine_trade
+from tests.support.factories import fill
 from tests.support.tape import NOW, OTHER, T0, WHALE, rest, symbols, trade
 
 D = Decimal
 
 
-def tracker(**positions: str) -> TapeTracker:
+# How long a block with an engine trade waits for its label in these tests (the default `wide.engine_label_wait`).
+LABEL_WAIT_MS = 2000
+ENGINE_HASH = "0x" + "0" * 64
+
+
+def engine(t: WsTrade) -> WsTrade:
+    """The same trade as the engine executes it: all-zero hash."""
+    return msgspec.structs.replace(t, hash=ENGINE_HASH)
+
+
+def tracker(label_wait_ms: int = 0, **positions: str) -> TapeTracker:
     """A tracker watching WHALE, bootstrapped with the given perp positions (coin=szi)."""
-    tr = TapeTracker(symbols(), block_settle_ms=500, hold_ms=60_000, instance_id="t")
+    tr = TapeTracker(symbols(), block_settle_ms=500, hold_ms=60_000, instance_id="t", label_wait_ms=label_wait_ms)
     tr.add_address(WHALE, "whale")
     tr.apply_rest(WHALE, rest(dict(positions.items())), NOW)
     return tr
@@ -205,3 +220,92 @@ def test_coverage_takes_the_busiest_coins_and_shards_spread_them() -> None:
     assert shard(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]
     assert shard(["a"], 3) == [["a"]]
     assert shard(["a"], 0) == []
+
+
+def test_split_budget_gives_every_connection_a_canary_and_a_coin() -> None:
+    assert split_budget(900, 2, 1000) == (2, 898)
+    assert split_budget(900, 2, 10) == (2, 10)
+    assert split_budget(4, 1, 9) == (1, 3)
+    assert split_budget(3, 2, 9) == (1, 2)  # two connections would leave one of them without a coin
+    assert split_budget(1, 2, 9) == (0, 0)
+    assert split_budget(10, 5, 1) == (1, 1)
+
+
+def test_an_engine_block_waits_for_its_label_and_keeps_its_id() -> None:
+    """A liquidation's tape block is held until the whale's fills say what it was; the signal then carries the
+    liquidation block, and its id is the one it would have had unlabelled. A later block of the same whale
+    queues behind it, so the whale's signals keep their order."""
+    liquidated = engine(trade(7, "2", "99", buyer=OTHER, seller=WHALE, side="A"))
+    assert is_engine_trade(liquidated)
+    assert not is_engine_trade(trade(8, "1"))
+    plain = tracker(BTC="2")
+    [expected] = plain.on_trades("BTC", [liquidated], NOW) + plain.tick(NOW + 500)
+    tr = tracker(LABEL_WAIT_MS, BTC="2")
+    assert tr.on_trades("BTC", [liquidated], NOW) == []
+    assert tr.tick(NOW + 500) == []  # complete, but parked
+    [request] = tr.take_label_requests()
+    assert (request.address, request.start_ms, request.deadline_ms) == (WHALE, T0, NOW + 500 + LABEL_WAIT_MS)
+    assert tr.on_trades("BTC", [trade(8, "1", "98", t=T0 + 1000)], NOW + 600) == []
+    assert tr.tick(NOW + 1100) == []  # the reopen is complete too, and waits behind the liquidation
+    assert tr.waiting_labels() == 2
+    block = {"markPx": "98.5", "method": "market", "liquidatedUser": WHALE}
+    fills = [fill(50, 7, "2", "99", dir="Liquidated Cross Long", start="2", side="A", liquidation=block)]
+    closed, reopened = tr.apply_labels(WHALE, fills, NOW + 1200)
+    assert closed == msgspec.structs.replace(
+        expected, liquidation=LiquidationInfo(mark_px=Decimal("98.5"), method="market", liquidated_user=WHALE)
+    )
+    assert (reopened.direction, reopened.timestamp, reopened.liquidation) == ("open", T0 + 1000, None)
+    assert tr.take_label_requests() == []  # an ordinary block needs no read
+    assert (tr.stats.label_waits, tr.stats.labelled_liquidation, tr.stats.label_timeouts) == (1, 1, 0)
+
+
+def test_an_unanswered_label_lets_the_signal_go_unlabelled_at_the_deadline() -> None:
+    tr = tracker(LABEL_WAIT_MS, BTC="2")
+    tr.on_trades("BTC", [engine(trade(7, "2", "99", buyer=OTHER, seller=WHALE, side="A"))], NOW)
+    assert tr.tick(NOW + 500) == []
+    assert tr.tick(NOW + 500 + LABEL_WAIT_MS - 1) == []
+    [signal] = tr.tick(NOW + 500 + LABEL_WAIT_MS)
+    assert (signal.signal_id, signal.liquidation, signal.twap_id) == (f"{WHALE}:tape:BTC:CL:{T0}", None, None)
+    assert tr.stats.label_timeouts == 1
+    late = [fill(50, 7, "2", "99", dir="Liquidated Cross Long", start="2", side="A")]
+    assert tr.apply_labels(WHALE, late, NOW + 5000) == []  # a late answer sends nothing again
+
+
+def test_one_answer_labels_the_later_slices_of_a_twap_without_another_read() -> None:
+    tr = tracker(LABEL_WAIT_MS)
+    slices = [engine(trade(tid, "1", "100", t=T0 + 1000 * i)) for i, tid in enumerate((11, 12, 13))]
+    answer = [fill(60 + i, tid, "1", time=T0 + 1000 * i, twap_id=42) for i, tid in enumerate((11, 12, 13))]
+    assert tr.on_trades("BTC", slices[:1], NOW) == []
+    assert tr.tick(NOW + 500) == []
+    assert len(tr.take_label_requests()) == 1
+    [first] = tr.apply_labels(WHALE, answer, NOW + 600)  # the read was sent after every slice had happened
+    assert tr.on_trades("BTC", slices[1:2], NOW + 1000) == []
+    [second] = tr.on_trades("BTC", slices[2:], NOW + 2000)  # the coin moved on: the second slice's block is done
+    assert [s.twap_id for s in (first, second)] == [42, 42]
+    assert tr.take_label_requests() == []
+    [third] = tr.tick(NOW + 2500)
+    assert (third.twap_id, third.size, third.signal_id) == (42, Decimal(1), f"{WHALE}:tape:BTC:OL:{T0 + 2000}")
+    assert (tr.stats.label_waits, tr.stats.labelled_twap) == (3, 3)
+
+
+def test_an_engine_trade_against_an_ordinary_fill_is_released_as_it_is() -> None:
+    """The whale's resting order took the other side of a liquidation: its fill has no label, nothing is added."""
+    tr = tracker(LABEL_WAIT_MS)
+    tr.on_trades("BTC", [engine(trade(9, "1", "100"))], NOW)
+    assert tr.tick(NOW + 500) == []
+    [signal] = tr.apply_labels(WHALE, [fill(70, 9, "1")], NOW + 700)
+    assert (signal.liquidation, signal.twap_id) == (None, None)
+    assert (tr.stats.label_none, tr.stats.label_timeouts) == (1, 0)
+
+
+def test_labels_are_off_with_a_zero_wait_and_a_removed_address_lets_its_signals_go() -> None:
+    off = tracker()
+    off.on_trades("BTC", [engine(trade(9, "1", "100"))], NOW)
+    assert len(off.tick(NOW + 500)) == 1
+    assert off.take_label_requests() == []
+    tr = tracker(LABEL_WAIT_MS)
+    tr.on_trades("BTC", [engine(trade(9, "1", "100"))], NOW)
+    assert tr.tick(NOW + 500) == []
+    [signal] = tr.remove_address(WHALE, NOW + 600)
+    assert signal.liquidation is None
+    assert tr.release_waiting() == []

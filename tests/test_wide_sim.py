@@ -79,7 +79,9 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     metrics = Metrics()
     sim_kwargs: dict[str, Any] = {} if clock is None else {"clock": clock.now}
-    async with SimServer(sim_config or SimConfig(clearinghouse_push_interval=0.2), **sim_kwargs) as sim:
+    # The tape's canary (`bbo`) comes every 0.1 s, so a short `stale_after` in a test still means a stuck socket.
+    sim_config = sim_config or SimConfig(clearinghouse_push_interval=0.2, bbo_interval=0.1)
+    async with SimServer(sim_config, **sim_kwargs) as sim:
         cfg = fast_cfg(sim, **hl)
         wide_values: dict[str, Any] = {
             "stale_after": 30.0,
@@ -282,7 +284,8 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
         await watched(s, W1)
         async with flipping(s, NOISE, "0.01"):
             await asyncio.sleep(0.3)
-            s.sim.faults.stall("trades")  # the socket stays open, trades stop arriving
+            s.sim.faults.stall("trades")  # the socket stays open, nothing arrives: trades and the canary stop
+            s.sim.faults.stall("bbo")
             whale = s.sim.exchange.whale(W1)
             await whale.market_order("ETH", True, "2", "2300", fills=2)
             await wait_until(
@@ -363,12 +366,13 @@ def built_by_source(s: Stack) -> dict[str, int]:
 
 
 async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
-    """With a 4-coin budget the builder-dex coins are not on the tape; REST reconcile still sees the trade."""
+    """With a 4-subscription budget (3 coins and the canary) the builder-dex coins are not on the tape; REST
+    reconcile still sees the trade."""
     wide = {"subscription_budget": 4, "reconcile_interval": 0.3}
     async with stack(planner=False, precise=False, user_slots=9, wide=wide) as s:
         await watched(s, W1)
         assert "xyz:XYZ100" in s.tape.uncovered()
-        assert metric_value(s.metrics, "tape_uncovered_coins") == 5
+        assert metric_value(s.metrics, "tape_uncovered_coins") == 6
         whale = s.sim.exchange.whale(W1)
         await whale.market_order("xyz:XYZ100", False, "0.5", "25000")
         await whale.market_order("BTC", True, "1", "80000")  # covered: a tape signal, no drift
@@ -393,9 +397,9 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
 
 
 async def test_a_spot_pair_that_gets_busy_is_moved_onto_a_short_tape() -> None:
-    """Spot and perps are ranked on one volume scale (`spotMetaAndAssetCtxs`): with a 4-coin budget the quiet
-    HYPE spot pair starts uncovered; once it out-trades the covered perps, the next refresh puts it on the tape
-    and a whale's spot trade there comes out as a tape signal."""
+    """Spot and perps are ranked on one volume scale (`spotMetaAndAssetCtxs`): with a 4-subscription budget the quiet
+    HYPE spot pair starts uncovered (3 coins and the canary); once it out-trades the covered perps, the next
+    refresh puts it on the tape and a whale's spot trade there comes out as a tape signal."""
     wide = {"subscription_budget": 4, "universe_refresh": 0.3}
     async with stack(planner=False, precise=False, user_slots=9, wide=wide) as s:
         await watched(s, W1)
@@ -403,7 +407,7 @@ async def test_a_spot_pair_that_gets_busy_is_moved_onto_a_short_tape() -> None:
         mover = s.sim.exchange.whale(W2)  # not watched: only makes the pair the busiest market
         await mover.market_order("@107", True, "100000", "40")
         await wait_until(lambda: "@107" not in s.tape.uncovered(), within=10)
-        assert metric_value(s.metrics, "tape_uncovered_coins") == 5
+        assert metric_value(s.metrics, "tape_uncovered_coins") == 6
         await tape_live(s)
         await s.sim.exchange.whale(W1).market_order("@107", True, "10", "40")
         await wait_until(lambda: [x.coin for x in s.of(W1, "market_tape")] == ["@107"])

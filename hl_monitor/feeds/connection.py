@@ -16,7 +16,9 @@ Liveness, three layers:
   `ack_retries` re-sends the connection is rebuilt. `Already subscribed: {..}` counts as an ack (the
   first ack was lost, the subscription is in place).
 - `StaleDetector`: a canary channel (on user connections `allDexsClearinghouseState`, pushed about
-  every 5 s) must keep arriving even when pongs do; see its docstring for the adaptive threshold.
+  every 5 s; on tape connections `bbo` of the busiest coin, because trades may pause for minutes) must keep
+  arriving even when pongs do; every other data frame only proves the socket flows. See its docstring for
+  the adaptive threshold.
 
 Dialling goes through the per-IP budget: a connection slot for as long as the socket is open, a
 new-connection permit (30 a minute) for every dial, and a message permit for every frame sent.

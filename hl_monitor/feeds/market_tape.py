@@ -10,8 +10,14 @@ REST reconcile. The coin list and volumes are re-read every `wide.universe_refre
 other busiest coins when the budget is short, rebuilds the tape connections.
 
 Sharding. The covered coins, busiest first, are dealt round-robin over `max_connections - user_slots`
-connections (`tape-0`, `tape-1`, …), so every connection carries liquid coins and "no trade for
-`wide.stale_after`" (the `Connection` stale detector with `trades` as the canary) means a stuck socket.
+connections (`tape-0`, `tape-1`, …), so every connection carries liquid coins.
+
+Liveness. Trades are no proof of life: at night, or in a quiet market, the least busy connection's coins can
+go minutes without one. So every tape connection also subscribes `bbo` of the busiest covered coin, whose
+best bid/offer moves nearly every block (`docs/protocol.md` §8), and that is its canary: no `bbo` frame for
+`wide.stale_after` (the `Connection` stale detector) means a stuck socket; silence on `trades` means nothing.
+One canary per connection counts against `wide.subscription_budget` and the shared subscription budget like
+a coin, so the covered coins are the budget minus the connections.
 
 Dedup. The server replays ~30 recent trades on every (re)subscribe, and REST backfills overlap the
 stream: a trade is new unless its `(time, tid)` was seen on its coin within `wide.dedup_window` of the
@@ -28,6 +34,9 @@ seconds of tape in its queues: an answer compared before then would count those 
 Fills: with a fills sink (`on_fills`), the fill records the tracker made (`take_fills`: trades of wide-owned
 addresses, and held ones a handover released) are awaited into it before the signals of each frame and tick;
 the tick loop also carries those a REST read or a handover produced between frames.
+Engine trades: the tape tells the tracker its wait for an engine-trade label (`wide.engine_label_wait`); the
+tracker parks such blocks and releases them on the tape's tick (see `tracking.tape`), and `finish` lets
+every parked signal go.
 
 Symbols: the tracker needs a `SymbolMap` with spot metadata (a spot trade moves its base token). The
 tape does not set it: the app's symbol loader feeds `TapeTracker.set_symbols` like the engine's; every
@@ -65,8 +74,10 @@ from hl_monitor.feeds.connection import (
     SubscriptionFailed,
 )
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
+from hl_monitor.feeds.marks import MarkIntake
 from hl_monitor.feeds.supervisor import Backoff
 from hl_monitor.hyperliquid.protocol import (
+    AllMidsFrame,
     MetaAndAssetCtxs,
     PerpDexs,
     PerpMeta,
@@ -81,6 +92,7 @@ from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
 __all__ = [
+    "CANARY_CHANNEL",
     "CoveragePlan",
     "MarketTape",
     "TapeCoin",
@@ -89,6 +101,7 @@ __all__ = [
     "load_universe",
     "plan_coverage",
     "shard",
+    "split_budget",
 ]
 
 log = get_logger(__name__)
@@ -105,6 +118,8 @@ LOAD_RETRY_INITIAL_S: Final = 1.0
 LOAD_RETRY_MAX_S: Final = 60.0
 # How many uncovered coins /status lists by name (the count is always exact).
 STATUS_UNCOVERED: Final = 50
+# The tape connections' canary: `bbo` of the busiest coin moves nearly every block, traded or not.
+CANARY_CHANNEL: Final = "bbo"
 
 
 class TapeInfoApi(Protocol):
@@ -125,6 +140,8 @@ class TapeIntake(Protocol):
 
     def tick(self, now_ms: int) -> list[Signal]: ...
     def take_fills(self) -> list[FillRecord]: ...
+    def set_label_wait(self, wait_ms: int) -> None: ...
+    def release_waiting(self) -> list[Signal]: ...
     def open_blocks(self) -> int: ...
     def coins_of_interest(self) -> set[str]: ...
     def addresses(self) -> list[str]: ...
@@ -262,6 +279,15 @@ def plan_coverage(coins: Sequence[TapeCoin], budget: int) -> CoveragePlan:
     return CoveragePlan(covered=ranked[:budget], uncovered=ranked[budget:])
 
 
+def split_budget(granted: int, connections: int, coins: int) -> tuple[int, int]:
+    """`(connections, coins)` that `granted` subscriptions carry when each connection also needs its canary.
+
+    Every connection carries at least one coin, so no more connections than coins, and none without a coin.
+    """
+    used = max(0, min(connections, granted // 2, coins))
+    return used, min(coins, granted - used) if used else 0
+
+
 def shard(coins: Sequence[str], connections: int) -> list[list[str]]:
     """Deal coins (busiest first) round-robin over `connections`; empty shards are dropped."""
     if connections <= 0:
@@ -323,12 +349,18 @@ class MarketTape:
         on_signals: SignalSink,
         on_universe: Callable[[TapeUniverse], None] | None = None,
         holdings: HoldingsIntake = NO_HOLDINGS,
+        marks: MarkIntake | None = None,
+        mark_dexes: Sequence[str] = ("",),
         on_fills: FillSink | None = None,
         wall_ms: Callable[[], int] = _wall_ms,
+        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         # The tape's own stale threshold; everything else (ping, acks, backoff) as for every connection.
         self._conn_cfg = msgspec.structs.replace(cfg, stale_after=wide.stale_after)
+        self._clock = clock
+        self._canary_coin: str | None = None
+        tracker.set_label_wait(round(wide.engine_label_wait * 1000))
         self._cfg = cfg
         self._wide = wide
         self._tracker = tracker
@@ -338,6 +370,11 @@ class MarketTape:
         self._on_signals = on_signals
         self._on_universe = on_universe
         self._holdings = holdings
+        # Marks ride on the first tape connection: connections are the scarcest per-IP resource (docs/protocol.md §5).
+        self._marks = marks
+        self._mark_subscriptions = [Subscription("allMids", dex=dex or None) for dex in mark_dexes] if marks else []
+        self._marks_reserved = False
+        self.mark_pushes = 0
         self._on_fills = on_fills
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
@@ -402,6 +439,7 @@ class MarketTape:
             "continuous_since_ms": self.continuous_since_ms(),
             "dedup_keys": self._dedup.keys(),
             "open_blocks": self._tracker.open_blocks(),
+            "mark_pushes": self.mark_pushes,
         }
 
     # ------------------------------------------------------------------ running
@@ -444,15 +482,25 @@ class MarketTape:
         if self._subscribed:
             self._budget.release_subscriptions(self._subscribed, after_close=True)
             self._subscribed = 0
+        if self._marks_reserved:
+            self._budget.release_subscriptions(len(self._mark_subscriptions), after_close=True)
+            self._marks_reserved = False
 
     async def _run_plan(self, universe: TapeUniverse) -> TapeUniverse:
         """Run connections for `universe` until a refresh changes the coin list; return the new universe."""
         self.universe = universe
         connections = max(0, self._cfg.max_connections - self._cfg.user_slots)
-        budget = min(self._wide.subscription_budget, len(universe.coins)) if connections else 0
-        granted = self._reserve(budget)
-        plan = plan_coverage(universe.coins, granted)
+        n_coins = len(universe.coins)
+        # Every coin plus one canary per connection, as far as the tape's own budget allows.
+        wanted = min(self._wide.subscription_budget, n_coins + min(connections, n_coins)) if connections else 0
+        granted = self._reserve(wanted)
+        connections, covered = split_budget(granted, connections, n_coins)
+        if connections + covered < granted:
+            self._budget.release_subscriptions(granted - connections - covered)
+            self._subscribed = connections + covered
+        plan = plan_coverage(universe.coins, covered)
         self._plan = plan
+        self._canary_coin = plan.covered[0].coin if plan.covered else None
         self._metrics.tape_uncovered_coins.set(len(plan.uncovered))
         if plan.uncovered:
             log.warning(
@@ -463,6 +511,11 @@ class MarketTape:
                 granted=granted,
             )
         self._shards = [_Shard(i, coins) for i, coins in enumerate(shard([c.coin for c in plan.covered], connections))]
+        if self._mark_subscriptions and self._shards:
+            self._marks_reserved = self._budget.try_add_subscriptions(len(self._mark_subscriptions))
+            if not self._marks_reserved:
+                self._metrics.tape_events.labels(kind="marks_refused").inc()
+                log.warning("no subscription left for allMids: marks move only with state frames")
         self._started = True
         log.info("tape planned", coins=len(plan.covered), connections=len(self._shards))
         try:
@@ -509,15 +562,21 @@ class MarketTape:
         async def handler(event: ConnEvent) -> None:
             await self._handle(s, event)
 
+        assert self._canary_coin is not None  # a shard exists only when some coin is covered
+        subscriptions = [Subscription("trades", coin=coin) for coin in s.coins]
+        subscriptions.append(Subscription(CANARY_CHANNEL, coin=self._canary_coin))
+        if s.index == 0 and self._marks_reserved:
+            subscriptions.extend(self._mark_subscriptions)
         return Connection(
             name=f"tape-{s.index}",
             kind="tape",
-            subscriptions=[Subscription("trades", coin=coin) for coin in s.coins],
+            subscriptions=subscriptions,
             handler=handler,
             cfg=self._conn_cfg,
             budget=self._budget,
             metrics=self._metrics,
-            canary_channel="trades",
+            canary_channel=CANARY_CHANNEL,
+            clock=self._clock,
             wall_ms=self._wall_ms,
             rng=self._rng,
         )
@@ -526,6 +585,9 @@ class MarketTape:
 
     async def _handle(self, s: _Shard, event: ConnEvent) -> None:
         match event:
+            case Received(frame=AllMidsFrame(data=mids)) if self._marks is not None:
+                self.mark_pushes += 1
+                await self._marks.on_marks(mids.mids, event.received_ms)
             case Received(frame=TradesFrame(data=trades)) if trades:
                 await self._on_trades(s, trades, event.received_ms, backfilled=False)
             case Connected():
@@ -585,8 +647,10 @@ class MarketTape:
             await self._on_signals(signals)
 
     async def finish(self) -> None:
-        """Shutdown, intake stopped: every open block is complete now, so flush them all (the tape's last tick)."""
+        """Shutdown, intake stopped: every open block is complete now, so flush them all (the tape's last tick);
+        signals still waiting for an engine-trade label go out as they are."""
         await self._emit(self._tracker.tick(self._wall_ms() + round(self._wide.block_settle * 1000)))
+        await self._emit(self._tracker.release_waiting())
 
     async def _cancel_backfill(self, s: _Shard) -> None:
         task, s.backfill = s.backfill, None

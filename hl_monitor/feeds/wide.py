@@ -17,6 +17,16 @@ read is retried soon.
 The tracker does the arithmetic (`TapeTracker.apply_rest`): trades inside the request's window are
 ambiguous and skip their position this round; a drift is corrected, counted (`drift_corrections`) and
 reported as a `reconcile` signal.
+
+Engine-trade labels. The tracker parks a tape block that holds an engine trade (all-zero hash: liquidation,
+ADL, TWAP slice) for at most `wide.engine_label_wait` and asks for the address's fills from the block's time
+on (`take_label_requests`, polled with the answers). Those reads go ahead of reconcile reads, in the same
+paced schedule and share, at low priority (`userFillsByTime`, 20 weight + 1 per 20 fills): with the default
+share one read every 2 s. Requests of one address are merged into one read, which covers every fill up to
+when it is sent, so the later blocks of a burst are labelled from it too. A read that could not start
+before the wait ends is skipped, and one still unanswered when it ends is abandoned: the tracker has let the
+signal go unlabelled by then. An answer goes back to the tracker (`apply_labels`), which labels and releases
+the parked signals.
 """
 
 from __future__ import annotations
@@ -37,11 +47,13 @@ from hl_monitor.domain.address import Priority, TrackedBy
 from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
-from hl_monitor.hyperliquid.protocol import ClearinghouseState, SpotClearinghouseState
+from hl_monitor.hyperliquid.constants import info_weight
+from hl_monitor.hyperliquid.info import FillHistory
+from hl_monitor.hyperliquid.protocol import ClearinghouseState, Fill, SpotClearinghouseState
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
-__all__ = ["READ_WEIGHT_PER_DEX", "WideManager"]
+__all__ = ["LABEL_READ_WEIGHT", "READ_WEIGHT_PER_DEX", "WideManager"]
 
 log = get_logger(__name__)
 
@@ -56,6 +68,9 @@ RETRY_S: Final = 5.0
 EVALUATE_EVERY_S: Final = 0.05
 # Answers waiting for their settle time and the tape; beyond this, reads wait (one read is in flight at a time).
 MAX_PENDING: Final = 1024
+# What a label read is paced at before its answer is known: the base weight of `userFillsByTime`
+# (docs/protocol.md §4); the per-20-fills surcharge is settled once the answer is in.
+LABEL_READ_WEIGHT: Final = info_weight("userFillsByTime")
 
 
 class WideInfoApi(Protocol):
@@ -63,6 +78,20 @@ class WideInfoApi(Protocol):
         self, user: str, dex: str = "", *, priority: Priority = ...
     ) -> ClearinghouseState: ...
     async def spot_clearinghouse_state(self, user: str, *, priority: Priority = ...) -> SpotClearinghouseState: ...
+    async def user_fills_by_time(
+        self, user: str, start_ms: int, end_ms: int | None = None, *, priority: Priority = ...
+    ) -> FillHistory: ...
+
+
+class LabelRequest(Protocol):
+    """A parked tape block's read (`tracking.tape.LabelRequest`)."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def start_ms(self) -> int: ...
+    @property
+    def deadline_ms(self) -> int: ...
 
 
 class TapeView(Protocol):
@@ -96,6 +125,22 @@ class WideTracker(Protocol):
         window: tuple[int, int],
         now_ms: int,
     ) -> list[Signal]: ...
+
+    def take_label_requests(self) -> Sequence[LabelRequest]: ...
+    def apply_labels(self, address: str, fills: Sequence[Fill], now_ms: int) -> list[Signal]: ...
+
+
+@dataclass(slots=True)
+class _LabelRead:
+    """Every label request of one address not read yet, merged: the earliest block, the latest deadline."""
+
+    address: str
+    start_ms: int
+    deadline_ms: int
+
+    def merge(self, other: _LabelRead | LabelRequest) -> None:
+        self.start_ms = min(self.start_ms, other.start_ms)
+        self.deadline_ms = max(self.deadline_ms, other.deadline_ms)
 
 
 @dataclass(slots=True)
@@ -155,7 +200,9 @@ class WideManager:
         self._next_slot = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._pending: deque[_Read] = deque()
+        self._labels: dict[str, _LabelRead] = {}  # by address, oldest first
         self.reads = 0
+        self.label_reads = 0
         self.weight_spent = 0
 
     # ------------------------------------------------------------------ addresses
@@ -229,6 +276,8 @@ class WideManager:
             "rest_share_per_minute": round(self._rate * 60),
             "effective_interval_s": round(self.effective_interval(), 1),
             "pending_answers": len(self._pending),
+            "label_reads": self.label_reads,
+            "labels_waiting": len(self._labels),
         }
 
     # ------------------------------------------------------------------ running
@@ -238,6 +287,9 @@ class WideManager:
             tg.create_task(self._evaluate_loop(), name="wide:evaluate")
             while True:
                 address = await self._next_due()
+                if isinstance(address, _LabelRead):
+                    await self._start_label_read(address, tg)
+                    continue
                 if not self._dexes():
                     self._schedule(address, RETRY_S / 5)  # a read must cover every dex: the coin list is not loaded
                     continue
@@ -262,8 +314,12 @@ class WideManager:
                 timer.cancel()
             self._waiter = None
 
-    async def _next_due(self) -> str:
+    async def _next_due(self) -> str | _LabelRead:
+        """The next read: a label read if one is waiting (a signal is held for it), else the next due address."""
         while True:
+            if self._labels:
+                address = next(iter(self._labels))
+                return self._labels.pop(address)
             while self._heap:
                 due, _, address, version = self._heap[0]
                 entry = self._entries.get(address)
@@ -316,10 +372,58 @@ class WideManager:
         entry.last_read_ms = received
         self._schedule(address, self._cfg.reconcile_interval)
 
+    def _take_label_requests(self) -> None:
+        for req in self._tracker.take_label_requests():
+            job = self._labels.get(req.address)
+            if job is None:
+                self._labels[req.address] = _LabelRead(req.address, req.start_ms, req.deadline_ms)
+            else:
+                job.merge(req)
+            self._wake()
+
+    async def _start_label_read(self, job: _LabelRead, tg: asyncio.TaskGroup) -> None:
+        """Pace one label read and start it, unless it could not begin before its signals stop waiting."""
+        left = (job.deadline_ms - self._wall_ms()) / 1000
+        if max(0.0, self._next_slot - self._clock.now()) >= left:
+            self._metrics.tape_events.labels(kind="label_read_skipped").inc()
+            return
+        await self._pace(LABEL_READ_WEIGHT)
+        # Blocks parked while this read waited for its slot ride along: the read covers every fill up to now.
+        self._take_label_requests()
+        later = self._labels.pop(job.address, None)
+        if later is not None:
+            job.merge(later)
+        left = (job.deadline_ms - self._wall_ms()) / 1000
+        if left <= 0:
+            self._metrics.tape_events.labels(kind="label_read_skipped").inc()
+            return
+        tg.create_task(self._label_read(job, left), name=f"wide:label:{job.address}")
+
+    async def _label_read(self, job: _LabelRead, within: float) -> None:
+        try:
+            async with asyncio.timeout(within):
+                history = await self._info.user_fills_by_time(job.address, job.start_ms, priority="low")
+        except TimeoutError:
+            # The signals went out unlabelled at the deadline (the tracker counts them); nothing left to do.
+            self._metrics.tape_events.labels(kind="label_read_late").inc()
+            return
+        except (HlMonitorError, OSError) as exc:
+            self._metrics.tape_events.labels(kind="label_read_error").inc()
+            log.warning("engine-trade label read failed", address=job.address, error=repr(exc))
+            return
+        weight = info_weight("userFillsByTime", len(history.fills)) + LABEL_READ_WEIGHT * (history.requests - 1)
+        if self._rate > 0:
+            self._next_slot += (weight - LABEL_READ_WEIGHT) / self._rate  # the surcharge, paid by later reads
+        self.weight_spent += weight
+        self.label_reads += 1
+        self._metrics.tape_events.labels(kind="label_read").inc()
+        await self._emit(self._tracker.apply_labels(job.address, history.fills, self._wall_ms()))
+
     async def _evaluate_loop(self) -> None:
         settle_ms = round(self._cfg.reconcile_settle * 1000)
         while True:
             await asyncio.sleep(EVALUATE_EVERY_S)
+            self._take_label_requests()
             now = self._wall_ms()
             while self._pending:
                 hi = self._pending[0].window[1]

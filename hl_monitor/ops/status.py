@@ -81,7 +81,7 @@ class PositionsTier:
     """What whales hold: the keeper of the model, its mark feed, and where its outputs go (`positions.enabled`)."""
 
     keeper: PositionKeeper
-    marks: MarkFeed
+    marks: MarkFeed | None  # None: marks ride on the tape's first connection (or there is no slot for them)
     outbox: PublicationOutbox
     kv: KvView
 
@@ -180,7 +180,7 @@ class StatusView:
             if self._positions is None
             else {
                 "documents": len(self._positions.keeper.model),
-                "marks": self._positions.marks.status(),
+                "marks": self._positions.marks.status() if self._positions.marks is not None else None,
                 "outbox_depth": self._positions.outbox.depth,
                 "kv_queue_depth": self._positions.kv.depth,
                 "model": msgspec.to_builtins(self._positions.keeper.model.stats),

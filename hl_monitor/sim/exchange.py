@@ -13,7 +13,7 @@ Whale scripting (all coroutines, none of them suspend unless `interval` is given
     await w.fill(oid, "0.5")                               # partial maker fill
     await w.cancel(oid)                                    # `canceled` with the unfilled remainder
     await w.close("BTC", "80100")                          # reduce-only market order of the position
-    await w.liquidate("ETH", mark_px="2500")               # dir "Liquidated Cross Short", liquidation block
+    await w.liquidate("ETH", mark_px="2500")               # dir "Liquidated Cross Short", liquidation block, zero hash
     twap_id = await w.twap("SOL", True, "30", slices=3, px="95")   # twapId set, zero hash
     oid = await w.reject_order("SOL", True, "1000", "50", status="perpMarginRejected")
 
@@ -1242,8 +1242,9 @@ class Exchange:
         block = WireLiquidation(liquidated_user=acct.address, mark_px=wire_decimal(mark), method=method)
         ntl = size * mark
         opened = order.update()
+        # The engine executes liquidations: zero hash on the fills and the tape (docs/protocol.md §7).
         out_fills, trades = self._apply(
-            acct, order, pieces, aggressor=True, hash_=self._hash(), liquidation=block, liquidation_dir=label
+            acct, order, pieces, aggressor=True, hash_=ZERO_HASH, liquidation=block, liquidation_dir=label
         )
         filled = self._set_status(order, "filled")
         self._emit(acct.address, out_fills, trades, [opened, filled] if order_updates else [], coin)

@@ -20,9 +20,10 @@ without `user`, `user` (userEvents) frames with fills and liquidations, `clearin
 `allDexsClearinghouseState` and `spotState` (state on subscribe, then every `clearinghouse_push_interval`;
 every field a position carries, from the exchange's ledger: see `hl_monitor.sim.exchange`), `trades` with
 `users` (replay of the last `trades_replay` on subscribe), `allMids` (optional `dex`; the map on subscribe,
-then whenever a mid of that dex moves, by a trade or `Exchange.set_mid`, coalesced to one frame per 0.1 s
-and every `all_mids_interval`), `bbo`, `user` funding events (`Exchange.apply_funding`), ping/pong, idle
-timeout, `post` info requests, REST weights and 429.
+then whenever a mid of that dex moves, by a trade or `Exchange.set_mid`, coalesced to one frame per 0.1 s,
+and every `all_mids_interval`), `bbo` (on every trade of its coin and every `bbo_interval`: a live
+book's best quotes move nearly every block even when nothing trades), `user` funding events
+(`Exchange.apply_funding`), ping/pong, idle timeout, `post` info requests, REST weights and 429.
 
 Choices where the real server's behaviour is UNVERIFIED (docs/protocol.md §10):
 - Over the connection count or the new-connection rate: the upgrade is refused with HTTP 429.
@@ -83,6 +84,7 @@ DEFAULT_PUSH_INTERVAL_S: Final = 5.0  # allDexsClearinghouseState cadence on idl
 # otherwise push the whole map hundreds of times a second.
 MIDS_COALESCE_S: Final = 0.1
 DEFAULT_ALL_MIDS_INTERVAL_S: Final = 1.0  # live mids move every block; this is the sim's idle cadence
+DEFAULT_BBO_INTERVAL_S: Final = 1.0  # live BTC quotes move nearly every block (docs/protocol.md §8); sim's idle pace
 DEFAULT_TRADES_REPLAY: Final = 30  # trades replayed on subscribe (30 observed on testnet, docs/protocol.md §8)
 DEFAULT_FILLS_SNAPSHOT: Final = 2000  # userFills snapshot size (UNVERIFIED; matches the REST cap)
 DEFAULT_SEND_QUEUE: Final = 50_000  # frames queued per connection before it counts as a slow consumer
@@ -282,6 +284,7 @@ class SimConfig:
     idle_timeout: float = hl.SERVER_IDLE_TIMEOUT_S
     clearinghouse_push_interval: float = DEFAULT_PUSH_INTERVAL_S
     all_mids_interval: float = DEFAULT_ALL_MIDS_INTERVAL_S  # allMids cadence besides the push on every move
+    bbo_interval: float = DEFAULT_BBO_INTERVAL_S  # bbo cadence besides the push on every trade
     send_greeting: bool = False
     trades_replay: int = DEFAULT_TRADES_REPLAY
     fills_snapshot_size: int = DEFAULT_FILLS_SNAPSHOT
@@ -517,6 +520,8 @@ class Faults:
         self._drop_acks: list[str | None] = []
         self._duplicates: Counter[str] = Counter()
         self._sticky_stalls: set[tuple[str, str | None]] = set()
+        self._held_rest: set[str] = set()
+        self._rest_released = asyncio.Event()
 
     @property
     def reject_webdata2(self) -> bool:
@@ -552,6 +557,16 @@ class Faults:
         self._sticky_stalls = {
             (c, u) for c, u in self._sticky_stalls if not ((channel is None or c == channel) and (wanted in (None, u)))
         }
+
+    def hold_rest(self, request_type: str) -> None:
+        """Leave REST requests of `request_type` unanswered (the connection stays open) until `release_rest`."""
+        self._held_rest.add(request_type)
+        self._rest_released.clear()
+
+    def release_rest(self) -> None:
+        """Answer every held REST request now, and later ones at once."""
+        self._held_rest.clear()
+        self._rest_released.set()
 
     def abrupt_close_all(self) -> int:
         """TCP-close every connection without a close frame (1006). Returns how many were closed."""
@@ -595,6 +610,10 @@ class Faults:
             return True
         return False
 
+    async def _hold(self, request_type: str) -> None:
+        while request_type in self._held_rest:
+            await self._rest_released.wait()
+
     def _sticky(self, channel: str, user: str | None) -> bool:
         return (channel, None) in self._sticky_stalls or (user is not None and (channel, user) in self._sticky_stalls)
 
@@ -632,6 +651,7 @@ class SimServer:
         self._runner: web.AppRunner | None = None
         self._push_task: asyncio.Task[None] | None = None
         self._mids_task: asyncio.Task[None] | None = None
+        self._bbo_task: asyncio.Task[None] | None = None
         self._moved_dexes: set[str] = set()  # dexes whose mids moved since the last allMids flush
         self._mids_flush: asyncio.Handle | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -671,16 +691,18 @@ class SimServer:
         await web.SockSite(self._runner, sock).start()
         self._push_task = asyncio.create_task(self._push_loop(), name="sim-state-push")
         self._mids_task = asyncio.create_task(self._mids_loop(), name="sim-mids-push")
+        self._bbo_task = asyncio.create_task(self._bbo_loop(), name="sim-bbo-push")
         log.info("sim listening", ws_url=self.ws_url, info_url=self.info_url)
 
     async def stop(self) -> None:
         """Stop pushing, close every socket (1001), wait for the handlers, then stop the listener."""
-        for task in (self._push_task, self._mids_task):
+        self.faults.release_rest()
+        for task in (self._push_task, self._mids_task, self._bbo_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._push_task = self._mids_task = None
+        self._push_task = self._mids_task = self._bbo_task = None
         if self._mids_flush is not None:
             self._mids_flush.cancel()
             self._mids_flush = None
@@ -996,6 +1018,17 @@ class SimServer:
             await asyncio.sleep(self.config.all_mids_interval)
             self.push_mids()
 
+    def push_bbo(self) -> None:
+        """Push every subscribed coin's best bid/offer now (what the periodic task does)."""
+        for route, subs in list(self._routes.items()):
+            if route[0] == "bbo" and subs:
+                self._fanout("bbo", list(subs), self._bbo_frame(route[1]))
+
+    async def _bbo_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.bbo_interval)
+            self.push_bbo()
+
     # MarkListener: moved mids are pushed together at most every `MIDS_COALESCE_S`, however many fills moved them.
 
     def on_mids(self, coins: Collection[str]) -> None:
@@ -1067,6 +1100,7 @@ class SimServer:
                 status=HTTP_UNPROCESSABLE,
                 text="Failed to deserialize the JSON body into the target type: missing field `type`",
             )
+        await self.faults._hold(kind)
         try:
             result, items = self._info(req)
         except _BadRequest as exc:

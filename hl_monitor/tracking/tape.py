@@ -5,8 +5,8 @@ trade is turned into a fill the precise tier would have seen: side from `users` 
 `startPosition` from the position this tracker keeps, `dir` derived from that position exactly as the
 exchange labels it (open, close, or a flip `Long > Short`), then split into legs by `fills.split_fill`
 and folded by `aggregator.build_signal`, so size, VWAP, close ratio, position before/after and
-`position_rate` follow the precise tier's rules. What the tape cannot know stays null: `oid`, `status`,
-`liquidation` (a liquidation shows as an ordinary close), `twap_id`.
+`position_rate` follow the precise tier's rules. What the tape cannot know stays null: `oid`, `status`; `liquidation`
+and `twap_id` are filled only for engine trades whose fills could be read in time (below).
 
 `signal_id` = `{address}:tape:{coin}:{code}:{block_time}` where `code` is the leg's dir code
 (`OL OS CL CS B S`): it refines the trade side (every code has one side) and keeps the two halves of
@@ -20,6 +20,16 @@ be compared with the tracked position as it stood when the exchange answered. A 
 the position is corrected and a signal with `source`/`trigger` `reconcile` and id
 `{address}:recon:{coin}:{time}` (the open half of a flip: `…:{time}:open`) reports it; its price is the
 position's mark price from the REST answer, else the last tape price of the coin, else 0.
+
+Engine trades (`docs/protocol.md` §7): liquidations, ADL and TWAP slices reach the tape with an all-zero
+`hash`, and the tape says nothing more about them. A block of a wide-owned address holding such a trade is
+*parked*: its signals wait up to `label_wait_ms` (`wide.engine_label_wait`, set by the market tape; 0 turns
+this off) for the address's own fills from the block's time on, which `take_label_requests` hands to the
+wide manager (a REST read) and `apply_labels` brings back: matched by `tid`, a fill's `liquidation` block (or
+its liquidation-family `dir`) and `twapId` label the signal as the precise tier would. The answer's fills are
+kept (bounded) for blocks parked after it. Past the wait the signals
+go out unlabelled (`tick`, counted `label_timeouts`). A label never changes `signal_id`. While an address has
+parked signals its later blocks queue behind them, so one address's signals keep their order.
 
 Ownership (tier handover, see `feeds.planner`): the tracker follows every watched address, but emits a
 block only when the address is `wide`-owned and the block is newer than its `cut`; blocks of a
@@ -41,7 +51,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Final
 
@@ -49,11 +59,11 @@ import msgspec
 
 from hl_monitor.domain.address import TrackedBy
 from hl_monitor.domain.publication import FillRecord, fill_msg_id
-from hl_monitor.domain.signal import Signal, Source, Trigger
+from hl_monitor.domain.signal import LiquidationInfo, Signal, Source, Trigger
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, Fill, Side, SpotClearinghouseState, WsTrade
 from hl_monitor.hyperliquid.symbols import SymbolInfo, SymbolMap
 from hl_monitor.tracking.aggregator import build_signal, new_record
-from hl_monitor.tracking.fills import Leg, split_fill
+from hl_monitor.tracking.fills import LIQUIDATION_METHODS, Leg, split_fill
 from hl_monitor.tracking.positions import STABLE_TOKENS, PositionBook
 from hl_monitor.tracking.state import AggregationRecord
 
@@ -61,9 +71,12 @@ __all__ = [
     "MAX_BUFFERED",
     "MAX_HELD",
     "MAX_HISTORY",
+    "MAX_PARKED",
+    "LabelRequest",
     "RestPositions",
     "TapeStats",
     "TapeTracker",
+    "is_engine_trade",
     "perp_dir",
     "recon_signal_id",
     "rest_positions",
@@ -84,8 +97,20 @@ MAX_HELD: Final = 256
 MAX_HELD_FILLS: Final = 1024
 # Flushed block keys remembered per address, so a late trade of a flushed block gets a continuation id.
 MAX_FLUSHED_KEYS: Final = 64
+# Signal batches parked per address waiting for an engine-trade label; a longer queue means the labels are not
+# coming (no reader), so the oldest batch goes out unlabelled rather than holding memory.
+MAX_PARKED: Final = 64
+# Fills of label answers kept per address: a read covers every fill up to when it was sent, so a burst's later
+# engine blocks (TWAP slices, a cascade) usually find their fills here without a read of their own.
+MAX_LABEL_FILLS: Final = 256
 _ZERO: Final = Decimal(0)
 _NO_HASH: Final = "0x" + "0" * 64
+
+
+def is_engine_trade(trade: WsTrade) -> bool:
+    """An all-zero `hash`: the exchange's engine executed it (liquidation, ADL, TWAP slice; docs/protocol.md §7)."""
+    h = trade.hash
+    return len(h) > 2 and h.startswith("0x") and not h[2:].strip("0")
 
 
 def tape_signal_id(address: str, coin: str, code: str, block_time: int, continuation_tid: int | None = None) -> str:
@@ -160,6 +185,14 @@ def rest_positions(
     )
 
 
+class LabelRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Read `address`'s fills from `start_ms` (exchange time, a block's time) on, before `deadline_ms` (wall)."""
+
+    address: str
+    start_ms: int
+    deadline_ms: int
+
+
 class TapeStats(msgspec.Struct, kw_only=True):
     trades_matched: int = 0
     buffered: int = 0
@@ -176,10 +209,15 @@ class TapeStats(msgspec.Struct, kw_only=True):
     drifts_perp: int = 0
     drifts_spot: int = 0
     unwatched: int = 0
+    label_waits: int = 0  # signals with engine trades parked for a label
+    labelled_liquidation: int = 0
+    labelled_twap: int = 0
+    label_none: int = 0  # the fills came back without a label (an ordinary fill against the engine)
+    label_timeouts: int = 0  # released unlabelled: the fills were not read within the wait
 
 
 class _Block:
-    __slots__ = ("backfilled", "coin", "filled", "last_arrival", "notional", "owner", "records", "time")
+    __slots__ = ("backfilled", "coin", "engine_tids", "filled", "last_arrival", "notional", "owner", "records", "time")
 
     def __init__(self, owner: _Wide, coin: str, time: int, now: int) -> None:
         self.owner = owner
@@ -190,6 +228,20 @@ class _Block:
         self.backfilled = False
         self.filled = _ZERO  # the address's traded size in this block so far (running totals of its fills)
         self.notional = _ZERO
+        self.engine_tids: set[int] = set()
+
+
+class _Parked:
+    """Signals of one flushed block held back for an engine-trade label (or queued behind such a batch)."""
+
+    __slots__ = ("deadline", "needs", "resolved", "signals", "time")
+
+    def __init__(self, signals: list[Signal], needs: dict[str, frozenset[int]], time: int, deadline: int) -> None:
+        self.signals = signals
+        self.needs = needs  # signal_id → tids of its engine trades
+        self.time = time
+        self.deadline = deadline
+        self.resolved = not needs
 
 
 class _Wide:
@@ -207,8 +259,10 @@ class _Wide:
         "held_fills",
         "history",
         "label",
+        "label_fills",
         "marks",
         "owner",
+        "parked",
         "perp",
         "spot",
         "spot_usd",
@@ -231,6 +285,8 @@ class _Wide:
         self.flushed: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.held: deque[Signal] = deque(maxlen=MAX_HELD)
         self.held_fills: deque[FillRecord] = deque(maxlen=MAX_HELD_FILLS)
+        self.parked: deque[_Parked] = deque()
+        self.label_fills: OrderedDict[int, Fill] | None = None  # tid → fill, from label answers
 
 
 def _deep_size(obj: object, seen: set[int]) -> int:
@@ -260,6 +316,7 @@ class TapeTracker:
         hold_ms: int,
         instance_id: str | None = None,
         collect_fills: bool = False,
+        label_wait_ms: int = 0,
     ) -> None:
         self._symbols = symbols
         # Record every applied trade of a watched address for `take_fills` (off: nothing is kept).
@@ -267,6 +324,9 @@ class TapeTracker:
         self._fills: list[FillRecord] = []
         self._settle_ms = block_settle_ms
         self._hold_ms = hold_ms
+        self._label_wait_ms = label_wait_ms
+        self._requests: list[LabelRequest] = []
+        self._parked: dict[str, None] = {}  # addresses with parked signals
         self._instance_id = instance_id
         self.stats = TapeStats()
         # address → state; the tape matches `users` against this dict (one lookup per side of a trade).
@@ -279,6 +339,10 @@ class TapeTracker:
 
     def set_symbols(self, symbols: SymbolMap) -> None:
         self._symbols = symbols
+
+    def set_label_wait(self, wait_ms: int) -> None:
+        """How long a block with engine trades waits for its label (0: not at all, nothing is read)."""
+        self._label_wait_ms = max(0, wait_ms)
 
     def add_address(self, address: str, label: str | None = None) -> None:
         """Track an address (or relabel it); new addresses start wide-owned and un-bootstrapped."""
@@ -296,6 +360,7 @@ class TapeTracker:
         out: list[Signal] = []
         for block in list(st.blocks.values()):
             out.extend(self._flush(block, now_ms))
+        out.extend(self._release(st, now_ms, everything=True))
         del self._watched[address]
         return out
 
@@ -474,6 +539,8 @@ class TapeTracker:
         if late:
             self.stats.late_trades += 1
         block.backfilled = block.backfilled or backfilled
+        if is_engine_trade(trade):
+            block.engine_tids.add(trade.tid)
         for leg, part in parts:
             self._add(block, leg, part, now, continuation_tid=trade.tid if late else None)
         block.filled += sz
@@ -554,11 +621,124 @@ class TapeTracker:
         if st.address not in self._watched:
             return []
         self.stats.blocks += 1
+        records = sorted(block.records.values(), key=lambda r: r.open_close != "close")
         signals = [
             self._signal(st, rec, trigger="tape_block", source="market_tape", now=now, backfilled=block.backfilled)
-            for rec in sorted(block.records.values(), key=lambda r: r.open_close != "close")
+            for rec in records
         ]
-        return self._route(st, signals, now)
+        out = self._route(st, signals, now)
+        if not out or self._label_wait_ms <= 0 or not (block.engine_tids or st.parked):
+            return out
+        needs: dict[str, frozenset[int]] = {}
+        if block.engine_tids:
+            for rec in records:
+                tids = frozenset(f.tid for f in rec.fills if f.tid in block.engine_tids)
+                if tids:
+                    needs[rec.signal_id] = tids
+        return self._park(st, out, needs, block.time, now)
+
+    # ------------------------------------------------------------------------------------ engine labels
+
+    def _park(
+        self, st: _Wide, signals: list[Signal], needs: dict[str, frozenset[int]], time: int, now: int
+    ) -> list[Signal]:
+        needs = {sid: tids for sid, tids in needs.items() if any(s.signal_id == sid for s in signals)}
+        batch = _Parked(signals, needs, time, now + self._label_wait_ms)
+        if needs:
+            self.stats.label_waits += len(needs)
+            if not self._settle(st, batch):
+                self._requests.append(LabelRequest(address=st.address, start_ms=time, deadline_ms=batch.deadline))
+        st.parked.append(batch)
+        self._parked[st.address] = None
+        out: list[Signal] = []
+        while len(st.parked) > MAX_PARKED:
+            out.extend(self._pop_parked(st))
+        out.extend(self._release(st, now))
+        return out
+
+    def _pop_parked(self, st: _Wide) -> list[Signal]:
+        batch = st.parked.popleft()
+        if not batch.resolved:
+            self.stats.label_timeouts += len(batch.needs)
+        if not st.parked:
+            self._parked.pop(st.address, None)
+        return batch.signals
+
+    def _release(self, st: _Wide, now: int, *, everything: bool = False) -> list[Signal]:
+        """Parked signals that may go: from the front, while labelled (or not waiting) or past the wait."""
+        out: list[Signal] = []
+        parked = st.parked
+        while parked and (everything or parked[0].resolved or parked[0].deadline <= now):
+            out.extend(self._pop_parked(st))
+        return out
+
+    def take_label_requests(self) -> list[LabelRequest]:
+        """Fills to read for parked signals since the last call (the wide manager reads them over REST)."""
+        out, self._requests = self._requests, []
+        return out
+
+    def waiting_labels(self) -> int:
+        """Signals parked for a label or queued behind one."""
+        return sum(len(b.signals) for a in self._parked for b in self._watched[a].parked)
+
+    def apply_labels(self, address: str, fills: Sequence[Fill], now_ms: int) -> list[Signal]:
+        """A read of the address's recent fills: label the parked blocks whose engine trades it holds, release.
+
+        Each signal takes the liquidation block and TWAP id of the fills whose `tid` it holds; a block whose
+        fills are not in the answer keeps waiting (until its wait ends) in case a later read finds them. The
+        fills are kept for blocks parked later (at most MAX_LABEL_FILLS per address).
+        """
+        st = self._watched.get(address)
+        if st is None:
+            return []
+        kept = st.label_fills
+        if kept is None:
+            kept = st.label_fills = OrderedDict()
+        for fill in fills:
+            kept[fill.tid] = fill
+            kept.move_to_end(fill.tid)
+        while len(kept) > MAX_LABEL_FILLS:
+            kept.popitem(last=False)
+        for batch in st.parked:
+            if not batch.resolved:
+                self._settle(st, batch)
+        return self._release(st, now_ms)
+
+    def _settle(self, st: _Wide, batch: _Parked) -> bool:
+        """Label `batch` from the fills at hand if they hold every engine trade of it."""
+        kept = st.label_fills
+        if not kept or any(tid not in kept for tids in batch.needs.values() for tid in tids):
+            return False
+        batch.signals = [self._labelled(s, batch.needs.get(s.signal_id), kept) for s in batch.signals]
+        batch.resolved = True
+        return True
+
+    def _labelled(self, signal: Signal, tids: frozenset[int] | None, fills: Mapping[int, Fill]) -> Signal:
+        if not tids:
+            return signal
+        liquidation: LiquidationInfo | None = None
+        twap_id: int | None = None
+        for tid in sorted(tids):
+            fill = fills[tid]
+            if liquidation is None:
+                liquidation = _liquidation_of(fill)
+            if twap_id is None:
+                twap_id = fill.twap_id
+        if liquidation is None and twap_id is None:
+            self.stats.label_none += 1
+            return signal
+        if liquidation is not None:
+            self.stats.labelled_liquidation += 1
+        if twap_id is not None:
+            self.stats.labelled_twap += 1
+        return msgspec.structs.replace(signal, liquidation=liquidation, twap_id=twap_id)
+
+    def release_waiting(self) -> list[Signal]:
+        """Every parked signal, labelled or not (shutdown: nothing more will be read)."""
+        out: list[Signal] = []
+        for address in list(self._parked):
+            out.extend(self._release(self._watched[address], 0, everything=True))
+        return out
 
     def _route(self, st: _Wide, signals: list[Signal], now: int) -> list[Signal]:
         if st.owner == "precise":
@@ -611,6 +791,8 @@ class TapeTracker:
             if block.last_arrival + self._settle_ms > now_ms:
                 break
             out.extend(self._flush(block, now_ms))
+        for address in list(self._parked):
+            out.extend(self._release(self._watched[address], now_ms))
         horizon = now_ms - self._hold_ms
         for st in self._watched.values():
             held = st.held
@@ -757,6 +939,16 @@ class TapeTracker:
         """Approximate bytes of tracking state per address (all, or the given ones)."""
         chosen = self._watched if addresses is None else {a: self._watched[a] for a in addresses if a in self._watched}
         return [_deep_size(st, {id(st.label), id(st.address)}) for st in chosen.values()]
+
+
+def _liquidation_of(fill: Fill) -> LiquidationInfo | None:
+    """As the precise tier reads a fill (`tracking.aggregator`): its liquidation block, else its liquidation `dir`."""
+    block = fill.liquidation
+    if block is not None:
+        return LiquidationInfo(mark_px=block.mark_px, method=block.method, liquidated_user=block.liquidated_user)
+    if fill.dir in LIQUIDATION_METHODS:
+        return LiquidationInfo(mark_px=None, method=LIQUIDATION_METHODS[fill.dir])
+    return None
 
 
 def _dex(coin: str) -> str:
