@@ -159,6 +159,14 @@ def test_unreadable_entries_are_skipped_and_counted() -> None:
     assert (page.received, page.odd) == (8, {"invalid_item": 6})
 
 
+@pytest.mark.parametrize("px", ["sNaN", "-Infinity", "1e999999999", "0.0", "-0"])
+def test_a_tid_less_fill_with_any_price_is_read_or_skipped_never_raised(px: str) -> None:
+    page = decode_fills_page(encode([{**RECORDED_2023[0], "px": px}, RECORDED_2023[1]]))
+    assert page.received == 2
+    assert len(page.value) + page.odd.get("invalid_item", 0) == 2
+    assert page.value[-1].sz == Decimal("3749.1")
+
+
 def test_unknown_fields_are_ignored_and_counted() -> None:
     page = decode_fills_page(encode([{**GOOD_FILLS[0], "newExchangeField": {"a": 1}}, GOOD_FILLS[1]]))
     assert page.value == decode_info(encode(GOOD_FILLS[:2]), list[Fill])

@@ -840,9 +840,10 @@ SUBSTITUTE_TID_BIT: Final = 1 << 62
 def substitute_tid(coin: str, time: int, oid: int, side: str, px: Decimal, sz: Decimal, start_position: Decimal) -> int:
     """The dedup key of a fill that has no `tid`: the same for the same fill on every read.
 
-    `SUBSTITUTE_TID_BIT | blake2b-64("{coin}|{time}|{oid}|{side}|{px}|{sz}|{startPosition}") mod 2^62`, decimals
-    normalised (`1.50` and `1.5` give one key). `startPosition` tells apart the partial fills of one order in one
-    block at one price, which recorded tid-less pages contain (docs/protocol.md §3).
+    `SUBSTITUTE_TID_BIT | blake2b-64("{coin}|{time}|{oid}|{side}|{px}|{sz}|{startPosition}") mod 2^62`, each
+    decimal written as its digits without trailing zeros and its power of ten (`1.50` and `1.5` are `15e-1`).
+    `startPosition` tells apart the partial fills of one order in one block, which recorded tid-less pages
+    contain (docs/protocol.md §3).
     """
     text = "|".join((coin, str(time), str(oid), side, _canonical(px), _canonical(sz), _canonical(start_position)))
     digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
@@ -850,7 +851,14 @@ def substitute_tid(coin: str, time: int, oid: int, side: str, px: Decimal, sz: D
 
 
 def _canonical(value: Decimal) -> str:
-    return format(value.normalize(), "f")
+    """`digits` `e` `exponent` without trailing zeros; exact for any finite decimal (no context, no rounding)."""
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int), "only finite decimals reach here"
+    while len(digits) > 1 and digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    if digits == (0,):
+        sign, exponent = 0, 0
+    return f"{'-' if sign else ''}{''.join(map(str, digits))}e{exponent}"
 
 
 class Decoded(msgspec.Struct, Generic[_T], frozen=True):
@@ -887,6 +895,9 @@ class _LooseFill(_Wire, frozen=True):
     builder_fee: Decimal | None = None
     liquidation: Liquidation | None = None
     fee_trial_escrow: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        _require_finite(self.px, self.sz, self.start_position, self.closed_pnl, self.fee)
 
     def to_fill(self) -> Fill:
         tid = self.tid
