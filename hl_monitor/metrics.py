@@ -101,6 +101,19 @@ class Metrics:
         self.rest_requests = counter(
             "rest_requests", "REST /info requests by type and outcome.", ("request", "outcome")
         )
+        self.rest_items_odd = counter(
+            "rest_items_odd",
+            "Odd entries in REST answers by request and kind (skipped, or read with substitutes).",
+            ("request", "kind"),
+        )
+        self.rest_dex_fill_reads = counter(
+            "rest_dex_fill_reads",
+            "REST fill reads of precise addresses per perp dex (`first`, a listed dex, or `other`), by purpose.",
+            ("dex", "via"),
+        )
+        self.rest_dex_fills = counter(
+            "rest_dex_fills", "Fills REST fill reads returned per perp dex, by purpose.", ("dex", "via")
+        )
         self.addresses_by_tier = gauge(
             "addresses_by_tier", "Watched addresses by tier and assignment.", ("tier", "state")
         )

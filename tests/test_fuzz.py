@@ -19,9 +19,6 @@ from hypothesis import strategies as st
 from hl_monitor.errors import ProtocolError
 from hl_monitor.hyperliquid.protocol import (
     AllMids,
-    ClearinghouseState,
-    FrontendOrder,
-    HistoricalOrders,
     MetaAndAssetCtxs,
     OrderStatusResponse,
     PerpDexs,
@@ -29,9 +26,12 @@ from hl_monitor.hyperliquid.protocol import (
     SpotClearinghouseState,
     SpotMeta,
     SpotMetaAndAssetCtxs,
-    WsTrade,
-    decode_fills,
+    decode_clearinghouse_state,
+    decode_fills_page,
+    decode_frontend_orders_page,
+    decode_historical_orders_page,
     decode_info,
+    decode_trades_page,
 )
 from tests.support.frames import REAL_FRAMES, assert_decodes_or_typed_error, json_values, mutate
 from tests.support.paths import fixture
@@ -62,16 +62,17 @@ SPOT_ASSET_CTX: Final = {  # the documented field set
     "totalSupply": "999990000.0",
     "dayBaseVlm": "10000000.0",
 }
-# Every REST /info body the client decodes, with a real captured body (or a documented shape) to mutate.
+# Every REST /info body the client decodes, with the decoder the client uses (pages entry by entry:
+# tests/test_rest_items.py) and a real captured body (or a documented shape) to mutate.
 REST_TARGETS: Final[list[tuple[str, Callable[[bytes], Any], Any]]] = [
     (
         "clearinghouseState",
-        lambda r: decode_info(r, ClearinghouseState),
+        decode_clearinghouse_state,
         json.loads(fixture("http_clearinghouse_state.json")),
     ),
     (
         "clearinghouseState builder dex",
-        lambda r: decode_info(r, ClearinghouseState),
+        decode_clearinghouse_state,
         json.loads(fixture("http_clearinghouse_state_builder_perp.json")),
     ),
     (
@@ -79,17 +80,17 @@ REST_TARGETS: Final[list[tuple[str, Callable[[bytes], Any], Any]]] = [
         lambda r: decode_info(r, SpotClearinghouseState),
         json.loads(fixture("http_spot_clearinghouse_state.json")),
     ),
-    ("userFills", decode_fills, json.loads(fixture("http_user_fills.json"))),
-    ("userFills cloid", decode_fills, json.loads(fixture("http_user_fills_with_cloid.json"))),
-    ("userFills dust", decode_fills, json.loads(fixture("http_user_fills_dust_conversion.json"))),
+    ("userFills", decode_fills_page, json.loads(fixture("http_user_fills.json"))),
+    ("userFills cloid", decode_fills_page, json.loads(fixture("http_user_fills_with_cloid.json"))),
+    ("userFills dust", decode_fills_page, json.loads(fixture("http_user_fills_dust_conversion.json"))),
     (
         "frontendOpenOrders",
-        lambda r: decode_info(r, list[FrontendOrder]),
+        decode_frontend_orders_page,
         json.loads(fixture("http_frontend_open_orders.json")),
     ),
     (
         "historicalOrders",
-        lambda r: decode_info(r, HistoricalOrders),
+        decode_historical_orders_page,
         [json.loads(fixture("http_historical_order_liquidation_market.json"))],
     ),
     (
@@ -109,7 +110,7 @@ REST_TARGETS: Final[list[tuple[str, Callable[[bytes], Any], Any]]] = [
         lambda r: decode_info(r, SpotMetaAndAssetCtxs),
         [json.loads(fixture("http_spot_meta_non_usdc_collateral.json")), [SPOT_ASSET_CTX]],
     ),
-    ("recentTrades", lambda r: decode_info(r, list[WsTrade]), json.loads(fixture("http_recent_trades_btc.json"))),
+    ("recentTrades", decode_trades_page, json.loads(fixture("http_recent_trades_btc.json"))),
     ("allMids", lambda r: decode_info(r, AllMids), {"BTC": "80000.5", "@107": "40.1"}),
     ("perpDexs", lambda r: decode_info(r, PerpDexs), [None, {"name": "xyz", "fullName": "XYZ"}]),
 ]

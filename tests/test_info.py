@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 
@@ -17,10 +18,12 @@ from hl_monitor.config import HyperliquidConfig
 from hl_monitor.errors import InfoError, ProtocolError, RateLimitedError
 from hl_monitor.feeds.budget import Budgets
 from hl_monitor.hyperliquid.constants import INFO_ITEM_WEIGHTED, info_weight
-from hl_monitor.hyperliquid.info import InfoClient
+from hl_monitor.hyperliquid.info import FillHistory, InfoClient, merge_fill_histories
+from hl_monitor.hyperliquid.protocol import decode_fills
 from hl_monitor.metrics import Metrics
 from hl_monitor.sim.server import SimConfig, SimServer
 from tests.support.budget import max_in_any_window
+from tests.support.metrics import metric_value
 from tests.support.net import free_port
 from tests.support.paths import FIXTURES
 
@@ -358,6 +361,74 @@ async def test_user_fills_by_time_pages_until_caught_up(server: FakeInfo, newest
     assert first == {"type": "userFillsByTime", "user": USER, "startTime": 1_700_000_000_000, "aggregateByTime": False}
     assert budgets.snapshot()["rest_weight"]["used"] == sum(w for _, w in server.charged)
     assert weight_used(metrics) == sum(w for _, w in server.charged) == 3 * 20 + (2000 + 2000 + 502) // 20
+
+
+async def test_fills_of_a_builder_dex_are_asked_with_its_name(server: FakeInfo) -> None:
+    """REST fills are dex-scoped (docs/protocol.md §4): a builder dex is named, the first dex is the default."""
+    metrics = Metrics()
+    budgets = Budgets(HyperliquidConfig(), metrics)
+    server.fills = make_fills(3)
+    async with client(server.url, budgets, metrics) as info:
+        await info.user_fills_by_time(USER, 1_700_000_000_000, dex="xyz")
+        await info.user_fills(USER, dex="xyz")
+        await info.user_fills_by_time(USER, 1_700_000_000_000, dex="")
+    assert server.requests == [
+        {
+            "type": "userFillsByTime",
+            "user": USER,
+            "startTime": 1_700_000_000_000,
+            "aggregateByTime": False,
+            "dex": "xyz",
+        },
+        {"type": "userFills", "user": USER, "aggregateByTime": False, "dex": "xyz"},
+        {"type": "userFillsByTime", "user": USER, "startTime": 1_700_000_000_000, "aggregateByTime": False},
+    ]
+
+
+def test_histories_of_several_dexes_merge_once_in_time_order() -> None:
+    first = decode_fills(json.dumps(make_fills(4)).encode())
+    builder = [msgspec.structs.replace(f, coin="xyz:XYZ100", tid=f.tid + 100) for f in first[:2]]
+    merged = merge_fill_histories(
+        [FillHistory(first, False, 1), FillHistory([*builder, first[3]], True, 2), FillHistory([], False, 1)]
+    )
+    assert [f.tid for f in merged.fills] == [10_000, 10_001, 10_100, 10_101, 10_002, 10_003]
+    assert (merged.truncated, merged.requests) == (True, 4)
+
+
+async def test_odd_entries_cost_neither_the_page_nor_the_paging(server: FakeInfo) -> None:
+    """An unreadable entry in a full page is skipped and counted; the page still counts as full, so paging goes
+    on; tid-less fills keep their substitute key on every read (docs/protocol.md §3)."""
+    metrics = Metrics()
+    budgets = Budgets(HyperliquidConfig(), metrics)
+    rows: list[dict[str, Any]] = make_fills(2100)
+    rows[5] = {"time": rows[5]["time"], "coin": "BTC", "px": "not a price"}
+    del rows[7]["tid"]
+    del rows[8]["fee"], rows[8]["feeToken"]
+    rows[9]["someNewField"] = [1, 2]
+    server.fills = rows
+    async with client(server.url, budgets, metrics) as info:
+        history = await info.user_fills_by_time(USER, 1_700_000_000_000)
+        again = await info.user_fills_by_time(USER, 1_700_000_000_000)
+    assert len(history.fills) == 2099
+    assert history.fills == again.fills
+    assert not history.truncated
+    (substituted,) = [f for f in history.fills if f.tid_substituted]
+    assert substituted.oid == 500_000_000_007
+    assert {f.oid: f.fee for f in history.fills}[500_000_000_008] == 0
+    assert all(f.tid == 10_000 + f.oid - 500_000_000_000 for f in history.fills if f.oid != 500_000_000_007)
+
+    def odd(kind: str) -> float:
+        return metric_value(metrics, "rest_items_odd_total", request="userFillsByTime", kind=kind)
+
+    assert [odd(k) for k in ("invalid_item", "missing_tid", "missing_fee", "missing_fee_token", "unknown_field")] == [
+        2,
+        2,
+        2,
+        2,
+        2,
+    ]
+    # Weight goes by what the server sent, the unreadable entry included.
+    assert weight_used(metrics) == sum(w for _, w in server.charged)
 
 
 async def test_user_fills_by_time_with_end_and_few_fills_is_one_request(server: FakeInfo) -> None:

@@ -129,6 +129,30 @@ async def test_user_fills_newest_first_capped_at_2000(http: aiohttp.ClientSessio
     assert sim.stats.rest_weight_used == hl.info_weight("userFills", 2000) == 20 + 100
 
 
+async def test_rest_fills_are_dex_scoped_like_the_exchange(http: aiohttp.ClientSession) -> None:
+    """Without `dex` (or with `""`) REST fills are the first perp dex's and spot's; with `dex` that builder dex's
+    only (docs/protocol.md §4). The `userFills` snapshot over the socket keeps every dex."""
+    async with SimServer() as sim:
+        w = sim.exchange.whale(W1)
+        await w.market_order("BTC", True, "0.5", "80000")
+        await w.market_order("xyz:XYZ100", True, "0.2", "25000", fills=2)
+        await w.market_order("@107", True, "3", "40")
+        plain = decode_fills(await info(http, sim, {"type": "userFills", "user": W1}))
+        first = decode_fills(await info(http, sim, {"type": "userFills", "user": W1, "dex": ""}))
+        builder = decode_fills(await info(http, sim, {"type": "userFills", "user": W1, "dex": "xyz"}))
+        by_time = {"type": "userFillsByTime", "user": W1, "startTime": 0}
+        first_by_time = decode_fills(await info(http, sim, by_time))
+        builder_by_time = decode_fills(await info(http, sim, {**by_time, "dex": "xyz"}))
+        unknown = decode_fills(await info(http, sim, {"type": "userFills", "user": W1, "dex": "nope"}))
+        snapshot = sim.exchange.fills_snapshot(W1, 100)
+    assert sorted(f.coin for f in plain) == sorted(f.coin for f in first) == ["@107", "BTC"]
+    assert [f.coin for f in builder] == ["xyz:XYZ100", "xyz:XYZ100"]
+    assert sorted(f.coin for f in first_by_time) == ["@107", "BTC"]
+    assert [f.coin for f in builder_by_time] == ["xyz:XYZ100", "xyz:XYZ100"]
+    assert unknown == []
+    assert sorted({f.coin for f in snapshot}) == ["@107", "BTC", "xyz:XYZ100"]
+
+
 async def test_user_fills_by_time_inclusive_paging_and_reach() -> None:
     """userFillsByTime: inclusive bounds, oldest first, ≤2000 per page, only the newest N fills reachable."""
     clock = FakeClock()

@@ -14,7 +14,8 @@ Gap recovery runs after every (re)connect, including the first one after a resta
 2. The `userFills` snapshot arrives by itself after the subscribe (the engine tells a snapshot of a
    new address, which only seeds the watermark, from one after a gap).
 3. Once live: REST `userFillsByTime` from gap start − `backfill_margin` (fills older than the snapshot
-   reaches), fed to `engine.on_backfill` (dedup on tid is the engine's).
+   reaches) of every perp dex the address uses, merged, fed to `engine.on_backfill` (dedup on tid is the
+   engine's). REST fills are dex-scoped (docs/protocol.md §4): without `dex` only the first perp dex answers.
 4. REST `orderStatus` for every oid the engine still has pending (`orderUpdates` does not replay).
 5. REST `clearinghouseState` of the core dex. All dexs come anyway with the `allDexsClearinghouseState`
    push that follows the subscribe; one 2-weight call is enough to reconcile the book now.
@@ -30,13 +31,22 @@ posts them like a backfill. Fills the engine had not seen are processed (signals
 counted; any such fill means the subscription lost events while the canary still flowed, so the
 connection is rebuilt (`reconnects{reason="fills_missed"}`), which resubscribes and runs a full gap
 recovery. Fills are the check rather than positions: they also catch an open and close that cancel out,
-and they repair what they find. One read every 5 minutes per precise address costs 20 weight plus 1 per
-20 fills it returns (8 whales at 2,000 fills per window each: ~200 of the 1,200 a minute).
+and they repair what they find. One read every 5 minutes per precise address and dex it uses costs 20 weight
+plus 1 per 20 fills it returns (8 whales on one dex at 2,000 fills per window each: ~200 of the 1,200 a minute).
+
+Which dexes an address uses: the first perp dex always (it also answers for spot fills); every dex whose state
+in the `allDexsClearinghouseState` frames holds a position or collateral; every dex of a fill coin the stream
+has seen (`xyz:XYZ100` → `xyz`). The set only grows while the stream lives. Until the first state frame has
+come (a recovery waits for it up to `DEX_STATE_WAIT_S`), every perp dex the symbol map lists is asked. Reads are
+counted per dex (`rest_dex_fill_reads`, `rest_dex_fills`; label `first`, a listed dex, or `other`).
+Known limit: a dex the address funded, traded and emptied again entirely inside one gap shows in no state and
+no fill the stream saw; its fills of that gap are not read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,7 +71,7 @@ from hl_monitor.feeds.connection import (
 )
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
 from hl_monitor.feeds.supervisor import Backoff
-from hl_monitor.hyperliquid.info import FillHistory
+from hl_monitor.hyperliquid.info import FillHistory, merge_fill_histories
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
     AllDexsClearinghouseStateFrame,
@@ -80,6 +90,7 @@ from hl_monitor.hyperliquid.protocol import (
     UserTwapHistoryFrame,
     WsOrder,
 )
+from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
@@ -109,6 +120,12 @@ AUDIT_FIRST_MIN_SHARE: Final = 0.5
 # `userTwapHistory` entries held while a gap is open (one per TWAP, newest state). They only end TWAP
 # aggregations early; beyond this the oldest are dropped and those TWAPs flush by timeout as before.
 MAX_HELD_TWAPS: Final = 1000
+# How long a fill read waits for the first state frame to tell which dexes the address uses: the server sends
+# the state on subscribe and about every 5 s after (docs/protocol.md §8). Past it, every listed dex is asked.
+DEX_STATE_WAIT_S: Final = 6.0
+# Metric label of the first perp dex (its name is the empty string) and of a dex the symbol map does not list.
+FIRST_DEX_LABEL: Final = "first"
+OTHER_DEX_LABEL: Final = "other"
 
 
 class Watermark(Protocol):
@@ -132,6 +149,8 @@ class Tracker(Protocol):
     def pending_oids(self, address: str) -> Iterable[int]: ...
     def watermark(self, address: str) -> Watermark | None: ...
     def take_fills(self) -> list[FillRecord]: ...
+    @property
+    def symbols(self) -> SymbolMap: ...
 
 
 class InfoApi(Protocol):
@@ -139,7 +158,7 @@ class InfoApi(Protocol):
 
     async def order_status(self, user: str, oid: int | str, *, priority: Priority = ...) -> OrderStatusResponse: ...
     async def user_fills_by_time(
-        self, user: str, start_ms: int, end_ms: int | None = None, *, priority: Priority = ...
+        self, user: str, start_ms: int, end_ms: int | None = None, *, dex: str = ..., priority: Priority = ...
     ) -> FillHistory: ...
     async def clearinghouse_state(
         self, user: str, dex: str = "", *, priority: Priority = ...
@@ -247,6 +266,8 @@ class UserStream:
         self._held_twaps: dict[int, TwapHistoryEntry] = {}  # TWAP states that came during a gap
         self.audits = 0
         self.fills_missed = 0
+        self._dexes: set[str] = {""}  # perp dexes the address uses (module docstring)
+        self._dexes_known = asyncio.Event()  # set once a state frame told which dexes hold something
 
     @property
     def user_subscription_count(self) -> int:
@@ -260,6 +281,7 @@ class UserStream:
             "recoveries": self.recoveries,
             "audits": self.audits,
             "fills_missed": self.fills_missed,
+            "dexes": sorted(self.fill_dexes()),
             "over_budget": self.over_budget,
             **self.connection.status(),
         }
@@ -303,6 +325,7 @@ class UserStream:
                 log.error("subscription refused", address=self.address, kind=event.kind, text=event.text[:300])
             case _Backfill():
                 try:
+                    self._note_fill_dexes(event.fills)
                     if event.audit_epoch is not None:
                         if event.audit_epoch == self._recovered_epoch == self.connection.epoch:
                             event.unseen = self._tracker.unseen_fills(self.address, event.fills)
@@ -339,6 +362,7 @@ class UserStream:
         now_ms = event.received_ms
         match event.frame:
             case UserFillsFrame(data=fills) if self._mine(fills.user, "userFills"):
+                self._note_fill_dexes(fills.fills)
                 if not fills.is_snapshot:
                     observe = self._metrics.exchange_to_receive_seconds.labels(source="user_fills").observe
                     for fill in fills.fills:
@@ -350,6 +374,7 @@ class UserStream:
                 self._metrics.order_updates_received.inc(len(updates))
                 await self._emit(self._tracker.on_order_updates(self.address, updates, now_ms))
             case AllDexsClearinghouseStateFrame(data=state) if self._mine(state.user, CANARY_CHANNEL):
+                self._note_state_dexes(state)
                 self._tracker.on_clearinghouse(self.address, state, now_ms)
                 await self._holdings.on_state(state, now_ms)
             case SpotStateFrame(data=spot) if self._mine(spot.user, "spotState"):
@@ -362,6 +387,46 @@ class UserStream:
                     await self._emit(self._tracker.on_twap_history(self.address, twaps, now_ms))
             case _:
                 pass  # bbo (the flow canary) and anything else: liveness only, nothing to track
+
+    # ------------------------------------------------------------------ dexes
+
+    def fill_dexes(self) -> frozenset[str]:
+        """The perp dexes a fill read asks now (module docstring): the used ones, or every listed one if unknown."""
+        if self._dexes_known.is_set():
+            return frozenset(self._dexes)
+        return frozenset(self._dexes) | self._tracker.symbols.dexes
+
+    def _note_state_dexes(self, data: AllDexsClearinghouseStateData) -> None:
+        for dex, state in data.clearinghouse_states:
+            if state.asset_positions or state.margin_summary.account_value or state.withdrawable:
+                self._dexes.add(dex)
+        self._dexes_known.set()
+
+    def _note_fill_dexes(self, fills: Iterable[Fill]) -> None:
+        dexes = self._dexes
+        for fill in fills:
+            coin = fill.coin
+            if ":" in coin:
+                dexes.add(coin.split(":", 1)[0])
+
+    def _dex_label(self, dex: str) -> str:
+        if not dex:
+            return FIRST_DEX_LABEL
+        return dex if dex in self._tracker.symbols.dexes else OTHER_DEX_LABEL
+
+    async def _read_fills(self, start: int, end: int | None, *, priority: Priority, via: str) -> FillHistory:
+        """`userFillsByTime` of every dex the address uses, merged; one failed read fails the whole read."""
+        if not self._dexes_known.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dexes_known.wait(), DEX_STATE_WAIT_S)
+        histories: list[FillHistory] = []
+        for dex in sorted(self.fill_dexes()):
+            history = await self._info.user_fills_by_time(self.address, start, end, dex=dex, priority=priority)
+            label = self._dex_label(dex)
+            self._metrics.rest_dex_fill_reads.labels(dex=label, via=via).inc()
+            self._metrics.rest_dex_fills.labels(dex=label, via=via).inc(len(history.fills))
+            histories.append(history)
+        return merge_fill_histories(histories)
 
     def _hold_twaps(self, entries: list[TwapHistoryEntry]) -> None:
         held = self._held_twaps
@@ -422,7 +487,7 @@ class UserStream:
         covered_to = self._wall_ms()
         if self._gap_start is not None:
             start = max(0, self._gap_start - int(self._cfg.backfill_margin * 1000))
-            history = await self._info.user_fills_by_time(self.address, start, priority="high")
+            history = await self._read_fills(start, None, priority="high", via="recovery")
             newer = sum(1 for f in history.fills if f.time > self._gap_start)
             self._metrics.backfilled_fills.labels(via="rest").inc(newer)
             if history.truncated:
@@ -468,7 +533,7 @@ class UserStream:
             self._metrics.fill_audits.labels(outcome="skipped").inc()
             return
         end = self._wall_ms() - AUDIT_LAG_MS
-        history = await self._info.user_fills_by_time(self.address, start - AUDIT_OVERLAP_MS, end, priority="low")
+        history = await self._read_fills(start - AUDIT_OVERLAP_MS, end, priority="low", via="audit")
         audit = _Backfill(history.fills, audit_epoch=epoch)
         await conn.post(audit)
         await audit.done.wait()

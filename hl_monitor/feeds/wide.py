@@ -48,7 +48,7 @@ from hl_monitor.domain.signal import Signal, SignalSink
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
 from hl_monitor.hyperliquid.constants import info_weight
-from hl_monitor.hyperliquid.info import FillHistory
+from hl_monitor.hyperliquid.info import FillHistory, merge_fill_histories
 from hl_monitor.hyperliquid.protocol import ClearinghouseState, Fill, SpotClearinghouseState
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
@@ -79,7 +79,7 @@ class WideInfoApi(Protocol):
     ) -> ClearinghouseState: ...
     async def spot_clearinghouse_state(self, user: str, *, priority: Priority = ...) -> SpotClearinghouseState: ...
     async def user_fills_by_time(
-        self, user: str, start_ms: int, end_ms: int | None = None, *, priority: Priority = ...
+        self, user: str, start_ms: int, end_ms: int | None = None, *, dex: str = "", priority: Priority = ...
     ) -> FillHistory: ...
 
 
@@ -88,6 +88,8 @@ class LabelRequest(Protocol):
 
     @property
     def address(self) -> str: ...
+    @property
+    def dexes(self) -> frozenset[str]: ...
     @property
     def start_ms(self) -> int: ...
     @property
@@ -137,10 +139,12 @@ class _LabelRead:
     address: str
     start_ms: int
     deadline_ms: int
+    dexes: set[str]
 
     def merge(self, other: _LabelRead | LabelRequest) -> None:
         self.start_ms = min(self.start_ms, other.start_ms)
         self.deadline_ms = max(self.deadline_ms, other.deadline_ms)
+        self.dexes.update(other.dexes)
 
 
 @dataclass(slots=True)
@@ -376,7 +380,7 @@ class WideManager:
         for req in self._tracker.take_label_requests():
             job = self._labels.get(req.address)
             if job is None:
-                self._labels[req.address] = _LabelRead(req.address, req.start_ms, req.deadline_ms)
+                self._labels[req.address] = _LabelRead(req.address, req.start_ms, req.deadline_ms, set(req.dexes))
             else:
                 job.merge(req)
             self._wake()
@@ -402,7 +406,14 @@ class WideManager:
     async def _label_read(self, job: _LabelRead, within: float) -> None:
         try:
             async with asyncio.timeout(within):
-                history = await self._info.user_fills_by_time(job.address, job.start_ms, priority="low")
+                history = merge_fill_histories(
+                    await asyncio.gather(
+                        *(
+                            self._info.user_fills_by_time(job.address, job.start_ms, dex=dex, priority="low")
+                            for dex in sorted(job.dexes)
+                        )
+                    )
+                )
         except TimeoutError:
             # The signals went out unlabelled at the deadline (the tracker counts them); nothing left to do.
             self._metrics.tape_events.labels(kind="label_read_late").inc()

@@ -6,13 +6,20 @@ reserve the cost of a full reply and settle to the real cost once the reply is c
 can never push the window over its limit. HTTP 429 pauses every REST caller with a jittered exponential
 backoff (or the server's Retry-After, if longer) and retries a bounded number of times.
 
+Answers are decoded entry by entry where they are pages (`hyperliquid.protocol.Decoded`): an odd entry is
+counted (`rest_items_odd_total{request, kind}`) and skipped or read with substitutes, never the whole page.
+
+Fills over REST are dex-scoped (docs/protocol.md §4): `user_fills` and `user_fills_by_time` read one perp dex
+(`dex=""`, the default, is the first one and sends no `dex` field); a caller that needs every dex an address
+trades on asks each and merges the answers with `merge_fill_histories`.
+
 Failures raise `InfoError` (HTTP status, timeout, transport, undecodable body) or `RateLimitedError`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeVar
@@ -32,6 +39,7 @@ from hl_monitor.hyperliquid.constants import (
 from hl_monitor.hyperliquid.protocol import (
     AllMids,
     ClearinghouseState,
+    Decoded,
     Fill,
     FrontendOrder,
     HistoricalOrders,
@@ -43,13 +51,17 @@ from hl_monitor.hyperliquid.protocol import (
     SpotMeta,
     SpotMetaAndAssetCtxs,
     WsTrade,
-    decode_fills,
+    decode_clearinghouse_state,
+    decode_fills_page,
+    decode_frontend_orders_page,
+    decode_historical_orders_page,
     decode_info,
+    decode_trades_page,
 )
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
-__all__ = ["FillHistory", "InfoClient"]
+__all__ = ["FillHistory", "InfoClient", "merge_fill_histories"]
 
 _T = TypeVar("_T")
 _log = get_logger(__name__)
@@ -80,6 +92,20 @@ class FillHistory(msgspec.Struct, frozen=True):
     fills: list[Fill]
     truncated: bool
     requests: int
+
+
+def merge_fill_histories(histories: Iterable[FillHistory]) -> FillHistory:
+    """One history from the answers of several perp dexes: deduped by `Fill.identity` (coin, oid, tid), sorted
+    by (time, tid), truncated if any part was."""
+    seen: dict[tuple[str, int, int], Fill] = {}
+    truncated = False
+    requests = 0
+    for history in histories:
+        truncated = truncated or history.truncated
+        requests += history.requests
+        for fill in history.fills:
+            seen.setdefault(fill.identity, fill)
+    return FillHistory(sorted(seen.values(), key=lambda f: f.sort_key), truncated, requests)
 
 
 class WeightGrant(Protocol):
@@ -148,30 +174,33 @@ class InfoClient:
 
     async def clearinghouse_state(self, user: str, dex: str = "", *, priority: Priority = "low") -> ClearinghouseState:
         body = {"type": "clearinghouseState", "user": user, "dex": dex}
-        return await self._request(body, _decoder(ClearinghouseState), priority)
+        return (await self._request(body, decode_clearinghouse_state, priority)).value
 
     async def spot_clearinghouse_state(self, user: str, *, priority: Priority = "low") -> SpotClearinghouseState:
         body = {"type": "spotClearinghouseState", "user": user}
-        return await self._request(body, _decoder(SpotClearinghouseState), priority)
+        return (await self._request(body, _decoder(SpotClearinghouseState), priority)).value
 
     async def order_status(self, user: str, oid: int | str, *, priority: Priority = "high") -> OrderStatusResponse:
         """`oid` is the numeric order id or a `0x` cloid. Unknown orders give `status == "unknownOid"`."""
         body = {"type": "orderStatus", "user": user, "oid": oid}
-        return await self._request(body, _decoder(OrderStatusResponse), priority)
+        return (await self._request(body, _decoder(OrderStatusResponse), priority)).value
 
-    async def user_fills(self, user: str, *, priority: Priority = "low") -> list[Fill]:
-        """The 2000 most recent fills, in the server's order (newest first observed)."""
-        body = {"type": "userFills", "user": user, "aggregateByTime": False}
-        return await self._request(body, decode_fills, priority)
+    async def user_fills(self, user: str, *, dex: str = "", priority: Priority = "low") -> list[Fill]:
+        """The 2000 most recent fills of one perp dex, in the server's order (newest first observed)."""
+        body: dict[str, Any] = {"type": "userFills", "user": user, "aggregateByTime": False}
+        if dex:
+            body["dex"] = dex
+        return (await self._request(body, decode_fills_page, priority)).value
 
     async def user_fills_by_time(
-        self, user: str, start_ms: int, end_ms: int | None = None, *, priority: Priority = "high"
+        self, user: str, start_ms: int, end_ms: int | None = None, *, dex: str = "", priority: Priority = "high"
     ) -> FillHistory:
-        """Every fill in `[start_ms, end_ms]` (end defaults to now), paged until caught up.
+        """Every fill of one perp dex in `[start_ms, end_ms]` (end defaults to now), paged until caught up.
 
         The server returns at most 2000 fills per reply, inclusive at both ends, in an order the docs
         leave open: a full page is continued after its newest fill (oldest-first pages) or before its
-        oldest one (newest-first pages).
+        oldest one (newest-first pages). A page counts as full by the entries the server sent, including
+        any that could not be read.
         """
         seen: dict[tuple[str, int, int], Fill] = {}
         start, end = start_ms, end_ms
@@ -182,14 +211,17 @@ class InfoClient:
             if end is not None:
                 body["endTime"] = end
             body["aggregateByTime"] = False
-            page = await self._request(body, decode_fills, priority)
+            if dex:
+                body["dex"] = dex
+            answer = await self._request(body, decode_fills_page, priority)
+            page = answer.value
             requests += 1
             for fill in page:
                 seen.setdefault(fill.identity, fill)
-            if len(page) < MAX_FILLS_PER_RESPONSE:
+            if answer.received < MAX_FILLS_PER_RESPONSE:
                 break
-            if len(seen) >= MAX_REACHABLE_FILLS or requests >= MAX_FILL_PAGES:
-                truncated = True
+            if len(seen) >= MAX_REACHABLE_FILLS or requests >= MAX_FILL_PAGES or not page:
+                truncated = True  # (a full page of nothing readable gives no time to continue from)
                 break
             if page[0].sort_key > page[-1].sort_key:  # newest first: the gap is below the page
                 boundary = min(fill.time for fill in page)
@@ -206,47 +238,49 @@ class InfoClient:
         # Only the newest 10000 fills exist: with that many in hand, older ones may be beyond reach.
         truncated = truncated or len(seen) >= MAX_REACHABLE_FILLS
         if truncated:
-            _log.warning("user_fills_by_time_truncated", user=user, start_ms=start_ms, fills=len(seen))
+            _log.warning("user_fills_by_time_truncated", user=user, dex=dex, start_ms=start_ms, fills=len(seen))
         return FillHistory(sorted(seen.values(), key=lambda f: f.sort_key), truncated, requests)
 
     async def frontend_open_orders(
         self, user: str, dex: str = "", *, priority: Priority = "low"
     ) -> list[FrontendOrder]:
         body = {"type": "frontendOpenOrders", "user": user, "dex": dex}
-        return await self._request(body, _decoder(list[FrontendOrder]), priority)
+        return (await self._request(body, decode_frontend_orders_page, priority)).value
 
     async def historical_orders(self, user: str, *, priority: Priority = "low") -> HistoricalOrders:
         """At most the 2000 most recent orders with their final or current status."""
         body = {"type": "historicalOrders", "user": user}
-        return await self._request(body, _decoder(HistoricalOrders), priority)
+        return (await self._request(body, decode_historical_orders_page, priority)).value
 
     async def meta(self, dex: str = "", *, priority: Priority = "low") -> PerpMeta:
-        return await self._request({"type": "meta", "dex": dex}, _decoder(PerpMeta), priority)
+        return (await self._request({"type": "meta", "dex": dex}, _decoder(PerpMeta), priority)).value
 
     async def meta_and_asset_ctxs(self, dex: str = "", *, priority: Priority = "low") -> MetaAndAssetCtxs:
         body = {"type": "metaAndAssetCtxs", "dex": dex}
-        return await self._request(body, _decoder(MetaAndAssetCtxs), priority)
+        return (await self._request(body, _decoder(MetaAndAssetCtxs), priority)).value
 
     async def spot_meta(self, *, priority: Priority = "low") -> SpotMeta:
-        return await self._request({"type": "spotMeta"}, _decoder(SpotMeta), priority)
+        return (await self._request({"type": "spotMeta"}, _decoder(SpotMeta), priority)).value
 
     async def spot_meta_and_asset_ctxs(self, *, priority: Priority = "low") -> SpotMetaAndAssetCtxs:
         body = {"type": "spotMetaAndAssetCtxs"}
-        return await self._request(body, _decoder(SpotMetaAndAssetCtxs), priority)
+        return (await self._request(body, _decoder(SpotMetaAndAssetCtxs), priority)).value
 
     async def perp_dexs(self, *, priority: Priority = "low") -> PerpDexs:
         """`[None, PerpDex, ...]`: the first dex is null."""
-        return await self._request({"type": "perpDexs"}, _decoder(PerpDexs), priority)
+        return (await self._request({"type": "perpDexs"}, _decoder(PerpDexs), priority)).value
 
     async def all_mids(self, dex: str = "", *, priority: Priority = "low") -> dict[str, Decimal]:
-        return await self._request({"type": "allMids", "dex": dex}, _decoder(AllMids), priority)
+        return (await self._request({"type": "allMids", "dex": dex}, _decoder(AllMids), priority)).value
 
     async def recent_trades(self, coin: str, *, priority: Priority = "low") -> list[WsTrade]:
-        return await self._request({"type": "recentTrades", "coin": coin}, _decoder(list[WsTrade]), priority)
+        return (await self._request({"type": "recentTrades", "coin": coin}, decode_trades_page, priority)).value
 
     # ------------------------------------------------------------------------------ transport
 
-    async def _request(self, body: dict[str, Any], decode: Callable[[bytes], _T], priority: Priority) -> _T:
+    async def _request(
+        self, body: dict[str, Any], decode: Callable[[bytes], Decoded[_T]], priority: Priority
+    ) -> Decoded[_T]:
         session = self._session
         if session is None:
             raise RuntimeError("InfoClient used outside `async with`")
@@ -289,8 +323,9 @@ class InfoClient:
             except ProtocolError as exc:
                 self._charge(grant.settle, request_type, base, "bad_body")
                 raise InfoError(request_type, status, str(exc)) from exc
-            items = len(result) if isinstance(result, list) else 0
-            self._charge(grant.settle, request_type, info_weight(request_type, items), "ok")
+            self._charge(grant.settle, request_type, info_weight(request_type, result.received), "ok")
+            if result.odd:
+                self._count_odd(request_type, result.odd)
             return result
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -298,6 +333,14 @@ class InfoClient:
         settle(weight)
         self._metrics.rest_weight_used.labels(request=request_type).inc(weight)
         self._metrics.rest_requests.labels(request=request_type, outcome=outcome).inc()
+
+    def _count_odd(self, request_type: str, odd: dict[str, int]) -> None:
+        counter = self._metrics.rest_items_odd
+        for kind, count in odd.items():
+            counter.labels(request=request_type, kind=kind).inc(count)
+        # Unknown fields alone are the exchange adding something: worth a count, not a warning on every page.
+        log = _log.info if odd.keys() == {"unknown_field"} else _log.warning
+        log("odd entries in a REST answer", request=request_type, **odd)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Jittered exponential: half fixed, half random, so clients sharing the IP spread out."""
@@ -308,9 +351,12 @@ class InfoClient:
         return pause
 
 
-def _decoder(type_: type[_T]) -> Callable[[bytes], _T]:
-    def decode(raw: bytes) -> _T:
-        return decode_info(raw, type_)
+def _decoder(type_: type[_T]) -> Callable[[bytes], Decoded[_T]]:
+    """An answer decoded whole (not a page): nothing in it to count."""
+
+    def decode(raw: bytes) -> Decoded[_T]:
+        value = decode_info(raw, type_)
+        return Decoded(value, len(value) if isinstance(value, list) else 0)
 
     return decode
 

@@ -4,13 +4,16 @@ Pure: bytes in, typed values out (and back). No I/O, no logging, no globals beyo
 Prices, sizes, PnL and fees are `Decimal` (the wire sends decimal strings; NaN/Infinity are rejected);
 times, oids and tids are non-negative `int`s that fit a signed 64-bit column. Unknown fields are ignored so new exchange
 fields never break decoding; unknown channels and malformed frames raise `FrameDecodeError`, the one
-error a caller has to count. REST bodies decode with `decode_info` and raise `ProtocolError`.
+error a caller has to count. REST bodies decode with `decode_info` and raise `ProtocolError`; REST pages and
+states decode entry by entry into `Decoded` (value plus odd entries by kind), so one odd entry never costs a page.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, get_args
+from typing import Annotated, Any, Final, Generic, Literal, TypeAlias, TypeVar, get_args
 
 import msgspec
 
@@ -19,6 +22,8 @@ from hl_monitor.hyperliquid.constants import classify_error_text
 
 __all__ = [
     "KNOWN_CHANNELS",
+    "ODD_KINDS",
+    "SUBSTITUTE_TID_BIT",
     "AllDexsClearinghouseStateData",
     "AllDexsClearinghouseStateFrame",
     "AllMids",
@@ -32,6 +37,7 @@ __all__ = [
     "ClearinghouseStateData",
     "ClearinghouseStateFrame",
     "CumFunding",
+    "Decoded",
     "ErrorFrame",
     "Fill",
     "Frame",
@@ -43,6 +49,7 @@ __all__ = [
     "MarginSummary",
     "MetaAndAssetCtxs",
     "NonUserCancel",
+    "OddKind",
     "OpenOrdersData",
     "OpenOrdersFrame",
     "OrderStatusEntry",
@@ -85,13 +92,19 @@ __all__ = [
     "WsBasicOrder",
     "WsOrder",
     "WsTrade",
+    "decode_clearinghouse_state",
     "decode_fills",
+    "decode_fills_page",
     "decode_frame",
+    "decode_frontend_orders_page",
+    "decode_historical_orders_page",
     "decode_info",
+    "decode_trades_page",
     "encode_ping",
     "encode_subscribe",
     "encode_unsubscribe",
     "subscription_from_echo",
+    "substitute_tid",
 ]
 
 Side: TypeAlias = Literal["B", "A"]
@@ -158,6 +171,11 @@ class Fill(_Wire, frozen=True):
     def identity(self) -> tuple[str, int, int]:
         """`(coin, oid, tid)`: with the user, the dedupe key; never the hash (docs/protocol.md §3)."""
         return (self.coin, self.oid, self.tid)
+
+    @property
+    def tid_substituted(self) -> bool:
+        """The exchange sent no `tid`: this one is `substitute_tid`'s (docs/protocol.md §3)."""
+        return self.tid >= SUBSTITUTE_TID_BIT
 
 
 class UserFillsData(_Wire, frozen=True):
@@ -800,12 +818,246 @@ def decode_info(raw: bytes | str, type_: type[_T]) -> _T:
         raise ProtocolError(f"bad /info body for {getattr(type_, '__name__', type_)}: {exc}") from None
 
 
-_FILLS_DECODER: Final = msgspec.json.Decoder(list[Fill])
+# ---------------------------------------------------------------------------------------- REST answers, item by item
+#
+# A REST page (`userFills`, `userFillsByTime`, `recentTrades`, `historicalOrders`, `frontendOpenOrders`) is decoded
+# entry by entry (docs/protocol.md §3, §4): one odd entry never costs the page. An entry that is not an object or
+# cannot be read is skipped and counted (`invalid_item`); a fill without `tid` or `fee` (recorded 2023 fills) is
+# kept with a substitute key and a zero fee; unknown fields are ignored and counted. Only a body that is not a JSON
+# list raises `ProtocolError`.
+
+OddKind: TypeAlias = Literal[
+    "invalid_item", "unknown_field", "missing_tid", "missing_fee", "missing_fee_token", "missing_withdrawable"
+]
+# Every kind an odd entry is counted under (a bounded metric label).
+ODD_KINDS: Final[tuple[OddKind, ...]] = get_args(OddKind)
+
+# Substitute tids carry this bit: real tids are 50-bit hashes, so a substitute never equals one, and with the
+# bit the value still fits the signed 64-bit columns the watermark and seen keys are stored in.
+SUBSTITUTE_TID_BIT: Final = 1 << 62
+
+
+def substitute_tid(coin: str, time: int, oid: int, side: str, px: Decimal, sz: Decimal, start_position: Decimal) -> int:
+    """The dedup key of a fill that has no `tid`: the same for the same fill on every read.
+
+    `SUBSTITUTE_TID_BIT | blake2b-64("{coin}|{time}|{oid}|{side}|{px}|{sz}|{startPosition}") mod 2^62`, each
+    decimal written as its digits without trailing zeros and its power of ten (`1.50` and `1.5` are `15e-1`).
+    `startPosition` tells apart the partial fills of one order in one block, which recorded tid-less pages
+    contain (docs/protocol.md §3).
+    """
+    text = "|".join((coin, str(time), str(oid), side, _canonical(px), _canonical(sz), _canonical(start_position)))
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    return SUBSTITUTE_TID_BIT | (digest & (SUBSTITUTE_TID_BIT - 1))
+
+
+def _canonical(value: Decimal) -> str:
+    """`digits` `e` `exponent` without trailing zeros; exact for any finite decimal (no context, no rounding)."""
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int), "only finite decimals reach here"
+    while len(digits) > 1 and digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    if digits == (0,):
+        sign, exponent = 0, 0
+    return f"{'-' if sign else ''}{''.join(map(str, digits))}e{exponent}"
+
+
+class Decoded(msgspec.Struct, Generic[_T], frozen=True):
+    """A decoded REST answer: the value, how many entries the server sent, and the odd ones by kind.
+
+    `received` counts every entry of a page, decodable or not (paging and the per-20-items weight go by what
+    the server sent); it is 0 for answers that are not pages.
+    """
+
+    value: _T
+    received: int = 0
+    odd: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class _LooseFill(_Wire, frozen=True):
+    """A fill with the fields older fills lack made optional; turned into a `Fill` with substitutes."""
+
+    coin: str
+    px: Decimal
+    sz: Decimal
+    side: Side
+    time: U64
+    start_position: Decimal
+    dir: str
+    closed_pnl: Decimal
+    hash: str
+    oid: U64
+    crossed: bool
+    fee: Decimal | None = None
+    tid: U64 | None = None
+    fee_token: str = "USDC"
+    twap_id: U64 | None = None
+    cloid: str | None = None
+    builder_fee: Decimal | None = None
+    liquidation: Liquidation | None = None
+    fee_trial_escrow: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        _require_finite(self.px, self.sz, self.start_position, self.closed_pnl, self.fee)
+
+    def to_fill(self) -> Fill:
+        tid = self.tid
+        if tid is None:
+            tid = substitute_tid(self.coin, self.time, self.oid, self.side, self.px, self.sz, self.start_position)
+        fields = {name: getattr(self, name) for name in Fill.__struct_fields__}
+        fields["tid"] = tid
+        fields["fee"] = Decimal(0) if self.fee is None else self.fee
+        return Fill(**fields)
+
+
+_RAW_LIST_DECODER: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_KEYS_DECODER: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_DECODE_ERRORS: Final = (msgspec.DecodeError, ValueError, TypeError, RecursionError)
+
+
+class _Items(Generic[_T]):
+    """Decodes the entries of one page type.
+
+    `repair` reads an entry the strict decoder refused, if it can (else the entry is `invalid_item`);
+    `expected` maps fields whose absence (or null) is worth counting to their kind.
+    """
+
+    __slots__ = ("_decoder", "_expected", "_known", "_repair", "name")
+
+    def __init__(
+        self,
+        type_: type[_T],
+        repair: Callable[[msgspec.Raw], _T] | None = None,
+        expected: Mapping[str, OddKind] | None = None,
+    ) -> None:
+        self.name = type_.__name__
+        self._decoder = msgspec.json.Decoder(type_)
+        self._known = _wire_names(type_)
+        self._repair = repair
+        self._expected = tuple((expected or {}).items())
+
+    def decode(self, raw: bytes | str) -> Decoded[list[_T]]:
+        entries = _entries(raw, self.name)
+        items: list[_T] = []
+        odd: dict[str, int] = {}
+        for entry in entries:
+            try:
+                keys = _KEYS_DECODER.decode(entry)
+            except _DECODE_ERRORS:
+                _count(odd, "invalid_item")
+                continue
+            try:
+                item = self._decoder.decode(entry)
+            except _DECODE_ERRORS:
+                if self._repair is None:
+                    _count(odd, "invalid_item")
+                    continue
+                try:
+                    item = self._repair(entry)
+                except _DECODE_ERRORS:
+                    _count(odd, "invalid_item")
+                    continue
+            _audit_keys(keys, self._known, self._expected, odd)
+            items.append(item)
+        return Decoded(items, len(entries), odd)
+
+
+def _wire_names(type_: Any) -> frozenset[str]:
+    return frozenset(f.encode_name for f in msgspec.structs.fields(type_))
+
+
+def _entries(raw: bytes | str, name: str) -> list[msgspec.Raw]:
+    try:
+        return _RAW_LIST_DECODER.decode(raw)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"bad /info page of {name}: {exc}") from None
+    except UnicodeError as exc:  # a str body with lone surrogates is not JSON either
+        raise ProtocolError(f"bad /info page of {name}: {type(exc).__name__}") from None
+
+
+def _audit_keys(
+    keys: Mapping[str, msgspec.Raw],
+    known: frozenset[str],
+    expected: Sequence[tuple[str, OddKind]],
+    odd: dict[str, int],
+) -> None:
+    for name, kind in expected:
+        value = keys.get(name)
+        if value is None or bytes(value) == b"null":
+            _count(odd, kind)
+    if not known.issuperset(keys):
+        _count(odd, "unknown_field")
+
+
+def _count(odd: dict[str, int], kind: OddKind) -> None:
+    odd[kind] = odd.get(kind, 0) + 1
+
+
+_LOOSE_FILL_DECODER: Final = msgspec.json.Decoder(_LooseFill)
+
+
+def _repair_fill(entry: msgspec.Raw) -> Fill:
+    return _LOOSE_FILL_DECODER.decode(entry).to_fill()
+
+
+# Fields recorded 2023 fills lack (docs/protocol.md §3): counted whenever absent, substituted where required.
+_FILL_EXPECTED: Final[Mapping[str, OddKind]] = {
+    "tid": "missing_tid",
+    "fee": "missing_fee",
+    "feeToken": "missing_fee_token",
+}
+_FILL_ITEMS: Final = _Items(Fill, _repair_fill, _FILL_EXPECTED)
+_TRADE_ITEMS: Final = _Items(WsTrade)
+_ORDER_STATUS_ITEMS: Final = _Items(OrderStatusEntry)
+_FRONTEND_ORDER_ITEMS: Final = _Items(FrontendOrder)
+
+
+def decode_fills_page(raw: bytes | str) -> Decoded[list[Fill]]:
+    """A REST `userFills` / `userFillsByTime` body, entry by entry (see above).
+
+    A fill without `tid` gets `substitute_tid` (so dedup holds across reads), one without `fee` a zero fee, one
+    without `feeToken` `USDC`; each is counted by kind. Raises `ProtocolError` only if the body is not a list.
+    """
+    return _FILL_ITEMS.decode(raw)
 
 
 def decode_fills(raw: bytes | str) -> list[Fill]:
-    """Decode a REST `userFills` / `userFillsByTime` body."""
+    """The fills of a REST `userFills` / `userFillsByTime` body (`decode_fills_page` without the counts)."""
+    return decode_fills_page(raw).value
+
+
+def decode_trades_page(raw: bytes | str) -> Decoded[list[WsTrade]]:
+    """A REST `recentTrades` body, entry by entry."""
+    return _TRADE_ITEMS.decode(raw)
+
+
+def decode_historical_orders_page(raw: bytes | str) -> Decoded[HistoricalOrders]:
+    """A REST `historicalOrders` body, entry by entry."""
+    return _ORDER_STATUS_ITEMS.decode(raw)
+
+
+def decode_frontend_orders_page(raw: bytes | str) -> Decoded[list[FrontendOrder]]:
+    """A REST `frontendOpenOrders` body, entry by entry."""
+    return _FRONTEND_ORDER_ITEMS.decode(raw)
+
+
+_STATE_DECODER: Final = msgspec.json.Decoder(ClearinghouseState)
+_STATE_FIELDS: Final = _wire_names(ClearinghouseState)
+_STATE_EXPECTED: Final[tuple[tuple[str, OddKind], ...]] = (("withdrawable", "missing_withdrawable"),)
+
+
+def decode_clearinghouse_state(raw: bytes | str) -> Decoded[ClearinghouseState]:
+    """A REST `clearinghouseState` body, counted like a page entry.
+
+    Decoded whole: a state is absolute, so dropping one broken position would report that coin flat. A missing
+    top-level `withdrawable` reads as 0 and unknown top-level fields are ignored; both are counted.
+    """
     try:
-        return _FILLS_DECODER.decode(raw)
-    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
-        raise ProtocolError(f"bad fills body: {exc}") from None
+        keys = _KEYS_DECODER.decode(raw)
+        state = _STATE_DECODER.decode(raw)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"bad /info body for ClearinghouseState: {exc}") from None
+    except UnicodeError as exc:
+        raise ProtocolError(f"bad /info body for ClearinghouseState: {type(exc).__name__}") from None
+    odd: dict[str, int] = {}
+    _audit_keys(keys, _STATE_FIELDS, _STATE_EXPECTED, odd)
+    return Decoded(state, 0, odd)

@@ -1606,8 +1606,9 @@ class Exchange:
             ]
         )
 
-    def user_fills(self, user: str, limit: int) -> list[WireFill]:
-        """Newest first, at most `limit`."""
+    def user_fills(self, user: str, limit: int, *, dex: str | None = None) -> list[WireFill]:
+        """Newest first, at most `limit`; of one perp dex if `dex` is given (REST fills are dex-scoped, spot fills
+        count with the first dex: docs/protocol.md §4), else of all (the `userFills` snapshot, the ground truth)."""
         acct = self.accounts.get(user.lower())
         if acct is None:
             return []
@@ -1615,7 +1616,8 @@ class Exchange:
         for fill in reversed(acct.fills):
             if len(out) >= limit:
                 break
-            out.append(fill)
+            if dex is None or self._dex_of(fill.coin) == dex:
+                out.append(fill)
         return out
 
     def fills_snapshot(self, user: str, limit: int) -> list[WireFill]:
@@ -1625,9 +1627,10 @@ class Exchange:
         return fills
 
     def user_fills_by_time(
-        self, user: str, start: int, end: int | None, limit: int, *, newest_first: bool = False
+        self, user: str, start: int, end: int | None, limit: int, *, newest_first: bool = False, dex: str | None = None
     ) -> list[WireFill]:
-        """Fills with `start <= time <= end` among the reachable history, oldest first, at most `limit`."""
+        """Fills with `start <= time <= end` among the reachable history, oldest first, at most `limit`; of one
+        perp dex if `dex` is given (as `user_fills`)."""
         acct = self.accounts.get(user.lower())
         if acct is None:
             return []
@@ -1635,7 +1638,7 @@ class Exchange:
         source: Iterable[WireFill] = reversed(acct.fills) if newest_first else acct.fills
         out: list[WireFill] = []
         for fill in source:
-            if start <= fill.time <= hi:
+            if start <= fill.time <= hi and (dex is None or self._dex_of(fill.coin) == dex):
                 out.append(fill)
                 if len(out) >= limit:
                     break

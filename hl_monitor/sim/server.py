@@ -38,6 +38,9 @@ Choices where the real server's behaviour is UNVERIFIED (docs/protocol.md §10):
 - REST: bad JSON → 400, unknown type or bad field → 422 (axum's extractor texts); 429 body is JSON
   `{"code":429,"msg":...,"data":null}`; a refused or invalid request costs no weight; `userFillsByTime`
   is oldest first unless `reversed: true`. WS `post` info requests cost no REST weight.
+- REST `userFills` / `userFillsByTime` are dex-scoped as on the live server (docs/protocol.md §4): without
+  `dex` (or with `""`) the first perp dex and spot, with `dex` that builder dex's coins only. The WS
+  `userFills` snapshot holds every dex (unverified on the live server).
 - Slow consumers: a connection whose send queue exceeds `send_queue_size` frames is closed abruptly.
 """
 
@@ -1132,7 +1135,7 @@ class SimServer:
             entry = ex.order_status(_req_user(req), oid)
             return ({"status": "order", "order": entry} if entry is not None else {"status": "unknownOid"}), 0
         if kind == "userFills":
-            fills = ex.user_fills(_req_user(req), hl.MAX_FILLS_PER_RESPONSE)
+            fills = ex.user_fills(_req_user(req), hl.MAX_FILLS_PER_RESPONSE, dex=_req_dex(req))
             return fills, len(fills)
         if kind == "userFillsByTime":
             user = _req_user(req)
@@ -1141,7 +1144,9 @@ class SimServer:
             if end is not None and (not isinstance(end, int) or isinstance(end, bool)):
                 raise _BadRequest("invalid type for field `endTime`")
             newest_first = req.get("reversed") is True
-            fills = ex.user_fills_by_time(user, start, end, hl.MAX_FILLS_PER_RESPONSE, newest_first=newest_first)
+            fills = ex.user_fills_by_time(
+                user, start, end, hl.MAX_FILLS_PER_RESPONSE, newest_first=newest_first, dex=_req_dex(req)
+            )
             return fills, len(fills)
         if kind == "frontendOpenOrders":
             return [o.frontend() for o in ex.open_orders(_req_user(req), _req_dex(req))], 0

@@ -191,6 +191,7 @@ class LabelRequest(msgspec.Struct, frozen=True, kw_only=True):
     address: str
     start_ms: int
     deadline_ms: int
+    dexes: frozenset[str] = frozenset({""})  # REST fills are per perp dex (docs/protocol.md §4)
 
 
 class TapeStats(msgspec.Struct, kw_only=True):
@@ -647,7 +648,10 @@ class TapeTracker:
         if needs:
             self.stats.label_waits += len(needs)
             if not self._settle(st, batch):
-                self._requests.append(LabelRequest(address=st.address, start_ms=time, deadline_ms=batch.deadline))
+                dexes = frozenset(_dex_of(s.coin) for s in signals if s.signal_id in needs)
+                self._requests.append(
+                    LabelRequest(address=st.address, start_ms=time, deadline_ms=batch.deadline, dexes=dexes)
+                )
         st.parked.append(batch)
         self._parked[st.address] = None
         out: list[Signal] = []
@@ -952,4 +956,9 @@ def _liquidation_of(fill: Fill) -> LiquidationInfo | None:
 
 
 def _dex(coin: str) -> str:
+    return coin.split(":", 1)[0] if ":" in coin else ""
+
+
+def _dex_of(coin: str) -> str:
+    """The perp dex of a coin: `xyz:XYZ100` is on `xyz`, a coin without a prefix on the first dex (`""`)."""
     return coin.split(":", 1)[0] if ":" in coin else ""
