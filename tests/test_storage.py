@@ -157,12 +157,12 @@ def test_mysql8_upsert_is_one_multirow_statement_with_row_alias() -> None:
     assert sql.count("INSERT INTO") == 1
     assert len(re.findall(r"\(%s(?:, %s)+\)", sql)) == 3
     assert ") AS new ON DUPLICATE KEY UPDATE" in sql
-    assert "new.published" in sql
+    assert "new.published_at" in sql
     assert RE_INSERT_VALUES.match(sql) is None  # executemany would have gone row by row
     old_sql = str(
         upsert("mysql", t.signals, rows, SIGNAL_KEYS, SIGNAL_UPDATE).compile(dialect=mysql_dialect((5, 7, 44)))
     )
-    assert "VALUES(published)" in old_sql
+    assert "VALUES(published_at)" in old_sql
     assert " AS new" not in old_sql
 
 
