@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any, Final
 
@@ -87,23 +87,30 @@ def sig(
 # ---------------------------------------------------------------- the decision
 
 
+def book_entry(floor: str = "0", allow: Sequence[str] = (), deny: Sequence[str] = ()) -> WatchedAddress:
+    """WHALE's book entry with these filters, as the address book builds it."""
+    return WatchedAddress(
+        address=WHALE, min_notional_usd=Decimal(floor), allow_symbols=symbol_keys(allow), deny_symbols=symbol_keys(deny)
+    )
+
+
 @pytest.mark.parametrize(
     ("entry", "symbol", "coin", "notional", "global_min", "reason"),
     [
         (None, "BTCUSDC", "BTC", "5", "0", None),  # no filter at all: everything goes out
         (None, "BTCUSDC", "BTC", "999.99", "1000", "min_notional"),
         (None, "BTCUSDC", "BTC", "1000", "1000", None),  # the floor itself passes
-        (WatchedAddress(address=WHALE, min_notional_usd=Decimal(5000)), "BTCUSDC", "BTC", "4000", "1000", "min_notional"),
-        (WatchedAddress(address=WHALE, min_notional_usd=Decimal(10)), "BTCUSDC", "BTC", "500", "1000", "min_notional"),
-        (WatchedAddress(address=WHALE, deny_symbols=symbol_keys(["btc"])), "BTCUSDC", "BTC", "9e9", "0", "symbol_denied"),
-        (WatchedAddress(address=WHALE, deny_symbols=symbol_keys(["btcusdc"])), "BTCUSDC", "BTC", "1", "0", "symbol_denied"),
-        (WatchedAddress(address=WHALE, allow_symbols=symbol_keys(["ETH"])), "BTCUSDC", "BTC", "9e9", "0", "symbol_not_allowed"),
-        (WatchedAddress(address=WHALE, allow_symbols=symbol_keys(["XYZ:xyz100"])), "XYZ100", "xyz:XYZ100", "1", "0", None),
+        (book_entry(floor="5000"), "BTCUSDC", "BTC", "4000", "1000", "min_notional"),
+        (book_entry(floor="10"), "BTCUSDC", "BTC", "500", "1000", "min_notional"),
+        (book_entry(deny=["btc"]), "BTCUSDC", "BTC", "9e9", "0", "symbol_denied"),
+        (book_entry(deny=["btcusdc"]), "BTCUSDC", "BTC", "1", "0", "symbol_denied"),
+        (book_entry(allow=["ETH"]), "BTCUSDC", "BTC", "9e9", "0", "symbol_not_allowed"),
+        (book_entry(allow=["XYZ:xyz100"]), "XYZ100", "xyz:XYZ100", "1", "0", None),
         (
-            WatchedAddress(address=WHALE, allow_symbols=symbol_keys(["BTC"]), deny_symbols=symbol_keys(["BTC"])),
+            book_entry(allow=["BTC"], deny=["BTC"]),
             "BTCUSDC", "BTC", "9e9", "0", "symbol_denied",
         ),
-        (WatchedAddress(address=WHALE, allow_symbols=symbol_keys(["BTC"])), "BTCUSDC", "BTC", "1", "2", "min_notional"),
+        (book_entry(allow=["BTC"]), "BTCUSDC", "BTC", "1", "2", "min_notional"),
     ],
     ids=[
         "no-filter", "below-global", "at-global", "address-floor-above-global", "global-above-address-floor",
@@ -150,7 +157,7 @@ async def test_suppressed_signals_are_stored_and_shown_but_never_published(
     await publisher.ensure_stream()
     outbox = Outbox(publisher, repo, writer, metrics, cfg)
     entries = {
-        WHALE: WatchedAddress(address=WHALE, deny_symbols=symbol_keys(["eth"])),
+        WHALE: book_entry(deny=["eth"]),
         OTHER: WatchedAddress(address=OTHER, min_notional_usd=Decimal(50_000)),
     }
     sink = Sink(
@@ -375,7 +382,10 @@ async def test_filters_set_over_the_admin_api_reach_the_address_book(sqlite_url:
             await book.reload()
             entry = book.entry(WHALE)
             assert entry is not None
-            assert (entry.min_notional_usd, entry.deny_symbols) == (Decimal("2500.50"), {"ETH", "XYZ:XYZ100"})
+            assert (entry.min_notional_usd, entry.deny_symbols) == (
+                Decimal("2500.50"),
+                frozenset({"ETH", "XYZ:XYZ100"}),
+            )
             assert filter_reason(sig(WHALE, 1, "open", "ETH", "1e9"), entry, Decimal(0)) == "symbol_denied"
 
             patch = {"deny_symbols": [], "allow_symbols": ["BTC"], "min_notional_usd": 0}
@@ -386,7 +396,11 @@ async def test_filters_set_over_the_admin_api_reach_the_address_book(sqlite_url:
             await book.reload()
             entry = book.entry(WHALE)
             assert entry is not None
-            assert (entry.min_notional_usd, entry.allow_symbols, entry.deny_symbols) == (0, {"BTC"}, frozenset())
+            assert (entry.min_notional_usd, entry.allow_symbols, entry.deny_symbols) == (
+                Decimal(0),
+                frozenset({"BTC"}),
+                frozenset(),
+            )
 
             async with http.patch(f"/admin/addresses/{WHALE}", json={"min_notional_usd": -1}, headers=AUTH) as resp:
                 assert resp.status == 400
