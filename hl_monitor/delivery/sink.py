@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 
@@ -35,7 +35,7 @@ __all__ = ["HoldingStore", "HoldingWriter", "SignalWriter", "Sink", "Submitter",
 
 log = get_logger(__name__)
 
-_ZERO = Decimal(0)
+_ZERO: Final = Decimal(0)  # a floor of 0 filters nothing
 
 
 class SignalWriter(Protocol):
