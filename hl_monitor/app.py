@@ -196,7 +196,17 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         )
         await keeper.restore(repo)
     holdings: HoldingsIntake = keeper if keeper is not None else NO_HOLDINGS
-    sink = Sink(writer, outbox, metrics, instance_id=cfg.instance_id, positions=keeper)
+    sink = Sink(
+        writer,
+        outbox,
+        metrics,
+        instance_id=cfg.instance_id,
+        positions=keeper,
+        signals=cfg.signals,
+        addresses=lambda address: book.entry(address),
+        holdings=writer,
+    )
+    await sink.restore(repo)
     budgets = Budgets(cfg.hyperliquid, metrics)
     info = await stack.enter_async_context(InfoClient.from_config(cfg.hyperliquid, budgets, metrics))
 

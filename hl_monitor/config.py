@@ -8,6 +8,7 @@ and are `Secret` values whose repr never shows them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -102,6 +103,10 @@ class SignalsConfig(_Section, frozen=True):
     subject_prefix: str = "hl.signals"
     legacy_subject: str = "hl_address_signal"
     legacy_enabled: bool = True
+    # Signals of a smaller notional are stored but not published (README "Filters"); 0 publishes everything.
+    min_notional_usd: float = 0.0
+    # `position_size` bounds by notional USD: Small below the first, Medium below the second, else Large.
+    position_size_thresholds: list[float] = msgspec.field(default_factory=lambda: [10_000.0, 100_000.0])
 
 
 class DatabaseConfig(_Section, frozen=True):
@@ -462,9 +467,21 @@ def validate(cfg: Config) -> None:
             f"{cfg.service.lease_renew_interval} must be shorter than service.lease_ttl ({cfg.service.lease_ttl})",
         )
     _validate_cluster(cfg)
+    _validate_signals(cfg.signals)
     for addr in cfg.addresses.initial:
         if not is_valid_address(addr):
             raise ConfigError("addresses.initial", f"{addr!r} is not 0x + 40 hex digits")
+
+
+def _validate_signals(signals: SignalsConfig) -> None:
+    if not math.isfinite(signals.min_notional_usd) or signals.min_notional_usd < 0:
+        raise ConfigError("signals.min_notional_usd", f"must be a dollar amount ≥ 0, got {signals.min_notional_usd}")
+    bounds = signals.position_size_thresholds
+    if len(bounds) != 2 or not all(math.isfinite(b) and b >= 0 for b in bounds) or bounds[0] >= bounds[1]:
+        raise ConfigError(
+            "signals.position_size_thresholds",
+            f"must be two dollar amounts ≥ 0, the first below the second (Small | Medium | Large), got {bounds}",
+        )
 
 
 def _validate_cluster(cfg: Config) -> None:

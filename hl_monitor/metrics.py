@@ -142,6 +142,16 @@ class Metrics:
         )
         self.held_signals = counter("held_signals", "Signals held for an unknown coin, by outcome.", ("outcome",))
         self.signals_built = counter("signals_built", "Signals built by source and direction.", ("source", "direction"))
+        self.signals_suppressed = counter(
+            "signals_suppressed",
+            "Signals stored but not published because a filter caught them, by reason "
+            "(symbol_denied, symbol_not_allowed, min_notional).",
+            ("reason",),
+        )
+        self.signals_filter_overridden = counter(
+            "signals_filter_overridden",
+            "Close signals a filter would have caught, published because their position's open was published.",
+        )
 
         # ---- whale positions (set by ops.positions.export_gauges; events and alerts counted by their owner) ----
         self.whale_notional_usd = gauge(

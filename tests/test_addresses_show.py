@@ -80,7 +80,27 @@ def test_show_unknown_address_exits_1_and_invalid_exits_2(
     assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
     code, out, err = run(capsys, "addresses", "show", ADDR, "--config", str(cli_config))
     assert (code, out) == (1, "")
-    assert f"{ADDR} is not in the address table" in err
+    assert f"{ADDR} is not in the address table nor in addresses.initial" in err
     code, _, err = run(capsys, "addresses", "show", "0x12", "--config", str(cli_config))
     assert code == 2
     assert "is not an address" in err
+
+
+def test_show_an_address_watched_from_the_config(capsys: pytest.CaptureFixture[str], cli_config: Path) -> None:
+    """An address the service tracks because of `addresses.initial` is shown, with where it came from."""
+    cli_config.write_text(cli_config.read_text() + f'[addresses]\ninitial = ["{ADDR}"]\n')
+    assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
+    asyncio.run(persist_activity(f"sqlite+aiosqlite:///{cli_config.parent / 'data' / 'hl.db'}"))
+    code, out, _ = run(capsys, "addresses", "show", ADDR, "--config", str(cli_config))
+    assert code == 0
+    shown = json.loads(out, parse_float=Decimal)
+    assert (shown["address"], shown["source"], shown["tier"], shown["is_active"]) == (
+        ADDR,
+        "addresses.initial",
+        "auto",
+        True,
+    )
+    assert [s["signal"]["oid"] for s in shown["last_signals"]] == [2, 1]
+    assert run(capsys, "addresses", "add", ADDR, "--label", "whale", "--config", str(cli_config))[0] == 0
+    shown = json.loads(run(capsys, "addresses", "show", ADDR, "--config", str(cli_config))[1])
+    assert (shown["source"], shown["label"]) == ("table", "whale")  # the table wins where both name it

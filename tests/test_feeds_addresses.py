@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Final
 
 import pytest
@@ -82,6 +83,56 @@ async def test_reload_normalises_rows_and_skips_invalid_ones() -> None:
     assert book.entries()[A] == WatchedAddress(address=A, label="whale", tier="precise", priority=5)
     assert book.entries()[C].tier == "wide"
     assert metric_value(metrics, "address_reloads_total", outcome="invalid_address") == 2
+
+
+@dataclass(frozen=True)
+class ForeignRow:
+    """A row as another program's table may hold it: a filter floor of any type."""
+
+    address: str
+    min_notional_usd: object
+    label: str = ""
+    tier: str = "auto"
+    priority: int = 0
+    server_id: int | None = None
+
+
+async def test_filters_are_normalised_and_a_bad_floor_skips_the_row() -> None:
+    metrics = Metrics()
+    source = StaticSource(
+        [
+            WatchedAddress(address=A, allow_symbols=frozenset({"btc", " eth "}), min_notional_usd=Decimal("5e3")),
+        ]
+    )
+    foreign = CallableSource(
+        AsyncValue([ForeignRow(address=B, min_notional_usd=Decimal(-1)), ForeignRow(address=C, min_notional_usd="7")])
+    )
+    book = AddressBook([source, foreign], metrics, reload_interval=60, remove_grace=300)
+    assert await book.reload() == AddressDiff(added=(A, C))
+    entry = book.entry(A)
+    assert entry is not None
+    assert (entry.allow_symbols, entry.deny_symbols, entry.min_notional_usd) == (
+        frozenset({"BTC", "ETH"}),
+        frozenset(),
+        Decimal(5000),
+    )
+    assert book.entry(C) == WatchedAddress(address=C, min_notional_usd=Decimal(7))
+    assert book.entry(B) is None
+    assert metric_value(metrics, "address_reloads_total", outcome="invalid_address") == 1
+
+    source.entries = [WatchedAddress(address=A, deny_symbols=frozenset({"SOL"}))]
+    assert await book.reload() == AddressDiff(updated=(A,))  # a filter change is an update, applied at once
+    entry = book.entry(A)
+    assert entry is not None
+    assert (entry.allow_symbols, entry.deny_symbols) == (frozenset(), frozenset({"SOL"}))
+
+
+class AsyncValue:
+    def __init__(self, rows: Sequence[AddressRow]) -> None:
+        self.rows = rows
+
+    async def __call__(self) -> Sequence[AddressRow]:
+        return self.rows
 
 
 async def test_removal_waits_for_the_grace_and_a_readd_cancels_it() -> None:

@@ -94,7 +94,7 @@ class MemoryAdmin:
             row = self.rows.setdefault(
                 entry.address, {"address": entry.address, "label": "", "tier": "auto", "priority": 0, "is_active": True}
             )
-            for key in ("label", "tier", "priority", "is_active"):
+            for key in ("label", "tier", "priority", "is_active", "min_notional_usd", "allow_symbols", "deny_symbols"):
                 if getattr(entry, key) is not None:
                     row[key] = getattr(entry, key)
         return len(entries)
@@ -380,6 +380,11 @@ def test_limiter_memory_is_bounded_and_evictions_counted() -> None:
         ([], "Expected `array` of length >= 1"),
         ([{"address": WHALE}, {"address": WHALE.upper().replace("0X", "0x")}], "appears more than once"),
         ("0xabc", "Expected `object | array`, got `str`"),
+        ({"address": WHALE, "min_notional_usd": -5}, "$.min_notional_usd: -5 is not a dollar amount of 0 or more"),
+        ({"address": WHALE, "min_notional_usd": "NaN"}, "$.min_notional_usd: NaN is not a dollar amount"),
+        ({"address": WHALE, "min_notional_usd": "lots"}, "Invalid decimal string - at `$.min_notional_usd`"),
+        ([{"address": WHALE}, {"address": WHALE2, "deny_symbols": ["BTC,ETH"]}], "$[1].deny_symbols: 'BTC,ETH' is not"),
+        ({"address": WHALE, "allow_symbols": "BTC"}, "got `str` - at `$.allow_symbols`"),
     ],
     ids=[
         "short-address",
@@ -394,6 +399,11 @@ def test_limiter_memory_is_bounded_and_evictions_counted() -> None:
         "empty-list",
         "duplicate-in-bulk",
         "not-an-object",
+        "negative-floor",
+        "nan-floor",
+        "text-floor",
+        "comma-in-symbol",
+        "symbols-not-a-list",
     ],
 )
 async def test_invalid_add_is_400_with_a_clear_message(body: Any, message: str) -> None:
@@ -504,6 +514,26 @@ async def test_bulk_import_then_patch_then_delete() -> None:
             assert await resp.json() == {"removed": 2}
         async with s.http.get("/admin/addresses", headers=AUTH) as resp:
             assert await resp.json() == {"addresses": []}
+
+
+async def test_filters_are_normalised_before_they_reach_the_address_book() -> None:
+    async with serve() as s:
+        body = {"address": WHALE, "min_notional_usd": 2500, "allow_symbols": [" BTC", "btc", "", "xyz:XYZ100"]}
+        async with s.http.post("/admin/addresses", json=body, headers=AUTH) as resp:
+            assert resp.status == 200
+        row = s.admin.rows[WHALE]
+        assert (row["min_notional_usd"], row["allow_symbols"]) == (Decimal(2500), ("BTC", "xyz:XYZ100"))
+        with capture_logs() as logs:
+            async with s.http.patch(
+                f"/admin/addresses/{WHALE}", json={"deny_symbols": ["ETH"], "min_notional_usd": "0.5"}, headers=AUTH
+            ) as resp:
+                assert resp.status == 200
+        assert (s.admin.rows[WHALE]["deny_symbols"], s.admin.rows[WHALE]["min_notional_usd"]) == (
+            ("ETH",),
+            Decimal("0.5"),
+        )
+        (audit,) = [e for e in logs if e["event"] == "admin change"]
+        assert (audit["deny_symbols"], audit["min_notional_usd"]) == (("ETH",), "0.5")
 
 
 async def test_patch_needs_a_change_and_a_known_address() -> None:

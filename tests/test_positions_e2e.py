@@ -120,16 +120,17 @@ async def test_positions_of_both_tiers_reach_events_kv_http_and_signals_once(
             await wait_until(settled, within=20)
             first = await events(nats_server.url)
             kinds = [(e["address"], e["coin"], e["event"]) for e in first]
-            assert kinds == [
+            # In order per address; the two addresses' events come from different feeds and may interleave.
+            assert [k for k in kinds if k[0] == W1] == [
                 (W1, "BTC", "opened"),
                 (W1, "BTC", "increased"),
                 (W1, "BTC", "reduced"),
                 (W1, "BTC", "flipped"),
-                (W2, "ETH", "opened"),
             ]
+            assert [k for k in kinds if k[0] == W2] == [(W2, "ETH", "opened")]
             assert [e["_id"] for e in first] == [e["event_id"] for e in first]
             assert {e["_subject"] for e in first} == {f"hl.positions.{W1}.BTCUSDC", f"hl.positions.{W2}.ETHUSDC"}
-            flip = first[3]
+            flip = [e for e in first if e["address"] == W1][3]
             assert (Decimal(flip["size_before"]), Decimal(flip["size_after"])) == (Decimal(1), Decimal(-1))
             sim_btc = precise.view("BTC")
             assert sim_btc is not None

@@ -273,3 +273,31 @@ async def test_cli_serves_ws_and_rest_and_stops_on_sigint() -> None:
         proc.send_signal(signal.SIGINT)
         _out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, err.decode()
+
+
+@pytest.mark.slow
+async def test_cli_prints_the_scenario_whales_when_it_starts() -> None:
+    """`hl-monitor sim --scenario demo` names its whales (and how to watch them) while the scenario still runs:
+    with an hour between steps it cannot have ended, which is when they used to be printed."""
+    port = free_port()
+    argv = ["-m", "hl_monitor", "sim", "--port", str(port), "--scenario", "demo", "--seed", "4", "--step-delay", "3600"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    whales = scenario_whales("demo", 4)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while not any(line.startswith("  HL_MONITOR__ADDRESSES__INITIAL=") for line in lines):
+                raw = await proc.stdout.readline()
+                assert raw, f"sim exited before naming its whales: {lines}"
+                lines.append(raw.decode().rstrip("\n"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+    assert lines[0] == "scenario demo: 3 whales"
+    assert lines[1:4] == [f"  {w}" for w in whales]
+    assert f"HL_MONITOR__HYPERLIQUID__WS_URL=ws://127.0.0.1:{port}/ws \\" in lines[5]
+    assert lines[-1] == f"  HL_MONITOR__ADDRESSES__INITIAL={','.join(whales)} make run"

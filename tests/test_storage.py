@@ -7,6 +7,7 @@ import contextlib
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -157,12 +158,12 @@ def test_mysql8_upsert_is_one_multirow_statement_with_row_alias() -> None:
     assert sql.count("INSERT INTO") == 1
     assert len(re.findall(r"\(%s(?:, %s)+\)", sql)) == 3
     assert ") AS new ON DUPLICATE KEY UPDATE" in sql
-    assert "new.published" in sql
+    assert "new.published_at" in sql
     assert RE_INSERT_VALUES.match(sql) is None  # executemany would have gone row by row
     old_sql = str(
         upsert("mysql", t.signals, rows, SIGNAL_KEYS, SIGNAL_UPDATE).compile(dialect=mysql_dialect((5, 7, 44)))
     )
-    assert "VALUES(published)" in old_sql
+    assert "VALUES(published_at)" in old_sql
     assert " AS new" not in old_sql
 
 
@@ -240,6 +241,26 @@ async def test_publish_state_merges_into_buffered_insert_and_never_reverts(engin
     by_id = {r["signal_id"]: r for r in await signal_rows(engine)}
     assert by_id[make_signal(1).signal_id]["published_at"] == T0 + 100
     assert by_id[make_signal(2).signal_id]["published_at"] == T0 + 200
+
+
+async def test_suppressed_rows_leave_the_outbox_and_the_first_decision_stands(engine: AsyncEngine) -> None:
+    writer = BatchWriter(engine, writer_cfg(), Metrics())
+    repo = Repository(engine)
+    kept = msgspec.structs.replace(make_signal(2), suppressed=True, suppressed_reason="min_notional")
+    await writer.put_signal(make_signal(1))
+    await writer.put_signal(kept)
+    await writer.flush()
+    assert (await repo.count_unpublished(), await repo.fetch_unpublished(10)) == (1, [make_signal(1)])
+    # Replays decided otherwise (a filter changed before a restart) change neither row.
+    await writer.put_signal(msgspec.structs.replace(make_signal(1), suppressed=True, suppressed_reason="min_notional"))
+    await writer.put_signal(make_signal(2))
+    await writer.flush()
+    assert await repo.fetch_unpublished(10) == [make_signal(1)]
+    by_id = {r["signal_id"]: r for r in await signal_rows(engine)}
+    assert [
+        (bool(r["published"]), r["published_at"], bool(r["suppressed"]), r["suppressed_reason"]) for r in by_id.values()
+    ] == [(False, None, False, None), (True, None, True, "min_notional")]
+    assert await repo.mark_published([kept.signal_id], T0) == 0  # nothing to ack: it never went out
 
 
 async def test_outbox_fetches_oldest_unpublished_and_marks_them(engine: AsyncEngine) -> None:
@@ -506,6 +527,48 @@ async def test_address_table_add_update_remove_and_change_marker(engine: AsyncEn
     assert await table.remove([OTHER], purge=True) == 1
     assert [r["address"] for r in await table.list()] == [WHALE]
     assert await table.update(OTHER, label="x") is None
+
+
+async def test_address_filters_round_trip_and_foreign_lists_are_read_leniently(engine: AsyncEngine) -> None:
+    table = AddressTable(engine)
+
+    @dataclass(frozen=True)
+    class Change:
+        address: str
+        label: str | None = None
+        tier: str | None = None
+        priority: int | None = None
+        is_active: bool | None = None
+        min_notional_usd: Decimal | None = None
+        allow_symbols: tuple[str, ...] | None = None
+        deny_symbols: tuple[str, ...] | None = None
+
+    await table.add([Change(WHALE, min_notional_usd=Decimal("0.000000000001"), deny_symbols=("BTC", "xyz:XYZ100"))])
+    await table.add([Change(OTHER)])
+    by_address = {e.address: e for e in await table.load()}
+    assert (by_address[WHALE].min_notional_usd, by_address[WHALE].deny_symbols) == (
+        Decimal("1E-12"),
+        frozenset({"BTC", "XYZ:XYZ100"}),
+    )
+    assert (by_address[OTHER].min_notional_usd, by_address[OTHER].allow_symbols) == (Decimal(0), frozenset())
+    row = await table.get(WHALE)
+    assert row is not None
+    assert (row["min_notional_usd"], row["deny_symbols"], row["allow_symbols"]) == (
+        "0.000000000001",
+        ["BTC", "xyz:XYZ100"],
+        [],
+    )
+    await table.add([Change(WHALE, label="kept", deny_symbols=())])  # an empty list removes the list
+    row = await table.get(WHALE)
+    assert row is not None
+    assert (row["label"], row["deny_symbols"], row["min_notional_usd"]) == ("kept", [], "0.000000000001")
+
+    async with engine.begin() as conn:  # another program writes the columns directly
+        await conn.execute(
+            sa.update(t.addresses).where(t.addresses.c.address == OTHER).values(allow_symbols=" eth,,ETH, sol ")
+        )
+    by_address = {e.address: e for e in await table.load()}
+    assert by_address[OTHER].allow_symbols == {"ETH", "SOL"}
 
 
 async def test_legacy_tables_are_read_when_present(engine: AsyncEngine) -> None:

@@ -13,6 +13,7 @@ from tests.support.cli import run
 
 WHALE = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
+THIRD = "0x" + "ef" * 20
 
 
 def listed(capsys: pytest.CaptureFixture[str], cli_config: Path) -> list[dict[str, object]]:
@@ -69,6 +70,9 @@ def test_add_list_remove(capsys: pytest.CaptureFixture[str], cli_config: Path) -
         (["add", WHALE, "--priority", "-1"], "priority must be between"),
         (["add", WHALE, "--label", "x" * 129], "at most 128"),
         (["remove", "whale"], "is not an address"),
+        (["add", WHALE, "--min-notional-usd", "-5"], "-5 is not a dollar amount of 0 or more"),
+        (["add", WHALE, "--min-notional-usd", "lots"], "'lots' is not a number"),
+        (["update", WHALE, "--deny-symbols", "BTC," + "X" * 65], "is not a symbol or coin"),
     ],
 )
 def test_invalid_input_exits_2_with_a_clear_message(
@@ -105,3 +109,58 @@ def test_import_validates_the_whole_file_before_writing(capsys: pytest.CaptureFi
 def test_parse_import_last_line_for_an_address_wins() -> None:
     entries, errors = parse_import([WHALE, f"{WHALE},second"], "f")
     assert (entries, errors) == ({WHALE: "second"}, [])
+
+
+def test_filters_are_set_updated_and_listed(capsys: pytest.CaptureFixture[str], cli_config: Path) -> None:
+    assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
+    code, _, _ = run(
+        capsys, "addresses", "add", WHALE, "--min-notional-usd", "5000.50", "--deny-symbols", " btc,ETH , BTC",
+        "--config", str(cli_config),
+    )  # fmt: skip
+    assert code == 0
+    (row,) = listed(capsys, cli_config)
+    assert (row["min_notional_usd"], row["allow_symbols"], row["deny_symbols"]) == ("5000.5", [], ["btc", "ETH"])
+
+    code, out, _ = run(
+        capsys, "addresses", "update", WHALE, "--deny-symbols", "", "--allow-symbols", "xyz:XYZ100",
+        "--config", str(cli_config),
+    )  # fmt: skip
+    assert (code, out.strip()) == (0, "updated 1 address")
+    (row,) = listed(capsys, cli_config)
+    assert (row["min_notional_usd"], row["allow_symbols"], row["deny_symbols"]) == ("5000.5", ["xyz:XYZ100"], [])
+    assert row["is_active"] is True
+
+    code, _, err = run(capsys, "addresses", "update", OTHER, "--label", "x", "--config", str(cli_config))
+    assert code == 1
+    assert f"not in the address table (add them first): {OTHER}" in err
+    code, _, err = run(capsys, "addresses", "update", WHALE, "--config", str(cli_config))
+    assert code == 2
+    assert "nothing to change" in err
+
+
+def test_list_says_where_each_watched_address_comes_from(capsys: pytest.CaptureFixture[str], cli_config: Path) -> None:
+    """Addresses of `addresses.initial` are watched too: listed with their source, not left out."""
+    cli_config.write_text(
+        cli_config.read_text() + f'[addresses]\ninitial = ["{THIRD.upper().replace("0X", "0x")}", "{OTHER}"]\n'
+    )
+    assert run(capsys, "db", "upgrade", "--config", str(cli_config))[0] == 0
+    assert run(capsys, "addresses", "add", WHALE, OTHER, "--config", str(cli_config))[0] == 0
+    assert run(capsys, "addresses", "remove", OTHER, "--config", str(cli_config))[0] == 0  # still in the config
+    rows = {r["address"]: r for r in listed(capsys, cli_config)}
+    assert {a: (r["source"], r["is_active"]) for a, r in rows.items()} == {
+        WHALE: ("table", True),
+        OTHER: ("addresses.initial", False),  # the table row is inactive, the config keeps it watched
+        THIRD: ("addresses.initial", True),
+    }
+    code, out, _ = run(capsys, "addresses", "list", "--config", str(cli_config))
+    assert code == 0
+    by_address = {line.split()[0]: line for line in out.splitlines()}
+    assert set(by_address) == {WHALE, OTHER, THIRD}
+    assert "from table" in by_address[WHALE]
+    assert "from addresses.initial" in by_address[THIRD]
+
+    cli_config.write_text('[database]\nurl = "sqlite+aiosqlite:///./data/hl.db"\n')  # OTHER leaves the config
+    code, out, _ = run(capsys, "addresses", "list", "--config", str(cli_config))
+    assert OTHER not in out
+    rows = {r["address"]: r for r in listed(capsys, cli_config)}  # --all: the inactive row, watched by nobody
+    assert rows[OTHER]["source"] is None

@@ -2,7 +2,9 @@
 
 Callers hand a signal to the storage writer first (`put_signal`) and then `submit()` it here; the relay
 publishes it with `Nats-Msg-Id = signal_id`, marks it published on the ack (`mark_published`), and re-reads
-unpublished rows at start and every `nats.outbox_scan_interval` (docs/architecture.md §3).
+unpublished rows at start and every `nats.outbox_scan_interval` (docs/architecture.md §3). A suppressed signal
+(README "Filters") is never published: the sink does not submit it, its row is stored as needing no publish, and
+this relay refuses one all the same.
 """
 
 from __future__ import annotations
@@ -81,11 +83,16 @@ class Outbox(Relay[Signal]):
     def _key(self, item: Signal) -> str:
         return item.signal_id
 
+    async def submit(self, item: Signal) -> None:
+        if item.suppressed:
+            return
+        await super().submit(item)
+
     async def _send(self, item: Signal) -> None:
         await self._publisher.publish(item)
 
     async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Signal]:
-        return await self._store.fetch_unpublished(limit, older_than_ms)
+        return [s for s in await self._store.fetch_unpublished(limit, older_than_ms) if not s.suppressed]
 
     async def _count_unpublished(self) -> int:
         return await self._store.count_unpublished()

@@ -2,7 +2,8 @@
 
 This is the contract shared by the tracking engine (which builds it), storage (which persists it and
 uses it as the outbox) and delivery (which publishes it). JSON keys keep the old service's names and
-meanings; decimals are exact JSON numbers, never rounded floats.
+meanings; decimals are exact JSON numbers, never rounded floats, written one way in every payload
+(`plain_decimal`: `0`, `1`, `0.5`, `0.00000012`), so a consumer never sees `1.000000` next to `1`.
 
 `signal_id` forms (deterministic from exchange data, so replays, restarts and a second instance agree):
 - precise order:         `{address}:{oid}:{dir_code}`            e.g. `0xab…:535618784464:OL`
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Final, Literal, Protocol, TypeAlias
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
 import msgspec
 
@@ -35,6 +36,11 @@ PositionSide: TypeAlias = Literal["LONG", "SHORT"]
 AssetType: TypeAlias = Literal["futures", "spot"]
 Source: TypeAlias = Literal["user_fills", "market_tape", "reconcile"]
 Trigger: TypeAlias = Literal["status", "timeout", "reconcile", "shutdown", "tape_block", "drift"]
+# The old service's documented size class, here by notional USD (README "position_size").
+PositionSize: TypeAlias = Literal["Small", "Medium", "Large"]
+# Why the sink kept a signal off the subjects (README "Filters"); the metric label of `signals_suppressed`.
+SuppressReason: TypeAlias = Literal["symbol_denied", "symbol_not_allowed", "min_notional"]
+SUPPRESS_REASONS: Final[tuple[SuppressReason, ...]] = ("symbol_denied", "symbol_not_allowed", "min_notional")
 
 # Old payload keys, in the order the Go service emitted them, for the legacy subject.
 LEGACY_KEYS: Final = (
@@ -49,6 +55,7 @@ LEGACY_KEYS: Final = (
     "size",
     "price",
     "timestamp",
+    "position_size",  # documented by the old service; appended so the first 11 keys keep their order
 )
 
 
@@ -134,10 +141,42 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
     entry_px: Decimal | None = None
     leverage: int | None = None
     liquidation_px: Decimal | None = None
+    # --- stamped by the sink (delivery/sink.py): size class and the filters' decision (README "Filters") ---
+    position_size: PositionSize | None = None  # None only on signals stored before the field existed
+    suppressed: bool = False  # stored and shown, never published
+    suppressed_reason: SuppressReason | None = None
 
     def legacy_payload(self) -> dict[str, object]:
         """The flat object the old `hl_address_signal` consumers expect."""
         return {key: getattr(self, key) for key in LEGACY_KEYS}
+
+
+def position_size_of(notional_usd: Decimal, thresholds: tuple[Decimal, Decimal]) -> PositionSize:
+    """`Small` below the first threshold, `Medium` below the second, else `Large` (the old service's bounds)."""
+    medium, large = thresholds
+    if notional_usd < medium:
+        return "Small"
+    return "Medium" if notional_usd < large else "Large"
+
+
+def plain_decimal(value: Decimal) -> str:
+    """The one text form of a decimal in every signal payload: plain notation (never an exponent), no trailing
+    zeros, `0` for any zero. `Decimal("1.000000")`, `Decimal("1E+0")` and `Decimal("1")` all become `1`;
+    `Decimal("1.2E-7")` becomes `0.00000012`. Exact: formatting never rounds."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _plain_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    """Every Decimal of `data` (and of its nested objects) as its `plain_decimal` JSON number."""
+    for key, value in data.items():
+        if isinstance(value, Decimal):
+            data[key] = msgspec.Raw(plain_decimal(value).encode())
+        elif isinstance(value, dict):
+            _plain_numbers(value)
+    return data
 
 
 _ENCODER: Final = msgspec.json.Encoder(decimal_format="number")
@@ -145,12 +184,13 @@ _DECODER: Final = msgspec.json.Decoder(Signal)
 
 
 def encode_signal(signal: Signal) -> bytes:
-    """Signal JSON with exact decimal numbers."""
-    return _ENCODER.encode(signal)
+    """Signal JSON: exact decimals as JSON numbers in the `plain_decimal` form, keys in field order."""
+    return _ENCODER.encode(_plain_numbers(msgspec.to_builtins(signal, builtin_types=(Decimal,))))
 
 
 def encode_legacy(signal: Signal) -> bytes:
-    return _ENCODER.encode(signal.legacy_payload())
+    """The legacy payload's JSON, decimals in the same form as `encode_signal`."""
+    return _ENCODER.encode(_plain_numbers(signal.legacy_payload()))
 
 
 def decode_signal(raw: bytes | str) -> Signal:

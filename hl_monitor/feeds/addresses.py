@@ -26,7 +26,7 @@ from typing import Final, Protocol, runtime_checkable
 
 import msgspec
 
-from hl_monitor.domain.address import TIERS, Tier, WatchedAddress, parse_address
+from hl_monitor.domain.address import TIERS, Tier, WatchedAddress, parse_address, parse_min_notional, symbol_keys
 from hl_monitor.errors import InvalidAddressError
 from hl_monitor.feeds.supervisor import Backoff
 from hl_monitor.logging import get_logger
@@ -111,16 +111,28 @@ class CallableSource:
 
 
 def to_watched(row: AddressRow) -> WatchedAddress:
-    """Validate and normalise one source row (`InvalidAddressError` on a bad address or tier)."""
+    """Validate and normalise one source row (`InvalidAddressError` on a bad address, tier or notional floor).
+
+    The filter fields (`min_notional_usd`, `allow_symbols`, `deny_symbols`) are optional on a row: a source
+    without them watches the address unfiltered.
+    """
     if row.tier not in TIERS:
         raise InvalidAddressError(f"{row.address} (tier {row.tier!r})")
     tier: Tier = row.tier  # narrowed by the membership test above
+    floor = getattr(row, "min_notional_usd", None)
+    try:
+        min_notional = parse_min_notional(floor or 0)
+    except ValueError:
+        raise InvalidAddressError(f"{row.address} (min_notional_usd {floor!r})") from None
     return WatchedAddress(
         address=parse_address(row.address),
         label=row.label or "",
         tier=tier,
         priority=int(row.priority),
         server_id=row.server_id,
+        min_notional_usd=min_notional,
+        allow_symbols=symbol_keys(getattr(row, "allow_symbols", ())),
+        deny_symbols=symbol_keys(getattr(row, "deny_symbols", ())),
     )
 
 
@@ -129,7 +141,7 @@ class AddressDiff(msgspec.Struct, frozen=True):
 
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    updated: tuple[str, ...] = ()  # label, tier or priority changed
+    updated: tuple[str, ...] = ()  # label, tier, priority or filters changed
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.updated)
@@ -182,6 +194,10 @@ class AddressBook:
 
     def entries(self) -> Mapping[str, WatchedAddress]:
         return dict(self._entries)
+
+    def entry(self, address: str) -> WatchedAddress | None:
+        """One address's entry (its label and filters), without copying the book: the signal sink asks per signal."""
+        return self._entries.get(address)
 
     def removing(self) -> Mapping[str, float]:
         """Addresses gone from every source, still tracked until their deadline (monotonic seconds)."""

@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Final, Protocol, cast
+from typing import Annotated, Any, Final, Protocol, TypeVar, cast
 
 import msgspec
 import orjson
@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from hl_monitor.config import HttpConfig, parse_listen
-from hl_monitor.domain.address import Tier, parse_address
+from hl_monitor.domain.address import Tier, parse_address, parse_min_notional, parse_symbol_list
 from hl_monitor.errors import ConfigError, StorageError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
@@ -113,13 +113,20 @@ class ServiceView(Protocol):
 
 
 class AddressInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """One address to add or update. `None` means "default for a new address, unchanged for a known one"."""
+    """One address to add or update. `None` means "default for a new address, unchanged for a known one".
+
+    Filters (README "Filters"): `min_notional_usd` a dollar amount ≥ 0 (number or text), `allow_symbols` and
+    `deny_symbols` lists of symbols or coins (an empty list removes the list). Validated by `_validated_entries`.
+    """
 
     address: str
     label: str | None = None
     tier: Tier | None = None
     priority: Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)] | None = None
     is_active: bool | None = None
+    min_notional_usd: Decimal | None = None
+    allow_symbols: tuple[str, ...] | None = None
+    deny_symbols: tuple[str, ...] | None = None
 
 
 class AddressAdmin(Protocol):
@@ -145,6 +152,9 @@ class AddressAdmin(Protocol):
         tier: Tier | None = None,
         priority: int | None = None,
         is_active: bool | None = None,
+        min_notional_usd: Decimal | None = None,
+        allow_symbols: Sequence[str] | None = None,
+        deny_symbols: Sequence[str] | None = None,
     ) -> dict[str, Any] | None:
         """Change the given fields (None = unchanged); the updated row, or None when not watched."""
         ...
@@ -158,6 +168,9 @@ class _Patch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     tier: Tier | None = None
     priority: Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)] | None = None
     is_active: bool | None = None
+    min_notional_usd: Decimal | None = None
+    allow_symbols: tuple[str, ...] | None = None
+    deny_symbols: tuple[str, ...] | None = None
 
 
 class _BulkRemove(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -186,6 +199,26 @@ def _check_label(label: str | None, where: str) -> None:
         raise _ApiError(400, f"{where}.label: control characters are not allowed")
 
 
+_PatchOrInput = TypeVar("_PatchOrInput", AddressInput, _Patch)
+
+
+def _checked_filters(entry: _PatchOrInput, where: str) -> _PatchOrInput:
+    """The entry with its filter fields validated and normalised (`400` naming the field otherwise)."""
+    changes: dict[str, Any] = {}
+    if entry.min_notional_usd is not None:
+        try:
+            changes["min_notional_usd"] = parse_min_notional(entry.min_notional_usd)
+        except ValueError as exc:
+            raise _ApiError(400, f"{where}.min_notional_usd: {exc}") from None
+    for name in ("allow_symbols", "deny_symbols"):
+        if (symbols := getattr(entry, name)) is not None:
+            try:
+                changes[name] = parse_symbol_list(symbols)
+            except ValueError as exc:
+                raise _ApiError(400, f"{where}.{name}: {exc}") from None
+    return msgspec.structs.replace(entry, **changes) if changes else entry
+
+
 def _validated_entries(entries: Sequence[AddressInput], single: bool) -> list[AddressInput]:
     seen: set[str] = set()
     out: list[AddressInput] = []
@@ -196,6 +229,7 @@ def _validated_entries(entries: Sequence[AddressInput], single: bool) -> list[Ad
         except ValueError as exc:
             raise _ApiError(400, f"{where}.address: {exc}") from None
         _check_label(entry.label, where)
+        entry = _checked_filters(entry, where)
         if address in seen:
             raise _ApiError(400, f"{where}.address: {address} appears more than once in this request")
         seen.add(address)
@@ -471,15 +505,29 @@ class _Admin:
             address = _path_address(request)
             patch: _Patch = await self._body(request, _Patch)
             _check_label(patch.label, "$")
+            patch = _checked_filters(patch, "$")
             changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
             if not changes:
-                raise _ApiError(400, "nothing to change: give label, tier, priority or is_active")
+                raise _ApiError(
+                    400,
+                    "nothing to change: give label, tier, priority, is_active, min_notional_usd, allow_symbols "
+                    "or deny_symbols",
+                )
             row = await self.admin.update(
-                address, label=patch.label, tier=patch.tier, priority=patch.priority, is_active=patch.is_active
+                address,
+                label=patch.label,
+                tier=patch.tier,
+                priority=patch.priority,
+                is_active=patch.is_active,
+                min_notional_usd=patch.min_notional_usd,
+                allow_symbols=patch.allow_symbols,
+                deny_symbols=patch.deny_symbols,
             )
             if row is None:
                 raise _ApiError(404, f"{address} is not watched")
-            self._audit("update", client, [address], **changes)
+            self._audit(
+                "update", client, [address], **{k: str(v) if isinstance(v, Decimal) else v for k, v in changes.items()}
+            )
             return _json(row)
 
         return await self._call(request, run)

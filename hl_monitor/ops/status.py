@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Final
 
 import msgspec
@@ -258,7 +259,19 @@ class Admin:
         tier: Tier | None = None,
         priority: int | None = None,
         is_active: bool | None = None,
+        min_notional_usd: Decimal | None = None,
+        allow_symbols: Sequence[str] | None = None,
+        deny_symbols: Sequence[str] | None = None,
     ) -> dict[str, Any] | None:
-        row = await self._table.update(address, label=label, tier=tier, priority=priority, is_active=is_active)
+        row = await self._table.update(
+            address,
+            label=label,
+            tier=tier,
+            priority=priority,
+            is_active=is_active,
+            min_notional_usd=min_notional_usd,
+            allow_symbols=allow_symbols,
+            deny_symbols=deny_symbols,
+        )
         self._book.refresh_now()
         return row

@@ -1,10 +1,18 @@
-"""`hl-monitor sim`: run the fake Hyperliquid (and optionally a scenario) until Ctrl-C."""
+"""`hl-monitor sim`: run the fake Hyperliquid (and optionally a scenario) until Ctrl-C.
+
+With a scenario, its whale addresses are printed on stdout as soon as the server is ready (before the first
+trade), with the environment line that points the service at them, so the README's two-terminal walk-through
+can be followed while the scenario runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import signal
+import sys
+from collections.abc import Sequence
+from typing import TextIO
 
 from hl_monitor.hyperliquid import constants as hl
 from hl_monitor.logging import configure_logging, get_logger
@@ -14,9 +22,21 @@ log = get_logger(__name__)
 DEFAULT_PORT = 8765  # the Makefile's `make sim` port
 
 
-async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> None:
+def whales_banner(scenario: str, whales: Sequence[str], ws_url: str, info_url: str) -> str:
+    """What `sim --scenario` prints at start: the whales, and the variables that point the service at them."""
+    lines = [f"scenario {scenario}: {len(whales)} whale{'s' if len(whales) != 1 else ''}", *(f"  {w}" for w in whales)]
+    lines += [
+        "watch them with:",
+        f"  HL_MONITOR__HYPERLIQUID__WS_URL={ws_url} \\",
+        f"  HL_MONITOR__HYPERLIQUID__INFO_URL={info_url} \\",
+        f"  HL_MONITOR__ADDRESSES__INITIAL={','.join(whales)} make run",
+    ]
+    return "\n".join(lines)
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None, out: TextIO | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM); the scenario runs alongside and may end first."""
-    from hl_monitor.sim.scenarios import run_scenario
+    from hl_monitor.sim.scenarios import run_scenario, scenario_whales
     from hl_monitor.sim.server import SimConfig, SimServer
 
     stop = stop or asyncio.Event()
@@ -36,6 +56,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     )
     async with SimServer(config) as sim:
         log.info("sim ready", ws_url=sim.ws_url, info_url=sim.info_url, scenario=args.scenario)
+        if args.scenario:
+            whales = scenario_whales(args.scenario, args.seed, args.whales)
+            print(whales_banner(args.scenario, whales, sim.ws_url, sim.info_url), file=out or sys.stdout, flush=True)
         async with asyncio.TaskGroup() as tg:
             if args.scenario:
                 scenario = tg.create_task(

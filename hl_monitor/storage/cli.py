@@ -1,11 +1,13 @@
-"""`hl-monitor db upgrade|current`, `hl-monitor addresses add|remove|list|import|show`, `hl-monitor positions`.
+"""`hl-monitor db upgrade|current`, `hl-monitor addresses add|update|remove|list|import|show`, `hl-monitor positions`.
 
 Address commands write `hlm_addresses` directly; a running service notices within a second (it polls
-the table's change marker). `addresses show` prints what the database holds for one address as JSON.
+the table's change marker). `addresses list` and `addresses show` also account for the config's
+`addresses.initial` (each row says which source the service takes the address from). `addresses show` prints
+what the database holds for one address as JSON.
 `positions` prints the open perp positions of the stored position documents (`hlm_positions`), largest
 first. Invalid input (an address that is not 0x + 40 hex digits, an unknown tier, a malformed import line, a
-`--min-usd` that is not a non-negative number) is reported with its position and exits 2 without writing
-anything.
+`--min-usd` or `--min-notional-usd` that is not a non-negative number, a malformed symbol list) is reported with
+its position and exits 2 without writing anything.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.config import Config, mask_url
-from hl_monitor.domain.address import TIERS, parse_address
+from hl_monitor.domain.address import TIERS, WatchedAddress, parse_address, parse_min_notional, parse_symbol_list
 from hl_monitor.errors import InvalidAddressError, StorageError
 from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
@@ -39,7 +42,7 @@ from hl_monitor.tracking.position_events import PerpPosition, format_decimal
 from hl_monitor.tracking.state import AggregationRecord, Watermark
 
 EXIT_OK: Final = 0
-EXIT_NOT_FOUND: Final = 1  # `addresses show` of an address the table does not hold
+EXIT_NOT_FOUND: Final = 1  # `addresses show`/`update` of an address neither the table nor the config holds
 DEFAULT_SHOWN_SIGNALS: Final = 10
 EXIT_USAGE: Final = 2  # same as the top-level CLI's config/usage code: do not restart-loop on it
 PRIORITY_MAX: Final = 2**31 - 1  # the column is a signed INT
@@ -57,6 +60,9 @@ class _Change:
     priority: int | None = None
     is_active: bool | None = None
     server_id: int | None = None
+    min_notional_usd: Decimal | None = None
+    allow_symbols: tuple[str, ...] | None = None
+    deny_symbols: tuple[str, ...] | None = None
 
 
 # ---------------------------------------------------------------- validation (argparse types)
@@ -78,6 +84,20 @@ def _label(value: str) -> str:
     if len(value) > LABEL_LEN:
         raise argparse.ArgumentTypeError(f"label is {len(value)} characters; at most {LABEL_LEN}")
     return value
+
+
+def _min_notional(value: str) -> Decimal:
+    try:
+        return parse_min_notional(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _symbol_list(value: str) -> tuple[str, ...]:
+    try:
+        return parse_symbol_list(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _priority(value: str) -> int:
@@ -140,11 +160,21 @@ async def _table(engine: AsyncEngine) -> AddressTable:
     return AddressTable(engine)
 
 
+def _change(args: argparse.Namespace, address: str, label: str | None) -> _Change:
+    return _Change(
+        address,
+        label=label,
+        tier=args.tier,
+        priority=args.priority,
+        server_id=args.server_id,
+        min_notional_usd=args.min_notional_usd,
+        allow_symbols=args.allow_symbols,
+        deny_symbols=args.deny_symbols,
+    )
+
+
 def _addresses_add(args: argparse.Namespace) -> int:
-    changes = [
-        _Change(a, label=args.label, tier=args.tier, priority=args.priority, server_id=args.server_id)
-        for a in dict.fromkeys(args.address)
-    ]
+    changes = [_change(args, a, args.label) for a in dict.fromkeys(args.address)]
 
     async def action(engine: AsyncEngine, cfg: Config) -> int:
         count = await (await _table(engine)).add(changes)
@@ -152,6 +182,31 @@ def _addresses_add(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_engine(args, action)
+
+
+def _addresses_update(args: argparse.Namespace) -> int:
+    change = _change(args, "", args.label)
+    fields = {k: v for k, v in dataclasses.asdict(change).items() if k != "address" and v is not None}
+    if not fields:
+        print("hl-monitor: nothing to change: give at least one field option", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def action(engine: AsyncEngine, cfg: Config) -> list[str]:
+        table = await _table(engine)
+        unknown = [a for a in dict.fromkeys(args.address) if await table.get(a) is None]
+        if unknown:
+            return unknown
+        for address in dict.fromkeys(args.address):
+            await table.update(address, **fields)
+        return []
+
+    unknown = _with_engine(args, action)
+    if unknown:
+        print(f"hl-monitor: not in the address table (add them first): {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    count = len(set(args.address))
+    print(f"updated {count} address{'es' if count != 1 else ''}")
+    return EXIT_OK
 
 
 def _addresses_remove(args: argparse.Namespace) -> int:
@@ -164,31 +219,76 @@ def _addresses_remove(args: argparse.Namespace) -> int:
     return _with_engine(args, action)
 
 
+SOURCE_TABLE: Final = "table"  # an active row of the address table
+SOURCE_CONFIG: Final = "addresses.initial"  # the config list; the table wins where both name an address
+
+
+def _config_row(address: str) -> dict[str, Any]:
+    """An `addresses.initial` entry shown like a table row: the defaults the service watches it with."""
+    entry = WatchedAddress(address=address)
+    return {
+        "address": address,
+        "label": entry.label,
+        "tier": entry.tier,
+        "priority": entry.priority,
+        "is_active": True,
+        "server_id": entry.server_id,
+        "min_notional_usd": str(entry.min_notional_usd),
+        "allow_symbols": [],
+        "deny_symbols": [],
+        "created_at": None,
+        "updated_at": None,
+    }
+
+
+def with_sources(table_rows: Sequence[dict[str, Any]], initial: Sequence[str]) -> list[dict[str, Any]]:
+    """Table rows and the `addresses.initial` addresses, one row per address, each with `source`: where the
+    service takes it from, as its address book merges them (an active table row first, then the config list;
+    None for an inactive row the config does not name: not watched)."""
+    configured = list(dict.fromkeys(parse_address(a) for a in initial))
+    in_config = set(configured)
+    rows: list[dict[str, Any]] = []
+    for row in table_rows:
+        source = SOURCE_TABLE if row["is_active"] else SOURCE_CONFIG if row["address"] in in_config else None
+        rows.append({**row, "source": source})
+    listed = {row["address"] for row in rows}
+    rows += [{**_config_row(a), "source": SOURCE_CONFIG} for a in configured if a not in listed]
+    return rows
+
+
 def _addresses_list(args: argparse.Namespace) -> int:
     async def action(engine: AsyncEngine, cfg: Config) -> list[dict[str, Any]]:
-        return await (await _table(engine)).list(include_inactive=args.all)
+        table_rows = await (await _table(engine)).list(include_inactive=True)
+        return with_sources(table_rows, cfg.addresses.initial)
 
-    rows = _with_engine(args, action)
+    rows = [row for row in _with_engine(args, action) if args.all or row["source"] is not None]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for row in rows:
         server = "-" if row["server_id"] is None else str(row["server_id"])
         active = "active" if row["is_active"] else "inactive"
+        source = f"from {row['source']}" if row["source"] is not None else "not watched"
         print(
             f"{row['address']}  {row['tier']:<7}  prio {row['priority']:<6}  server {server:<4}  "
-            f"{active:<8}  {row['label']}"
+            f"{active:<8}  {source:<22}  {row['label']}"
         )
     print(f"{len(rows)} address{'es' if len(rows) != 1 else ''}", file=sys.stderr)
     return EXIT_OK
 
 
-async def address_details(engine: AsyncEngine, address: str, signals: int) -> dict[str, Any] | None:
-    """What the database holds for one address: its row, positions and watermark as last persisted, pending
-    aggregations and the newest `signals` signals (newest first). None when the address table lacks it."""
-    row = await (await _table(engine)).get(address)
-    if row is None:
+async def address_details(
+    engine: AsyncEngine, address: str, signals: int, initial: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """What the database holds for one address: its row (or, for an address only in `initial`, the config's
+    entry) with its `source`, positions and watermark as last persisted, pending aggregations and the newest
+    `signals` signals (newest first). None when neither the address table nor `initial` has it."""
+    table_row = await (await _table(engine)).get(address)
+    found = with_sources([table_row] if table_row is not None else [], initial)
+    matching = [r for r in found if r["address"] == address]
+    if not matching:
         return None
+    row = matching[0]
     repo = Repository(engine)
     positions = await _by_address(engine, t.positions, address)
     watermark_raw = await _by_address(engine, t.watermarks, address)
@@ -217,11 +317,20 @@ async def address_details(engine: AsyncEngine, address: str, signals: int) -> di
             }
         )
     s = t.signals.c
-    query = sa.select(s.payload, s.published).where(s.address == address).order_by(s.id.desc()).limit(max(signals, 0))
+    query = (
+        sa.select(s.payload, s.published, s.suppressed)
+        .where(s.address == address)
+        .order_by(s.id.desc())
+        .limit(max(signals, 0))
+    )
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     # The stored payload is embedded verbatim: its decimals are exact JSON numbers a float parse would round.
-    last = [{"published": bool(published), "signal": orjson.Fragment(payload)} for payload, published in rows]
+    # A suppressed row needs no publish (`published` is set) but never went out: shown as not published.
+    last = [
+        {"published": bool(published) and not suppressed, "suppressed": bool(suppressed), "signal": orjson.Fragment(p)}
+        for p, published, suppressed in rows
+    ]
     return {
         **row,
         "positions": orjson.Fragment(positions) if positions is not None else None,
@@ -239,11 +348,11 @@ async def _by_address(engine: AsyncEngine, table: sa.Table, address: str) -> str
 
 def _addresses_show(args: argparse.Namespace) -> int:
     async def action(engine: AsyncEngine, cfg: Config) -> dict[str, Any] | None:
-        return await address_details(engine, args.address, args.signals)
+        return await address_details(engine, args.address, args.signals, cfg.addresses.initial)
 
     details = _with_engine(args, action)
     if details is None:
-        print(f"hl-monitor: {args.address} is not in the address table", file=sys.stderr)
+        print(f"hl-monitor: {args.address} is not in the address table nor in addresses.initial", file=sys.stderr)
         return EXIT_NOT_FOUND
     print(orjson.dumps(details, option=orjson.OPT_INDENT_2).decode())
     return EXIT_OK
@@ -433,10 +542,7 @@ def _addresses_import(args: argparse.Namespace) -> int:
     if not entries:
         print(f"hl-monitor: {path} holds no addresses", file=sys.stderr)
         return EXIT_USAGE
-    changes = [
-        _Change(address, label=label, tier=args.tier, priority=args.priority, server_id=args.server_id)
-        for address, label in entries.items()
-    ]
+    changes = [_change(args, address, label) for address, label in entries.items()]
 
     async def action(engine: AsyncEngine, cfg: Config) -> int:
         count = await (await _table(engine)).add(changes)
@@ -474,13 +580,41 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parser.add_argument("--tier", choices=TIERS, default=None, help="precise | wide | auto (new rows: auto)")
         parser.add_argument("--priority", type=_priority, default=None, help="higher gets precise slots first")
         parser.add_argument("--server-id", type=int, default=None, help="pin to the instance with this server_id")
+        parser.add_argument(
+            "--min-notional-usd",
+            type=_min_notional,
+            default=None,
+            metavar="N",
+            help="publish only signals worth at least N dollars (beside signals.min_notional_usd; the higher applies)",
+        )
+        parser.add_argument(
+            "--allow-symbols",
+            type=_symbol_list,
+            default=None,
+            metavar="LIST",
+            help='publish only signals of these symbols or coins, e.g. "BTC,ETHUSDC" ("" removes the list)',
+        )
+        parser.add_argument(
+            "--deny-symbols",
+            type=_symbol_list,
+            default=None,
+            metavar="LIST",
+            help='never publish signals of these symbols or coins ("" removes the list)',
+        )
 
-    add = addr_sub.add_parser("add", help="watch addresses (or update their fields)")
+    add = addr_sub.add_parser("add", help="watch addresses (or update their fields and filters)")
     add_config_arg(add)
     add.add_argument("address", nargs="+", type=_address, metavar="ADDRESS")
     add.add_argument("--label", type=_label, default=None)
     fields(add)
     add.set_defaults(handler=_addresses_add)
+
+    update = addr_sub.add_parser("update", help="change fields and filters of addresses already in the table")
+    add_config_arg(update)
+    update.add_argument("address", nargs="+", type=_address, metavar="ADDRESS")
+    update.add_argument("--label", type=_label, default=None)
+    fields(update)
+    update.set_defaults(handler=_addresses_update)
 
     remove = addr_sub.add_parser("remove", help="stop watching addresses")
     add_config_arg(remove)
@@ -490,7 +624,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     listing = addr_sub.add_parser("list", help="list watched addresses")
     add_config_arg(listing)
-    listing.add_argument("--all", action="store_true", help="include inactive addresses")
+    listing.add_argument("--all", action="store_true", help="include inactive addresses nobody watches")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_addresses_list)
 

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final
 
 import msgspec
 
-from hl_monitor.domain.signal import Signal
+from hl_monitor.domain.signal import PositionSize, Signal, position_size_of
 from hl_monitor.tracking.portfolio import AddressPortfolio
 from hl_monitor.tracking.state import AggregationRecord
 
 __all__ = [
     "LEGACY_SIGNAL_KEYS",
     "POSITION_SIZE_THRESHOLDS",
-    "PositionSize",
     "legacy_aggregation_row",
     "legacy_direction",
     "legacy_position_row",
@@ -38,9 +37,8 @@ __all__ = [
     "utc",
 ]
 
-PositionSize: TypeAlias = Literal["Small", "Medium", "Large"]
-# Notional USD at which a signal stops being Small, then Medium (the old service's boundaries, 10,000 and
-# 100,000, applied to notional instead of its raw coin quantity, which made 1 BTC "Small" and 1M PEPE "Large").
+# A signal stored before signals carried `position_size` is classed with the default bounds of
+# `signals.position_size_thresholds` (README "position_size").
 POSITION_SIZE_THRESHOLDS: Final = (Decimal(10_000), Decimal(100_000))
 # The written columns of a legacy signal row, in the table's order (without the autoincrement id).
 LEGACY_SIGNAL_KEYS: Final = (
@@ -59,18 +57,9 @@ _JSON: Final = msgspec.json.Encoder()  # Decimals as strings: exact inside a MyS
 _ZERO: Final = Decimal(0)
 
 
-def position_size(signal: Signal, thresholds: tuple[Decimal, Decimal] = POSITION_SIZE_THRESHOLDS) -> PositionSize:
-    """`Small` / `Medium` / `Large` by the signal's notional USD.
-
-    Stands in for the signal's own `position_size` field until signals carry one; then this returns that field.
-    """
-    small, medium = thresholds
-    notional = abs(signal.notional_usd)
-    if notional < small:
-        return "Small"
-    if notional < medium:
-        return "Medium"
-    return "Large"
+def position_size(signal: Signal) -> PositionSize:
+    """The signal's own class; a signal stored before signals carried one is classed by its notional USD."""
+    return signal.position_size or position_size_of(abs(signal.notional_usd), POSITION_SIZE_THRESHOLDS)
 
 
 def utc(ms: int) -> datetime:

@@ -24,9 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from hl_monitor.config import Config
-from hl_monitor.domain.address import WatchedAddress, parse_address
+from hl_monitor.domain.address import WatchedAddress, parse_address, symbol_key, symbol_keys
 from hl_monitor.domain.publication import Publication
-from hl_monitor.domain.signal import Signal, decode_signal, encode_signal
+from hl_monitor.domain.signal import Signal, decode_signal, encode_signal, plain_decimal
 from hl_monitor.errors import StorageError
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import ensure_sqlite_dir
@@ -199,13 +199,17 @@ SIGNAL_KEYS: Final = ("signal_id",)
 ADDRESS_KEYS: Final = ("address",)
 EVENT_KEYS: Final = ("event_id",)
 PUBLICATION_KEYS: Final = ("msg_id",)
+HOLDING_KEYS: Final = ("address", "coin")
 
-# A signal's content never changes once stored (same id = same exchange data); only its publish state may
-# advance, and never back: a replayed insert with published=false must not re-open the outbox.
+# A signal's content never changes once stored (same id = same exchange data), its suppression included: the
+# first stored decision stands. Only its publish state may advance, and never back, and only by an ack: a
+# replayed insert (unpublished, or suppressed) must neither re-open the outbox nor close it without a publish.
 SIGNAL_UPDATE: Final[dict[str, Updater]] = {
-    "published": lambda new: sa.case((new.published, sa.true()), else_=t.signals.c.published),
+    "published": lambda new: sa.case((new.published_at.is_not(None), sa.true()), else_=t.signals.c.published),
     "published_at": lambda new: sa.func.coalesce(t.signals.c.published_at, new.published_at),
 }
+# The open that started a holding; a repeated put only refreshes the time.
+HOLDING_UPDATE: Final[dict[str, Updater]] = {"updated_at": _take("updated_at")}
 AGG_UPDATE: Final = replace_all(t.aggregations, AGG_KEYS)
 BY_ADDRESS_UPDATE: Final = {"payload": _take("payload"), "updated_at": _take("updated_at")}
 POSITION_UPDATE: Final = replace_all(t.positions, ADDRESS_KEYS)  # the newest document replaces the row
@@ -223,7 +227,18 @@ LEGACY_AGG_UPDATE: Final = {
 }
 LEGACY_POSITION_UPDATE: Final = replace_all(t.legacy_position_cache, ADDRESS_KEYS)
 ADDRESS_UPDATE: Final = {
-    col: _take(col) for col in ("label", "is_active", "tier", "priority", "server_id", "updated_at")
+    col: _take(col)
+    for col in (
+        "label",
+        "is_active",
+        "tier",
+        "priority",
+        "server_id",
+        "min_notional_usd",
+        "allow_symbols",
+        "deny_symbols",
+        "updated_at",
+    )
 }
 
 
@@ -295,6 +310,12 @@ def close_aggregations_statement(keys: Sequence[AggKey], status: str | None, at_
     return sa.update(t.aggregations).where(sa.tuple_(cols.address, cols.oid, cols.direction).in_(keys)).values(values)
 
 
+def delete_holdings_statement(keys: Sequence[tuple[str, str]]) -> sa.Delete:
+    """Forget positions whose close went out: their later closes may be filtered again."""
+    h = t.signal_holdings.c
+    return sa.delete(t.signal_holdings).where(sa.tuple_(h.address, h.coin).in_(list(keys)))
+
+
 def void_pending_statement(addresses: list[str]) -> sa.Delete:
     """Drop the pending (never flushed) aggregations of addresses no longer tracked."""
     a = t.aggregations.c
@@ -312,7 +333,7 @@ def signal_row(signal: Signal, created_at: int, published_at: int | None = None)
     }
     row["liquidation"] = encode_json(signal.liquidation) if signal.liquidation is not None else None
     row["payload"] = encode_signal(signal).decode()
-    row["published"] = published_at is not None
+    row["published"] = published_at is not None or signal.suppressed  # nothing to send for a suppressed one
     row["published_at"] = published_at
     row["created_at"] = created_at
     return row
@@ -448,7 +469,12 @@ class Repository:
     async def fetch_unpublished(self, limit: int, older_than_ms: int | None = None) -> list[Signal]:
         """Oldest unpublished signals first; with `older_than_ms` (epoch ms) only those stored before it."""
         s = t.signals.c
-        query = sa.select(s.payload).where(s.published == sa.false()).order_by(s.id).limit(limit)
+        query = (
+            sa.select(s.payload)
+            .where(s.published == sa.false(), s.suppressed == sa.false())
+            .order_by(s.id)
+            .limit(limit)
+        )
         if older_than_ms is not None:
             query = query.where(s.created_at < older_than_ms)
         async with self.engine.connect() as conn:
@@ -464,7 +490,8 @@ class Repository:
         return int(result.rowcount)
 
     async def count_unpublished(self) -> int:
-        query = sa.select(sa.func.count()).select_from(t.signals).where(t.signals.c.published == sa.false())
+        s = t.signals.c
+        query = sa.select(sa.func.count()).where(s.published == sa.false(), s.suppressed == sa.false())
         async with self.engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
@@ -516,6 +543,12 @@ class Repository:
             return set((await conn.execute(query)).scalars().all())
 
     # ---- state reloaded at start ----
+
+    async def load_signal_holdings(self) -> set[tuple[str, str]]:
+        """(address, coin) of every position whose open signal was published and not yet closed."""
+        h = t.signal_holdings.c
+        async with self.engine.connect() as conn:
+            return {(address, coin) for address, coin in (await conn.execute(sa.select(h.address, h.coin))).all()}
 
     async def load_pending_aggregations(self) -> list[StoredAggregation]:
         """Aggregations not yet flushed into a signal, oldest first."""
@@ -642,6 +675,33 @@ class AddressChange(Protocol):
     def is_active(self) -> bool | None: ...
 
 
+# Optional fields of an `AddressChange` (read with getattr: older callers' change objects lack them).
+_OPTIONAL_CHANGES: Final = ("server_id", "min_notional_usd", "allow_symbols", "deny_symbols")
+
+
+def symbol_list_text(symbols: Sequence[str]) -> str | None:
+    """A filter list as stored: comma-separated, NULL when empty."""
+    return ",".join(symbols) or None
+
+
+def stored_symbol_list(text: str | None) -> tuple[str, ...]:
+    """A stored filter list, read leniently (another program may have written it): entries stripped, blanks and
+    repeats dropped; an entry the CLI would refuse (too long) is kept and simply never matches."""
+    kept: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if entry := item.strip():
+            kept.setdefault(symbol_key(entry), entry)
+    return tuple(kept.values())
+
+
+def _column_values(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Address fields as columns: filter lists as stored text."""
+    return {
+        key: symbol_list_text(value) if key in ("allow_symbols", "deny_symbols") else value
+        for key, value in changes.items()
+    }
+
+
 def _address_dict(row: sa.RowMapping) -> dict[str, Any]:
     return {
         "address": row["address"],
@@ -650,6 +710,9 @@ def _address_dict(row: sa.RowMapping) -> dict[str, Any]:
         "priority": row["priority"],
         "is_active": bool(row["is_active"]),
         "server_id": row["server_id"],
+        "min_notional_usd": plain_decimal(row["min_notional_usd"]),
+        "allow_symbols": list(stored_symbol_list(row["allow_symbols"])),
+        "deny_symbols": list(stored_symbol_list(row["deny_symbols"])),
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),
     }
@@ -679,6 +742,9 @@ class AddressTable:
                 tier=row["tier"],
                 priority=row["priority"],
                 server_id=row["server_id"],
+                min_notional_usd=row["min_notional_usd"],
+                allow_symbols=symbol_keys(stored_symbol_list(row["allow_symbols"])),
+                deny_symbols=symbol_keys(stored_symbol_list(row["deny_symbols"])),
             )
             for row in await self._rows(active_only=True)
         ]
@@ -722,8 +788,10 @@ class AddressTable:
                     k: v for k in ("label", "tier", "priority", "is_active") if (v := getattr(entry, k)) is not None
                 }
                 changes.setdefault("is_active", True)
-                if (server_id := getattr(entry, "server_id", None)) is not None:  # optional on AddressChange
-                    changes["server_id"] = server_id
+                for key in _OPTIONAL_CHANGES:
+                    if (value := getattr(entry, key, None)) is not None:
+                        changes[key] = value
+                changes = _column_values(changes)
                 updated = await conn.execute(
                     sa.update(t.addresses).where(t.addresses.c.address == address).values(**changes, updated_at=now)
                 )
@@ -762,10 +830,23 @@ class AddressTable:
         priority: int | None = None,
         is_active: bool | None = None,
         server_id: int | None = None,
+        min_notional_usd: Decimal | None = None,
+        allow_symbols: Sequence[str] | None = None,
+        deny_symbols: Sequence[str] | None = None,
     ) -> dict[str, Any] | None:
-        """Change the given fields (None = unchanged); the updated row, or None when the address is unknown."""
-        given = {"label": label, "tier": tier, "priority": priority, "is_active": is_active, "server_id": server_id}
-        changes = {k: v for k, v in given.items() if v is not None}
+        """Change the given fields (None = unchanged; an empty symbol list removes the list); the updated row, or
+        None when the address is unknown."""
+        given = {
+            "label": label,
+            "tier": tier,
+            "priority": priority,
+            "is_active": is_active,
+            "server_id": server_id,
+            "min_notional_usd": min_notional_usd,
+            "allow_symbols": allow_symbols,
+            "deny_symbols": deny_symbols,
+        }
+        changes = _column_values({k: v for k, v in given.items() if v is not None})
         normalized = parse_address(address)
         async with self.engine.begin() as conn:
             await conn.execute(

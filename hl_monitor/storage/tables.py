@@ -31,6 +31,7 @@ COIN_LEN: Final = 64  # HIP-3 coins look like `xyz:XYZ100`; spot pairs like `@12
 STATUS_LEN: Final = 64  # Hyperliquid statuses such as `openInterestIncreaseRejected` exceed the old varchar(16)
 DIR_LEN: Final = 64  # Hyperliquid `dir` after the split, including liquidation labels
 SHORT_LEN: Final = 16  # enumerations: direction, side, asset_type, source, trigger, tier
+REASON_LEN: Final = 32  # a signal's suppression reason (`symbol_not_allowed` is longer than SHORT_LEN)
 INSTANCE_LEN: Final = 255  # instance ids are host name + data directory
 # Instance ids as a primary key: 191 utf8mb4 characters stay under old MySQL row formats' 767-byte key limit.
 LEASE_KEY_LEN: Final = 191
@@ -141,6 +142,11 @@ addresses: Final = sa.Table(
     sa.Column("server_id", sa.Integer(), nullable=True),  # NULL: any instance; else pinned to that instance
     sa.Column("created_at", PreciseDateTime, nullable=False, server_default=precise_now()),
     sa.Column("updated_at", PreciseDateTime, nullable=False, server_default=precise_now()),
+    # Filters (README "Filters"): a notional floor beside the global one, and comma-separated symbol lists
+    # (NULL or empty: no list), plain text so another program can write them with one UPDATE.
+    sa.Column("min_notional_usd", ExactDecimal(), nullable=False, server_default="0"),
+    sa.Column("allow_symbols", sa.Text(), nullable=True),
+    sa.Column("deny_symbols", sa.Text(), nullable=True),
     sa.CheckConstraint("tier IN ('precise', 'wide', 'auto')", name="tier"),
 )
 
@@ -259,10 +265,26 @@ signals: Final = sa.Table(
     sa.Column("detected_at", sa.BigInteger(), nullable=False),
     sa.Column("detected_by", sa.String(INSTANCE_LEN), nullable=True),
     sa.Column("payload", JsonText(), nullable=False),  # the exact JSON published, so a re-publish is byte-identical
+    # The outbox's flag: nothing left to send. A suppressed signal is stored with it set (and `published_at`
+    # NULL: it never went out), so the store scan never picks it up.
     sa.Column("published", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("published_at", sa.BigInteger(), nullable=True),
     sa.Column("created_at", sa.BigInteger(), nullable=False, index=True),
+    sa.Column("suppressed", sa.Boolean(), nullable=False, server_default=sa.false()),  # a filter kept it back
+    sa.Column("suppressed_reason", sa.String(REASON_LEN), nullable=True),
     sa.Index(None, "published", "id"),
+)
+
+# Positions whose open signal was published, per (address, coin): their closes are never suppressed, so a
+# consumer is never left holding a position it was told about. A row appears with the first published open
+# and goes with the close that ends the position; written with the signals, in the same transaction.
+signal_holdings: Final = sa.Table(
+    "hlm_signal_holdings",
+    metadata,
+    sa.Column("address", sa.String(ADDRESS_LEN), primary_key=True),
+    sa.Column("coin", sa.String(COIN_LEN), primary_key=True),
+    sa.Column("signal_id", sa.String(SIGNAL_ID_LEN), nullable=False),  # the published open that started it
+    sa.Column("updated_at", sa.BigInteger(), nullable=False),
 )
 
 # Per-address fill high-water mark (the engine's JSON: time and tid), for gap backfill after a restart.

@@ -8,8 +8,9 @@ slot waits (backpressure, counted in `writer_queue_full`), it never drops.
 
 A flush swaps the buffer out and writes it in ONE transaction, one statement per chunk of
 `writer.batch_size` rows per table, in this order: voided pending aggregations of removed addresses,
-signal inserts, publish marks, publication inserts, their publish marks, position events, aggregation
-upserts, aggregation closes, watermarks, deleted position documents, position documents.
+signal inserts, publish marks, signal holdings ended and started, publication inserts, their publish marks,
+position events, aggregation upserts, aggregation closes, watermarks, deleted position documents, position
+documents.
 Upserts use one cached statement per table executed with the chunk's rows (compiled once; the driver
 batches them: sqlite3's executemany, aiomysql's multi-row rewrite of `INSERT … VALUES … ON DUPLICATE KEY`),
 so a flush never rebuilds SQLAlchemy constructs per row and value. Only where the driver would not batch
@@ -67,6 +68,8 @@ from hl_monitor.storage.repository import (
     BY_ADDRESS_UPDATE,
     EVENT_KEYS,
     EVENT_UPDATE,
+    HOLDING_KEYS,
+    HOLDING_UPDATE,
     LEGACY_AGG_KEYS,
     LEGACY_AGG_UPDATE,
     LEGACY_POSITION_UPDATE,
@@ -78,6 +81,7 @@ from hl_monitor.storage.repository import (
     SIGNAL_UPDATE,
     AggKey,
     close_aggregations_statement,
+    delete_holdings_statement,
     delete_legacy_positions_statement,
     delete_positions_statement,
     encode_json,
@@ -116,6 +120,8 @@ class _Buffer:
 
     signals: dict[str, Row] = field(default_factory=dict)
     marks: dict[str, int] = field(default_factory=dict)  # publish acks for signals no longer buffered
+    holdings: dict[tuple[str, str], Row] = field(default_factory=dict)  # (address, coin) → holding row
+    ended_holdings: set[tuple[str, str]] = field(default_factory=set)  # to delete (no put after the end)
     publications: dict[str, Row] = field(default_factory=dict)
     publication_marks: dict[str, int] = field(default_factory=dict)  # acks for publications no longer buffered
     position_events: dict[str, Row] = field(default_factory=dict)
@@ -140,6 +146,8 @@ class _Buffer:
             + len(self.voided)
             + len(self.signals)
             + len(self.marks)
+            + len(self.holdings)
+            + len(self.ended_holdings)
             + len(self.publications)
             + len(self.publication_marks)
             + len(self.position_events)
@@ -228,6 +236,27 @@ class BatchWriter:
             self._hit("signals")
         else:
             buf.marks[signal_id] = at_ms
+        self._accepted()
+
+    async def put_holding(self, address: str, coin: str, signal_id: str) -> None:
+        """Record that the open `signal_id` of this position was published (the sink's holdings); after the signal."""
+        key = (address, coin)
+        pending = self._pending
+        buf = await self._slot(key in pending.holdings or key in pending.ended_holdings)
+        if key in buf.holdings or key in buf.ended_holdings:
+            self._hit("signal_holdings")
+        buf.ended_holdings.discard(key)
+        buf.holdings[key] = {"address": address, "coin": coin, "signal_id": signal_id, "updated_at": self._clock()}
+        self._accepted()
+
+    async def end_holding(self, address: str, coin: str) -> None:
+        """The position's closing signal was handled: forget the holding (supersedes a buffered put)."""
+        key = (address, coin)
+        pending = self._pending
+        buf = await self._slot(key in pending.holdings or key in pending.ended_holdings)
+        if buf.holdings.pop(key, None) is not None or key in buf.ended_holdings:
+            self._hit("signal_holdings")
+        buf.ended_holdings.add(key)
         self._accepted()
 
     async def put_aggregation(
@@ -542,6 +571,15 @@ class BatchWriter:
                 list(batch.marks.items()),
                 mark_published_call,
                 min(MAX_MARKS_PER_STATEMENT, max_rows_per_statement(d, t.signals, size)),
+            ),
+            _Op(
+                "signal_holdings",
+                sorted(batch.ended_holdings),
+                lambda keys: (delete_holdings_statement(keys), None),
+                max_rows_per_statement(d, t.signal_holdings, size),
+            ),
+            self._upsert_op(
+                "signal_holdings", t.signal_holdings, list(batch.holdings.values()), HOLDING_KEYS, HOLDING_UPDATE
             ),
             self._upsert_op(
                 "publications", t.publications, list(batch.publications.values()), PUBLICATION_KEYS, PUBLICATION_UPDATE
