@@ -828,6 +828,9 @@ class SimServer:
             return
         method = msg.get("method") if isinstance(msg, dict) else None
         if method == "ping":
+            if self._mids_flush is not None:  # a pong follows every mid move made before the ping
+                self._mids_flush.cancel()
+                self._flush_mids()
             conn.send(_PONG)
         elif method == "subscribe":
             self.stats.subscribe_requests += 1
