@@ -105,16 +105,16 @@ def _prepare_store(path: Path, min_free_bytes: int) -> None:
         )
 
 
-def server_conf(store: Path) -> str:
+def server_conf(store: Path, sync_interval: str = SYNC_INTERVAL) -> str:
     """The embedded server's config file: the JetStream store and its sync policy."""
     # A JSON string is a valid quoted string in the NATS config syntax (backslashes and quotes escaped).
-    return f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {SYNC_INTERVAL}\n}}\n"
+    return f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync_interval}\n}}\n"
 
 
-def _write_conf(store: Path) -> Path:
+def _write_conf(store: Path, sync_interval: str) -> Path:
     path = store / CONF_NAME
     try:
-        path.write_text(server_conf(store), encoding="utf-8")
+        path.write_text(server_conf(store, sync_interval), encoding="utf-8")
     except OSError as exc:
         raise DeliveryError(f"nats.store_dir {str(store)!r}: cannot write {CONF_NAME}: {exc.strerror or exc}") from None
     return path
@@ -149,10 +149,13 @@ class EmbeddedNats:
         restart_max_delay: float = RESTART_MAX_DELAY_S,
         min_free_bytes: int = MIN_FREE_BYTES,
         monitor_port: int | None = None,
+        sync_interval: str = SYNC_INTERVAL,
     ) -> None:
-        """`monitor_port`: serve the server's HTTP monitoring (`/varz`) on loopback there; off by default."""
+        """`monitor_port`: serve the server's HTTP monitoring (`/varz`) on loopback there; off by default.
+        `sync_interval`: only for measuring what `always` costs (`hl_monitor.bench.sync`)."""
         self._binary = binary
         self._monitor_port = monitor_port
+        self._sync_interval = sync_interval
         self.config_loaded = False  # the server confirmed reading its config file (sync policy included)
         self._store = Path(cfg.store_dir)
         self._port = cfg.embedded_port
@@ -247,7 +250,7 @@ class EmbeddedNats:
     async def _spawn(self) -> None:
         assert self._binary is not None
         await asyncio.to_thread(_prepare_store, self._store, self._min_free_bytes)
-        conf = await asyncio.to_thread(_write_conf, self._store.absolute())
+        conf = await asyncio.to_thread(_write_conf, self._store.absolute(), self._sync_interval)
         self._tail.clear()
         self.config_loaded = False
         args = [self._binary, "-a", HOST, "-p", str(self._port), "-js", "-c", str(conf)]
@@ -284,7 +287,7 @@ class EmbeddedNats:
                 url=self.url,
                 store_dir=str(self._store),
                 pid=proc.pid,
-                sync_interval=SYNC_INTERVAL,
+                sync_interval=self._sync_interval,
             )
             return
         exited = self._reader in done
