@@ -72,6 +72,10 @@ class HyperliquidConfig(_Section, frozen=True):
     request_timeout: float = 10.0
 
 
+# JetStream flushes its store every 2 minutes by default; an ack younger than that may exist only in memory.
+DEFAULT_REPLAY_WINDOW_S: Final = 180.0
+
+
 class NatsConfig(_Section, frozen=True):
     url: str = "embedded"
     stream: str = "HL_SIGNALS"
@@ -80,7 +84,11 @@ class NatsConfig(_Section, frozen=True):
     max_age: float = 7 * 86400.0
     max_bytes: int = -1
     retention: Literal["limits", "interest", "workqueue"] = "limits"
-    replicas: int = 1
+    replicas: int = 1  # copies of every stream the service creates (signals, fills, positions)
+    kv_replicas: int = 1  # copies of every KeyValue bucket it creates (members, leases, positions)
+    # Messages acknowledged this recently are re-published after a NATS restart or a stream regression: longer
+    # than the server's default flush interval (2 min), so an ack the server lost before writing comes back.
+    replay_window: float = DEFAULT_REPLAY_WINDOW_S
     publish_timeout: float = 5.0
     max_inflight: int = 1000
     embedded_port: int = 0  # 0 = a free loopback port, so the embedded server never collides with a system NATS on 4222
@@ -451,6 +459,7 @@ def validate(cfg: Config) -> None:
             f"{cfg.hyperliquid.user_slots} slots need as many connections; max_connections is "
             f"{cfg.hyperliquid.max_connections}",
         )
+    _validate_replicas(cfg.nats)
     if cfg.nats.creds is not None and cfg.nats.nkey_seed is not None:
         raise ConfigError("nats.nkey_seed", "set nats.creds or nats.nkey_seed, not both (a .creds file has a seed)")
     if cfg.hyperliquid.fill_audit_interval < 0:
@@ -471,6 +480,18 @@ def validate(cfg: Config) -> None:
     for addr in cfg.addresses.initial:
         if not is_valid_address(addr):
             raise ConfigError("addresses.initial", f"{addr!r} is not 0x + 40 hex digits")
+
+
+def _validate_replicas(nats_cfg: NatsConfig) -> None:
+    for key, value in (("nats.replicas", nats_cfg.replicas), ("nats.kv_replicas", nats_cfg.kv_replicas)):
+        if value < 1:
+            raise ConfigError(key, f"must be ≥ 1, got {value}")
+        if value > 1 and nats_cfg.url == "embedded":
+            raise ConfigError(
+                key, f"{value} replicas need a NATS cluster; the embedded server is a single node: set 1 or nats.url"
+            )
+    if nats_cfg.replay_window < 0:
+        raise ConfigError("nats.replay_window", f"must be ≥ 0 (0 = no replay), got {nats_cfg.replay_window}")
 
 
 def _validate_signals(signals: SignalsConfig) -> None:

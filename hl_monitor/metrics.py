@@ -225,6 +225,17 @@ class Metrics:
         )
         self.fills_outbox_depth = gauge("fills_outbox_depth", "Fills persisted but not yet acknowledged by JetStream.")
         self.fills_spilled = counter("fills_spilled", "Fills left to the store scan because their outbox was full.")
+        self.replays = counter(
+            "replays",
+            "Times an outbox re-published its replay window because NATS may have lost acknowledged messages "
+            "(server changed, stream regressed, sequence re-used), by kind (signal, fill, position) and reason.",
+            ("kind", "reason"),
+        )
+        self.replayed = counter(
+            "replayed",
+            "Acknowledged messages re-published by those replays, by kind (signal, fill, position).",
+            ("kind",),
+        )
         self.kv_writes = counter("kv_writes", "Position documents written to (or deleted from) the KV view.", ("op",))
         self.kv_errors = counter("kv_errors", "Failed KV view operations by op (each is retried).", ("op",))
         self.kv_queue_depth = gauge("kv_queue_depth", "Addresses whose latest document waits for the KV view.")

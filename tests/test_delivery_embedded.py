@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal as os_signal
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from hl_monitor.metrics import Metrics
 from tests.support.delivery import make_signal, nats_cfg
 from tests.support.metrics import metric_value
 from tests.support.nats import NatsServer, read_stream
+from tests.support.net import free_port
 from tests.support.waiting import wait_until
 
 
@@ -160,3 +163,29 @@ async def test_server_exits_when_the_service_is_killed(tmp_path: Path) -> None:
             return fh.read().split(") ", 1)[1].startswith("Z")
 
     await wait_until(gone, within=10, what="nats-server to exit")
+
+
+async def test_embedded_server_writes_every_message_to_disk_before_the_ack(tmp_path: Path) -> None:
+    """`sync_interval: always` reached the server: its own monitoring endpoint says so, the store is the configured
+    one, and a published message is acknowledged as usual."""
+    monitor = free_port()
+    server = EmbeddedNats(NatsConfig(store_dir=str(tmp_path / "store")), Metrics(), monitor_port=monitor)
+    await server.start()
+    try:
+        assert server.config_loaded
+        varz = json.loads(await asyncio.to_thread(_http_get, f"http://127.0.0.1:{monitor}/varz"))
+        assert varz["jetstream"]["config"]["sync_always"] is True
+        assert varz["jetstream"]["config"]["store_dir"] == str((tmp_path / "store" / "jetstream").absolute())
+        publisher = Publisher(nats_cfg(), SignalsConfig(), Metrics(), url=server.url)
+        await publisher.connect(wait=5)
+        await publisher.ensure_stream()
+        assert not (await publisher.publish(make_signal())).duplicate
+        await publisher.close()
+    finally:
+        await server.stop()
+
+
+def _http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        body: bytes = answer.read()
+        return body

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from hl_monitor.chaos.env import DELIVERY_STALL_S, STALE_AFTER_S, ChaosEnv, ChaosOptions, Observation, Verdict
+import nats
+
+from hl_monitor.chaos.env import DELIVERY_STALL_S, STALE_AFTER_S, STREAM, ChaosEnv, ChaosOptions, Observation, Verdict
 from hl_monitor.errors import ChaosError
 from hl_monitor.sim.server import SimConfig
 
@@ -365,6 +367,47 @@ async def nats_restart(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -
         res.verdict = await env.finish()
 
 
+async def _stream_last_seq(url: str) -> int:
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        return (await nc.jetstream().stream_info(STREAM)).state.last_seq
+    finally:
+        await nc.close()
+
+
+async def lost_writes(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
+    """What an OS crash does to a server that acknowledged before flushing: the store is copied while whales
+    trade, more signals are acknowledged, the server is killed and the old copy put back."""
+    more = 3.0 if opts.quick else 15.0
+    backup = workdir / "nats-copy"
+    async with ChaosEnv(opts, workdir) as env:
+        res.log_path = env.svc.log_path
+        await env.start_service()
+        async with env.trading():
+            await asyncio.sleep(WARM_S)
+            async with env.observe() as obs:
+                await asyncio.to_thread(shutil.copytree, env.nats.store, backup)
+                copied_at = await _stream_last_seq(env.nats.url)
+                await asyncio.sleep(more)  # acknowledged after the copy: only in the server's memory and files
+                acked = await _stream_last_seq(env.nats.url)
+                await asyncio.to_thread(env.nats.stop, kill=True)
+                await asyncio.to_thread(shutil.rmtree, env.nats.store)
+                await asyncio.to_thread(shutil.copytree, backup, env.nats.store)
+                await asyncio.to_thread(env.nats.start)
+                await env.wait_observed(obs, lambda o: o.delta("hl_monitor_replayed_total", kind="signal") > 0, 30)
+                await env.svc.wait_ready(READY_WITHIN_S)
+        replayed = obs.delta("hl_monitor_replayed_total", kind="signal")
+        res.checks.append(
+            Check("signals acknowledged after the copy", acked > copied_at, f"stream seq {copied_at} → {acked}")
+        )
+        res.checks.append(Check("replay counted", replayed > 0, f"replayed_total{{kind=signal}} +{replayed:g}"))
+        res.notes.append(
+            f"store copied at stream seq {copied_at}, {acked - copied_at} more acknowledged in {more:g} s, "
+            f"kill -9, copy restored; {replayed:g} acknowledged signals re-published"
+        )
+        res.verdict = await env.finish()
+
+
 async def db_outage(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
     if opts.db != "mariadb":
         raise ChaosError("the database outage scenario needs --db mariadb (the relay is cut in front of MariaDB)")
@@ -596,6 +639,7 @@ SCENARIOS: Final = {
         Scenario("user_cap", "User-cap errors", user_cap),
         Scenario("dup_reorder", "Duplicated and reordered frames", dup_reorder),
         Scenario("nats_restart", "NATS killed and restarted", nats_restart),
+        Scenario("lost_writes", "NATS lost acknowledged writes (store copy restored)", lost_writes),
         Scenario("db_outage", "Database down", db_outage, needs_mariadb=True),
         Scenario("kill9", "Service kill -9 at random points", kill9),
         Scenario("store_disk", "Embedded NATS store unwritable / full", store_disk),

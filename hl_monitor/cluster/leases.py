@@ -56,6 +56,7 @@ from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.cluster.placement import LeaseValue, Member, place
 from hl_monitor.cluster.views import OwnedView
 from hl_monitor.config import ClusterConfig
+from hl_monitor.delivery.publisher import ensure_kv_replicas
 from hl_monitor.domain.address import AddressView
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
@@ -148,8 +149,11 @@ class Cluster:
         is_running: Callable[[str], bool] = lambda _address: False,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = _wall_ms,
+        kv_replicas: int = 1,
     ) -> None:
+        """`kv_replicas`: the buckets' replica count (`nats.kv_replicas`)."""
         self._cfg = cfg
+        self._kv_replicas = kv_replicas
         self._book = book
         self._nc = nc
         self._handover = handover
@@ -307,12 +311,19 @@ class Cluster:
 
     async def _bucket(self, name: str, description: str) -> tuple[KeyValue, float]:
         config = KeyValueConfig(
-            bucket=name, description=description, history=1, ttl=self._cfg.lease_ttl, storage=StorageType.FILE
+            bucket=name,
+            description=description,
+            history=1,
+            ttl=self._cfg.lease_ttl,
+            storage=StorageType.FILE,
+            replicas=self._kv_replicas,
         )
         try:
             kv = await self._js.create_key_value(config)
         except nats.js.errors.BadRequestError:
-            # Exists with another configuration (another instance configured a different TTL): use it as it is.
+            # Exists with another configuration (another instance configured a different TTL): use it as it is,
+            # except for the replica count, which follows `nats.kv_replicas` (or a clear error says why not).
+            await ensure_kv_replicas(self._js, name, self._kv_replicas)
             kv = await self._js.key_value(name)
         ttl = (await kv.status()).ttl
         if ttl is None or ttl <= 0:

@@ -2,7 +2,10 @@
 
 Used when `nats.url = "embedded"`. It binds 127.0.0.1 only (nothing off the host can reach it, so it needs no
 auth) on `nats.embedded_port`, or on a free port picked once and kept across restarts so the client reconnects
-to the same URL; a system NATS on 4222 is never touched. The JetStream store lives in `nats.store_dir`. If the
+to the same URL; a system NATS on 4222 is never touched. The JetStream store lives in `nats.store_dir`, set in a
+small config file written into that directory (`CONF_NAME`) together with `sync_interval: always`: by default
+JetStream acknowledges a publish before the write reaches the disk and flushes only every two minutes, so an OS
+crash or power loss would take acknowledged messages with it (README "Durability"). If the
 server dies it is restarted with backoff and counted in `task_restarts{task="nats_server"}`. On Linux the server
 is told to exit when this process dies (even on `kill -9`), so no orphan keeps the port or the store.
 """
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import json
 import shutil
 import signal
 import socket
@@ -28,7 +32,7 @@ from hl_monitor.errors import DeliveryError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 
-__all__ = ["EmbeddedNats", "find_nats_server"]
+__all__ = ["CONF_NAME", "EmbeddedNats", "find_nats_server", "server_conf"]
 
 log = get_logger(__name__)
 
@@ -46,6 +50,12 @@ MIN_FREE_BYTES: Final = 64 * 1024 * 1024
 LOG_TAIL_LINES: Final = 20  # server log lines kept to explain an exit
 PROBE_BYTES: Final = 64 * 1024  # written once to prove the store directory takes data (catches a full disk)
 _PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+# The server's config file, inside the store directory: the store path and the sync policy live only there
+# (nats-server refuses `-sd` beside a config file's `store_dir`).
+CONF_NAME: Final = "hl-monitor-nats.conf"
+# fsync every write before the ack: an acknowledged message survives an OS crash (README "Durability").
+SYNC_INTERVAL: Final = "always"
+CONFIG_LOADED_LINE: Final = "Using configuration file"  # nats-server logs this once it read `-c`
 
 
 def find_nats_server() -> str:
@@ -95,6 +105,21 @@ def _prepare_store(path: Path, min_free_bytes: int) -> None:
         )
 
 
+def server_conf(store: Path, sync_interval: str = SYNC_INTERVAL) -> str:
+    """The embedded server's config file: the JetStream store and its sync policy."""
+    # A JSON string is a valid quoted string in the NATS config syntax (backslashes and quotes escaped).
+    return f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync_interval}\n}}\n"
+
+
+def _write_conf(store: Path, sync_interval: str) -> Path:
+    path = store / CONF_NAME
+    try:
+        path.write_text(server_conf(store, sync_interval), encoding="utf-8")
+    except OSError as exc:
+        raise DeliveryError(f"nats.store_dir {str(store)!r}: cannot write {CONF_NAME}: {exc.strerror or exc}") from None
+    return path
+
+
 def _die_with_parent_hook() -> Callable[[], None] | None:
     """A pre-exec hook asking Linux to SIGTERM the server when its parent dies (no orphan after kill -9).
 
@@ -123,8 +148,15 @@ class EmbeddedNats:
         restart_initial_delay: float = RESTART_INITIAL_DELAY_S,
         restart_max_delay: float = RESTART_MAX_DELAY_S,
         min_free_bytes: int = MIN_FREE_BYTES,
+        monitor_port: int | None = None,
+        sync_interval: str = SYNC_INTERVAL,
     ) -> None:
+        """`monitor_port`: serve the server's HTTP monitoring (`/varz`) on loopback there; off by default.
+        `sync_interval`: only for measuring what `always` costs (`hl_monitor.bench.sync`)."""
         self._binary = binary
+        self._monitor_port = monitor_port
+        self._sync_interval = sync_interval
+        self.config_loaded = False  # the server confirmed reading its config file (sync policy included)
         self._store = Path(cfg.store_dir)
         self._port = cfg.embedded_port
         self._metrics = metrics
@@ -218,8 +250,12 @@ class EmbeddedNats:
     async def _spawn(self) -> None:
         assert self._binary is not None
         await asyncio.to_thread(_prepare_store, self._store, self._min_free_bytes)
+        conf = await asyncio.to_thread(_write_conf, self._store.absolute(), self._sync_interval)
         self._tail.clear()
-        args = [self._binary, "-a", HOST, "-p", str(self._port), "-js", "-sd", str(self._store)]
+        self.config_loaded = False
+        args = [self._binary, "-a", HOST, "-p", str(self._port), "-js", "-c", str(conf)]
+        if self._monitor_port is not None:
+            args += ["-m", str(self._monitor_port)]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args,
@@ -244,7 +280,15 @@ class EmbeddedNats:
             waiter.cancel()
         if ready.is_set():
             self._started_at = time.monotonic()
-            log.info("embedded nats-server ready", url=self.url, store_dir=str(self._store), pid=proc.pid)
+            if not self.config_loaded:
+                log.warning("embedded nats-server did not confirm its config file; sync_interval may be the default")
+            log.info(
+                "embedded nats-server ready",
+                url=self.url,
+                store_dir=str(self._store),
+                pid=proc.pid,
+                sync_interval=self._sync_interval,
+            )
             return
         exited = self._reader in done
         if not exited:
@@ -267,6 +311,8 @@ class EmbeddedNats:
             self._tail.append(text)
             if READY_LINE in line:
                 ready.set()
+            elif CONFIG_LOADED_LINE in line:
+                self.config_loaded = True
             if text.startswith(("[ERR]", "[FTL]", "[WRN]")):
                 log.warning("nats-server", line=text)
             else:

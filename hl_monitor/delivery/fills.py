@@ -110,6 +110,10 @@ class _FillCounters:
     def fault(self, kind: str) -> None:
         self.metrics.publication_errors.labels(reason=kind).inc()
 
+    def replayed(self, reason: str, count: int) -> None:
+        self.metrics.replays.labels(kind="fill", reason=reason).inc()
+        self.metrics.replayed.labels(kind="fill").inc(count)
+
 
 def fill_outbox(
     publisher: FillPublisher, store: PublicationStore, writer: PublicationWriter, metrics: Metrics, cfg: NatsConfig

@@ -27,7 +27,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from hl_monitor.config import NatsConfig, PositionsConfig
-from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.delivery.publisher import Publisher, ensure_kv_replicas
 from hl_monitor.errors import DeliveryError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
@@ -87,7 +87,7 @@ class KvView:
             description="hl-monitor: latest position document per address",
             history=1,
             storage=StorageType.FILE,
-            replicas=self._nats.replicas,
+            replicas=self._nats.kv_replicas,
         )
 
     async def open(self) -> None:
@@ -98,7 +98,9 @@ class KvView:
                 self._kv = await js.create_key_value(self.bucket_config())
                 log.info("kv bucket ready", bucket=self._bucket)
             except nats.js.errors.BadRequestError:
-                # Exists with another configuration (made by hand, or another replica count): use it as it is.
+                # Exists with another configuration (made by hand, or another replica count): keep its data and
+                # settings; only the replica count follows `nats.kv_replicas` (or a clear error says why not).
+                await ensure_kv_replicas(js, self._bucket, self._nats.kv_replicas)
                 self._kv = await js.key_value(self._bucket)
                 log.warning("kv bucket exists with other settings; using it as it is", bucket=self._bucket)
         except (nats.errors.Error, TimeoutError) as exc:

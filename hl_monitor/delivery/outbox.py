@@ -10,8 +10,9 @@ this relay refuses one all the same.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from nats.js.api import PubAck
 from prometheus_client import Counter, Gauge
 
 from hl_monitor.config import NatsConfig
@@ -20,7 +21,7 @@ from hl_monitor.delivery.relay import SUBMIT_WAIT_S, Relay
 from hl_monitor.domain.signal import Signal
 from hl_monitor.metrics import Metrics
 
-__all__ = ["Outbox", "OutboxStore", "PublishedMarker"]
+__all__ = ["AckedSignalStore", "Outbox", "OutboxStore", "PublishedMarker"]
 
 
 class OutboxStore(Protocol):
@@ -31,6 +32,15 @@ class OutboxStore(Protocol):
         ...
 
     async def count_unpublished(self) -> int: ...
+
+
+@runtime_checkable
+class AckedSignalStore(Protocol):
+    """A store that keeps acknowledged signals for the replay window (`storage.repository`)."""
+
+    async def fetch_published_since(self, since_ms: int, limit: int, after_id: int = 0) -> list[tuple[int, Signal]]:
+        """Signals acknowledged at or after `since_ms` with a row id above `after_id`, by row id: (id, signal)."""
+        ...
 
 
 class PublishedMarker(Protocol):
@@ -58,6 +68,10 @@ class _SignalCounters:
             self.metrics.publish_errors.labels(reason=kind).inc()
         else:
             self.metrics.signal_errors.labels(type=kind).inc()
+
+    def replayed(self, reason: str, count: int) -> None:
+        self.metrics.replays.labels(kind="signal", reason=reason).inc()
+        self.metrics.replayed.labels(kind="signal").inc(count)
 
 
 class Outbox(Relay[Signal]):
@@ -88,8 +102,8 @@ class Outbox(Relay[Signal]):
             return
         await super().submit(item)
 
-    async def _send(self, item: Signal) -> None:
-        await self._publisher.publish(item)
+    async def _send(self, item: Signal) -> PubAck:
+        return await self._publisher.publish(item)
 
     async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Signal]:
         return [s for s in await self._store.fetch_unpublished(limit, older_than_ms) if not s.suppressed]
@@ -99,3 +113,9 @@ class Outbox(Relay[Signal]):
 
     async def _mark(self, key: str, at_ms: int) -> None:
         await self._writer.mark_published(key, at_ms)
+
+    async def _fetch_acked(self, since_ms: int, limit: int, after: object | None) -> tuple[list[Signal], object | None]:
+        if not isinstance(self._store, AckedSignalStore):
+            return [], None
+        rows = await self._store.fetch_published_since(since_ms, limit, after if isinstance(after, int) else 0)
+        return [s for _, s in rows], (rows[-1][0] if rows else after)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from prometheus_client import Counter, Gauge
@@ -41,6 +41,7 @@ from hl_monitor.metrics import Metrics
 __all__ = [
     "ALERT_SUFFIX",
     "POSITION_KINDS",
+    "AckedPublicationStore",
     "PublicationOutbox",
     "PublicationPublisher",
     "PublicationSender",
@@ -85,6 +86,13 @@ class StreamPublisher(abc.ABC):
 
     async def wait_connected(self) -> None:
         await self._publisher.wait_connected()
+
+    @property
+    def server_id(self) -> str | None:
+        return self._publisher.server_id
+
+    async def stream_last_seq(self, stream: str) -> int:
+        return await self._publisher.stream_last_seq(stream)
 
     @abc.abstractmethod
     def stream_config(self) -> StreamConfig:
@@ -168,6 +176,11 @@ class PublicationSender(Protocol):
 
     async def wait_connected(self) -> None: ...
 
+    @property
+    def server_id(self) -> str | None: ...
+
+    async def stream_last_seq(self, stream: str) -> int: ...
+
     async def publish(self, publication: Publication) -> PubAck: ...
 
 
@@ -182,6 +195,23 @@ class PublicationStore(Protocol):
         ...
 
     async def count_unpublished_publications(self, *, kinds: Collection[str] | None = None) -> int: ...
+
+
+@runtime_checkable
+class AckedPublicationStore(Protocol):
+    """A store that keeps acknowledged publications for the replay window (`storage.repository`)."""
+
+    async def fetch_published_publications_since(
+        self,
+        since_ms: int,
+        limit: int,
+        after: tuple[int, str] | None = None,
+        *,
+        kinds: Collection[str] | None = None,
+    ) -> list[tuple[int, Publication]]:
+        """Publications (of `kinds`) acknowledged at or after `since_ms` as (ack ms, publication), by (ack ms,
+        msg_id), continuing after `after`."""
+        ...
 
 
 class PublicationWriter(Protocol):
@@ -206,6 +236,10 @@ class _PublicationCounters:
 
     def fault(self, kind: str) -> None:
         self.metrics.publication_errors.labels(reason=kind).inc()
+
+    def replayed(self, reason: str, count: int) -> None:
+        self.metrics.replays.labels(kind="position", reason=reason).inc()
+        self.metrics.replayed.labels(kind="position").inc(count)
 
 
 class PublicationOutbox(Relay[Publication]):
@@ -238,8 +272,8 @@ class PublicationOutbox(Relay[Publication]):
     def _key(self, item: Publication) -> str:
         return item.msg_id
 
-    async def _send(self, item: Publication) -> None:
-        await self._publisher.publish(item)
+    async def _send(self, item: Publication) -> PubAck:
+        return await self._publisher.publish(item)
 
     async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Publication]:
         return await self._store.fetch_unpublished_publications(limit, older_than_ms, kinds=self._kinds)
@@ -249,6 +283,15 @@ class PublicationOutbox(Relay[Publication]):
 
     async def _mark(self, key: str, at_ms: int) -> None:
         await self._writer.mark_publication_published(key, at_ms)
+
+    async def _fetch_acked(
+        self, since_ms: int, limit: int, after: object | None
+    ) -> tuple[list[Publication], object | None]:
+        if not isinstance(self._store, AckedPublicationStore):
+            return [], None
+        cursor = after if isinstance(after, tuple) else None
+        rows = await self._store.fetch_published_publications_since(since_ms, limit, cursor, kinds=self._kinds)
+        return [p for _, p in rows], ((rows[-1][0], rows[-1][1].msg_id) if rows else after)
 
 
 class PublicationSubmitter(Protocol):

@@ -30,6 +30,7 @@ import ssl
 import string
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -51,6 +52,7 @@ __all__ = [
     "PublishError",
     "Publisher",
     "check_subject",
+    "ensure_kv_replicas",
     "ensure_stream",
     "publish_with_id",
     "signal_subject",
@@ -105,21 +107,35 @@ def _is_fatal(exc: BaseException) -> bool:
     return any(marker in text for marker in _FATAL_MARKERS)
 
 
+KV_STREAM_PREFIX: Final = "KV_"  # a KeyValue bucket is the stream KV_{bucket}
+
 # Failures after which the message may or may not have been stored: the server may have written it.
 UNKNOWN_OUTCOME_REASONS: Final = frozenset({"timeout", "disconnected"})
 
 
+def _replicas_refused(what: str, name: str, have: int, wanted: int, setting: str, why: str) -> DeliveryError:
+    return DeliveryError(
+        f"{what} {name!r} has {have} replica(s) but {setting} = {wanted}, and the server refused to change it "
+        f"({why}); nothing was deleted: change {setting} back to {have} or scale the {what} on the server"
+    )
+
+
 async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> StreamInfo:
-    """Create the stream `wanted.name`, or update it when its settings differ; `DeliveryError` when refused."""
+    """Create the stream `wanted.name`, or update it when its settings differ; `DeliveryError` when refused.
+
+    A replica count differing from `wanted.num_replicas` is changed in place when the server allows it (a
+    cluster scales a stream up or down); otherwise the error names the stream and both counts. Never deletes.
+    """
     name = wanted.name
     if not name:
         raise DeliveryError("a stream needs a name")
+    have_replicas: int | None = None
     try:
         try:
             info = await js.stream_info(name)
         except nats.js.errors.NotFoundError:
             info = await js.add_stream(wanted)
-            log.info("stream created", stream=name, subjects=wanted.subjects)
+            log.info("stream created", stream=name, subjects=wanted.subjects, replicas=wanted.num_replicas)
         else:
             have = info.config
             if (
@@ -130,13 +146,39 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> StreamInf
                 or have.retention != wanted.retention
                 or have.num_replicas != wanted.num_replicas
             ):
+                if have.num_replicas != wanted.num_replicas:
+                    have_replicas = have.num_replicas
                 info = await js.update_stream(wanted)
-                log.info("stream updated", stream=name, subjects=wanted.subjects)
+                log.info("stream updated", stream=name, subjects=wanted.subjects, replicas=wanted.num_replicas)
     except nats.js.errors.APIError as exc:
+        if have_replicas is not None:
+            raise _replicas_refused(
+                "stream", name, have_replicas, wanted.num_replicas or 1, "nats.replicas", str(exc.description)
+            ) from None
         raise DeliveryError(f"cannot create or update stream {name!r}: {exc.description}") from None
     except (nats.errors.Error, TimeoutError) as exc:
         raise DeliveryError(f"cannot create or update stream {name!r}: {exc!r}") from None
     return info
+
+
+async def ensure_kv_replicas(js: JetStreamContext, bucket: str, wanted: int) -> None:
+    """Give the KeyValue bucket `bucket` (the stream `KV_{bucket}`) `wanted` replicas (`nats.kv_replicas`).
+
+    Changed in place when the server allows it; otherwise `DeliveryError` naming the bucket and both counts.
+    The bucket's other settings and its data are left as they are. NATS errors on the way (connection, timeout)
+    are raised as they are, so a caller that retries them keeps doing so.
+    """
+    info = await js.stream_info(f"{KV_STREAM_PREFIX}{bucket}")
+    have = info.config.num_replicas or 1
+    if have == wanted:
+        return
+    try:
+        await js.update_stream(replace(info.config, num_replicas=wanted))
+    except nats.js.errors.APIError as exc:
+        raise _replicas_refused(
+            "KeyValue bucket", bucket, have, wanted, "nats.kv_replicas", str(exc.description)
+        ) from None
+    log.info("kv bucket replicas changed", bucket=bucket, replicas_before=have, replicas=wanted)
 
 
 async def publish_with_id(
@@ -259,6 +301,22 @@ class Publisher:
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
+
+    @property
+    def server_id(self) -> str | None:
+        """The id in the INFO of the server the connection is on: a restarted nats-server has a new one."""
+        if not self._nc.is_connected:
+            return None
+        server = self._nc._server_info.get("server_id")  # nats-py keeps the latest INFO only privately
+        return server if isinstance(server, str) and server else None
+
+    async def stream_last_seq(self, stream: str) -> int:
+        """The stream's last sequence (0 when it does not exist)."""
+        try:
+            info = await self._require_js().stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return info.state.last_seq
 
     def _connect_options(self) -> dict[str, Any]:
         cfg = self._cfg

@@ -10,6 +10,13 @@ not fit in memory. When memory is full (`nats.outbox_size`), `submit()` waits br
 (backpressure), and otherwise leaves the message to the store scan instead of stalling the tracker during an
 outage (counted as spilled). JetStream dedup by `Nats-Msg-Id` turns every re-publish into one stored message.
 
+An ack is not a disk write: JetStream acknowledges before it writes, and a server that restarts after an OS crash
+or a restore (or a cluster leader that never got the write) may lack messages it acknowledged. The relay watches
+for that — the server's id changed (a restart or another node), the stream's last sequence fell below one it
+acknowledged, or a new ack re-used a sequence it already gave another id — and then re-publishes every message
+acknowledged within `nats.replay_window` from the store, with its id: JetStream absorbs what it still has,
+the rest comes back (counted in `replays_total` and `replayed_total`; README "Durability").
+
 `Relay` is the mechanism; a subclass says what a message is: its id, how it is published, where unpublished
 ones are read and acks recorded, and which metrics count it (`delivery.outbox.Outbox` for signals,
 `delivery.publications.PublicationOutbox` for position events and alerts).
@@ -20,13 +27,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import random
 from collections import deque
 from typing import Final, Generic, Protocol, TypeVar
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
+from nats.js.api import PubAck
 from prometheus_client import Counter, Gauge
 
 from hl_monitor.clock import wall_ms as _now_ms
@@ -34,7 +43,7 @@ from hl_monitor.config import NatsConfig
 from hl_monitor.errors import PublishError
 from hl_monitor.logging import get_logger
 
-__all__ = ["Link", "Relay", "RelayMetrics"]
+__all__ = ["Link", "Relay", "RelayMetrics", "ReplayReason"]
 
 log = get_logger(__name__)
 
@@ -50,6 +59,16 @@ DRAIN_POLL_S: Final = 0.05  # how often drain() re-checks that NATS is still up 
 SCAN_BATCH: Final = 1000
 # Publishes started per loop step at most: ~1 ms of work, and one NATS socket write carries them all.
 DISPATCH_BURST: Final = 32
+# Stream sequences remembered with the id they were acknowledged for: a regression re-uses the newest ones, and
+# this covers minutes of a busy stream.
+SEQ_MEMORY: Final = 100_000
+MS_PER_S: Final = 1000
+
+# Why a replay ran (the `reason` label of `replays_total`).
+ReplayReason = str
+SERVER_CHANGED: Final[ReplayReason] = "server_changed"  # the connection is on another server (or a restarted one)
+STREAM_REGRESSED: Final[ReplayReason] = "stream_regressed"  # last sequence below one we had acknowledged
+SEQUENCE_REUSED: Final[ReplayReason] = "sequence_reused"  # a new ack re-used a sequence given to another id
 
 T = TypeVar("T")
 
@@ -62,6 +81,15 @@ class Link(Protocol):
 
     async def wait_connected(self) -> None: ...
 
+    @property
+    def server_id(self) -> str | None:
+        """The id of the server the connection is on (a restarted server has a new one); None before connecting."""
+        ...
+
+    async def stream_last_seq(self, stream: str) -> int:
+        """The stream's last sequence now (0 when the stream is gone)."""
+        ...
+
 
 class RelayMetrics(Protocol):
     """Where one relay counts: its depth gauge, its spill counter, and its own faults by kind."""
@@ -73,7 +101,11 @@ class RelayMetrics(Protocol):
     def spilled(self) -> Counter: ...
 
     def fault(self, kind: str) -> None:
-        """One failure outside the publish itself: `mark_published`, `outbox_scan` or `unexpected`."""
+        """One failure outside the publish itself: `mark_published`, `outbox_scan`, `replay` or `unexpected`."""
+        ...
+
+    def replayed(self, reason: ReplayReason, count: int) -> None:
+        """One replay for `reason` that re-published `count` acknowledged messages."""
         ...
 
 
@@ -86,6 +118,15 @@ async def _wait_event(event: asyncio.Event, within: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(within):
             await event.wait()
+
+
+@dataclasses.dataclass(slots=True)
+class _Replay:
+    reason: ReplayReason
+    since_ms: int
+    cursor: object | None = None
+    rescanned: bool = False
+    count: int = 0
 
 
 class Relay(abc.ABC, Generic[T]):
@@ -130,6 +171,13 @@ class Relay(abc.ABC, Generic[T]):
         self._tg: asyncio.TaskGroup | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._scanned: set[str] = set()  # ids the last store scan handed over that are not acked yet
+        self._replay_window_ms = int(cfg.replay_window * MS_PER_S)
+        self._server_id: str | None = None  # the server of the last ack or stream check
+        self._last_seq: dict[str, int] = {}  # stream -> highest sequence acknowledged to us
+        self._seq_ids: LRUCache[tuple[str, int], str] = LRUCache(maxsize=SEQ_MEMORY)  # (stream, seq) -> id
+        self._replay: _Replay | None = None  # a replay asked for and not finished
+        self._replayed: set[str] = set()  # held for a replay: already marked published in the store
+        self.replays = 0  # replays finished (tests, status)
 
     # ---- what a subclass defines ----
 
@@ -138,8 +186,8 @@ class Relay(abc.ABC, Generic[T]):
         """The message's id (`Nats-Msg-Id`)."""
 
     @abc.abstractmethod
-    async def _send(self, item: T) -> None:
-        """Publish once; raise `PublishError` on a failure (the message stays held)."""
+    async def _send(self, item: T) -> PubAck:
+        """Publish once and return the ack; raise `PublishError` on a failure (the message stays held)."""
 
     @abc.abstractmethod
     async def _fetch(self, limit: int, older_than_ms: int | None) -> list[T]:
@@ -151,6 +199,12 @@ class Relay(abc.ABC, Generic[T]):
     @abc.abstractmethod
     async def _mark(self, key: str, at_ms: int) -> None:
         """Record the ack (the storage writer batches it)."""
+
+    async def _fetch_acked(self, since_ms: int, limit: int, after: object | None) -> tuple[list[T], object | None]:
+        """Stored messages acknowledged at or after `since_ms`, in a stable order, at most `limit`, continuing
+        after the cursor `after`; returns them and the cursor of the last one. A store that keeps no
+        acknowledged messages has none: nothing to replay."""
+        return [], None
 
     # ---- state ----
 
@@ -272,7 +326,7 @@ class Relay(abc.ABC, Generic[T]):
     async def _publish_one(self, key: str, item: T) -> None:
         try:
             try:
-                await self._send(item)
+                ack = await self._send(item)
             finally:
                 self._slots.release()
         except PublishError as exc:
@@ -284,6 +338,7 @@ class Relay(abc.ABC, Generic[T]):
             log.exception(f"unexpected {self.noun} publish error", id=key)
             self._failed(key, "unexpected", repr(exc))
             return
+        self._watch_ack(key, ack)
         await self._acked(key)
 
     def _failed(self, key: str, reason: str, detail: str) -> None:
@@ -320,6 +375,9 @@ class Relay(abc.ABC, Generic[T]):
         if self._backlog and (batch_done or not self._held):
             self._scan_now.set()  # the last store batch (or everything) is through: read the next one now
         self._set_depth()
+        if key in self._replayed:
+            self._replayed.discard(key)
+            return  # its row is marked already; the replay only made sure the stream has it
         try:
             await self._mark(key, _now_ms())
         except Exception:
@@ -339,6 +397,9 @@ class Relay(abc.ABC, Generic[T]):
             if not self._link.is_connected:
                 await self._link.wait_connected()
             if not self._closing:
+                await self._check_streams()
+                if self._replay is not None:
+                    await self._run_replay(self._replay)
                 # At start nothing is in flight, so everything unpublished is ours; later, young rows are
                 # still on the live path and are left alone.
                 older_than = None if first else _now_ms() - int(self._scan_interval * 1000)
@@ -346,6 +407,104 @@ class Relay(abc.ABC, Generic[T]):
                     first = False
             await _wait_event(self._scan_now, self._scan_interval)
             self._scan_now.clear()
+
+    # ---- lost acknowledged writes ----
+
+    def _watch_ack(self, key: str, ack: PubAck) -> None:
+        """Look at one ack for signs that the server lost acknowledged messages."""
+        self._see_server()
+        if ack.duplicate or not ack.stream:
+            return
+        seq_key = (ack.stream, ack.seq)
+        earlier = self._seq_ids.get(seq_key)
+        self._seq_ids[seq_key] = key
+        if earlier is not None and earlier != key:
+            self._ask_replay(SEQUENCE_REUSED, stream=ack.stream, seq=ack.seq)
+            self._seq_ids[seq_key] = key  # the memory was reset: this ack is the first of the new history
+        self._last_seq[ack.stream] = max(self._last_seq.get(ack.stream, 0), ack.seq)
+
+    def _see_server(self) -> None:
+        server = self._link.server_id
+        if server is None:
+            return
+        if self._server_id is not None and server != self._server_id:
+            self._ask_replay(SERVER_CHANGED, server_before=self._server_id, server=server)
+        self._server_id = server
+
+    async def _check_streams(self) -> None:
+        """Compare each stream we published into with what it acknowledged to us."""
+        self._see_server()
+        for stream, seen in list(self._last_seq.items()):
+            try:
+                last = await self._link.stream_last_seq(stream)
+            except Exception as exc:  # NATS went away meanwhile: the next round checks again
+                log.debug(f"{self.noun} stream check failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
+                return
+            if last < seen:
+                self._ask_replay(STREAM_REGRESSED, stream=stream, last_seq=last, acked_seq=seen)
+                return
+
+    def _ask_replay(self, reason: ReplayReason, **facts: object) -> None:
+        """Re-publish what was acknowledged within the replay window (once per detection; a pending replay
+        that has not started reading yet just keeps its reason)."""
+        if self._replay_window_ms <= 0:
+            return
+        # What we knew of the streams is history now: new acks start a new one.
+        self._last_seq.clear()
+        self._seq_ids.clear()
+        since = _now_ms() - self._replay_window_ms
+        if self._replay is not None:
+            self._replay.since_ms = min(self._replay.since_ms, since)
+            self._replay.cursor = None  # restart from the window's start: it is cheap, and nothing is missed
+            return
+        log.warning(
+            f"NATS may have lost acknowledged {self.noun}s; re-publishing the replay window",
+            reason=reason,
+            window_s=self._replay_window_ms / MS_PER_S,
+            **facts,
+        )
+        self._replay = _Replay(reason=reason, since_ms=since)
+        self._scan_now.set()
+
+    async def _run_replay(self, replay: _Replay) -> None:
+        """Hold every message acknowledged since `replay.since_ms` again, page by page as memory frees up."""
+        if not replay.rescanned:
+            # Acks whose published mark is not written yet are unpublished rows the scan normally skips for a
+            # while; read them now. Before the acknowledged rows: a row's mark can land between the two reads.
+            self._recent.clear()
+            if not await self._scan(None):
+                return
+            replay.rescanned = True
+        while not self._closing:
+            room = min(self._capacity - len(self._held), SCAN_BATCH)
+            if room <= 0:
+                self._room.clear()
+                await _wait_event(self._room, self._scan_interval)
+                if not self._link.is_connected:
+                    return  # the scan loop waits for NATS and resumes from the cursor
+                continue
+            try:
+                items, cursor = await self._fetch_acked(replay.since_ms, room, replay.cursor)
+            except Exception:
+                self._counters.fault("replay")
+                log.exception(f"{self.noun} replay read failed; retrying next interval")
+                return
+            for item in items:
+                key = self._key(item)
+                if key not in self._held:
+                    self._hold(key, item)
+                    self._replayed.add(key)
+                    replay.count += 1
+            if cursor is not None:
+                replay.cursor = cursor
+            if len(items) < room:
+                break
+        if self._closing:
+            return
+        self._replay = None
+        self.replays += 1
+        self._counters.replayed(replay.reason, replay.count)
+        log.warning(f"re-published acknowledged {self.noun}s", reason=replay.reason, count=replay.count)
 
     async def _scan(self, older_than_ms: int | None) -> bool:
         room = min(self._capacity - len(self._held), SCAN_BATCH)

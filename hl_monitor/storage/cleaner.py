@@ -14,6 +14,10 @@ no longer be deduplicated anyway, and the engine never replays a fill that old).
 service's rows by its own rules: `hl_address_signal` older than `retention.signals`, `hl_order_aggregation`
 not updated for `retention.aggregations`. Unpublished signals and publications are the outboxes and stay until
 delivery marks them.
+
+Nothing acknowledged within `replay_window` (`nats.replay_window`) is deleted, whatever rule matches it: after a
+NATS restart or a stream regression the outboxes re-publish those rows, since the server may have lost them
+(delivery/relay.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.clock import wall_ms as now_ms
-from hl_monitor.config import RetentionConfig
+from hl_monitor.config import DEFAULT_REPLAY_WINDOW_S, RetentionConfig
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage import tables as t
@@ -50,8 +54,11 @@ class RetentionCleaner:
         clock: Callable[[], int] = now_ms,
         fills_retention: float | None = None,
         legacy_tables: bool = False,
+        replay_window: float = DEFAULT_REPLAY_WINDOW_S,
     ) -> None:
+        """`replay_window`: rows acknowledged this recently stay (the outboxes may re-publish them)."""
         self.engine = engine
+        self._replay_window = replay_window
         self.cfg = cfg
         self.metrics = metrics
         self._clock = clock
@@ -74,6 +81,12 @@ class RetentionCleaner:
         now = self._clock()
         a, s, e, p = t.aggregations.c, t.signals.c, t.position_events.c, t.publications.c
         events_before = now - int(self.cfg.position_events * MS_PER_S)
+        replay_from = now - int(self._replay_window * MS_PER_S)
+        # Suppressed signals were never sent (no ack time): nothing to replay.
+        signal_settled = sa.and_(
+            s.published == sa.true(), sa.or_(s.published_at.is_(None), s.published_at < replay_from)
+        )
+        publication_settled = sa.and_(p.published_at.is_not(None), p.published_at < replay_from)
         deleted = {
             "aggregations": await self._delete_where(
                 t.aggregations,
@@ -83,16 +96,16 @@ class RetentionCleaner:
                 ),
             ),
             "signals": await self._delete_where(
-                t.signals, sa.and_(s.published == sa.true(), s.created_at < now - int(self.cfg.signals * MS_PER_S))
+                t.signals, sa.and_(signal_settled, s.created_at < now - int(self.cfg.signals * MS_PER_S))
             ),
         }
-        deleted["signals"] += await self._cap_signals()
+        deleted["signals"] += await self._cap_signals(signal_settled)
         deleted["position_events"] = await self._delete_where(
             t.position_events, e.time < events_before, key=e.event_id, order=e.time
         )
         deleted["publications"] = await self._delete_where(
             t.publications,
-            sa.and_(p.published_at.is_not(None), p.created_at < events_before),
+            sa.and_(publication_settled, p.created_at < events_before),
             key=p.msg_id,
             order=p.created_at,
         )
@@ -101,7 +114,7 @@ class RetentionCleaner:
                 t.publications,
                 sa.and_(
                     p.kind == "fill",
-                    p.published_at.is_not(None),
+                    publication_settled,
                     p.created_at < now - int(self._fills_retention * MS_PER_S),
                 ),
                 key=p.msg_id,
@@ -123,14 +136,14 @@ class RetentionCleaner:
             log.info("retention deleted rows", **deleted)
         return deleted
 
-    async def _cap_signals(self) -> int:
-        """Delete the oldest published signals while the table holds more than `max_signals` rows."""
+    async def _cap_signals(self, settled: sa.ColumnElement[bool]) -> int:
+        """Delete the oldest `settled` signals while the table holds more than `max_signals` rows."""
         async with self.engine.connect() as conn:
             total = int((await conn.execute(sa.select(sa.func.count()).select_from(t.signals))).scalar_one())
         excess = total - self.cfg.max_signals
         if excess <= 0:
             return 0
-        return await self._delete_where(t.signals, t.signals.c.published == sa.true(), limit=excess)
+        return await self._delete_where(t.signals, settled, limit=excess)
 
     async def _delete_where(
         self,

@@ -481,6 +481,20 @@ class Repository:
             payloads = (await conn.execute(query)).scalars().all()
         return [decode_signal(p) for p in payloads]
 
+    async def fetch_published_since(self, since_ms: int, limit: int, after_id: int = 0) -> list[tuple[int, Signal]]:
+        """Signals acknowledged at or after `since_ms` (epoch ms) with a row id above `after_id`, by row id, as
+        (row id, signal): what the outbox re-publishes when NATS may have lost acknowledged writes."""
+        s = t.signals.c
+        query = (
+            sa.select(s.id, s.payload)
+            .where(s.published == sa.true(), s.suppressed == sa.false(), s.published_at >= since_ms, s.id > after_id)
+            .order_by(s.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [(int(row_id), decode_signal(payload)) for row_id, payload in rows]
+
     async def mark_published(self, signal_ids: Sequence[str], at_ms: int) -> int:
         """Record JetStream acks for signals already stored; returns how many changed state."""
         if not signal_ids:
@@ -516,6 +530,38 @@ class Repository:
         return [
             Publication(msg_id=msg_id, kind=kind, subject=subject, payload=payload.encode(), created_at=created)
             for msg_id, kind, subject, payload, created in rows
+        ]
+
+    async def fetch_published_publications_since(
+        self,
+        since_ms: int,
+        limit: int,
+        after: tuple[int, str] | None = None,
+        *,
+        kinds: Collection[str] | None = None,
+    ) -> list[tuple[int, Publication]]:
+        """Publications acknowledged at or after `since_ms` as (ack ms, publication), by (ack ms, msg_id),
+        continuing after `after`; with `kinds`, only those kinds."""
+        p = t.publications.c
+        query = (
+            sa.select(p.published_at, p.msg_id, p.kind, p.subject, p.payload, p.created_at)
+            .where(p.published_at >= since_ms)
+            .order_by(p.published_at, p.msg_id)
+            .limit(limit)
+        )
+        if after is not None:
+            at, msg_id = after
+            query = query.where(sa.or_(p.published_at > at, sa.and_(p.published_at == at, p.msg_id > msg_id)))
+        if kinds is not None:
+            query = query.where(p.kind.in_(list(kinds)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            (
+                int(acked),
+                Publication(msg_id=msg_id, kind=kind, subject=subject, payload=payload.encode(), created_at=created),
+            )
+            for acked, msg_id, kind, subject, payload, created in rows
         ]
 
     async def count_unpublished_publications(self, *, kinds: Collection[str] | None = None) -> int:
