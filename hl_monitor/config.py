@@ -25,6 +25,7 @@ from hl_monitor.errors import ConfigError
 from hl_monitor.hyperliquid import constants as hl
 
 ENV_PREFIX: Final = "HL_MONITOR__"
+EMBEDDED: Final = "embedded"  # nats.url of the supervised local nats-server
 DEFAULT_CONFIG_PATH: Final = Path("cfg.toml")
 MASK: Final = "***"
 
@@ -77,6 +78,7 @@ DEFAULT_REPLAY_WINDOW_S: Final = 180.0
 
 
 class NatsConfig(_Section, frozen=True):
+    # "embedded", or a seed list of nats:// / tls:// URLs, comma-separated (a TOML array is joined to this form)
     url: str = "embedded"
     stream: str = "HL_SIGNALS"
     store_dir: str = "./data/nats"
@@ -105,6 +107,11 @@ class NatsConfig(_Section, frozen=True):
     token: Secret | None = None
     creds: Secret | None = None  # path of a .creds file (user JWT + NKey seed)
     nkey_seed: Secret | None = None  # path of a file holding an NKey user seed
+
+    @property
+    def seeds(self) -> list[str]:
+        """The seed list: every URL of `url` in order (empty for "embedded"); the client may connect to any."""
+        return [] if self.url == EMBEDDED else split_seeds(self.url)
 
 
 class SignalsConfig(_Section, frozen=True):
@@ -322,6 +329,21 @@ def _key_from_validation(message: str) -> tuple[str, str]:
     return path or "<root>", text
 
 
+def split_seeds(url: str) -> list[str]:
+    """The URLs of a comma-separated seed list, blanks around them dropped."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def _join_seed_array(data: dict[str, Any]) -> None:
+    """`nats.url` given as a TOML array becomes the comma-separated form the rest of the service reads."""
+    section = data.get("nats")
+    if isinstance(section, dict) and isinstance(section.get("url"), list):
+        seeds = section["url"]
+        if not all(isinstance(seed, str) for seed in seeds):
+            raise ConfigError("nats.url", "a seed list holds URL strings only")
+        section["url"] = ",".join(seed.strip() for seed in seeds)
+
+
 def _env_overrides(environ: Mapping[str, str], data: dict[str, Any]) -> None:
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
@@ -390,6 +412,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
                 raise ConfigError(key, f"secrets are read only from the environment; set {env_name}")
     elif path is not None:
         raise ConfigError(str(path), "config file does not exist")
+    _join_seed_array(data)
     _env_overrides(environ, data)
     try:
         cfg = msgspec.convert(data, Config, strict=False, dec_hook=_dec_hook)
@@ -406,6 +429,25 @@ def _require_scheme(key: str, url: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(key, f"{mask_url(url)!r} is not a URL with scheme {' or '.join(schemes)}")
 
 
+def _validate_seeds(url: str) -> None:
+    """`embedded` alone, or one or more nats:// / tls:// URLs each naming a host; the error names the bad one."""
+    if url == EMBEDDED:
+        return
+    seeds = split_seeds(url)
+    if not seeds:
+        raise ConfigError("nats.url", 'empty: use "embedded" or one or more nats:// / tls:// URLs')
+    if EMBEDDED in seeds:
+        raise ConfigError("nats.url", '"embedded" is a single server: it cannot be part of a seed list')
+    for seed in seeds:
+        _require_scheme("nats.url", seed, ("nats", "tls"))
+        try:
+            port = urlsplit(seed).port
+        except ValueError:
+            port = -1
+        if not urlsplit(seed).hostname or port == -1:
+            raise ConfigError("nats.url", f"{mask_url(seed)!r} does not name a host and port (nats://host:4222)")
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:8080`) into a pair; `ValueError` when malformed."""
     host, sep, port = value.rpartition(":")
@@ -418,8 +460,7 @@ def validate(cfg: Config) -> None:
     """Semantic checks msgspec cannot express."""
     _require_scheme("hyperliquid.ws_url", cfg.hyperliquid.ws_url, ("ws", "wss"))
     _require_scheme("hyperliquid.info_url", cfg.hyperliquid.info_url, ("http", "https"))
-    if cfg.nats.url != "embedded":
-        _require_scheme("nats.url", cfg.nats.url, ("nats", "tls"))
+    _validate_seeds(cfg.nats.url)
     _require_scheme("database.url", cfg.database.url, ("sqlite+aiosqlite", "mysql+aiomysql", "mysql+pymysql", "mysql"))
     if urlsplit(cfg.database.url).password and not os.environ.get(f"{ENV_PREFIX}DATABASE__URL"):
         raise ConfigError(
@@ -516,7 +557,7 @@ def _validate_cluster(cfg: Config) -> None:
             raise ConfigError(key, f"must be > 0, got {value}")
     if c.mode == "static" and cfg.addresses.server_id is None:
         raise ConfigError("cluster.mode", "static mode pins addresses by server_id: set addresses.server_id")
-    if c.mode == "nats" and cfg.nats.url == "embedded":
+    if c.mode == "nats" and cfg.nats.url == EMBEDDED:
         raise ConfigError("cluster.mode", "nats mode needs a NATS shared by every instance: set nats.url")
     if c.heartbeat > c.lease_ttl / 4:
         raise ConfigError("cluster.heartbeat", f"{c.heartbeat} must be ≤ cluster.lease_ttl / 4 ({c.lease_ttl / 4})")
@@ -548,6 +589,6 @@ def masked(cfg: Config) -> dict[str, Any]:
         if data[section].get(name) is not None:
             data[section][name] = MASK
     data["database"]["url"] = mask_url(data["database"]["url"])
-    data["nats"]["url"] = mask_url(data["nats"]["url"])
+    data["nats"]["url"] = ",".join(mask_url(seed) for seed in split_seeds(data["nats"]["url"]))
     data["service"]["effective_instance_id"] = cfg.instance_id
     return data

@@ -19,6 +19,14 @@ published there with core NATS, not into the stream (the stream then holds each 
 an earlier attempt in this process had an unknown outcome, so legacy subscribers get no duplicates from
 re-publishes; like the old service it is at-most-once (a crash between the ack and the legacy publish loses
 that copy, the stream keeps it).
+
+Seed list: `nats.url` may name several servers of one cluster. The client connects to any of them (in random
+order, so instances spread over the nodes), learns the cluster's other client URLs from the server, and when its
+node dies moves to another one after at most `nats.reconnect_wait` per server it already tried. While it moves,
+`is_connected` is false and publishing is refused (the outbox keeps the signals). A stream leader election does
+not drop the connection: publishes time out until a new leader answers, the outbox retries them with the same
+`Nats-Msg-Id`, and those the old leader had stored before dying are answered as duplicates (README "NATS in
+production").
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
-from hl_monitor.config import NatsConfig, Secret, SignalsConfig
+from hl_monitor.config import EMBEDDED, NatsConfig, Secret, SignalsConfig, mask_url, split_seeds
 from hl_monitor.domain.signal import Signal, encode_legacy, encode_signal
 from hl_monitor.errors import ConfigError, DeliveryError, PublishError
 from hl_monitor.logging import get_logger
@@ -261,13 +269,16 @@ class Publisher:
         *,
         url: str | None = None,
     ) -> None:
-        """`url` overrides `nats_cfg.url` (the embedded server's URL)."""
+        """`url` overrides `nats_cfg.url` (the embedded server's URL); either may be a comma-separated seed list."""
         self._cfg = nats_cfg
         self._signals = signals_cfg
         self._metrics = metrics
         self._url = url or nats_cfg.url
-        if self._url == "embedded":
+        if self._url == EMBEDDED:
             raise DeliveryError("nats.url is 'embedded': pass the embedded server's url to Publisher")
+        self._seeds = split_seeds(self._url)
+        if not self._seeds:
+            raise ConfigError("nats.url", "no server URL given")
         check_subject("signals.subject_prefix", signals_cfg.subject_prefix)
         if signals_cfg.legacy_enabled:
             check_subject("signals.legacy_subject", signals_cfg.legacy_subject)
@@ -292,7 +303,20 @@ class Publisher:
 
     @property
     def url(self) -> str:
+        """The configured URL or seed list, as given."""
         return self._url
+
+    @property
+    def seeds(self) -> list[str]:
+        """The servers the client may connect to, in configured order."""
+        return list(self._seeds)
+
+    @property
+    def connected_url(self) -> str | None:
+        """The server this connection is on now (password masked); None while disconnected."""
+        if not self.is_connected or self._nc.connected_url is None:
+            return None
+        return mask_url(self._nc.connected_url.geturl())
 
     @property
     def is_connected(self) -> bool:
@@ -321,7 +345,7 @@ class Publisher:
     def _connect_options(self) -> dict[str, Any]:
         cfg = self._cfg
         options: dict[str, Any] = {
-            "servers": [self._url],
+            "servers": list(self._seeds),
             "name": CONNECTION_NAME,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": cfg.reconnect_wait,
@@ -345,7 +369,8 @@ class Publisher:
             options["user_credentials"] = _credential_file("nats.creds", cfg.creds)
         if cfg.nkey_seed is not None:
             options["nkeys_seed"] = _credential_file("nats.nkey_seed", cfg.nkey_seed)
-        tls = _read_tls(cfg, urlsplit(self._url).scheme)
+        scheme = "tls" if any(urlsplit(seed).scheme == "tls" for seed in self._seeds) else "nats"
+        tls = _read_tls(cfg, scheme)
         if tls is not None:
             options["tls"] = tls
             logging.getLogger("asyncio").addFilter(_TLS_EOF_FILTER)  # idempotent: a filter is added once
@@ -380,12 +405,15 @@ class Publisher:
         self._js = self._nc.jetstream(timeout=self._cfg.publish_timeout)
         self._metrics.nats_connected.set(1)
         self._connected.set()
-        log.info("nats connected", url=self._safe_url)
+        log.info("nats connected", url=self.connected_url, seeds=self._safe_url)
 
     @property
     def _safe_url(self) -> str:
-        parts = urlsplit(self._url)
-        return f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.hostname else self._url
+        shown = []
+        for seed in self._seeds:
+            parts = urlsplit(seed)
+            shown.append(f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.hostname else seed)
+        return ",".join(shown)
 
     async def _on_error(self, exc: Exception) -> None:
         text = f"{type(exc).__name__}: {exc}"
@@ -406,7 +434,7 @@ class Publisher:
         self._last_error = ""
         self._metrics.nats_connected.set(1)
         self._connected.set()
-        log.info("nats reconnected", url=self._safe_url)
+        log.info("nats reconnected", url=self.connected_url)
 
     async def _on_closed(self) -> None:
         self._connected.clear()
