@@ -3,6 +3,8 @@ route that watches a candidate, and `clearinghouseState` confirmations paced wit
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -11,6 +13,7 @@ import aiohttp
 import msgspec
 import pytest
 
+from hl_monitor.cli import main
 from hl_monitor.config import DiscoveryConfig, HttpConfig, HyperliquidConfig
 from hl_monitor.domain.address import Priority
 from hl_monitor.errors import InfoError
@@ -86,6 +89,7 @@ class Served:
     http: aiohttp.ClientSession
     admin: MemoryAdmin
     keeper: DiscoveryKeeper
+    base: str
 
 
 @pytest.fixture
@@ -99,7 +103,7 @@ async def served() -> AsyncIterator[Served]:
         HttpServer(app, cfg.listen) as server,
         aiohttp.ClientSession(base_url=f"http://127.0.0.1:{server.port}") as session,
     ):
-        yield Served(session, admin, k)
+        yield Served(session, admin, k, f"http://127.0.0.1:{server.port}")
 
 
 async def get(http: aiohttp.ClientSession, path: str, status: int = 200) -> Any:
@@ -197,3 +201,18 @@ async def test_confirmation_reads_are_low_priority_paced_within_the_share_and_no
     await k.confirm_due()
     assert [address for address, _ in info.calls] == ([WASH_A] if WASH_A in read else [])
     assert k.confirmation(WHALE) is not None
+
+
+async def test_discover_command_prints_the_running_services_candidates(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["discover", "--url", served.base, "--window", "1h", "--label", "directional", "--limit", "2"]
+    assert await asyncio.to_thread(main, [*args, "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["candidates"][0]["address"] == WHALE
+    assert body["count"] == 2
+    assert await asyncio.to_thread(main, args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:4] == [WHALE, "directional", "100,000", "2,500,000"]
+    assert await asyncio.to_thread(main, ["discover", "--url", served.base, "--window", "2h"]) == 2
+    assert "window:" in capsys.readouterr().err
