@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Final, Literal
 
 import msgspec
@@ -65,6 +66,9 @@ MM_MIN_COINS: Final = 3
 DIRECTIONAL_NET_RATIO: Final = 0.6
 # Float residue of subtracting an expired slice: below a cent a coin counts as not traded in the window.
 _EPSILON_USD: Final = 1e-6
+# Counters a label query classifies at most (largest notional first): a whale worth a look is far inside it,
+# and classifying all 50,000 counters would stall the event loop for a second.
+LABEL_SCAN: Final = 2_000
 # Counters that re-enter the heap at most this many times its size before the heap is rebuilt from the table.
 HEAP_SLACK: Final = 2
 
@@ -262,17 +266,29 @@ class HeavyHitters:
 
     # ------------------------------------------------------------------ reading
 
-    def candidates(self, exclude: Iterable[str] = ()) -> list[Candidate]:
-        """Every counter as a candidate, largest notional first."""
+    def candidates(
+        self, exclude: Iterable[str] = (), *, label: Label | None = None, limit: int | None = None
+    ) -> list[Candidate]:
+        """Candidates largest notional first, built lazily. A `label` query looks at the top `LABEL_SCAN`
+        counters by notional only, so a label that matches nothing costs a bounded scan, not the whole table."""
         excluded = set(exclude)
-        window_s = self.window_ms // 1000
-        tops = {a: _top_cp(c.total) for a, c in self._counters.items()}
-        out = [
-            _candidate(address, counter.total, window_s, tops)
-            for address, counter in self._counters.items()
-            if address not in excluded and counter.total.gross > _EPSILON_USD
-        ]
-        out.sort(key=lambda c: (-c.notional_usd, c.address))
+        live = ((c.total.gross, a) for a, c in self._counters.items() if c.total.gross > _EPSILON_USD)
+        if label is None and limit is not None:
+            inspect = limit + len(excluded)
+        elif label is not None:
+            inspect = LABEL_SCAN
+        else:
+            inspect = len(self._counters)
+        ranked = sorted(heapq.nlargest(inspect, live, key=itemgetter(0)), key=lambda ga: (-ga[0], ga[1]))
+        out: list[Candidate] = []
+        for _, address in ranked:
+            if limit is not None and len(out) >= limit:
+                break
+            if address in excluded:
+                continue
+            candidate = self.get(address)
+            if candidate is not None and (label is None or candidate.label == label):
+                out.append(candidate)
         return out
 
     def get(self, address: str) -> Candidate | None:
@@ -462,9 +478,7 @@ class Discovery:
             table.advance(now_ms)
 
     def candidates(self, window_ms: int, *, label: Label | None = None, limit: int | None = None) -> list[Candidate]:
-        table = self.tables[window_ms]
-        out = [c for c in table.candidates(self.exclude) if label is None or c.label == label]
-        return out if limit is None else out[:limit]
+        return self.tables[window_ms].candidates(self.exclude, label=label, limit=limit)
 
     def get(self, window_ms: int, address: str) -> Candidate | None:
         return self.tables[window_ms].get(address)
