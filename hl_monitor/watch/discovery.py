@@ -246,4 +246,3 @@ class DiscoveryKeeper:
             self.export()
             await self.confirm_due()
             await self._sleep(CONFIRM_PASS_S)
-
