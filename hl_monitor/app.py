@@ -71,6 +71,7 @@ from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.portfolio import PositionModel
 from hl_monitor.tracking.tape import TapeTracker
+from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.planner import TierPlanner
 from hl_monitor.watch.positions import PositionKeeper
 from hl_monitor.watch.watchset import WatchSet
@@ -113,6 +114,7 @@ class Components:
     cluster: Cluster | None  # cluster.mode = "nats"
     lease: InstanceLease | None  # a shared database (not SQLite)
     embedded: EmbeddedNats | None  # nats.url = "embedded"
+    discovery: DiscoveryKeeper | None = None  # discovery.enabled, with a tape
 
 
 class Service:
@@ -302,6 +304,11 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         on_fills=fill_sink,
     )
     wide_tier: WideTier | None = None
+    discovery: DiscoveryKeeper | None = None
+    if tape_tracker is not None and cfg.discovery.enabled:
+        discovery = DiscoveryKeeper(
+            cfg.discovery, cfg.hyperliquid, info=info, metrics=metrics, is_watched=lambda a: a in book.entries()
+        )
     if tape_tracker is not None:
         tape = MarketTape(
             cfg.hyperliquid,
@@ -312,6 +319,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             metrics=metrics,
             on_signals=sink,
             holdings=holdings,
+            discovery=discovery,
             on_fills=fill_sink,
             marks=keeper,
             mark_dexes=mark_dexes,
@@ -359,7 +367,9 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         cluster=cluster,
     )
     admin = Admin(AddressTable(db), book) if isinstance(table, AddressTable) else None
-    http = HttpServer(create_app(status, metrics, admin, cfg.http, positions=keeper), cfg.http.listen)
+    http = HttpServer(
+        create_app(status, metrics, admin, cfg.http, positions=keeper, discovery=discovery), cfg.http.listen
+    )
     await http.start()
     stack.push_async_callback(http.stop)
     return Components(
@@ -393,6 +403,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         cluster=cluster,
         lease=lease,
         embedded=embedded,
+        discovery=discovery,
     )
 
 
@@ -434,6 +445,8 @@ async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> Non
             ]
         if c.cluster is not None:
             intake.append(start("cluster", c.cluster.run()))
+        if c.discovery is not None:
+            intake.append(start("discovery", c.discovery.run()))
         if c.positions is not None and c.positions.marks is not None:
             intake.append(start("marks", c.positions.marks.run()))
         intake.append(start("tick", c.watch.run()))

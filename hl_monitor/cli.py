@@ -31,6 +31,7 @@ Handler = Callable[[argparse.Namespace], int]
 _COMMAND_MODULES: tuple[str, ...] = (
     "hl_monitor.bench.cli",
     "hl_monitor.chaos.cli",
+    "hl_monitor.ops.discover",
     "hl_monitor.ops.healthcheck",
     "hl_monitor.storage.cli",
     "hl_monitor.sim.cli",

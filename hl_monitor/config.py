@@ -238,6 +238,24 @@ class PositionsConfig(_Section, frozen=True):
     liquidation_alert_levels: list[float] = msgspec.field(default_factory=lambda: [0.10, 0.05, 0.02])
 
 
+class DiscoveryConfig(_Section, frozen=True):
+    """Whale discovery from the tape (README "Discovery"): heavy hitters, labels, confirmation, auto-watch."""
+
+    enabled: bool = True  # count the tape's parties at all (needs the wide tier's tape)
+    windows: list[float] = msgspec.field(default_factory=lambda: [3600.0, 86400.0])  # rolling windows, seconds
+    max_tracked: int = 50_000  # counters per window: memory is fixed whatever the number of traders
+    exclude: list[str] = msgspec.field(default_factory=list)  # addresses never ranked (vaults, own accounts)
+    rest_share: float = 0.05  # share of rest_weight_per_minute confirmation reads may use, at low priority
+    confirm_top: int = 20  # the top candidates of each window confirmed with one clearinghouseState read each
+    confirm_ttl: float = 3600.0  # a confirmation (account value) is reused this long before it is read again
+    min_account_usd: float = 100_000.0  # a confirmed account below this is shown but never watched automatically
+    auto_watch: bool = False  # watch confirmed directional candidates automatically (tier wide, never precise)
+    auto_min_notional_usd: float = 1_000_000.0  # window notional a candidate needs to be auto-watched
+    auto_max: int = 20  # auto-watched addresses at most, at any time
+    auto_expire: float = 86400.0  # an auto-watched address without qualifying activity this long is removed
+    subject_prefix: str = "hl.discovery"  # auto-watch adds and removes: {prefix}.{address}
+
+
 class FillsConfig(_Section, frozen=True):
     """Every deduplicated fill as it happens (README "Fills"), on its own stream."""
 
@@ -277,6 +295,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     positions: PositionsConfig = msgspec.field(default_factory=PositionsConfig)
     fills: FillsConfig = msgspec.field(default_factory=FillsConfig)
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
@@ -518,6 +537,7 @@ def validate(cfg: Config) -> None:
         )
     _validate_cluster(cfg)
     _validate_signals(cfg.signals)
+    _validate_discovery(cfg.discovery)
     for addr in cfg.addresses.initial:
         if not is_valid_address(addr):
             raise ConfigError("addresses.initial", f"{addr!r} is not 0x + 40 hex digits")
@@ -544,6 +564,35 @@ def _validate_signals(signals: SignalsConfig) -> None:
             "signals.position_size_thresholds",
             f"must be two dollar amounts ≥ 0, the first below the second (Small | Medium | Large), got {bounds}",
         )
+
+
+def _validate_discovery(d: DiscoveryConfig) -> None:
+    if not d.windows or any(not math.isfinite(w) or w < 60 for w in d.windows):
+        raise ConfigError("discovery.windows", f"must be one or more windows of at least 60 seconds, got {d.windows}")
+    if len(set(d.windows)) != len(d.windows):
+        raise ConfigError("discovery.windows", f"a window appears twice: {d.windows}")
+    positive = {
+        "discovery.max_tracked": d.max_tracked,
+        "discovery.confirm_ttl": d.confirm_ttl,
+        "discovery.auto_expire": d.auto_expire,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value}")
+    for key, count in {"discovery.confirm_top": d.confirm_top, "discovery.auto_max": d.auto_max}.items():
+        if count < 0:
+            raise ConfigError(key, f"must be ≥ 0, got {count}")
+    if not 0 < d.rest_share <= 1:
+        raise ConfigError("discovery.rest_share", f"must be a share of the REST budget in (0, 1], got {d.rest_share}")
+    for key, usd in {
+        "discovery.min_account_usd": d.min_account_usd,
+        "discovery.auto_min_notional_usd": d.auto_min_notional_usd,
+    }.items():
+        if not math.isfinite(usd) or usd < 0:
+            raise ConfigError(key, f"must be a dollar amount ≥ 0, got {usd}")
+    for addr in d.exclude:
+        if not is_valid_address(addr):
+            raise ConfigError("discovery.exclude", f"{addr!r} is not 0x + 40 hex digits")
 
 
 def _validate_cluster(cfg: Config) -> None:

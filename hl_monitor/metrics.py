@@ -253,3 +253,15 @@ class Metrics:
         self.ready = gauge("ready", "1 when /health/ready answers 200.")
         self.admin_requests = counter("admin_requests", "Admin API requests by outcome.", ("outcome",))
         self.build_info = gauge("build_info", "Build information.", ("version",))
+        self.discovery_trades = counter("discovery_trades", "Tape trades counted by whale discovery.")
+        self.discovery_tracked = gauge(
+            "discovery_tracked", "Addresses with a discovery counter, by window (bounded by max_tracked).", ("window",)
+        )
+        self.discovery_evictions = counter(
+            "discovery_evictions", "Discovery counters replaced by a newcomer (Space-Saving), by window.", ("window",)
+        )
+        self.discovery_confirm_reads = counter(
+            "discovery_confirm_reads",
+            "clearinghouseState reads confirming discovery candidates, by outcome.",
+            ("outcome",),
+        )

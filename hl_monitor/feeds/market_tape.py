@@ -94,6 +94,7 @@ from hl_monitor.metrics import Metrics
 __all__ = [
     "CANARY_CHANNEL",
     "CoveragePlan",
+    "DiscoveryIntake",
     "MarketTape",
     "TapeCoin",
     "TapeUniverse",
@@ -146,6 +147,12 @@ class TapeIntake(Protocol):
     def coins_of_interest(self) -> set[str]: ...
     def addresses(self) -> list[str]: ...
     def memory_bytes(self, addresses: Sequence[str]) -> list[int]: ...
+
+
+class DiscoveryIntake(Protocol):
+    """Where deduplicated tape trades go for whale discovery (`watch/discovery.py`); must not block."""
+
+    def on_trades(self, trades: Sequence[WsTrade], now_ms: int) -> None: ...
 
 
 class TapeBudget(ConnectionBudget, Protocol):
@@ -349,6 +356,7 @@ class MarketTape:
         on_signals: SignalSink,
         on_universe: Callable[[TapeUniverse], None] | None = None,
         holdings: HoldingsIntake = NO_HOLDINGS,
+        discovery: DiscoveryIntake | None = None,
         marks: MarkIntake | None = None,
         mark_dexes: Sequence[str] = ("",),
         on_fills: FillSink | None = None,
@@ -370,6 +378,7 @@ class MarketTape:
         self._on_signals = on_signals
         self._on_universe = on_universe
         self._holdings = holdings
+        self._discovery = discovery
         # Marks ride on the first tape connection: connections are the scarcest per-IP resource (docs/protocol.md §5).
         self._marks = marks
         self._mark_subscriptions = [Subscription("allMids", dex=dex or None) for dex in mark_dexes] if marks else []
@@ -633,6 +642,8 @@ class MarketTape:
             # Replayed trades that happened while this shard was disconnected are late: flag them.
             backfilled = s.epochs > 1 and fresh[0].time < s.connected_ms
         await self._holdings.on_trades(fresh, now_ms)  # first, so the block's signal carries the position after it
+        if self._discovery is not None:
+            self._discovery.on_trades(fresh, now_ms)
         signals = self._tracker.on_trades(coin, fresh, now_ms, backfilled=backfilled)
         if not backfilled:
             s.applied_ms = max(s.applied_ms, newest)

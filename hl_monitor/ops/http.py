@@ -43,6 +43,7 @@ from hl_monitor.ops.positions import (
     select_positions,
     summary,
 )
+from hl_monitor.tracking.discovery import LABELS, Label
 
 __all__ = [
     "AddressAdmin",
@@ -68,6 +69,9 @@ AUTH_WINDOW_S: Final = 60.0  # failed logins are counted over a sliding minute
 # flood from many addresses costs bounded memory.
 AUTH_MAX_TRACKED_CLIENTS: Final = 4096
 AUDIT_MAX_LISTED: Final = 100  # addresses named in one audit line; the count is always exact
+DISCOVERY_DEFAULT_LIMIT: Final = 50  # a screenful of candidates; `limit` asks for more
+DISCOVERY_MAX_LIMIT: Final = 1_000  # one answer stays small; the ranking beyond this is noise for an operator
+DISCOVERED_LABEL_PREFIX: Final = "discovered:"  # watched from discovery: listed and removed in bulk by this
 # Health probes and admin calls are short; a stuck keep-alive client must not hold shutdown for long.
 SHUTDOWN_TIMEOUT_S: Final = 5.0
 BEARER_REALM: Final = 'Bearer realm="hl-monitor"'
@@ -158,6 +162,17 @@ class AddressAdmin(Protocol):
     ) -> dict[str, Any] | None:
         """Change the given fields (None = unchanged); the updated row, or None when not watched."""
         ...
+
+
+class DiscoveryView(Protocol):
+    """What `/discovery` reads (`watch.discovery.DiscoveryKeeper`)."""
+
+    def window_names(self) -> builtins.list[str]: ...
+    def window_ms(self, name: str) -> int | None: ...
+    def rows(
+        self, window_ms: int, *, label: Label | None = None, limit: int | None = None
+    ) -> builtins.list[dict[str, Any]]: ...
+    def label_of(self, address: str) -> Label | None: ...
 
 
 # ---------------------------------------------------------------- request bodies
@@ -533,6 +548,78 @@ class _Admin:
         return await self._call(request, run)
 
 
+class _DiscoveryAdmin(_Admin):
+    """`POST /admin/discovery/{address}/watch`: a candidate joins the watch list as tier wide."""
+
+    def __init__(
+        self, admin: AddressAdmin, metrics: Metrics, cfg: HttpConfig, token: str, discovery: DiscoveryView
+    ) -> None:
+        super().__init__(admin, metrics, cfg, token)
+        self.discovery = discovery
+
+    async def watch(self, request: web.Request) -> web.Response:
+        async def run(client: str) -> web.Response:
+            address = _path_address(request)
+            label = self.discovery.label_of(address)
+            if label is None:
+                raise _ApiError(404, f"{address} is not a discovery candidate in any window")
+            if any(row["address"] == address for row in await self.admin.list()):
+                # Adding would overwrite the operator's own tier and label (a precise whale would go wide).
+                raise _ApiError(409, f"{address} is already watched")
+            entry = AddressInput(address=address, label=f"{DISCOVERED_LABEL_PREFIX}{label}", tier="wide")
+            written = await self.admin.add([entry])
+            self._audit("discovery_watch", client, [address], label=entry.label, tier="wide")
+            return _json({"written": written, "address": address, "label": entry.label, "tier": "wide"})
+
+        return await self._call(request, run)
+
+
+class _Discovery:
+    """`GET /discovery`: the ranked candidates of one window, optionally one label."""
+
+    PARAMS: Final = ("window", "label", "limit")
+
+    def __init__(self, view: DiscoveryView) -> None:
+        self.view = view
+
+    def _window(self, query: Mapping[str, str]) -> int:
+        names = self.view.window_names()
+        raw = query.get("window")
+        if raw is None:
+            window = self.view.window_ms(names[-1])
+        else:
+            window = self.view.window_ms(raw)
+        if window is None:
+            raise _ApiError(400, f"window: {raw!r} is not a configured window; expected one of {', '.join(names)}")
+        return window
+
+    @staticmethod
+    def _label(query: Mapping[str, str]) -> Label | None:
+        raw = query.get("label")
+        if raw is None:
+            return None
+        for known in LABELS:
+            if raw.strip() == known:
+                return known
+        raise _ApiError(400, f"label: {raw!r} is not one of {', '.join(LABELS)}")
+
+    @staticmethod
+    def _limit(query: Mapping[str, str]) -> int:
+        raw = query.get("limit")
+        if raw is None:
+            return DISCOVERY_DEFAULT_LIMIT
+        if not _LIMIT_RE.fullmatch(raw) or not 1 <= int(raw) <= DISCOVERY_MAX_LIMIT:
+            raise _ApiError(400, f"limit: {raw!r} is not an integer from 1 to {DISCOVERY_MAX_LIMIT}")
+        return int(raw)
+
+    async def list(self, request: web.Request) -> web.Response:
+        query = _Positions._query(request, self.PARAMS)
+        window, label, limit = self._window(query), self._label(query), self._limit(query)
+        rows = self.view.rows(window, label=label, limit=limit)
+        names = {self.view.window_ms(n): n for n in self.view.window_names()}
+        return _json({"window": names[window], "label": label, "candidates": rows, "count": len(rows)})
+
+
 class _Positions:
     """`/positions`: what the watched addresses hold, filtered and sorted, and the whale bias per symbol."""
 
@@ -646,9 +733,10 @@ def create_app(
     admin: AddressAdmin | None,
     http_cfg: HttpConfig,
     positions: PositionsView | None = None,
+    discovery: DiscoveryView | None = None,
 ) -> web.Application:
     """The HTTP app; the admin routes exist only when both `admin` and `http_cfg.admin_token` are set, the
-    `/positions` routes only when `positions` is given."""
+    `/positions` routes only when `positions` is given, `/discovery` (and its admin route) only with `discovery`."""
     app = web.Application(middlewares=[_json_errors], client_max_size=http_cfg.max_body_bytes)
     register_runtime_collectors(metrics.registry)
     ops = _Ops(state, metrics)
@@ -663,6 +751,8 @@ def create_app(
         app.router.add_get("/positions", holdings.list)
         app.router.add_get("/positions/summary", holdings.summary)  # before {address}: "summary" is no address
         app.router.add_get("/positions/{address}", holdings.address)
+    if discovery is not None:
+        app.router.add_get("/discovery", _Discovery(discovery).list)
     token = http_cfg.admin_token
     if admin is not None and token:
         routes = _Admin(admin, metrics, http_cfg, token)
@@ -671,6 +761,9 @@ def create_app(
         app.router.add_delete("/admin/addresses", routes.remove_many)
         app.router.add_delete("/admin/addresses/{address}", routes.remove_one)
         app.router.add_patch("/admin/addresses/{address}", routes.update)
+        if discovery is not None:
+            found = _DiscoveryAdmin(admin, metrics, http_cfg, token, discovery)
+            app.router.add_post("/admin/discovery/{address}/watch", found.watch)
     elif token and admin is None:
         log.warning("admin token set but no address admin wired; admin API disabled")
     return app

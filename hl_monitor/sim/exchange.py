@@ -928,6 +928,7 @@ class Exchange:
         hash_: str,
         liquidation: WireLiquidation | None = None,
         liquidation_dir: str | None = None,
+        counterparty: str | None = None,
     ) -> tuple[list[WireFill], list[WireTrade]]:
         """Execute `pieces` of `order` against seeded counterparties; update state, history and ledger."""
         is_buy = order.side == "B"
@@ -970,7 +971,7 @@ class Exchange:
             )
             fills.append(fill)
             acct.fills.append(fill)
-            other = self._counterparty()
+            other = counterparty.lower() if counterparty is not None else self._counterparty()
             users = (acct.address, other) if is_buy else (other, acct.address)
             trade = WireTrade(
                 coin=order.coin, side=aggressor_side, px=px_s, sz=sz_s, time=now, hash=hash_, tid=tid, users=users
@@ -1133,8 +1134,12 @@ class Exchange:
         px_step: Num = 0,
         reduce_only: bool = False,
         cloid: str | None = None,
+        counterparty: str | None = None,
     ) -> int:
-        """An aggressive order filled at once in `fills` pieces; orderUpdates `open` + `filled` in one frame."""
+        """An aggressive order filled at once in `fills` pieces; orderUpdates `open` + `filled` in one frame.
+
+        `counterparty` names the other side on the tape (default: one of the seeded pool); only the tape shows
+        it, its account is not changed (a wash pair's trades, `sim/scenarios.py` `population`)."""
         acct = self.account(user)
         size, price, step = to_decimal(sz), to_decimal(px), to_decimal(px_step)
         self._check_coin(coin)
@@ -1146,7 +1151,9 @@ class Exchange:
             reduce_only=reduce_only, cloid=cloid, kind="market",
         )  # fmt: skip
         opened = order.update()
-        out_fills, trades = self._apply(acct, order, pieces, aggressor=True, hash_=self._hash())
+        out_fills, trades = self._apply(
+            acct, order, pieces, aggressor=True, hash_=self._hash(), counterparty=counterparty
+        )
         self._emit(acct.address, out_fills, trades, [opened, self._set_status(order, "filled")], coin)
         return order.oid
 

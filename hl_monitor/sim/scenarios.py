@@ -12,6 +12,10 @@ Scenarios:
 - `flip`: open long, flip to short, flip back to long, close (`Long > Short`, `Short > Long`).
 - `liquidation`: a long and a short position, each liquidated (`Liquidated Cross Long/Short`).
 - `twap`: a TWAP buy, then a TWAP sell that closes it (slices share a twapId, zero hashes).
+- `population`: the tape of a realistic crowd for whale discovery (README "Discovery"): three market makers
+  quoting and filled on both sides of four coins, two directional whales buying, a wash pair trading with
+  each other, and an account trading only through engine-executed TWAP slices and a liquidation.
+  `population_roles` names each address's role. One cycle per `cycles` (default 1).
 - `load`: `rate` fills per second across `whales` whales (market orders of `fills_per_order` fills,
   alternating sides so positions stay bounded) until `max_fills`; drives benchmarks.
 
@@ -29,11 +33,11 @@ from typing import Final
 from hl_monitor.sim.exchange import Exchange, Whale
 from hl_monitor.sim.server import SimServer
 
-__all__ = ["SCENARIOS", "run_scenario", "scenario_whales"]
+__all__ = ["SCENARIOS", "population_roles", "run_scenario", "scenario_whales"]
 
-SCENARIOS: Final = ("demo", "flip", "liquidation", "twap", "load")
+SCENARIOS: Final = ("demo", "flip", "liquidation", "twap", "load", "population")
 WHALE_SALT: Final = 0x5CE9A1  # keeps scenario addresses apart from the exchange's counterparty stream
-DEFAULT_WHALES: Final = {"demo": 3, "flip": 1, "liquidation": 1, "twap": 1, "load": 8}
+DEFAULT_WHALES: Final = {"demo": 3, "flip": 1, "liquidation": 1, "twap": 1, "load": 8, "population": 8}
 DEFAULT_STEP_DELAY_S: Final = 1.0  # demo pace: a human can follow the signals
 DEFAULT_LOAD_RATE: Final = 1000.0  # fills per second
 DEFAULT_FILLS_PER_ORDER: Final = 4
@@ -43,6 +47,13 @@ MIN_NOTIONAL: Final = 20_000  # USD size range of a demo order
 MAX_NOTIONAL: Final = 200_000
 PRICE_JITTER: Final = 0.002  # demo prices wander up to ±0.2% around the mid
 LOAD_COINS: Final = ("BTC", "ETH", "SOL", "HYPE", "xyz:XYZ100")
+POPULATION_COINS: Final = ("BTC", "ETH", "SOL", "HYPE")
+# Roles of the population scenario's addresses, in order (the counts sum to its default of 8 addresses).
+POPULATION_LAYOUT: Final = (("market_maker", 3), ("directional", 2), ("wash_suspect", 2), ("engine", 1))
+POPULATION_QUOTE_BP: Final = Decimal("0.0005")  # makers quote 5 bp either side of the mid
+POPULATION_MAKER_USD: Final = 50_000  # per quote filled; the whales trade ten times that per order
+POPULATION_WHALE_USD: Final = 500_000
+POPULATION_TWAP_SLICES: Final = 6  # engine-executed slices per cycle, then the position is liquidated
 LIQUIDATION_DISCOUNT: Final = Decimal("0.9")  # a liquidated long is closed 10% below its mark
 DEMO_FUNDING_RATE: Final = Decimal("0.0000125")  # the exchange's resting hourly rate
 DEMO_ISOLATED_LEVERAGE: Final = (5, 3)  # the isolated short opens at 5x, then the whale lowers it to 3x
@@ -82,6 +93,10 @@ async def run_scenario(
     rng = random.Random(seed)
     ex = sim.exchange
     players = [ex.whale(a) for a in addresses]
+    if name == "population":
+        for _ in range(cycles or 1):
+            await _population(ex, addresses, rng, step_delay)
+        return addresses
     if name == "load":
         if rate <= 0 or fills_per_order < 1:
             raise ValueError("load needs rate > 0 and fills_per_order >= 1")
@@ -300,6 +315,51 @@ _SCRIPTS: Final[dict[str, Callable[[_Ctx], AsyncSteps]]] = {
     "liquidation": _liquidation,
     "twap": _twap,
 }
+
+
+def population_roles(addresses: list[str]) -> dict[str, str]:
+    """The label discovery should give each address of `scenario_whales("population", ...)`."""
+    roles = [role for role, count in POPULATION_LAYOUT for _ in range(count)]
+    return dict(zip(addresses, roles, strict=True))
+
+
+async def _population(ex: Exchange, addresses: list[str], rng: random.Random, step_delay: float) -> None:
+    """One cycle of the crowd (module docstring): makers and the engine account end flat, whales long."""
+    roles = population_roles(addresses)
+    makers = [a for a in addresses if roles[a] == "market_maker"]
+    whales = [a for a in addresses if roles[a] == "directional"]
+    wash_a, wash_b = (a for a in addresses if roles[a] == "wash_suspect")
+    engine = next(a for a in addresses if roles[a] == "engine")
+
+    def size(coin: str, usd: int) -> Decimal:
+        lot = ex.lot_size(coin)
+        return max(lot, (Decimal(usd) / ex.mids[coin] / lot).to_integral_value(ROUND_DOWN) * lot)
+
+    for coin in POPULATION_COINS:
+        for maker in makers:
+            mid, sz = ex.mids[coin], size(coin, POPULATION_MAKER_USD)
+            # Passive both ways: the bid and the ask each filled by the pool's takers.
+            bid = ex.limit_order(maker, coin, True, sz, (mid * (1 - POPULATION_QUOTE_BP)).quantize(mid))
+            ask = ex.limit_order(maker, coin, False, sz, (mid * (1 + POPULATION_QUOTE_BP)).quantize(mid))
+            ex.fill_order(maker, bid)
+            ex.fill_order(maker, ask)
+        await asyncio.sleep(step_delay)
+    for whale in whales:
+        coin = POPULATION_COINS[rng.randrange(len(POPULATION_COINS))]
+        ex.market_order(whale, coin, True, size(coin, POPULATION_WHALE_USD), ex.mids[coin], fills=3)
+        await asyncio.sleep(step_delay)
+    coin = "SOL"
+    sz = size(coin, POPULATION_WHALE_USD)
+    for _ in range(3):
+        ex.market_order(wash_a, coin, True, sz, ex.mids[coin], counterparty=wash_b)
+        ex.market_order(wash_b, coin, True, sz, ex.mids[coin], counterparty=wash_a)
+    await asyncio.sleep(step_delay)
+    twap = ex.twap_start(engine, "ETH", True, size("ETH", POPULATION_MAKER_USD) * POPULATION_TWAP_SLICES)
+    for _ in range(POPULATION_TWAP_SLICES):
+        ex.twap_slice(engine, "ETH", True, size("ETH", POPULATION_MAKER_USD), ex.mids["ETH"], twap)
+    ex.twap_end(engine, twap)
+    ex.liquidate(engine, "ETH", mark_px=ex.mids["ETH"] * LIQUIDATION_DISCOUNT)
+    await asyncio.sleep(step_delay)
 
 
 async def _load(

@@ -1,0 +1,484 @@
+"""Whale discovery from the public tape: bounded heavy hitters per rolling window, and a label with its evidence.
+
+Every tape trade names both parties (`users: [buyer, seller]`, `docs/protocol.md` §2), so the tape shows every
+trader of every covered coin. Per window (`discovery.windows`) a `HeavyHitters` table keeps at most
+`max_tracked` counters, whatever the number of distinct addresses (Space-Saving, weighted by notional): a new
+address replaces the counter with the smallest notional and inherits it as its error bound, so an address that
+moves real size cannot be pushed out by a crowd of small ones. A window is cut into `SLICES` slices; a counter
+keeps its numbers per slice, and a slice that leaves the window is subtracted, so the totals are always those of
+the window (to one slice's precision) on the injected clock.
+
+Labels (`classify`), first match wins:
+
+- `engine`: most of its notional was executed by the engine (all-zero hash, `docs/protocol.md` §7).
+- `wash_suspect`: a large share of self-trades (both sides one address), or a pair that mostly trades with each
+  other (each is the other's top counterparty) while its net stays near zero.
+- `market_maker`: two-sided (net near zero against gross), mostly passive, many coins.
+- `directional`: net flow one way per coin, a large share of gross.
+- `mixed`: none of these (shown, never auto-watched).
+
+Pure: no I/O, no clock reads; `now_ms` is passed in. Tests: `tests/test_discovery.py`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from operator import itemgetter
+from typing import Final, Literal
+
+import msgspec
+
+from hl_monitor.hyperliquid.protocol import WsTrade
+from hl_monitor.tracking.tape import is_engine_trade
+
+__all__ = [
+    "LABELS",
+    "Candidate",
+    "Discovery",
+    "Evidence",
+    "HeavyHitters",
+    "Label",
+    "classify",
+]
+
+Label = Literal["market_maker", "directional", "wash_suspect", "engine", "mixed"]
+LABELS: Final[tuple[Label, ...]] = ("market_maker", "directional", "wash_suspect", "engine", "mixed")
+
+ZERO_ADDRESS: Final = "0x" + "0" * 40
+# Slices per window: expiry is exact to 1/12 of the window (5 min of an hour) at 12 small records per counter.
+SLICES: Final = 12
+# Counterparties remembered per counter and slice: enough to name the top partner of a wash pair, bounded.
+MAX_COUNTERPARTIES: Final = 8
+# More than half of the notional executed by the engine: liquidations, ADL and TWAP slices dominate the flow.
+ENGINE_SHARE: Final = 0.5
+# A fifth of the notional traded against itself is no accident of matching: it is printed volume.
+SELF_TRADE_SHARE: Final = 0.2
+# A pair is a wash suspect when each is the other's top partner for at least this share of its gross.
+PAIR_SHARE: Final = 0.6
+# |net| ÷ gross at or below this counts as two-sided (flat over the window).
+FLAT_NET_RATIO: Final = 0.2
+# A market maker provides liquidity: at least this share of its notional was passive (the resting side).
+MM_PASSIVE_SHARE: Final = 0.6
+# A market maker quotes several books; one or two coins look like a pair trade instead.
+MM_MIN_COINS: Final = 3
+# |net| ÷ gross at or above this is directional: most of what it traded stayed on the book as a position.
+DIRECTIONAL_NET_RATIO: Final = 0.6
+# Float residue of subtracting an expired slice: below a cent a coin counts as not traded in the window.
+_EPSILON_USD: Final = 1e-6
+# Counters a label query classifies at most (largest notional first): a whale worth a look is far inside it,
+# and classifying all 50,000 counters would stall the event loop for a second.
+LABEL_SCAN: Final = 2_000
+# Counters that re-enter the heap at most this many times its size before the heap is rebuilt from the table.
+HEAP_SLACK: Final = 2
+
+
+class Evidence(msgspec.Struct, frozen=True, kw_only=True):
+    """The numbers behind a label, each a share of the candidate's gross notional in the window."""
+
+    net_ratio: float  # Σ|net per coin| ÷ gross: 0 = flat, 1 = all one way
+    taker_share: float  # aggressive (taker) notional ÷ gross
+    engine_share: float  # engine-executed (all-zero hash) notional ÷ gross
+    self_trade_share: float  # notional where both sides were this address ÷ gross
+    top_counterparty: str | None  # the address it traded most notional against
+    top_counterparty_share: float  # that partner's notional ÷ gross
+    mutual_pair: bool  # the top counterparty's own top counterparty is this address
+    coins: int  # distinct coins traded
+    notional_error_usd: float  # Space-Saving bound: the notional may be undercounted by at most this much
+    reasons: tuple[str, ...]  # the rule that gave the label, in words
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One address's flow over one window, with its label."""
+
+    address: str
+    window_s: int
+    label: Label
+    notional_usd: float
+    trades: int
+    buy_usd: float
+    sell_usd: float
+    net_usd_by_coin: dict[str, float]  # + bought, − sold
+    coins: tuple[str, ...]
+    evidence: Evidence
+
+
+class _Slice:
+    """One counter's numbers within one slice of the window (also used, summed, as the running total)."""
+
+    __slots__ = ("buy", "coin_gross", "cp", "engine", "error", "net", "self_", "sell", "taker", "trades")
+
+    def __init__(self) -> None:
+        self.buy = 0.0
+        self.sell = 0.0
+        self.taker = 0.0
+        self.engine = 0.0
+        self.self_ = 0.0
+        self.error = 0.0
+        self.trades = 0
+        self.net: dict[str, float] = {}
+        self.coin_gross: dict[str, float] = {}
+        self.cp: dict[str, float] = {}
+
+    @property
+    def gross(self) -> float:
+        return self.buy + self.sell
+
+
+class _Counter:
+    __slots__ = ("slices", "total")
+
+    def __init__(self) -> None:
+        self.total = _Slice()
+        self.slices: dict[int, _Slice] = {}
+
+    def key(self) -> float:
+        """What Space-Saving ranks on: notional plus the inherited bound, so a newcomer is not evicted at once."""
+        return self.total.gross + self.total.error
+
+
+def _add_cp(cp: dict[str, float], who: str, usd: float) -> None:
+    if who in cp or len(cp) < MAX_COUNTERPARTIES:
+        cp[who] = cp.get(who, 0.0) + usd
+        return
+    # Space-Saving within the slice: the smallest partner makes room and hands over its count.
+    low = min(cp, key=cp.__getitem__)
+    cp[who] = cp.pop(low) + usd
+
+
+class HeavyHitters:
+    """One window's Space-Saving table: at most `capacity` counters (see the module docstring)."""
+
+    def __init__(self, window_ms: int, capacity: int, *, start_ms: int = 0) -> None:
+        if window_ms <= 0 or capacity <= 0:
+            raise ValueError("window and capacity must be positive")
+        self.window_ms = window_ms
+        self.capacity = capacity
+        self._slice_ms = max(1, window_ms // SLICES)
+        self._current = start_ms // self._slice_ms
+        self._counters: dict[str, _Counter] = {}
+        self._heap: list[tuple[float, str]] = []
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+    @property
+    def heap_entries(self) -> int:
+        return len(self._heap)
+
+    def structures(self) -> int:
+        """Counters plus every per-slice record and heap entry: the measure of memory the tests bound."""
+        return len(self._counters) + sum(len(c.slices) for c in self._counters.values()) + len(self._heap)
+
+    # ------------------------------------------------------------------ writing
+
+    def advance(self, now_ms: int) -> None:
+        """Drop the slices that left the window; counters left empty are freed."""
+        index = now_ms // self._slice_ms
+        if index <= self._current:
+            return
+        self._current = index
+        oldest = index - SLICES + 1
+        emptied: list[str] = []
+        for address, counter in self._counters.items():
+            expired = [i for i in counter.slices if i < oldest]
+            for i in expired:
+                _subtract(counter.total, counter.slices.pop(i))
+            if not counter.slices:
+                emptied.append(address)
+        for address in emptied:
+            del self._counters[address]
+        self._rebuild_heap()
+
+    def add(
+        self,
+        address: str,
+        coin: str,
+        usd: float,
+        *,
+        buy: bool,
+        taker: bool,
+        engine: bool,
+        counterparty: str,
+        self_trade: bool,
+    ) -> None:
+        counter = self._counters.get(address)
+        if counter is None:
+            counter = self._admit(address)
+        piece = counter.slices.get(self._current)
+        if piece is None:
+            piece = counter.slices[self._current] = _Slice()
+        # A self-trade is both sides at once: gross twice, one side aggressive, no net, no counterparty.
+        legs = 2 if self_trade else 1
+        for s in (piece, counter.total):
+            if self_trade or buy:
+                s.buy += usd
+            if self_trade or not buy:
+                s.sell += usd
+            if taker or self_trade:
+                s.taker += usd
+            if engine:
+                s.engine += usd * legs
+            if self_trade:
+                s.self_ += usd * legs
+            else:
+                s.net[coin] = s.net.get(coin, 0.0) + (usd if buy else -usd)
+            s.coin_gross[coin] = s.coin_gross.get(coin, 0.0) + usd * legs
+            s.trades += 1
+        if not self_trade:
+            _add_cp(piece.cp, counterparty, usd)
+            counter.total.cp[counterparty] = counter.total.cp.get(counterparty, 0.0) + usd
+            if len(counter.total.cp) > MAX_COUNTERPARTIES * SLICES:
+                _trim_cp(counter.total.cp)
+
+    def _admit(self, address: str) -> _Counter:
+        counter = _Counter()
+        if len(self._counters) >= self.capacity:
+            floor = self._evict()
+            piece = counter.slices[self._current] = _Slice()
+            piece.error = floor
+            counter.total.error = floor
+        self._counters[address] = counter
+        heapq.heappush(self._heap, (counter.key(), address))
+        if len(self._heap) > HEAP_SLACK * self.capacity:
+            self._rebuild_heap()
+        return counter
+
+    def _evict(self) -> float:
+        """Remove the counter with the smallest key; return that key (the newcomer's error bound)."""
+        while True:
+            key, address = heapq.heappop(self._heap)
+            counter = self._counters.get(address)
+            if counter is None:
+                continue  # an entry of a counter freed or evicted earlier
+            current = counter.key()
+            if current > key:
+                heapq.heappush(self._heap, (current, address))  # grew since it was pushed: re-rank it
+                continue
+            del self._counters[address]
+            self.evictions += 1
+            return current
+
+    def _rebuild_heap(self) -> None:
+        self._heap = [(c.key(), a) for a, c in self._counters.items()]
+        heapq.heapify(self._heap)
+
+    # ------------------------------------------------------------------ reading
+
+    def candidates(
+        self, exclude: Iterable[str] = (), *, label: Label | None = None, limit: int | None = None
+    ) -> list[Candidate]:
+        """Candidates largest notional first, built lazily. A `label` query looks at the top `LABEL_SCAN`
+        counters by notional only, so a label that matches nothing costs a bounded scan, not the whole table."""
+        excluded = set(exclude)
+        live = ((c.total.gross, a) for a, c in self._counters.items() if c.total.gross > _EPSILON_USD)
+        if label is None and limit is not None:
+            inspect = limit + len(excluded)
+        elif label is not None:
+            inspect = LABEL_SCAN
+        else:
+            inspect = len(self._counters)
+        ranked = sorted(heapq.nlargest(inspect, live, key=itemgetter(0)), key=lambda ga: (-ga[0], ga[1]))
+        out: list[Candidate] = []
+        for _, address in ranked:
+            if limit is not None and len(out) >= limit:
+                break
+            if address in excluded:
+                continue
+            candidate = self.get(address)
+            if candidate is not None and (label is None or candidate.label == label):
+                out.append(candidate)
+        return out
+
+    def get(self, address: str) -> Candidate | None:
+        counter = self._counters.get(address)
+        if counter is None or counter.total.gross <= _EPSILON_USD:
+            return None
+        tops = {address: _top_cp(counter.total)}
+        partner = tops[address][0]
+        if partner is not None and (other := self._counters.get(partner)) is not None:
+            tops[partner] = _top_cp(other.total)
+        return _candidate(address, counter.total, self.window_ms // 1000, tops)
+
+
+def _subtract(total: _Slice, piece: _Slice) -> None:
+    total.buy -= piece.buy
+    total.sell -= piece.sell
+    total.taker -= piece.taker
+    total.engine -= piece.engine
+    total.self_ -= piece.self_
+    total.error -= piece.error
+    total.trades -= piece.trades
+    for coin, usd in piece.net.items():
+        total.net[coin] = total.net.get(coin, 0.0) - usd
+    for coin, usd in piece.coin_gross.items():
+        left = total.coin_gross.get(coin, 0.0) - usd
+        if left <= _EPSILON_USD:
+            total.coin_gross.pop(coin, None)
+            total.net.pop(coin, None)
+        else:
+            total.coin_gross[coin] = left
+    for who, usd in piece.cp.items():
+        if who in total.cp:
+            left = total.cp[who] - usd
+            if left <= 0:
+                del total.cp[who]
+            else:
+                total.cp[who] = left
+
+
+def _trim_cp(cp: dict[str, float]) -> None:
+    keep = sorted(cp.items(), key=lambda kv: -kv[1])[:MAX_COUNTERPARTIES]
+    cp.clear()
+    cp.update(keep)
+
+
+def _top_cp(total: _Slice) -> tuple[str | None, float]:
+    if not total.cp:
+        return None, 0.0
+    who = max(total.cp, key=lambda k: (total.cp[k], k))
+    return who, total.cp[who]
+
+
+def _ratio(part: float, whole: float) -> float:
+    return round(max(0.0, part) / whole, 4) if whole > 0 else 0.0
+
+
+def _candidate(address: str, total: _Slice, window_s: int, tops: dict[str, tuple[str | None, float]]) -> Candidate:
+    gross = total.gross
+    partner, partner_usd = tops.get(address) or _top_cp(total)
+    mutual = partner is not None and partner in tops and tops[partner][0] == address
+    coins = tuple(sorted(total.coin_gross))
+    net = {c: round(total.net.get(c, 0.0), 2) for c in coins}
+    one_sided = sum(abs(v) for v in net.values())
+    evidence_numbers = {
+        "net_ratio": _ratio(one_sided, gross),
+        "taker_share": _ratio(total.taker, gross),
+        "engine_share": _ratio(total.engine, gross),
+        "self_trade_share": _ratio(total.self_, gross),
+        "top_counterparty_share": _ratio(partner_usd, gross),
+    }
+    label, reasons = classify(
+        net_ratio=evidence_numbers["net_ratio"],
+        taker_share=evidence_numbers["taker_share"],
+        engine_share=evidence_numbers["engine_share"],
+        self_trade_share=evidence_numbers["self_trade_share"],
+        pair_share=evidence_numbers["top_counterparty_share"],
+        mutual_pair=mutual,
+        coins=len(coins),
+    )
+    return Candidate(
+        address=address,
+        window_s=window_s,
+        label=label,
+        notional_usd=round(gross, 2),
+        trades=total.trades,
+        buy_usd=round(total.buy, 2),
+        sell_usd=round(total.sell, 2),
+        net_usd_by_coin=net,
+        coins=coins,
+        evidence=Evidence(
+            **evidence_numbers,
+            top_counterparty=partner,
+            mutual_pair=mutual,
+            coins=len(coins),
+            notional_error_usd=round(max(0.0, total.error), 2),
+            reasons=reasons,
+        ),
+    )
+
+
+def classify(
+    *,
+    net_ratio: float,
+    taker_share: float,
+    engine_share: float,
+    self_trade_share: float,
+    pair_share: float,
+    mutual_pair: bool,
+    coins: int,
+) -> tuple[Label, tuple[str, ...]]:
+    """The label and the rule that gave it (module docstring: first match wins)."""
+    if engine_share > ENGINE_SHARE:
+        return "engine", (f"{engine_share:.0%} of notional engine-executed (all-zero hash)",)
+    if self_trade_share >= SELF_TRADE_SHARE:
+        return "wash_suspect", (f"{self_trade_share:.0%} of notional traded against itself",)
+    if mutual_pair and pair_share >= PAIR_SHARE and net_ratio <= FLAT_NET_RATIO:
+        return "wash_suspect", (
+            f"{pair_share:.0%} of notional against one partner whose top partner it is, net {net_ratio:.0%} of gross",
+        )
+    passive = 1 - taker_share
+    if net_ratio <= FLAT_NET_RATIO and passive >= MM_PASSIVE_SHARE and coins >= MM_MIN_COINS:
+        return "market_maker", (
+            f"net {net_ratio:.0%} of gross (two-sided)",
+            f"{passive:.0%} passive",
+            f"{coins} coins",
+        )
+    if net_ratio >= DIRECTIONAL_NET_RATIO:
+        return "directional", (f"net {net_ratio:.0%} of gross one way per coin",)
+    return "mixed", (f"net {net_ratio:.0%} of gross, {passive:.0%} passive, {coins} coins: no clear pattern",)
+
+
+class Discovery:
+    """Every window's table fed from the deduplicated tape; the zero address and `exclude` are never counted."""
+
+    def __init__(
+        self, windows_ms: Sequence[int], capacity: int, *, exclude: Iterable[str] = (), start_ms: int = 0
+    ) -> None:
+        self.tables = {w: HeavyHitters(w, capacity, start_ms=start_ms) for w in windows_ms}
+        self.exclude = frozenset(a.lower() for a in exclude) | {ZERO_ADDRESS}
+        self.trades = 0
+
+    def on_trades(self, trades: Sequence[WsTrade], now_ms: int) -> None:
+        for table in self.tables.values():
+            table.advance(now_ms)
+        for t in trades:
+            if t.users is None:
+                continue
+            buyer, seller = t.users[0].lower(), t.users[1].lower()
+            usd = float(t.px) * float(t.sz)
+            if usd <= 0:
+                continue
+            self.trades += 1
+            engine = is_engine_trade(t)
+            buyer_takes = t.side == "B"
+            for table in self.tables.values():
+                if buyer == seller:
+                    if buyer not in self.exclude:
+                        table.add(
+                            buyer, t.coin, usd, buy=True, taker=True, engine=engine, counterparty=buyer, self_trade=True
+                        )
+                    continue
+                if buyer not in self.exclude:
+                    table.add(
+                        buyer,
+                        t.coin,
+                        usd,
+                        buy=True,
+                        taker=buyer_takes,
+                        engine=engine,
+                        counterparty=seller,
+                        self_trade=False,
+                    )
+                if seller not in self.exclude:
+                    table.add(
+                        seller,
+                        t.coin,
+                        usd,
+                        buy=False,
+                        taker=not buyer_takes,
+                        engine=engine,
+                        counterparty=buyer,
+                        self_trade=False,
+                    )
+
+    def advance(self, now_ms: int) -> None:
+        for table in self.tables.values():
+            table.advance(now_ms)
+
+    def candidates(self, window_ms: int, *, label: Label | None = None, limit: int | None = None) -> list[Candidate]:
+        return self.tables[window_ms].candidates(self.exclude, label=label, limit=limit)
+
+    def get(self, window_ms: int, address: str) -> Candidate | None:
+        return self.tables[window_ms].get(address)
