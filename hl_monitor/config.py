@@ -233,6 +233,13 @@ class FillsConfig(_Section, frozen=True):
     max_bytes: int = -1  # stream size cap in bytes (-1: none); the oldest fills go first
 
 
+class UiConfig(_Section, frozen=True):
+    """The web console at `/ui/` (README "Console")."""
+
+    enabled: bool = True  # serve the console at all
+    read_only: bool = False  # True: no administration in the console even when `http.admin_token` is set
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -262,6 +269,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     positions: PositionsConfig = msgspec.field(default_factory=PositionsConfig)
     fills: FillsConfig = msgspec.field(default_factory=FillsConfig)
+    ui: UiConfig = msgspec.field(default_factory=UiConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
