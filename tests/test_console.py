@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import aiohttp
 import pytest
+from playwright.async_api import ViewportSize, async_playwright, expect
 
 from hl_monitor.config import HttpConfig, Secret, UiConfig
 from hl_monitor.metrics import Metrics
@@ -37,8 +38,8 @@ TOKEN: Final = "console-token-1"
 XSS_LABEL: Final = "<img src=x onerror=alert(1)>"
 NEW_WHALE: Final = "0x" + "c3" * 20
 LIVE_WITHIN_MS: Final = 1000  # a signal the sim makes shows in the open live feed within a second
-PHONE: Final = {"width": 390, "height": 844}  # a common phone viewport
-DESKTOP: Final = {"width": 1280, "height": 800}
+PHONE: Final[ViewportSize] = {"width": 390, "height": 844}  # a common phone viewport
+DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}
 DOCS: Final = Path(__file__).resolve().parent.parent / "docs"
 CHROMIUM_CANDIDATES: Final = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
@@ -56,14 +57,12 @@ def chromium_path() -> str:
 
 
 @contextlib.asynccontextmanager
-async def browser_page(**viewport: int) -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
+async def browser_page(viewport: ViewportSize = DESKTOP) -> AsyncIterator[Any]:
     executable = chromium_path()
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
-            context = await browser.new_context(viewport=viewport or DESKTOP)
+            context = await browser.new_context(viewport=viewport)
             page = await context.new_page()
             page.set_default_timeout(10_000)
             yield page
@@ -88,9 +87,11 @@ def watch_for_script_problems(page: Any) -> list[str]:
     # loads; anything else at error level (a CSP violation, a script error) is a problem.
     page.on(
         "console",
-        lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-        if msg.type == "error" and not msg.text.startswith("Failed to load resource")
-        else None,
+        lambda msg: (
+            problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource")
+            else None
+        ),
     )
     return problems
 
@@ -216,9 +217,11 @@ async def test_admin_in_the_page_needs_the_token_adds_a_tracked_address_and_show
             assert await page.locator("#whales img").count() == 0
 
             # A change made elsewhere shows up without a reload (the live feed announces it).
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-                async with http.patch(f"{base}/admin/addresses/{NEW_WHALE}", json={"label": "renamed"}) as resp:
-                    assert resp.status == 200
+            async with (
+                aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+                http.patch(f"{base}/admin/addresses/{NEW_WHALE}", json={"label": "renamed"}) as resp,
+            ):
+                assert resp.status == 200
             await row.locator("td:nth-child(2) a", has_text="renamed").wait_for()
 
             # Locking forgets the token: the page asks again, and the API refuses calls without it.
@@ -234,8 +237,6 @@ async def test_admin_in_the_page_needs_the_token_adds_a_tracked_address_and_show
 
 
 async def wait_until_count(locator: Any, count: int) -> None:
-    from playwright.async_api import expect
-
     await expect(locator).to_have_count(count)
 
 
@@ -296,12 +297,14 @@ async def test_console_pages_carry_a_strict_csp_and_ui_enabled_false_removes_the
             assert resp.status == 200
             html = await resp.text()
             assert resp.headers["Content-Security-Policy"] == CSP
-        assert "<script>" not in html and "http://" not in html and "https://" not in html  # nothing inline or remote
+        # Nothing inline, nothing from elsewhere.
+        assert "<script>" not in html
+        assert "http://" not in html
+        assert "https://" not in html
         async with http.get("/ui/config.json") as resp:
             assert (await resp.json())["admin"] is True
-    async with console_app(LiveFeed(), UiConfig(read_only=True)) as http:
-        async with http.get("/ui/config.json") as resp:
-            assert (await resp.json())["admin"] is False
+    async with console_app(LiveFeed(), UiConfig(read_only=True)) as http, http.get("/ui/config.json") as resp:
+        assert (await resp.json())["admin"] is False
     async with console_app(LiveFeed(), UiConfig(enabled=False)) as http:
         async with http.get("/ui/") as resp:
             assert resp.status == 404
@@ -317,5 +320,3 @@ def test_a_slow_browser_loses_events_counted_and_never_blocks_the_publisher() ->
         feed.publish("signal", {"n": i})
     assert queue.qsize() == queue.maxsize
     assert feed.dropped == len(drops) == 3
-
-
