@@ -39,7 +39,7 @@ XSS_LABEL: Final = "<img src=x onerror=alert(1)>"
 NEW_WHALE: Final = "0x" + "c3" * 20
 LIVE_WITHIN_MS: Final = 1000  # a signal the sim makes shows in the open live feed within a second
 PHONE: Final[ViewportSize] = {"width": 390, "height": 844}  # a common phone viewport
-DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}
+DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}  # a small laptop screen
 DOCS: Final = Path(__file__).resolve().parent.parent / "docs"
 CHROMIUM_CANDIDATES: Final = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 

@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from hl_monitor.config import UiConfig
+from hl_monitor.domain.address import parse_address
 from hl_monitor.domain.signal import Signal
 from hl_monitor.logging import get_logger
 from hl_monitor.ops.console.feed import CLOSE, FeedEvent, LiveFeed
@@ -34,10 +35,12 @@ __all__ = ["ConsoleDeps", "add_console", "notify_admin_changes"]
 
 log = get_logger(__name__)
 
+# Scripts, styles and fetches from this origin only; nothing inline, no plugins, frames, forms or fonts.
 CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "font-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# The only files served from `static/` (anything else is 404, so no path ever reaches the file system).
 STATIC_FILES: Final = {
     "console.js": "text/javascript",
     "chart.js": "text/javascript",
@@ -144,7 +147,10 @@ class _Console:
         return _json({"whales": rows, "now": int(time.time() * 1000)})
 
     async def history(self, request: web.Request) -> web.StreamResponse:
-        address = request.match_info["address"].lower()
+        try:
+            address = parse_address(request.match_info["address"])
+        except ValueError as exc:
+            raise web.HTTPBadRequest(reason=f"address: {exc}") from None
         events = await self.deps.history(address, HISTORY_EVENTS) if self.deps.history is not None else []
         sizes: dict[str, list[tuple[int, str]]] = {}
         for event in sorted(events, key=lambda e: e.time):
