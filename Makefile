@@ -41,12 +41,13 @@ fmt: install ## format the code
 	$(UV) run --locked ruff format .
 	$(UV) run --locked ruff check --fix .
 
-# promtool (alert-rule unit tests) and docker-compose (compose validation) come from Debian's packages.
-tools: ## install promtool and docker-compose from Debian's packages when missing (needs root)
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+# promtool (alert-rule unit tests), docker-compose (compose validation) and chromium (the console's browser
+# tests, driven by Playwright; never `playwright install`: no browser is downloaded) come from Debian's packages.
+tools: ## install promtool, docker-compose and chromium from Debian's packages when missing (needs root)
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
-	  else echo "make tools: run as root or install Debian packages prometheus and docker-compose"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose chromium >/dev/null; \
+	  else echo "make tools: run as root or install Debian packages prometheus, docker-compose and chromium"; fi; \
 	fi
 
 test: lint tools ## lint, then the whole test suite (CI runs exactly this)

@@ -39,6 +39,7 @@ from hl_monitor.delivery.publications import PublicationOutbox, PublicationPubli
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.delivery.sink import Sink
 from hl_monitor.domain.address import AddressView
+from hl_monitor.domain.signal import Signal
 from hl_monitor.errors import DeliveryError, StorageError
 from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource
 from hl_monitor.feeds.budget import Budgets
@@ -52,6 +53,7 @@ from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
+from hl_monitor.ops.console import ConsoleDeps, LiveFeed
 from hl_monitor.ops.http import HttpServer, create_app
 from hl_monitor.ops.metrics import StatsExporter, service_exporter
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
@@ -171,7 +173,9 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         legacy_tables=cfg.database.legacy_tables,
         symbol_of=lambda coin: engine.symbols.lookup(coin).symbol,
     )
-    outbox = Outbox(publisher, repo, writer, metrics, cfg.nats)
+    # The console's live feed: acknowledged signals fan out to open browsers; a slow one loses events (counted).
+    feed = LiveFeed(on_drop=metrics.evictions.labels(kind="console_event").inc)
+    outbox = Outbox(publisher, repo, writer, metrics, cfg.nats, on_published=feed.signal)
     fills_outbox: PublicationOutbox | None = None
     fill_sink: FillSinkImpl | None = None
     if cfg.fills.enabled:
@@ -253,6 +257,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             server_id=cfg.addresses.server_id,
             http=cfg.http.listen,
             is_running=lambda address: address in precise.assigned(),
+            kv_replicas=cfg.nats.kv_replicas,
         )
         precise_view = cluster.owned()
         planner_view = ExcludingView(book, cluster)
@@ -367,8 +372,24 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         cluster=cluster,
     )
     admin = Admin(AddressTable(db), book) if isinstance(table, AddressTable) else None
+    console = ConsoleDeps(
+        feed=feed,
+        history=lambda address, limit: repo.list_position_events(address, limit),
+        recent_signals=lambda limit: _newest_signals(repo, limit),
+        fills_enabled=cfg.fills.enabled,
+    )
     http = HttpServer(
-        create_app(status, metrics, admin, cfg.http, positions=keeper, discovery=discovery), cfg.http.listen
+        create_app(
+            status,
+            metrics,
+            admin,
+            cfg.http,
+            positions=keeper,
+            discovery=discovery,
+            console=console,
+            ui=cfg.ui,
+        ),
+        cfg.http.listen,
     )
     await http.start()
     stack.push_async_callback(http.stop)
@@ -395,6 +416,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             metrics,
             fills_retention=cfg.nats.duplicate_window,
             legacy_tables=cfg.database.legacy_tables,
+            replay_window=cfg.nats.replay_window,
         ),
         http=http,
         wide_tier=wide_tier,
@@ -405,6 +427,11 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         embedded=embedded,
         discovery=discovery,
     )
+
+
+async def _newest_signals(repo: Repository, limit: int) -> list[Signal]:
+    """Stored signals newest first (the console's last signal per address after a restart)."""
+    return [stored.signal for stored in reversed(await repo.list_signals(limit=limit))]
 
 
 async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> None:

@@ -266,6 +266,13 @@ class FillsConfig(_Section, frozen=True):
     max_bytes: int = -1  # stream size cap in bytes (-1: none); the oldest fills go first
 
 
+class UiConfig(_Section, frozen=True):
+    """The web console at `/ui/` (README "Console")."""
+
+    enabled: bool = True  # serve the console at all
+    read_only: bool = False  # True: no administration in the console even when `http.admin_token` is set
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -296,6 +303,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     positions: PositionsConfig = msgspec.field(default_factory=PositionsConfig)
     fills: FillsConfig = msgspec.field(default_factory=FillsConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    ui: UiConfig = msgspec.field(default_factory=UiConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
@@ -397,6 +405,8 @@ def _section_fields(section_type: Any) -> dict[str, Any]:
         "ClusterConfig": ClusterConfig,
         "FillsConfig": FillsConfig,
         "PositionsConfig": PositionsConfig,
+        "DiscoveryConfig": DiscoveryConfig,
+        "UiConfig": UiConfig,
         "LogConfig": LogConfig,
     }
     cls = sections[section_type if isinstance(section_type, str) else section_type.__name__]

@@ -9,6 +9,7 @@ this relay refuses one all the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -88,9 +89,12 @@ class Outbox(Relay[Signal]):
         cfg: NatsConfig,
         *,
         submit_wait: float = SUBMIT_WAIT_S,
+        on_published: Callable[[Signal], None] | None = None,
     ) -> None:
+        """`on_published` sees each signal JetStream acknowledged (a re-publish again); it must not block."""
         super().__init__(publisher, _SignalCounters(metrics), cfg, submit_wait=submit_wait)
         self._publisher = publisher
+        self._on_published = on_published
         self._store = store
         self._writer = writer
 
@@ -103,7 +107,10 @@ class Outbox(Relay[Signal]):
         await super().submit(item)
 
     async def _send(self, item: Signal) -> PubAck:
-        return await self._publisher.publish(item)
+        ack = await self._publisher.publish(item)
+        if self._on_published is not None:
+            self._on_published(item)
+        return ack
 
     async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Signal]:
         return [s for s in await self._store.fetch_unpublished(limit, older_than_ms) if not s.suppressed]

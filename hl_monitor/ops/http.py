@@ -26,11 +26,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from hl_monitor.config import HttpConfig, parse_listen
+from hl_monitor.config import HttpConfig, UiConfig, parse_listen
 from hl_monitor.domain.address import Tier, parse_address, parse_min_notional, parse_symbol_list
 from hl_monitor.errors import ConfigError, StorageError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
+from hl_monitor.ops.console import ConsoleDeps, LiveFeed, add_console, notify_admin_changes
 from hl_monitor.ops.positions import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -727,6 +728,33 @@ def register_runtime_collectors(registry: CollectorRegistry) -> None:
             make(registry=registry)
 
 
+class _AnnouncedAdmin:
+    """An `AddressAdmin` that tells the console's live feed about every change (open pages update themselves)."""
+
+    def __init__(self, admin: AddressAdmin, feed: LiveFeed) -> None:
+        self._admin = admin
+        self._feed = feed
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        return await self._admin.list()
+
+    async def add(self, entries: Sequence[AddressInput]) -> int:
+        written = await self._admin.add(entries)
+        notify_admin_changes(self._feed, [e.address for e in entries[:AUDIT_MAX_LISTED]], "add")
+        return written
+
+    async def remove(self, addresses: Sequence[str]) -> int:
+        removed = await self._admin.remove(addresses)
+        notify_admin_changes(self._feed, addresses[:AUDIT_MAX_LISTED], "remove")
+        return removed
+
+    async def update(self, address: str, **changes: Any) -> dict[str, Any] | None:
+        row = await self._admin.update(address, **changes)
+        if row is not None:
+            notify_admin_changes(self._feed, [address], "update")
+        return row
+
+
 def create_app(
     state: ServiceView,
     metrics: Metrics,
@@ -734,9 +762,13 @@ def create_app(
     http_cfg: HttpConfig,
     positions: PositionsView | None = None,
     discovery: DiscoveryView | None = None,
+    *,
+    console: ConsoleDeps | None = None,
+    ui: UiConfig | None = None,
 ) -> web.Application:
     """The HTTP app; the admin routes exist only when both `admin` and `http_cfg.admin_token` are set, the
-    `/positions` routes only when `positions` is given, `/discovery` (and its admin route) only with `discovery`."""
+    `/positions` routes only when `positions` is given, `/discovery` (and its admin route) only with `discovery`,
+    the console (`/ui/`) only when `console` is given and `ui.enabled`."""
     app = web.Application(middlewares=[_json_errors], client_max_size=http_cfg.max_body_bytes)
     register_runtime_collectors(metrics.registry)
     ops = _Ops(state, metrics)
@@ -754,6 +786,19 @@ def create_app(
     if discovery is not None:
         app.router.add_get("/discovery", _Discovery(discovery).list)
     token = http_cfg.admin_token
+    ui = ui or UiConfig()
+    if console is not None and ui.enabled:
+        add_console(
+            app,
+            console,
+            ui,
+            admin_available=admin is not None and bool(token),
+            status=state.status,
+            portfolios=positions.portfolios if positions is not None else None,
+            portfolio=positions.portfolio if positions is not None else None,
+        )
+        if admin is not None:
+            admin = _AnnouncedAdmin(admin, console.feed)
     if admin is not None and token:
         routes = _Admin(admin, metrics, http_cfg, token)
         app.router.add_get("/admin/addresses", routes.list)

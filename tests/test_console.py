@@ -1,0 +1,322 @@
+"""The web console at `/ui/` (README "Console"), in a real browser: Playwright driving Debian's Chromium against
+the whole service on the simulator. Also the live feed's resume and the console's headers over plain HTTP.
+
+Chromium comes from Debian (`make tools`), never downloaded. Without it these browser tests skip on a
+workstation and fail under CI (`CI=true`), so a CI image that lost the browser cannot pass silently.
+Screenshots of each page go to `docs/console-*.png` (README "Console").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import pytest
+from playwright.async_api import ViewportSize, async_playwright, expect
+
+from hl_monitor.config import HttpConfig, Secret, UiConfig
+from hl_monitor.metrics import Metrics
+from hl_monitor.ops.console import ConsoleDeps, LiveFeed
+from hl_monitor.ops.console.routes import CSP
+from hl_monitor.ops.http import HttpServer, create_app
+from hl_monitor.sim.server import SimConfig, SimServer
+from hl_monitor.storage.migrate import upgrade
+from tests.support.nats import NatsServer
+from tests.support.service import W1, W2, live, running, service_config
+from tests.support.waiting import wait_until
+from tests.test_http import FakeView, MemoryAdmin
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN: Final = "console-token-1"
+XSS_LABEL: Final = "<img src=x onerror=alert(1)>"
+NEW_WHALE: Final = "0x" + "c3" * 20
+LIVE_WITHIN_MS: Final = 1000  # a signal the sim makes shows in the open live feed within a second
+PHONE: Final[ViewportSize] = {"width": 390, "height": 844}  # a common phone viewport
+DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}  # a small laptop screen
+DOCS: Final = Path(__file__).resolve().parent.parent / "docs"
+CHROMIUM_CANDIDATES: Final = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+
+
+def chromium_path() -> str:
+    """Debian's Chromium; skip without it, except under CI where a missing browser is a failure."""
+    configured = os.environ.get("HL_TEST_CHROMIUM")
+    for candidate in (configured, *CHROMIUM_CANDIDATES, shutil.which("chromium")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    why = "Chromium not found: run `make tools` (installs Debian's chromium) or set HL_TEST_CHROMIUM"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@contextlib.asynccontextmanager
+async def browser_page(viewport: ViewportSize = DESKTOP) -> AsyncIterator[Any]:
+    executable = chromium_path()
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            context = await browser.new_context(viewport=viewport)
+            page = await context.new_page()
+            page.set_default_timeout(10_000)
+            yield page
+        finally:
+            await browser.close()
+
+
+def watch_for_script_problems(page: Any) -> list[str]:
+    """Dialogs (an injected `alert`), CSP violations and page errors, as they happen."""
+    problems: list[str] = []
+
+    async def dismiss(dialog: Any) -> None:
+        if dialog.type == "confirm":  # the remove button asks; the operator agrees
+            await dialog.accept()
+            return
+        problems.append(f"dialog {dialog.type}: {dialog.message}")
+        await dialog.dismiss()
+
+    page.on("dialog", dismiss)
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    # Error answers the tests provoke (401, 400, a missing /discovery) are logged by the browser as failed
+    # loads; anything else at error level (a CSP violation, a script error) is a problem.
+    page.on(
+        "console",
+        lambda msg: (
+            problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource")
+            else None
+        ),
+    )
+    return problems
+
+
+async def shot(page: Any, name: str) -> None:
+    DOCS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(DOCS / f"console-{name}.png"), full_page=True)
+
+
+@contextlib.asynccontextmanager
+async def service_on_sim(tmp_path: Path, nats_url: str, **extra: str) -> AsyncIterator[tuple[Any, SimServer]]:
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'hl.db'}"
+    await upgrade(db_url)
+    async with SimServer(SimConfig(clearinghouse_push_interval=0.2)) as sim:
+        cfg = service_config(sim, nats_url, db_url, tmp_path / "data", HYPERLIQUID__USER_SLOTS="1", **extra)
+        async with running(cfg) as service:
+            await live(service, W1)
+            yield service, sim
+
+
+async def test_pages_render_the_sims_whales_and_a_signal_reaches_the_live_feed_within_a_second(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with service_on_sim(tmp_path, nats_server.url) as (service, sim):
+        base = f"http://{service.components.cfg.http.listen}"
+        keeper = service.components.positions
+        assert keeper is not None
+        whale = sim.exchange.whale(W1)
+        await whale.market_order("BTC", True, "2", "80000")
+        await sim.exchange.whale(W2).market_order("ETH", False, "30", "2400")
+        await wait_until(lambda: keeper.keeper.portfolio(W1) is not None, within=10)
+
+        async with browser_page() as page:
+            problems = watch_for_script_problems(page)
+            await page.goto(f"{base}/ui/")
+            rows = page.locator("#whales tbody tr")
+            await wait_until_count(rows, 2)
+            assert set(await rows.evaluate_all("rs => rs.map(r => r.dataset.address)")) == {W1, W2}
+            await page.locator(f'#whales tr[data-address="{W1}"] td:nth-child(6)', has_text="BTC").wait_for()
+            await page.fill("#whale-symbol", "ETH")
+            await wait_until_count(rows, 1)
+            assert await rows.first.get_attribute("data-address") == W2
+            await page.fill("#whale-symbol", "")
+            await shot(page, "whales")
+
+            await page.click(f'#whales tr[data-address="{W1}"] a')
+            await page.locator("#positions tbody tr", has_text="BTC").wait_for()
+            await page.locator("#size-chart svg path").first.wait_for()
+            await shot(page, "address")
+
+            await page.goto(f"{base}/ui/#/market")
+            await page.locator("#summary tbody tr", has_text="BTC").wait_for()
+            await page.locator("#bias-chart svg rect").first.wait_for()
+            # Discovery is a separate feature; without it the tab says so instead of failing.
+            await page.locator("#discovery-off, #discovery").first.wait_for()
+            await shot(page, "market")
+
+            await page.goto(f"{base}/ui/#/live")
+            await page.locator("#stream.green").wait_for()
+            started = time.monotonic()
+            await whale.market_order("BTC", False, "1", "80100")
+            await page.locator("#feed li", has_text="Close Long").wait_for(timeout=LIVE_WITHIN_MS * 5)
+            assert (time.monotonic() - started) * 1000 < LIVE_WITHIN_MS
+            await shot(page, "live")
+
+            # Without a configured admin token the console is read-only and the admin API does not exist.
+            await page.goto(f"{base}/ui/#/admin")
+            await page.locator("#read-only").wait_for()
+            assert await page.locator("#token").count() == 0
+            status = await page.evaluate(
+                "(a) => fetch('/admin/addresses', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+                " body: JSON.stringify({address: a})}).then(r => r.status)",
+                NEW_WHALE,
+            )
+            assert status == 404
+            assert NEW_WHALE not in service.components.book.entries()
+
+            await page.set_viewport_size(PHONE)
+            await page.goto(f"{base}/ui/#/whales")
+            await wait_until_count(rows, 2)
+            width = await page.evaluate("document.documentElement.scrollWidth")
+            assert width <= PHONE["width"], "the page itself must not scroll sideways on a phone"
+            await shot(page, "phone")
+            assert problems == []
+
+
+async def test_admin_in_the_page_needs_the_token_adds_a_tracked_address_and_shows_labels_as_text(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with service_on_sim(tmp_path, nats_server.url, HTTP__ADMIN_TOKEN=TOKEN) as (service, _):
+        base = f"http://{service.components.cfg.http.listen}"
+        async with browser_page() as page:
+            problems = watch_for_script_problems(page)
+            await page.goto(f"{base}/ui/#/admin")
+            await page.fill("#token", "wrong-token")
+            await page.click("form button[type=submit]")
+            await page.locator(".msg.error", has_text="missing or invalid bearer token").wait_for()
+            assert await page.locator("#add-form").count() == 0
+            assert await page.evaluate("sessionStorage.length") == 0
+
+            await page.fill("#token", TOKEN)
+            await page.click("form button[type=submit]")
+            await page.locator("#admin-table").wait_for()
+            assert await page.evaluate("localStorage.length") == 0
+            assert TOKEN not in page.url
+
+            # The API's own validation message is shown.
+            await page.fill("#new-address", "0x1234")
+            await page.click("#add-button")
+            await page.locator(".msg.error", has_text="$.address").wait_for()
+
+            await page.fill("#new-address", NEW_WHALE)
+            await page.fill("#new-label", XSS_LABEL)
+            await page.click("#add-button")
+            await page.locator(f'#admin-table tr[data-address="{NEW_WHALE}"]').wait_for()
+            await wait_until(lambda: NEW_WHALE in service.components.book.entries(), within=5)
+            await shot(page, "admin")
+
+            await page.goto(f"{base}/ui/#/whales")
+            row = page.locator(f'#whales tr[data-address="{NEW_WHALE}"]')
+            await row.wait_for()
+            assert await row.locator("td:nth-child(2) a").inner_text() == XSS_LABEL
+            assert await page.locator("#whales img").count() == 0
+
+            # A change made elsewhere shows up without a reload (the live feed announces it).
+            async with (
+                aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http,
+                http.patch(f"{base}/admin/addresses/{NEW_WHALE}", json={"label": "renamed"}) as resp,
+            ):
+                assert resp.status == 200
+            await row.locator("td:nth-child(2) a", has_text="renamed").wait_for()
+
+            # Locking forgets the token: the page asks again, and the API refuses calls without it.
+            await page.goto(f"{base}/ui/#/admin")
+            await page.click("text=Lock")
+            await page.locator("#token").wait_for()
+            status = await page.evaluate(
+                "(a) => fetch('/admin/addresses/' + a, {method: 'DELETE'}).then(r => r.status)", NEW_WHALE
+            )
+            assert status == 401
+            assert NEW_WHALE in service.components.book.entries()
+            assert problems == []
+
+
+async def wait_until_count(locator: Any, count: int) -> None:
+    await expect(locator).to_have_count(count)
+
+
+# ---------------------------------------------------------------- over plain HTTP
+
+
+@contextlib.asynccontextmanager
+async def console_app(feed: LiveFeed, ui: UiConfig | None = None) -> AsyncIterator[aiohttp.ClientSession]:
+    cfg = HttpConfig(listen="127.0.0.1:0", admin_token=Secret(TOKEN))
+    app = create_app(FakeView(), Metrics(), MemoryAdmin(), cfg, console=ConsoleDeps(feed=feed), ui=ui)
+    async with (
+        HttpServer(app, cfg.listen) as server,
+        aiohttp.ClientSession(base_url=f"http://127.0.0.1:{server.port}") as session,
+    ):
+        yield session
+
+
+async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, str]]:
+    """`count` (id, data) pairs from an open SSE response."""
+    events: list[tuple[str, str]] = []
+    current: dict[str, str] = {}
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if "id" in current:
+                events.append((current["id"], current["data"]))
+                if len(events) == count:
+                    return events
+            current = {}
+            continue
+        key, _, value = line.partition(": ")
+        current[key] = value
+    raise AssertionError(f"stream ended after {events}")
+
+
+async def test_the_live_feed_resumes_after_a_drop_without_repeating_an_event() -> None:
+    feed = LiveFeed()
+    async with console_app(feed) as http:
+        async with http.get("/ui/events") as resp:
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            assert (await resp.content.readline()).startswith(b"retry:")  # written after subscribing
+            feed.publish("signal", {"signal_id": "s1"})
+            feed.publish("signal", {"signal_id": "s2"})
+            first = await read_events(resp, 2)
+        # Dropped; meanwhile two more are published. The browser reconnects with the last id it saw.
+        feed.publish("signal", {"signal_id": "s3"})
+        feed.publish("signal", {"signal_id": "s4"})
+        async with http.get("/ui/events", headers={"Last-Event-ID": first[-1][0]}) as resp:
+            assert (await resp.content.readline()).startswith(b"retry:")
+            feed.publish("signal", {"signal_id": "s5"})
+            resumed = await read_events(resp, 3)
+    assert [data for _, data in first + resumed] == [f'{{"signal_id":"s{i}"}}' for i in range(1, 6)]
+
+
+async def test_console_pages_carry_a_strict_csp_and_ui_enabled_false_removes_them() -> None:
+    async with console_app(LiveFeed()) as http:
+        async with http.get("/ui/") as resp:
+            assert resp.status == 200
+            html = await resp.text()
+            assert resp.headers["Content-Security-Policy"] == CSP
+        # Nothing inline, nothing from elsewhere.
+        assert "<script>" not in html
+        assert "http://" not in html
+        assert "https://" not in html
+        async with http.get("/ui/config.json") as resp:
+            assert (await resp.json())["admin"] is True
+    async with console_app(LiveFeed(), UiConfig(read_only=True)) as http, http.get("/ui/config.json") as resp:
+        assert (await resp.json())["admin"] is False
+    async with console_app(LiveFeed(), UiConfig(enabled=False)) as http:
+        async with http.get("/ui/") as resp:
+            assert resp.status == 404
+        async with http.get("/ui/events") as resp:
+            assert resp.status == 404
+
+
+def test_a_slow_browser_loses_events_counted_and_never_blocks_the_publisher() -> None:
+    drops: list[int] = []
+    feed = LiveFeed(on_drop=lambda: drops.append(1))
+    queue = feed.subscribe()
+    for i in range(queue.maxsize + 3):
+        feed.publish("signal", {"n": i})
+    assert queue.qsize() == queue.maxsize
+    assert feed.dropped == len(drops) == 3
