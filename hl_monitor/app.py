@@ -23,7 +23,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,10 +31,9 @@ from hl_monitor.cluster.leases import Cluster
 from hl_monitor.cluster.views import ExcludingView
 from hl_monitor.config import Config
 from hl_monitor.delivery.embedded_nats import EmbeddedNats
-from hl_monitor.delivery.fills import FillPublisher, FillSinkImpl, fill_outbox
-from hl_monitor.delivery.kv_view import KvView
+from hl_monitor.delivery.fills import FillSinkImpl, open_fills
 from hl_monitor.delivery.outbox import Outbox
-from hl_monitor.delivery.publications import PublicationOutbox, PublicationPublisher, PublicationSinkImpl
+from hl_monitor.delivery.publications import PublicationOutbox
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.delivery.sink import Sink
 from hl_monitor.domain.address import AddressView
@@ -57,7 +55,7 @@ from hl_monitor.ops.console import ConsoleDeps, LiveFeed
 from hl_monitor.ops.http import HttpServer, create_app
 from hl_monitor.ops.metrics import StatsExporter, service_exporter
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
-from hl_monitor.ops.status import Admin, DatabaseProbe, PositionsTier, StatusView, WideTier
+from hl_monitor.ops.status import Admin, DatabaseProbe, StatusView, WideTier
 from hl_monitor.storage.cleaner import RetentionCleaner
 from hl_monitor.storage.lease import InstanceLease
 from hl_monitor.storage.migrate import check_legacy_tables, check_schema
@@ -71,11 +69,10 @@ from hl_monitor.storage.repository import (
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.portfolio import PositionModel
 from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.planner import TierPlanner
-from hl_monitor.watch.positions import PositionKeeper
+from hl_monitor.watch.positions import PositionKeeper, PositionsTier, open_positions
 from hl_monitor.watch.watchset import WatchSet
 
 __all__ = ["Components", "Service", "build", "serve"]
@@ -179,28 +176,18 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     fills_outbox: PublicationOutbox | None = None
     fill_sink: FillSinkImpl | None = None
     if cfg.fills.enabled:
-        fills_publisher = FillPublisher(publisher, cfg.nats, cfg.fills, metrics)
-        await fills_publisher.ensure_stream()
-        fills_outbox = fill_outbox(fills_publisher, repo, writer, metrics, cfg.nats)
-        fill_sink = FillSinkImpl(writer, fills_outbox, metrics, subject_prefix=cfg.fills.subject_prefix)
+        fills_outbox, fill_sink = await open_fills(publisher, cfg.nats, cfg.fills, repo, writer, metrics)
     keeper: PositionKeeper | None = None
     if cfg.positions.enabled:
-        positions_publisher = PublicationPublisher(publisher, cfg.nats, cfg.positions, metrics)
-        await positions_publisher.ensure_stream()
-        positions_outbox = PublicationOutbox(positions_publisher, repo, writer, metrics, cfg.nats)
-        kv = KvView(publisher, cfg.nats, cfg.positions, metrics)
-        await kv.open()
-        keeper = PositionKeeper(
-            PositionModel(alert_levels=[Decimal(str(level)) for level in cfg.positions.liquidation_alert_levels]),
-            cfg=cfg.positions,
-            publish=PublicationSinkImpl(writer, positions_outbox),
-            store=writer,
-            kv=kv,
-            metrics=metrics,
+        keeper, positions_outbox, kv = await open_positions(
+            cfg,
+            publisher,
+            repo,
+            writer,
+            metrics,
             tracked_wide=lambda address: tape_tracker is not None and tape_tracker.owner(address) == "wide",
             labels=lambda address: _label(book, address),
         )
-        await keeper.restore(repo)
     holdings: HoldingsIntake = keeper if keeper is not None else NO_HOLDINGS
     sink = Sink(
         writer,

@@ -42,6 +42,7 @@ __all__ = [
     "fill_outbox",
     "fill_publication",
     "fill_subject",
+    "open_fills",
 ]
 
 FILL_KINDS: Final[tuple[PublicationKind, ...]] = ("fill",)
@@ -145,3 +146,18 @@ class FillSinkImpl:
             await self._writer.put_publication(publication)
             await self._outbox.submit(publication)
             self._emitted[record.source].inc()
+
+
+async def open_fills(
+    publisher: Publisher,
+    nats_cfg: NatsConfig,
+    fills_cfg: FillsConfig,
+    store: PublicationStore,
+    writer: PublicationWriter,
+    metrics: Metrics,
+) -> tuple[PublicationOutbox, FillSinkImpl]:
+    """The fills' stream (created or updated), their outbox and the sink the feeds hand fills to."""
+    fills_publisher = FillPublisher(publisher, nats_cfg, fills_cfg, metrics)
+    await fills_publisher.ensure_stream()
+    outbox = fill_outbox(fills_publisher, store, writer, metrics, nats_cfg)
+    return outbox, FillSinkImpl(writer, outbox, metrics, subject_prefix=fills_cfg.subject_prefix)

@@ -19,16 +19,13 @@ import msgspec
 
 from hl_monitor import __version__
 from hl_monitor.cluster.leases import Cluster
-from hl_monitor.delivery.kv_view import KvView
 from hl_monitor.delivery.outbox import Outbox
-from hl_monitor.delivery.publications import PublicationOutbox
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.domain.address import Tier, WatchedAddress
 from hl_monitor.errors import StorageError
 from hl_monitor.feeds.addresses import AddressBook
 from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.market_tape import MarketTape
-from hl_monitor.feeds.marks import MarkFeed
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.symbols import SymbolLoader
 from hl_monitor.feeds.wide import WideManager
@@ -37,9 +34,9 @@ from hl_monitor.storage.repository import AddressTable, Repository
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.watch.planner import TierPlanner
-from hl_monitor.watch.positions import PositionKeeper
+from hl_monitor.watch.positions import PositionsTier
 
-__all__ = ["Admin", "DatabaseProbe", "PositionsTier", "StatusView", "WideTier"]
+__all__ = ["Admin", "DatabaseProbe", "StatusView", "WideTier"]
 
 # How often the database is probed for readiness.
 DB_PROBE_INTERVAL_S: Final = 5.0
@@ -75,16 +72,6 @@ class WideTier:
     tape: MarketTape
     wide: WideManager
     planner: TierPlanner
-
-
-@dataclass(frozen=True, slots=True)
-class PositionsTier:
-    """What whales hold: the keeper of the model, its mark feed, and where its outputs go (`positions.enabled`)."""
-
-    keeper: PositionKeeper
-    marks: MarkFeed | None  # None: marks ride on the tape's first connection (or there is no slot for them)
-    outbox: PublicationOutbox
-    kv: KvView
 
 
 class StatusView:

@@ -23,16 +23,26 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final, Protocol
 
 import msgspec
 
 from hl_monitor.clock import wall_ms as _wall_ms
-from hl_monitor.config import PositionsConfig
-from hl_monitor.delivery.publications import alert_subject, position_subject
+from hl_monitor.config import Config, PositionsConfig
+from hl_monitor.delivery.kv_view import KvView
+from hl_monitor.delivery.publications import (
+    PublicationOutbox,
+    PublicationPublisher,
+    PublicationSinkImpl,
+    alert_subject,
+    position_subject,
+)
+from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.domain.publication import Publication, PublicationSink
 from hl_monitor.errors import PortfolioStateError
+from hl_monitor.feeds.marks import MarkFeed
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
     ClearinghouseState,
@@ -42,11 +52,13 @@ from hl_monitor.hyperliquid.protocol import (
 )
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
+from hl_monitor.storage.repository import Repository
+from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.portfolio import AddressPortfolio, PositionChanges, PositionModel
 from hl_monitor.tracking.position_events import PositionEvent, format_decimal
 from hl_monitor.tracking.risk import RiskAlert
 
-__all__ = ["PortfolioStore", "PositionKeeper", "PositionsKv"]
+__all__ = ["PortfolioStore", "PositionKeeper", "PositionsKv", "PositionsTier", "open_positions"]
 
 log = get_logger(__name__)
 
@@ -333,3 +345,43 @@ class PositionKeeper:
 def _merge(into: PositionChanges, more: PositionChanges) -> None:
     into.events.extend(more.events)
     into.alerts.extend(more.alerts)
+
+
+@dataclass(frozen=True, slots=True)
+class PositionsTier:
+    """What whales hold: the keeper of the model, its mark feed, and where its outputs go (`positions.enabled`)."""
+
+    keeper: PositionKeeper
+    marks: MarkFeed | None  # None: marks ride on the tape's first connection (or no connection is left for them)
+    outbox: PublicationOutbox
+    kv: KvView
+
+
+async def open_positions(
+    cfg: Config,
+    publisher: Publisher,
+    repo: Repository,
+    writer: BatchWriter,
+    metrics: Metrics,
+    *,
+    tracked_wide: Callable[[str], bool],
+    labels: Callable[[str], str],
+) -> tuple[PositionKeeper, PublicationOutbox, KvView]:
+    """The positions stream and KV bucket (created or updated), their outbox, and the keeper restored from the store."""
+    positions_publisher = PublicationPublisher(publisher, cfg.nats, cfg.positions, metrics)
+    await positions_publisher.ensure_stream()
+    outbox = PublicationOutbox(positions_publisher, repo, writer, metrics, cfg.nats)
+    kv = KvView(publisher, cfg.nats, cfg.positions, metrics)
+    await kv.open()
+    keeper = PositionKeeper(
+        PositionModel(alert_levels=[Decimal(str(level)) for level in cfg.positions.liquidation_alert_levels]),
+        cfg=cfg.positions,
+        publish=PublicationSinkImpl(writer, outbox),
+        store=writer,
+        kv=kv,
+        metrics=metrics,
+        tracked_wide=tracked_wide,
+        labels=labels,
+    )
+    await keeper.restore(repo)
+    return keeper, outbox, kv
