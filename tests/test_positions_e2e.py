@@ -137,9 +137,13 @@ async def test_positions_of_both_tiers_reach_events_kv_http_and_signals_once(
             assert Decimal(flip["after"]["entry_px"]) == sim_btc.entry_px  # a flip opens at the fill price
 
             # The KV view holds exactly the keeper's document; HTTP answers from the same documents.
-            await wait_until(lambda: quiet(service), within=10)
-            document = await kv_document(nats_server.url, W1)
-            assert document == json.loads(DOCUMENT_JSON.encode(keeper.portfolio(W1)))
+            async def kv_holds_the_keepers_document() -> bool:
+                # State frames keep arriving (each one a new document); between a flush and the next frame the KV
+                # value must be exactly the keeper's document.
+                document = await kv_document(nats_server.url, W1)
+                return quiet(service) and document == json.loads(DOCUMENT_JSON.encode(keeper.portfolio(W1)))
+
+            await wait_until(kv_holds_the_keepers_document, within=10)
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"http://{cfg.http.listen}/positions", params={"symbol": "BTC"}) as resp:
                     assert resp.status == 200
