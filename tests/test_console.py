@@ -3,7 +3,8 @@ the whole service on the simulator. Also the live feed's resume and the console'
 
 Chromium comes from Debian (`make tools`), never downloaded. Without it these browser tests skip on a
 workstation and fail under CI (`CI=true`), so a CI image that lost the browser cannot pass silently.
-Screenshots of each page go to `docs/console-*.png` (README "Console").
+Screenshots of each page go to `$HL_TEST_SCREENSHOTS` (CI artefacts; default `./test-screenshots`); the README's
+pictures in `docs/console-*.png` are refreshed by copying them from there.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ NEW_WHALE: Final = "0x" + "c3" * 20
 LIVE_WITHIN_MS: Final = 1000  # a signal the sim makes shows in the open live feed within a second
 PHONE: Final[ViewportSize] = {"width": 390, "height": 844}  # a common phone viewport
 DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}  # a small laptop screen
-DOCS: Final = Path(__file__).resolve().parent.parent / "docs"
+# Not `docs/`: a test run must not rewrite tracked files.
+SCREENSHOTS: Final = Path(os.environ.get("HL_TEST_SCREENSHOTS", "test-screenshots"))
 CHROMIUM_CANDIDATES: Final = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
 
@@ -97,8 +99,8 @@ def watch_for_script_problems(page: Any) -> list[str]:
 
 
 async def shot(page: Any, name: str) -> None:
-    DOCS.mkdir(exist_ok=True)
-    await page.screenshot(path=str(DOCS / f"console-{name}.png"), full_page=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOTS / f"console-{name}.png"), full_page=True)
 
 
 @contextlib.asynccontextmanager
