@@ -42,11 +42,9 @@ from hl_monitor.errors import DeliveryError, StorageError
 from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource
 from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
-from hl_monitor.feeds.market_tape import MarketTape
 from hl_monitor.feeds.marks import MarkFeed
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.symbols import SymbolLoader
-from hl_monitor.feeds.wide import WideManager
 from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import get_logger
@@ -55,7 +53,7 @@ from hl_monitor.ops.console import ConsoleDeps, LiveFeed
 from hl_monitor.ops.http import HttpServer, create_app
 from hl_monitor.ops.metrics import StatsExporter, service_exporter
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
-from hl_monitor.ops.status import Admin, DatabaseProbe, StatusView, WideTier
+from hl_monitor.ops.status import Admin, DatabaseProbe, StatusView
 from hl_monitor.storage.cleaner import RetentionCleaner
 from hl_monitor.storage.lease import InstanceLease
 from hl_monitor.storage.migrate import check_legacy_tables, check_schema
@@ -73,6 +71,7 @@ from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.planner import TierPlanner
 from hl_monitor.watch.positions import PositionKeeper, PositionsTier, open_positions
+from hl_monitor.watch.tiers import WideTier, build_wide_tier
 from hl_monitor.watch.watchset import WatchSet
 
 __all__ = ["Components", "Service", "build", "serve"]
@@ -302,43 +301,23 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             cfg.discovery, cfg.hyperliquid, info=info, metrics=metrics, is_watched=lambda a: a in book.entries()
         )
     if tape_tracker is not None:
-        tape = MarketTape(
-            cfg.hyperliquid,
-            cfg.wide,
-            tracker=tape_tracker,
+        wide_tier = build_wide_tier(
+            cfg,
+            tape_tracker,
             info=info,
-            budget=budgets,
+            budgets=budgets,
             metrics=metrics,
-            on_signals=sink,
+            sink=sink,
             holdings=holdings,
+            fills=fill_sink,
             discovery=discovery,
-            on_fills=fill_sink,
             marks=keeper,
             mark_dexes=mark_dexes,
-        )
-        wide = WideManager(
-            cfg.wide,
-            cfg.hyperliquid,
-            tracker=tape_tracker,
-            info=info,
-            tape=tape,
-            clock=budgets.clock,
-            metrics=metrics,
-            on_signals=sink,
-            dexes=lambda: tape.universe.dexes if tape.universe else [],
-            holdings=holdings,
-        )
-        planner = TierPlanner(
-            planner_view,
-            tracker=tape_tracker,
+            view=planner_view,
             watch=watch,
-            wide=wide,
-            metrics=metrics,
-            on_signals=sink,
             precise=precise,
-            max_addresses=cfg.wide.max_addresses,
         )
-        wide_tier = WideTier(tape=tape, wide=wide, planner=planner)
+        planner = wide_tier.planner
 
     database = DatabaseProbe(repo)
     status = StatusView(

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
@@ -25,18 +24,16 @@ from hl_monitor.domain.address import Tier, WatchedAddress
 from hl_monitor.errors import StorageError
 from hl_monitor.feeds.addresses import AddressBook
 from hl_monitor.feeds.budget import Budgets
-from hl_monitor.feeds.market_tape import MarketTape
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.symbols import SymbolLoader
-from hl_monitor.feeds.wide import WideManager
 from hl_monitor.ops.http import AddressInput, Readiness
 from hl_monitor.storage.repository import AddressTable, Repository
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.watch.planner import TierPlanner
 from hl_monitor.watch.positions import PositionsTier
+from hl_monitor.watch.tiers import WideTier
 
-__all__ = ["Admin", "DatabaseProbe", "StatusView", "WideTier"]
+__all__ = ["Admin", "DatabaseProbe", "StatusView"]
 
 # How often the database is probed for readiness.
 DB_PROBE_INTERVAL_S: Final = 5.0
@@ -63,15 +60,6 @@ class DatabaseProbe:
             except Exception as exc:  # any failure = not reachable, with its text for /status
                 self.ok, self.error = False, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]
             await asyncio.sleep(DB_PROBE_INTERVAL_S)
-
-
-@dataclass(frozen=True, slots=True)
-class WideTier:
-    """The wide tier's components; they exist together or not at all (`wide.enabled`, the tape role)."""
-
-    tape: MarketTape
-    wide: WideManager
-    planner: TierPlanner
 
 
 class StatusView:
