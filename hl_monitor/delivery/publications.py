@@ -161,16 +161,11 @@ class PublicationPublisher(StreamPublisher):
             subjects=[f"{cfg.subject_prefix}.>", f"{cfg.alerts_prefix}.>"],
             retention=RetentionPolicy.LIMITS,
             max_age=cfg.max_age,
-            max_bytes=UNLIMITED_BYTES,  # stated, as the server reports it: an unset value would differ at every check
             storage=StorageType.FILE,
             num_replicas=self._nats.replicas,
             duplicate_window=self._nats.duplicate_window,
             discard=DiscardPolicy.OLD,
         )
-
-
-# JetStream's "no byte limit" (what `stream_info` reports for a stream created without one).
-UNLIMITED_BYTES: Final = -1
 
 
 class PublicationSender(Protocol):

@@ -128,6 +128,11 @@ def _replicas_refused(what: str, name: str, have: int, wanted: int, setting: str
     )
 
 
+def _byte_limit(value: int | None) -> int:
+    """A stream's byte limit as the server reports it: unset is JetStream's -1 (no limit)."""
+    return -1 if value is None else value
+
+
 async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> StreamInfo:
     """Create the stream `wanted.name`, or update it when its settings differ; `DeliveryError` when refused.
 
@@ -150,7 +155,7 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> StreamInf
                 have.subjects != wanted.subjects
                 or have.duplicate_window != wanted.duplicate_window
                 or have.max_age != wanted.max_age
-                or have.max_bytes != wanted.max_bytes
+                or _byte_limit(have.max_bytes) != _byte_limit(wanted.max_bytes)
                 or have.retention != wanted.retention
                 or have.num_replicas != wanted.num_replicas
             ):

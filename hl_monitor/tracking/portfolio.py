@@ -478,13 +478,8 @@ class PositionModel:
             item = _ACCOUNT_DECODER.decode(raw)
         except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
             raise PortfolioStateError(f"undecodable account export: {exc}") from None
-        address = item.portfolio.address
-        self.remove(address)
-        self._accounts[address] = _Account(item.portfolio, item.ledgers)
-        for dex in item.portfolio.dexes.values():
-            for coin in dex.positions:
-                self._holders.setdefault(coin, set()).add(address)
-        return address
+        self.remove(item.portfolio.address)
+        return self._adopt(item)
 
     @classmethod
     def restore(
@@ -504,12 +499,17 @@ class PositionModel:
             raise PortfolioStateError(f"export version {exported.version}, expected {EXPORT_VERSION}")
         model = cls(symbols=symbols, dexes=dexes, alert_levels=alert_levels)
         for item in exported.accounts:
-            address = item.portfolio.address
-            model._accounts[address] = _Account(item.portfolio, item.ledgers)
-            for dex in item.portfolio.dexes.values():
-                for coin in dex.positions:
-                    model._holders.setdefault(coin, set()).add(address)
+            model._adopt(item)
         return model
+
+    def _adopt(self, item: _AccountExport) -> str:
+        """Take an exported account in as it is, with the coins it holds registered for marks; its address."""
+        address = item.portfolio.address
+        self._accounts[address] = _Account(item.portfolio, item.ledgers)
+        for dex in item.portfolio.dexes.values():
+            for coin in dex.positions:
+                self._holders.setdefault(coin, set()).add(address)
+        return address
 
     # ------------------------------------------------------------------------------------ internals
 
