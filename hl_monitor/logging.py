@@ -48,7 +48,7 @@ def configure_logging(level: str = "info", fmt: str = "json", instance_id: str |
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -61,6 +61,25 @@ def configure_logging(level: str = "info", fmt: str = "json", instance_id: str |
     # Third-party libraries are chatty at INFO (access logs, every reconnect attempt); keep them at WARNING.
     for name in ("aiohttp.access", "websockets", "nats", "sqlalchemy.engine", "alembic"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at emit time, not the stream current at configuration.
+
+    A handler holding the stream of its configuration time writes into a closed file once that stream is
+    replaced and closed (an in-process CLI run under a capturing test runner, a daemonising wrapper).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
 
 
 class _AddInstance:

@@ -136,11 +136,9 @@ async def test_an_hour_of_quiet_market_costs_the_tape_no_reconnect() -> None:
 
 @pytest.mark.looptime
 async def test_a_stalled_canary_still_reconnects_within_the_threshold() -> None:
-    loop = asyncio.get_running_loop()
     async with quiet_tape() as q:
         await asyncio.sleep(HOUR_S / 4)  # a quiet quarter of an hour first: no reconnect
         assert q.tape_reconnects() == 0
-        stalled_at = loop.time()
         q.sim.faults.stall("bbo")  # the sockets stay open and answer pings; the canary stops
         took = await wait_until(lambda: all(c.reconnect_count >= 1 for c in q.connections()), within=HOUR_S)
         threshold = q.wide.stale_after
@@ -153,8 +151,5 @@ async def test_a_stalled_canary_still_reconnects_within_the_threshold() -> None:
         assert reasons == {"stale_canary": 0, "stale_connection": 2, "pong_timeout": 0}  # nothing else flowed
         # A resubscribe heals the stall (as on the exchange): live again, and quiet again.
         await wait_until(lambda: all(c.state is ConnState.LIVE for c in q.connections()))
-        settled = loop.time()
         await asyncio.sleep(HOUR_S / 4)
         assert q.tape_reconnects() == 2
-        assert loop.time() - settled >= HOUR_S / 4
-        assert loop.time() - stalled_at >= HOUR_S / 4
