@@ -22,6 +22,7 @@ from hl_monitor.app import Service
 from hl_monitor.chaos.env import stream_signals
 from hl_monitor.config import load_config
 from hl_monitor.errors import ConfigError
+from hl_monitor.ops.status import NATS_DEGRADED
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
@@ -208,8 +209,10 @@ async def _kill_the_stream_leader(cluster: NatsCluster, service: Service, probe:
     cluster.kill(leader)
     new_leader, election = await wait_stream_leader(cluster, STREAM, other_than=leader)
     await _progressed(service)  # published through the new leader while the old one is down
+    # Acks arrive again: ready at once, although the old leader is still down.
+    ready_after = service.components.status.readiness().reasons.get("nats", "ok")
     await cluster.start_node(leader)
-    return {"killed": leader, "new_leader": new_leader, "election_s": round(election, 2)}
+    return {"killed": leader, "new_leader": new_leader, "election_s": round(election, 2), "nats_after": ready_after}
 
 
 @pytest.mark.slow
@@ -217,6 +220,9 @@ async def _kill_the_stream_leader(cluster: NatsCluster, service: Service, probe:
 async def test_stream_leader_killed_and_restarted(tmp_path: Path) -> None:
     outcome = await _scenario(tmp_path, "leader kill -9", _kill_the_stream_leader)
     assert outcome.facts["new_leader"] != outcome.facts["killed"]
+    # Connected all along, but nothing acknowledged while the stream had no leader (docs/architecture.md §8).
+    assert outcome.probe.reasons == {NATS_DEGRADED}
+    assert outcome.facts["nats_after"] == "ok"
 
 
 async def _kill_a_follower(cluster: NatsCluster, service: Service, probe: Probe) -> dict[str, float | str]:

@@ -17,6 +17,10 @@ acknowledged, or a new ack re-used a sequence it already gave another id — and
 acknowledged within `nats.replay_window` from the store, with its id: JetStream absorbs what it still has,
 the rest comes back (counted in `replays_total` and `replayed_total`; README "Durability").
 
+Connected is not publishing: during a stream leader election the connection stays up and no publish is
+answered. The relay records its attempts, failures and acks in `publish_health`
+(`delivery.publish_health.PublishHealth`), which readiness reads (docs/architecture.md §8).
+
 `Relay` is the mechanism; a subclass says what a message is: its id, how it is published, where unpublished
 ones are read and acks recorded, and which metrics count it (`delivery.outbox.Outbox` for signals,
 `delivery.publications.PublicationOutbox` for position events and alerts).
@@ -38,8 +42,10 @@ from cachetools import LRUCache, TTLCache
 from nats.js.api import PubAck
 from prometheus_client import Counter, Gauge
 
+from hl_monitor.clock import Clock, MonotonicClock
 from hl_monitor.clock import wall_ms as _now_ms
 from hl_monitor.config import NatsConfig
+from hl_monitor.delivery.publish_health import PublishHealth
 from hl_monitor.errors import PublishError
 from hl_monitor.logging import get_logger
 
@@ -63,6 +69,7 @@ DISPATCH_BURST: Final = 32
 # this covers minutes of a busy stream.
 SEQ_MEMORY: Final = 100_000
 MS_PER_S: Final = 1000
+_MONOTONIC: Final = MonotonicClock()  # stateless: one instance serves every relay
 
 # Why a replay ran (the `reason` label of `replays_total`).
 ReplayReason = str
@@ -142,8 +149,11 @@ class Relay(abc.ABC, Generic[T]):
         cfg: NatsConfig,
         *,
         submit_wait: float = SUBMIT_WAIT_S,
+        clock: Clock = _MONOTONIC,
     ) -> None:
+        """`clock` times the publish health (`publish_health`): whether acks still arrive (readiness)."""
         self._link = link
+        self.publish_health = PublishHealth(clock)
         self._counters = counters
         self._capacity = cfg.outbox_size
         self._submit_wait = submit_wait
@@ -305,6 +315,7 @@ class Relay(abc.ABC, Generic[T]):
                 await self._work.wait()
             if not self._link.is_connected:
                 await self._link.wait_connected()
+                self.publish_health.resumed()
             if (pause := self._retry_at - loop.time()) > 0:
                 await asyncio.sleep(pause)
             await self._slots.acquire()
@@ -313,6 +324,7 @@ class Relay(abc.ABC, Generic[T]):
             if held is None:
                 self._slots.release()
                 continue
+            self.publish_health.attempt()
             task = self._tg.create_task(self._publish_one(key, held[1]))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -345,6 +357,7 @@ class Relay(abc.ABC, Generic[T]):
         entry = self._held.get(key)
         if entry is None:
             return
+        self.publish_health.failed()
         heapq.heappush(self._retry, (entry[0], key))
         self._work.set()
         now = asyncio.get_running_loop().time()
@@ -363,6 +376,7 @@ class Relay(abc.ABC, Generic[T]):
             self._delay = 0.0
             self._retry_at = 0.0
         self._held.pop(key, None)
+        self.publish_health.acked(still_waiting=bool(self._held))
         self._recent[key] = None
         if len(self._held) < self._capacity:
             self._room.set()

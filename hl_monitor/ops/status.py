@@ -19,7 +19,9 @@ import msgspec
 from hl_monitor import __version__
 from hl_monitor.cluster.leases import Cluster
 from hl_monitor.delivery.outbox import Outbox
+from hl_monitor.delivery.publish_health import PublishState
 from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.delivery.relay import Relay
 from hl_monitor.domain.address import Tier, WatchedAddress
 from hl_monitor.errors import StorageError
 from hl_monitor.feeds.addresses import AddressBook
@@ -41,6 +43,8 @@ DB_PROBE_INTERVAL_S: Final = 5.0
 LAST_SIGNALS: Final = 20
 # Longest error text kept for /status (a driver can put a whole statement in its message).
 ERROR_TEXT_MAX: Final = 200
+# Readiness reason while connected but no publish is acknowledged (a stream without a leader, a lost quorum).
+NATS_DEGRADED: Final = "degraded: connected, publishes unacknowledged"
 
 
 class DatabaseProbe:
@@ -106,6 +110,8 @@ class StatusView:
         reasons: dict[str, str] = {}
         if not self._publisher.is_connected:
             reasons["nats"] = "disconnected"
+        elif self._publishing() == "degraded":
+            reasons["nats"] = NATS_DEGRADED
         if not self._database.ok:
             reasons["database"] = self._database.error or "unreachable"
         for address in self._precise.not_live():
@@ -117,6 +123,26 @@ class StatusView:
             reasons["service"] = "starting"
         return Readiness(reasons)
 
+    def _relays(self) -> list[Relay[Any]]:
+        relays: list[Relay[Any]] = [self._outbox]
+        if self._positions is not None:
+            relays.append(self._positions.outbox)
+        return relays
+
+    def _publishing(self) -> PublishState:
+        """Degraded while any relay waits for acks that do not come (connected, but no server stores)."""
+        degraded = any(r.publish_health.state() == "degraded" for r in self._relays())
+        return "degraded" if degraded else "ok"
+
+    def _nats(self) -> dict[str, Any]:
+        return {
+            "connected": self._publisher.is_connected,
+            "connected_url": self._publisher.connected_url,
+            "publishing": self._publishing(),
+            "unacked_for_s": round(max(r.publish_health.unacked_for for r in self._relays()), 2),
+            "failures_since_ack": sum(r.publish_health.failures for r in self._relays()),
+        }
+
     def health_summary(self) -> dict[str, Any]:
         return {
             "instance_id": self._instance_id,
@@ -124,6 +150,7 @@ class StatusView:
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             "watched_addresses": len(self._book.entries()),
             "nats_connected": self._publisher.is_connected,
+            "nats_publishing": self._publishing(),
             "database_ok": self._database.ok,
             "outbox_depth": self._outbox.depth,
         }
@@ -136,6 +163,7 @@ class StatusView:
             "version": __version__,
             "ready": readiness.ok,
             "readiness": dict(readiness.reasons),
+            "nats": self._nats(),
             "connections": self._precise.status(),
             "tape": w.tape.status() if w is not None else None,
             "wide": w.wide.status() if w is not None else None,
