@@ -4,7 +4,7 @@ The leases (`cluster.leases_bucket`, the stream `KV_hl_leases`, `nats.kv_replica
 tracked by one instance at a time (docs/architecture.md §5). When the node holding that stream's raft leader is
 killed with `kill -9`, no lease can be renewed or claimed until a new leader is elected; the holders fence
 themselves after half a TTL and claim again once the bucket answers. While the simulator's whales trade
-throughout, a sampler on the instances' shared loop checks at every step that no address is streamed by both,
+throughout, a sampler on the instances' shared loop checks at every step that no address is tracked by both,
 and counts, per address, how often it changed instance. Afterwards: every address tracked again within
 `cluster.failover` plus the measured election, at most one move per address, and the chaos verdict (every
 order's signal exactly once in the stream with `Nats-Msg-Id = signal_id`, the table complete).
@@ -75,32 +75,37 @@ SETTLE_WAIT_S: Final = 40.0  # the last signals through both outboxes after the 
 DEADLINE_S: Final = 150.0
 
 
-def _streaming(service: Service) -> set[str]:
-    """Addresses this instance holds a lease for and streams (a precise connection assigned)."""
+def _tracking(service: Service) -> set[str]:
+    """Addresses this instance tracks in any way: in its owned view (lease held) or streamed (a precise connection
+    still assigned, which outlives the view until the stream has stopped)."""
     cluster = service.components.cluster
     assert cluster is not None
-    return set(cluster.owned().addresses()) & set(service.components.precise.assigned())
+    return set(cluster.owned().addresses()) | set(service.components.precise.assigned())
 
 
 def _live(service: Service) -> set[str]:
-    return _streaming(service) - set(service.components.precise.not_live())
+    """Addresses owned and streamed live here."""
+    cluster = service.components.cluster
+    assert cluster is not None
+    precise = service.components.precise
+    return (set(cluster.owned().addresses()) & set(precise.assigned())) - set(precise.not_live())
 
 
 @dataclass
 class Sampler:
-    """Samples both instances at one loop step: addresses streamed by both, and each address's holder history."""
+    """Samples both instances at one loop step: addresses tracked by both, and each address's holder history."""
 
     services: dict[str, Service]
-    doubles: list[tuple[float, str]] = field(default_factory=list)  # (loop time, address) streamed by both
+    doubles: list[tuple[float, str]] = field(default_factory=list)  # (loop time, address) tracked by both
     holders: dict[str, list[str]] = field(default_factory=dict)  # address → instances that held it, in order
     untracked_since: dict[str, float] = field(default_factory=dict)  # address → loop time it lost its holder
     gaps: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # address → (lost, tracked again)
     _task: asyncio.Task[None] | None = None
 
     def sample(self, now: float) -> None:
-        streaming = {name: _streaming(s) for name, s in self.services.items()}
+        tracking = {name: _tracking(s) for name, s in self.services.items()}
         for address in WHALES:
-            by = [name for name, addresses in streaming.items() if address in addresses]
+            by = [name for name, addresses in tracking.items() if address in addresses]
             if len(by) > 1:
                 self.doubles.append((now, address))
             if not by:
@@ -268,6 +273,6 @@ async def test_kv_leader_node_killed_addresses_move_at_most_once_and_never_track
         f"{longest_gap:.2f} s; bound failover {FAILOVER_S:g} s + election); all live {settled_at - killed_at:.2f} s "
         f"after; moves {moves}; holders before {before}; {expected} signals from {whales.orders} orders"
     )
-    assert not sampler.doubles, f"streamed by both instances at once: {sampler.doubles[:5]}"
+    assert not sampler.doubles, f"tracked by both instances at once: {sampler.doubles[:5]}"
     assert all(count <= 1 for count in moves.values()), f"an address moved more than once: {sampler.holders}"
     assert back <= FAILOVER_S + election, f"tracked again {back:.2f} s after the kill, election {election:.2f} s"
