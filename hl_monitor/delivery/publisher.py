@@ -24,7 +24,8 @@ Seed list: `nats.url` may name several servers of one cluster. The client connec
 order, so instances spread over the nodes), learns the cluster's other client URLs from the server, and when its
 node dies moves to another one after at most `nats.reconnect_wait` per server it already tried. While it moves,
 `is_connected` is false and publishing is refused (the outbox keeps the signals). A stream leader election does
-not drop the connection: publishes time out until a new leader answers, the outbox retries them with the same
+not drop the connection: publishes time out until a new leader answers (readiness then says degraded,
+docs/architecture.md §8), the outbox retries them with the same
 `Nats-Msg-Id`, and those the old leader had stored before dying are answered as duplicates (README "NATS in
 production").
 """
