@@ -25,9 +25,8 @@ order, so instances spread over the nodes), learns the cluster's other client UR
 node dies moves to another one after at most `nats.reconnect_wait` per server it already tried. While it moves,
 `is_connected` is false and publishing is refused (the outbox keeps the signals). A stream leader election does
 not drop the connection: publishes time out until a new leader answers (readiness then says degraded,
-docs/architecture.md §8), the outbox retries them with the same
-`Nats-Msg-Id`, and those the old leader had stored before dying are answered as duplicates (README "NATS in
-production").
+docs/architecture.md §8), the outbox retries them with the same `Nats-Msg-Id`, and those the old leader had
+stored before dying are answered as duplicates (README "NATS in production").
 """
 
 from __future__ import annotations
