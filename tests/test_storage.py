@@ -225,6 +225,19 @@ async def test_signals_table_holds_exactly_the_expected_signals(engine: AsyncEng
     assert '"liquidated_user"' in row["liquidation"]
 
 
+async def test_the_last_signals_of_an_address_are_its_newest_ones(engine: AsyncEngine) -> None:
+    writer = BatchWriter(engine, writer_cfg(), Metrics())
+    for n in range(6):
+        await writer.put_signal(make_signal(n))
+        await writer.put_signal(make_signal(100 + n, address=OTHER))
+    await writer.flush()
+    repo = Repository(engine)
+    newest = await repo.list_signals(address=WHALE, limit=3)
+    assert [s.signal for s in newest] == [make_signal(n) for n in (3, 4, 5)]  # the newest three, oldest of them first
+    overall = await repo.list_signals(limit=2)
+    assert [s.signal for s in overall] == [make_signal(5), make_signal(105, address=OTHER)]
+
+
 async def test_publish_state_merges_into_buffered_insert_and_never_reverts(engine: AsyncEngine) -> None:
     writer = BatchWriter(engine, writer_cfg(), Metrics())
     repo = Repository(engine)

@@ -573,14 +573,14 @@ class Repository:
             return int((await conn.execute(query)).scalar_one())
 
     async def list_signals(self, *, address: str | None = None, limit: int = 1000) -> list[StoredSignal]:
-        """Stored signals in insertion order (status pages, tests)."""
+        """The newest `limit` stored signals (of `address`), in insertion order: oldest of them first."""
         s = t.signals.c
-        query = sa.select(s.payload, s.published, s.published_at, s.created_at).order_by(s.id).limit(limit)
+        query = sa.select(s.payload, s.published, s.published_at, s.created_at).order_by(s.id.desc()).limit(limit)
         if address is not None:
             query = query.where(s.address == address)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [StoredSignal(decode_signal(p), bool(pub), at, created) for p, pub, at, created in rows]
+        return [StoredSignal(decode_signal(p), bool(pub), at, created) for p, pub, at, created in reversed(rows)]
 
     async def load_signal_ids(self, since_ms: int) -> set[str]:
         """Ids of signals stored since `since_ms`: what a restarted engine must not emit again."""
