@@ -22,6 +22,7 @@ import pytest
 from playwright.async_api import ViewportSize, async_playwright, expect
 
 from hl_monitor.config import HttpConfig, Secret, UiConfig
+from hl_monitor.domain.publication import Publication
 from hl_monitor.metrics import Metrics
 from hl_monitor.ops.console import ConsoleDeps, LiveFeed
 from hl_monitor.ops.console.routes import CSP
@@ -256,15 +257,15 @@ async def console_app(feed: LiveFeed, ui: UiConfig | None = None) -> AsyncIterat
         yield session
 
 
-async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, str]]:
-    """`count` (id, data) pairs from an open SSE response."""
-    events: list[tuple[str, str]] = []
+async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, str, str]]:
+    """`count` (id, event, data) triples from an open SSE response."""
+    events: list[tuple[str, str, str]] = []
     current: dict[str, str] = {}
     async for raw in resp.content:
         line = raw.decode().rstrip("\n")
         if not line:
             if "id" in current:
-                events.append((current["id"], current["data"]))
+                events.append((current["id"], current["event"], current["data"]))
                 if len(events) == count:
                     return events
             current = {}
@@ -290,7 +291,29 @@ async def test_the_live_feed_resumes_after_a_drop_without_repeating_an_event() -
             assert (await resp.content.readline()).startswith(b"retry:")
             feed.publish("signal", {"signal_id": "s5"})
             resumed = await read_events(resp, 3)
-    assert [data for _, data in first + resumed] == [f'{{"signal_id":"s{i}"}}' for i in range(1, 6)]
+    assert [data for _, _, data in first + resumed] == [f'{{"signal_id":"s{i}"}}' for i in range(1, 6)]
+
+
+async def test_acknowledged_fills_and_position_events_go_live_as_published() -> None:
+    feed = LiveFeed()
+
+    def publication(kind: Any, msg_id: str) -> Publication:
+        return Publication(
+            msg_id=msg_id, kind=kind, subject="hl.x", payload=f'{{"id":"{msg_id}"}}'.encode(), created_at=1
+        )
+
+    async with console_app(feed) as http, http.get("/ui/events") as resp:
+        assert (await resp.content.readline()).startswith(b"retry:")
+        feed.publication(publication("fill", "f1"))
+        feed.publication(publication("alert", "a1"))  # alerts have their own stream, not the console's feed
+        feed.publication(publication("position_event", "p1"))
+        feed.publish("signal", {"signal_id": "s1"})
+        events = await read_events(resp, 3)
+    assert [(kind, data) for _, kind, data in events] == [
+        ("fill", '{"id":"f1"}'),
+        ("position", '{"id":"p1"}'),
+        ("signal", '{"signal_id":"s1"}'),
+    ]
 
 
 async def test_console_pages_carry_a_strict_csp_and_ui_enabled_false_removes_them() -> None:

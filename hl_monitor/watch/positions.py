@@ -366,11 +366,13 @@ async def open_positions(
     *,
     tracked_wide: Callable[[str], bool],
     labels: Callable[[str], str],
+    on_published: Callable[[Publication], None] | None = None,
 ) -> tuple[PositionKeeper, PublicationOutbox, KvView]:
-    """The positions stream and KV bucket (created or updated), their outbox, and the keeper restored from the store."""
+    """The positions stream and KV bucket (created or updated), their outbox, and the keeper restored from the store
+    (`on_published`: sees each acknowledged position event and alert, must not block)."""
     positions_publisher = PublicationPublisher(publisher, cfg.nats, cfg.positions, metrics)
     await positions_publisher.ensure_stream()
-    outbox = PublicationOutbox(positions_publisher, repo, writer, metrics, cfg.nats)
+    outbox = PublicationOutbox(positions_publisher, repo, writer, metrics, cfg.nats, on_published=on_published)
     kv = KvView(publisher, cfg.nats, cfg.positions, metrics)
     await kv.open()
     keeper = PositionKeeper(
