@@ -344,6 +344,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     console = ConsoleDeps(
         feed=feed,
         history=lambda address, limit: repo.list_position_events(address, limit),
+        account_values=repo.list_account_values,
         recent_signals=lambda limit: _newest_signals(repo, limit),
         fills_enabled=cfg.fills.enabled,
     )

@@ -156,8 +156,9 @@ async def test_pages_render_the_sims_whales_and_a_signal_reaches_the_live_feed_w
             await page.locator("#stream.green").wait_for()
             started = time.monotonic()
             await whale.market_order("BTC", False, "1", "80100")
-            await page.locator("#feed li", has_text="Close Long").wait_for(timeout=LIVE_WITHIN_MS * 5)
+            await page.locator("#feed li[data-signal-id]", has_text="Close Long").wait_for(timeout=LIVE_WITHIN_MS * 5)
             assert (time.monotonic() - started) * 1000 < LIVE_WITHIN_MS
+            await page.locator("#feed li[data-fill-id]", has_text="Close Long").wait_for()  # fills are enabled
             await shot(page, "live")
 
             # Without a configured admin token the console is read-only and the admin API does not exist.

@@ -490,7 +490,13 @@ async def test_retention_deletes_in_bounded_batches_and_keeps_unpublished_signal
     early = msgspec.structs.replace(cfg, max_signals=100)
     cleaner = RetentionCleaner(engine, early, metrics, clock=lambda: T0 + 3 * HOUR_MS)
     with count_statements(engine, "DELETE") as deletes:
-        assert await cleaner.run_once() == {"aggregations": 2, "signals": 0, "position_events": 0, "publications": 0}
+        assert await cleaner.run_once() == {
+            "aggregations": 2,
+            "signals": 0,
+            "position_events": 0,
+            "account_values": 0,
+            "publications": 0,
+        }
     assert len(deletes) == 1
     pending = await Repository(engine).load_pending_aggregations()
     assert [a.oid for a in pending] == [2, 3]
@@ -498,7 +504,13 @@ async def test_retention_deletes_in_bounded_batches_and_keeps_unpublished_signal
     cleaner = RetentionCleaner(engine, cfg, metrics, clock=clock)
     with count_statements(engine, "DELETE") as deletes:
         deleted = await cleaner.run_once()
-        assert deleted == {"aggregations": 2, "signals": 7 + 2, "position_events": 0, "publications": 0}
+        assert deleted == {
+            "aggregations": 2,
+            "signals": 7 + 2,
+            "position_events": 0,
+            "account_values": 0,
+            "publications": 0,
+        }
     assert len(deletes) == 1 + 3 + 1  # open aggregations; 7 old published signals in 3+3+1; the cap's 2 oldest
     remaining = {r["signal_id"]: bool(r["published"]) for r in await signal_rows(engine)}
     unpublished = {make_signal(n).signal_id for n in range(7, 10)}
