@@ -3,8 +3,8 @@ the whole service on the simulator. Also the live feed's resume and the console'
 
 Chromium comes from Debian (`make tools`), never downloaded. Without it these browser tests skip on a
 workstation and fail under CI (`CI=true`), so a CI image that lost the browser cannot pass silently.
-Screenshots of each page go to `$HL_TEST_SCREENSHOTS` (CI artefacts; default `./test-screenshots`); the README's
-pictures in `docs/console-*.png` are refreshed by copying them from there.
+Screenshots of each page go to `$HL_TEST_SCREENSHOTS` (CI artefacts; default `test-artifacts/screenshots/`, git-
+ignored); the README's pictures in `docs/console-*.png` are rewritten only with `HL_UPDATE_SCREENSHOTS=1`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from playwright.async_api import ViewportSize, async_playwright, expect
 
+from hl_monitor.chaos.relay import TcpRelay
 from hl_monitor.config import HttpConfig, Secret, UiConfig
 from hl_monitor.domain.publication import Publication
 from hl_monitor.metrics import Metrics
@@ -42,8 +43,10 @@ NEW_WHALE: Final = "0x" + "c3" * 20
 LIVE_WITHIN_MS: Final = 1000  # a signal the sim makes shows in the open live feed within a second
 PHONE: Final[ViewportSize] = {"width": 390, "height": 844}  # a common phone viewport
 DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}  # a small laptop screen
-# Not `docs/`: a test run must not rewrite tracked files.
-SCREENSHOTS: Final = Path(os.environ.get("HL_TEST_SCREENSHOTS", "test-screenshots"))
+REPO: Final = Path(__file__).resolve().parents[1]
+# Not `docs/`: a test run must not rewrite tracked files (the README's pictures change only when asked).
+SCREENSHOTS: Final = Path(os.environ.get("HL_TEST_SCREENSHOTS", REPO / "test-artifacts" / "screenshots"))
+UPDATE_DOCS: Final = os.environ.get("HL_UPDATE_SCREENSHOTS") == "1"
 CHROMIUM_CANDIDATES: Final = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
 
@@ -101,7 +104,10 @@ def watch_for_script_problems(page: Any) -> list[str]:
 
 async def shot(page: Any, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOTS / f"console-{name}.png"), full_page=True)
+    path = SCREENSHOTS / f"console-{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    if UPDATE_DOCS:
+        shutil.copyfile(path, REPO / "docs" / path.name)
 
 
 @contextlib.asynccontextmanager
@@ -238,6 +244,51 @@ async def test_admin_in_the_page_needs_the_token_adds_a_tracked_address_and_show
             assert status == 401
             assert NEW_WHALE in service.components.book.entries()
             assert problems == []
+
+
+async def test_the_live_feed_in_the_page_resumes_after_a_network_drop_and_positions_update_live(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with service_on_sim(tmp_path, nats_server.url) as (service, sim):
+        port = int(service.components.cfg.http.listen.rsplit(":", 1)[1])
+        whale = sim.exchange.whale(W1)
+        async with TcpRelay(port) as relay, browser_page() as page:
+            problems = watch_for_script_problems(page)
+            base = f"http://127.0.0.1:{relay.port}"
+            await page.goto(f"{base}/ui/#/live")
+            await page.locator("#stream.green").wait_for()
+            signals = page.locator("#feed li[data-signal-id]")
+            await whale.market_order("BTC", True, "2", "80000")
+            await signals.filter(has_text="Open Long").wait_for()
+
+            await relay.stop()  # the network drops: the stream ends and reconnecting fails until it is back
+            await page.locator("#stream.amber").wait_for()
+            await whale.market_order("BTC", False, "2", "80100")  # acknowledged while the page is cut off
+            await wait_until(lambda: signal_acked(service, "Close Long"), within=10)
+            await relay.start()
+            await signals.filter(has_text="Close Long").wait_for()
+            await page.locator("#stream.green").wait_for()
+            ids = await signals.evaluate_all("items => items.map(i => i.dataset.signalId)")
+            assert len(ids) == len(set(ids)) == 2, ids
+            fills = await page.locator("#feed li[data-fill-id]").evaluate_all(
+                "items => items.map(i => i.dataset.fillId)"
+            )
+            assert len(fills) == len(set(fills)) == 2, fills
+
+            # The address page follows position changes as they are acknowledged (no 30 s re-read needed).
+            await page.goto(f"{base}/ui/#/address/{W1}")
+            await page.locator("#value-chart svg path").first.wait_for()
+            assert await page.locator("#positions").count() == 0
+            await whale.market_order("ETH", False, "10", "2400")
+            await page.locator("#positions tbody tr", has_text="ETH").wait_for(timeout=5_000)
+            await page.locator("#fills tbody tr", has_text="Open Short").wait_for(timeout=5_000)
+            assert problems == []
+
+
+async def signal_acked(service: Any, direction: str) -> bool:
+    """A signal in `direction` was stored and acknowledged by JetStream (so the live feed has it)."""
+    stored = await service.components.repo.list_signals(limit=10)
+    return any(s.signal.dir == direction and s.published for s in stored)
 
 
 async def wait_until_count(locator: Any, count: int) -> None:
