@@ -291,6 +291,69 @@ async def signal_acked(service: Any, direction: str) -> bool:
     return any(s.signal.dir == direction and s.published for s in stored)
 
 
+async def test_bulk_import_edit_remove_and_the_discovery_watch_button_show_up_live_in_other_pages(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    first, second, found = ("0x" + ch * 40 for ch in "def")
+    candidates = [{"address": found, "label": "found", "account_value": "2500000"}]
+    # No removal grace: a removed or deactivated address leaves the book at once.
+    extra = {"HTTP__ADMIN_TOKEN": TOKEN, "ADDRESSES__REMOVE_GRACE": "0"}
+    async with service_on_sim(tmp_path, nats_server.url, **extra) as (service, _):
+        base = f"http://{service.components.cfg.http.listen}"
+        book = service.components.book
+        async with browser_page() as admin:
+            problems = watch_for_script_problems(admin)
+            viewer = await admin.context.new_page()  # another tab, without the token, left open on the whales
+            await viewer.route("**/discovery", lambda route: route.fulfill(json=candidates))
+            await admin.route("**/discovery", lambda route: route.fulfill(json=candidates))
+            await viewer.goto(f"{base}/ui/#/market")
+            await viewer.locator("#discovery tbody tr", has_text=found).wait_for()
+            assert await viewer.locator("#discovery button").count() == 0  # no token, no watch button
+            await viewer.goto(f"{base}/ui/#/whales")
+            await wait_until_count(viewer.locator("#whales tbody tr"), 2)
+
+            await admin.goto(f"{base}/ui/#/admin")
+            await admin.fill("#token", TOKEN)
+            await admin.click("form button[type=submit]")
+            await admin.fill("#bulk", f"{first}, first whale\n{second.upper().replace('0X', '0x')},second")
+            await admin.click("button:text-is('Import')")
+            await admin.locator(".msg.ok", has_text="Imported 2").wait_for()
+            await admin.locator(f'#admin-table tr[data-address="{second}"]').wait_for()
+            await wait_until(lambda: {first, second} <= book.entries().keys(), within=5)
+            await viewer.locator(f'#whales tr[data-address="{first}"]', has_text="first whale").wait_for()
+
+            row = admin.locator(f'#admin-table tr[data-address="{first}"]')
+            await row.locator("input[aria-label=label]").fill("edited")
+            await row.locator("select[aria-label=tier]").select_option("wide")
+            await row.locator("input[aria-label=priority]").fill("7")
+            await row.locator("input[aria-label='min notional']").fill("2500")
+            await row.locator("button:text-is('Save')").click()
+            await admin.locator(".msg.ok", has_text=f"Updated {first}").wait_for()
+            edited = viewer.locator(f'#whales tr[data-address="{first}"]', has_text="edited")
+            await edited.locator("td:nth-child(3)", has_text="wide").wait_for()  # the viewer was not reloaded
+            entry = book.entries()[first]
+            assert (entry.label, entry.tier, entry.priority, entry.min_notional_usd) == ("edited", "wide", 7, 2500)
+
+            await row.locator("input[aria-label=active]").uncheck()
+            await row.locator("button:text-is('Save')").click()
+            await wait_until(lambda: first not in book.entries(), within=5)  # inactive: no longer watched
+            await wait_until_count(viewer.locator(f'#whales tr[data-address="{first}"]'), 0)
+
+            await admin.locator(f'#admin-table tr[data-address="{second}"]').locator("button:text-is('Remove')").click()
+            await admin.locator(".msg.ok", has_text=f"Removed {second}").wait_for()
+            removed = admin.locator(f'#admin-table tr[data-address="{second}"] input[aria-label=active]')
+            await expect(removed).not_to_be_checked()  # kept in the table as inactive, as the admin API does
+            await wait_until(lambda: second not in book.entries(), within=5)
+            await wait_until_count(viewer.locator(f'#whales tr[data-address="{second}"]'), 0)
+
+            await admin.goto(f"{base}/ui/#/market")
+            await admin.locator("#discovery button", has_text="Watch").click()
+            await admin.locator("#discovery td", has_text="watching").wait_for()
+            await wait_until(lambda: found in book.entries(), within=5)
+            await viewer.locator(f'#whales tr[data-address="{found}"]', has_text="found").wait_for()
+            assert problems == []
+
+
 async def wait_until_count(locator: Any, count: int) -> None:
     await expect(locator).to_have_count(count)
 

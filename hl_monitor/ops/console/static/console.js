@@ -488,9 +488,12 @@
     if (!res.ok) return holder.replaceChildren(message("error", (res.body && res.body.error) || String(res.status)));
     const out = document.getElementById("admin-msg");
     const say = (r, ok) => out.replaceChildren(r.ok ? message("ok", ok) : message("error", (r.body && r.body.error) || "failed (" + r.status + ")"));
+    // A row the operator is editing keeps its inputs when a change made elsewhere redraws the table.
+    const editing = new Map([...holder.querySelectorAll("tr.editing")].map((tr) => [tr.dataset.address, tr]));
     holder.replaceChildren(h("table", { id: "admin-table" },
       h("thead", {}, h("tr", {}, ["Address", "Label", "Tier", "Priority", "Active", "Min notional", ""].map((t) => h("th", {}, t)))),
       h("tbody", {}, res.body.addresses.map((row) => {
+        if (editing.has(row.address)) return editing.get(row.address);
         const label = h("input", { value: row.label || "", maxlength: 64, "aria-label": "label" });
         const tier = h("select", { "aria-label": "tier" }, ["auto", "precise", "wide"].map((t) => h("option", { value: t }, t)));
         tier.value = row.tier;
@@ -501,7 +504,9 @@
         const save = h("button", { onclick: async () => {
           const patch = { label: label.value, tier: tier.value, priority: Number(priority.value), is_active: active.checked };
           if (min.value !== "") patch.min_notional_usd = min.value;
-          say(await admin("PATCH", "/admin/addresses/" + row.address, patch), "Updated " + row.address);
+          const r = await admin("PATCH", "/admin/addresses/" + row.address, patch);
+          say(r, "Updated " + row.address);
+          if (r.ok) tr.classList.remove("editing");
         } }, "Save");
         const remove = h("button", { class: "danger", onclick: async () => {
           if (!confirm("Stop watching " + row.address + "?")) return;
@@ -509,8 +514,10 @@
           say(r, "Removed " + row.address);
           if (r.ok) loadAdminList();
         } }, "Remove");
-        return h("tr", { "data-address": row.address }, h("td", { class: "addr" }, row.address), h("td", {}, label), h("td", {}, tier),
-          h("td", {}, priority), h("td", {}, active), h("td", {}, min), h("td", {}, save, " ", remove));
+        const edited = () => tr.classList.add("editing");
+        const tr = h("tr", { "data-address": row.address, oninput: edited, onchange: edited }, h("td", { class: "addr" }, row.address),
+          h("td", {}, label), h("td", {}, tier), h("td", {}, priority), h("td", {}, active), h("td", {}, min), h("td", {}, save, " ", remove));
+        return tr;
       }))));
   }
 
