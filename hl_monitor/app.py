@@ -175,7 +175,9 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     fills_outbox: PublicationOutbox | None = None
     fill_sink: FillSinkImpl | None = None
     if cfg.fills.enabled:
-        fills_outbox, fill_sink = await open_fills(publisher, cfg.nats, cfg.fills, repo, writer, metrics)
+        fills_outbox, fill_sink = await open_fills(
+            publisher, cfg.nats, cfg.fills, repo, writer, metrics, on_published=feed.publication
+        )
     keeper: PositionKeeper | None = None
     if cfg.positions.enabled:
         keeper, positions_outbox, kv = await open_positions(
@@ -186,6 +188,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             metrics,
             tracked_wide=lambda address: tape_tracker is not None and tape_tracker.owner(address) == "wide",
             labels=lambda address: _label(book, address),
+            on_published=feed.publication,
         )
     holdings: HoldingsIntake = keeper if keeper is not None else NO_HOLDINGS
     sink = Sink(
@@ -341,6 +344,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     console = ConsoleDeps(
         feed=feed,
         history=lambda address, limit: repo.list_position_events(address, limit),
+        account_values=repo.list_account_values,
         recent_signals=lambda limit: _newest_signals(repo, limit),
         fills_enabled=cfg.fills.enabled,
     )

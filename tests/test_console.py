@@ -3,8 +3,8 @@ the whole service on the simulator. Also the live feed's resume and the console'
 
 Chromium comes from Debian (`make tools`), never downloaded. Without it these browser tests skip on a
 workstation and fail under CI (`CI=true`), so a CI image that lost the browser cannot pass silently.
-Screenshots of each page go to `$HL_TEST_SCREENSHOTS` (CI artefacts; default `./test-screenshots`); the README's
-pictures in `docs/console-*.png` are refreshed by copying them from there.
+Screenshots of each page go to `$HL_TEST_SCREENSHOTS` (CI artefacts; default `test-artifacts/screenshots/`, git-
+ignored); the README's pictures in `docs/console-*.png` are rewritten only with `HL_UPDATE_SCREENSHOTS=1`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import aiohttp
 import pytest
 from playwright.async_api import ViewportSize, async_playwright, expect
 
+from hl_monitor.chaos.relay import TcpRelay
 from hl_monitor.config import HttpConfig, Secret, UiConfig
+from hl_monitor.domain.publication import Publication
 from hl_monitor.metrics import Metrics
 from hl_monitor.ops.console import ConsoleDeps, LiveFeed
 from hl_monitor.ops.console.routes import CSP
@@ -41,8 +43,10 @@ NEW_WHALE: Final = "0x" + "c3" * 20
 LIVE_WITHIN_MS: Final = 1000  # a signal the sim makes shows in the open live feed within a second
 PHONE: Final[ViewportSize] = {"width": 390, "height": 844}  # a common phone viewport
 DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}  # a small laptop screen
-# Not `docs/`: a test run must not rewrite tracked files.
-SCREENSHOTS: Final = Path(os.environ.get("HL_TEST_SCREENSHOTS", "test-screenshots"))
+REPO: Final = Path(__file__).resolve().parents[1]
+# Not `docs/`: a test run must not rewrite tracked files (the README's pictures change only when asked).
+SCREENSHOTS: Final = Path(os.environ.get("HL_TEST_SCREENSHOTS", REPO / "test-artifacts" / "screenshots"))
+UPDATE_DOCS: Final = os.environ.get("HL_UPDATE_SCREENSHOTS") == "1"
 CHROMIUM_CANDIDATES: Final = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
 
@@ -100,7 +104,10 @@ def watch_for_script_problems(page: Any) -> list[str]:
 
 async def shot(page: Any, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOTS / f"console-{name}.png"), full_page=True)
+    path = SCREENSHOTS / f"console-{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    if UPDATE_DOCS:
+        shutil.copyfile(path, REPO / "docs" / path.name)
 
 
 @contextlib.asynccontextmanager
@@ -155,8 +162,9 @@ async def test_pages_render_the_sims_whales_and_a_signal_reaches_the_live_feed_w
             await page.locator("#stream.green").wait_for()
             started = time.monotonic()
             await whale.market_order("BTC", False, "1", "80100")
-            await page.locator("#feed li", has_text="Close Long").wait_for(timeout=LIVE_WITHIN_MS * 5)
+            await page.locator("#feed li[data-signal-id]", has_text="Close Long").wait_for(timeout=LIVE_WITHIN_MS * 5)
             assert (time.monotonic() - started) * 1000 < LIVE_WITHIN_MS
+            await page.locator("#feed li[data-fill-id]", has_text="Close Long").wait_for()  # fills are enabled
             await shot(page, "live")
 
             # Without a configured admin token the console is read-only and the admin API does not exist.
@@ -238,6 +246,114 @@ async def test_admin_in_the_page_needs_the_token_adds_a_tracked_address_and_show
             assert problems == []
 
 
+async def test_the_live_feed_in_the_page_resumes_after_a_network_drop_and_positions_update_live(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with service_on_sim(tmp_path, nats_server.url) as (service, sim):
+        port = int(service.components.cfg.http.listen.rsplit(":", 1)[1])
+        whale = sim.exchange.whale(W1)
+        async with TcpRelay(port) as relay, browser_page() as page:
+            problems = watch_for_script_problems(page)
+            base = f"http://127.0.0.1:{relay.port}"
+            await page.goto(f"{base}/ui/#/live")
+            await page.locator("#stream.green").wait_for()
+            signals = page.locator("#feed li[data-signal-id]")
+            await whale.market_order("BTC", True, "2", "80000")
+            await signals.filter(has_text="Open Long").wait_for()
+
+            await relay.stop()  # the network drops: the stream ends and reconnecting fails until it is back
+            await page.locator("#stream.amber").wait_for()
+            await whale.market_order("BTC", False, "2", "80100")  # acknowledged while the page is cut off
+            await wait_until(lambda: signal_acked(service, "Close Long"), within=10)
+            await relay.start()
+            await signals.filter(has_text="Close Long").wait_for()
+            await page.locator("#stream.green").wait_for()
+            ids = await signals.evaluate_all("items => items.map(i => i.dataset.signalId)")
+            assert len(ids) == len(set(ids)) == 2, ids
+            fills = await page.locator("#feed li[data-fill-id]").evaluate_all(
+                "items => items.map(i => i.dataset.fillId)"
+            )
+            assert len(fills) == len(set(fills)) == 2, fills
+
+            # The address page follows position changes as they are acknowledged (no 30 s re-read needed).
+            await page.goto(f"{base}/ui/#/address/{W1}")
+            await page.locator("#value-chart svg path").first.wait_for()
+            assert await page.locator("#positions").count() == 0
+            await whale.market_order("ETH", False, "10", "2400")
+            await page.locator("#positions tbody tr", has_text="ETH").wait_for(timeout=5_000)
+            await page.locator("#fills tbody tr", has_text="Open Short").wait_for(timeout=5_000)
+            assert problems == []
+
+
+async def signal_acked(service: Any, direction: str) -> bool:
+    """A signal in `direction` was stored and acknowledged by JetStream (so the live feed has it)."""
+    stored = await service.components.repo.list_signals(limit=10)
+    return any(s.signal.dir == direction and s.published for s in stored)
+
+
+async def test_bulk_import_edit_remove_and_the_discovery_watch_button_show_up_live_in_other_pages(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    first, second, found = ("0x" + ch * 40 for ch in "def")
+    candidates = [{"address": found, "label": "found", "account_value": "2500000"}]
+    # No removal grace: a removed or deactivated address leaves the book at once.
+    extra = {"HTTP__ADMIN_TOKEN": TOKEN, "ADDRESSES__REMOVE_GRACE": "0"}
+    async with service_on_sim(tmp_path, nats_server.url, **extra) as (service, _):
+        base = f"http://{service.components.cfg.http.listen}"
+        book = service.components.book
+        async with browser_page() as admin:
+            problems = watch_for_script_problems(admin)
+            viewer = await admin.context.new_page()  # another tab, without the token, left open on the whales
+            await viewer.route("**/discovery", lambda route: route.fulfill(json=candidates))
+            await admin.route("**/discovery", lambda route: route.fulfill(json=candidates))
+            await viewer.goto(f"{base}/ui/#/market")
+            await viewer.locator("#discovery tbody tr", has_text=found).wait_for()
+            assert await viewer.locator("#discovery button").count() == 0  # no token, no watch button
+            await viewer.goto(f"{base}/ui/#/whales")
+            await wait_until_count(viewer.locator("#whales tbody tr"), 2)
+
+            await admin.goto(f"{base}/ui/#/admin")
+            await admin.fill("#token", TOKEN)
+            await admin.click("form button[type=submit]")
+            await admin.fill("#bulk", f"{first}, first whale\n{second.upper().replace('0X', '0x')},second")
+            await admin.click("button:text-is('Import')")
+            await admin.locator(".msg.ok", has_text="Imported 2").wait_for()
+            await admin.locator(f'#admin-table tr[data-address="{second}"]').wait_for()
+            await wait_until(lambda: {first, second} <= book.entries().keys(), within=5)
+            await viewer.locator(f'#whales tr[data-address="{first}"]', has_text="first whale").wait_for()
+
+            row = admin.locator(f'#admin-table tr[data-address="{first}"]')
+            await row.locator("input[aria-label=label]").fill("edited")
+            await row.locator("select[aria-label=tier]").select_option("wide")
+            await row.locator("input[aria-label=priority]").fill("7")
+            await row.locator("input[aria-label='min notional']").fill("2500")
+            await row.locator("button:text-is('Save')").click()
+            await admin.locator(".msg.ok", has_text=f"Updated {first}").wait_for()
+            edited = viewer.locator(f'#whales tr[data-address="{first}"]', has_text="edited")
+            await edited.locator("td:nth-child(3)", has_text="wide").wait_for()  # the viewer was not reloaded
+            entry = book.entries()[first]
+            assert (entry.label, entry.tier, entry.priority, entry.min_notional_usd) == ("edited", "wide", 7, 2500)
+
+            await row.locator("input[aria-label=active]").uncheck()
+            await row.locator("button:text-is('Save')").click()
+            await wait_until(lambda: first not in book.entries(), within=5)  # inactive: no longer watched
+            await wait_until_count(viewer.locator(f'#whales tr[data-address="{first}"]'), 0)
+
+            await admin.locator(f'#admin-table tr[data-address="{second}"]').locator("button:text-is('Remove')").click()
+            await admin.locator(".msg.ok", has_text=f"Removed {second}").wait_for()
+            removed = admin.locator(f'#admin-table tr[data-address="{second}"] input[aria-label=active]')
+            await expect(removed).not_to_be_checked()  # kept in the table as inactive, as the admin API does
+            await wait_until(lambda: second not in book.entries(), within=5)
+            await wait_until_count(viewer.locator(f'#whales tr[data-address="{second}"]'), 0)
+
+            await admin.goto(f"{base}/ui/#/market")
+            await admin.locator("#discovery button", has_text="Watch").click()
+            await admin.locator("#discovery td", has_text="watching").wait_for()
+            await wait_until(lambda: found in book.entries(), within=5)
+            await viewer.locator(f'#whales tr[data-address="{found}"]', has_text="found").wait_for()
+            assert problems == []
+
+
 async def wait_until_count(locator: Any, count: int) -> None:
     await expect(locator).to_have_count(count)
 
@@ -256,15 +372,15 @@ async def console_app(feed: LiveFeed, ui: UiConfig | None = None) -> AsyncIterat
         yield session
 
 
-async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, str]]:
-    """`count` (id, data) pairs from an open SSE response."""
-    events: list[tuple[str, str]] = []
+async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, str, str]]:
+    """`count` (id, event, data) triples from an open SSE response."""
+    events: list[tuple[str, str, str]] = []
     current: dict[str, str] = {}
     async for raw in resp.content:
         line = raw.decode().rstrip("\n")
         if not line:
             if "id" in current:
-                events.append((current["id"], current["data"]))
+                events.append((current["id"], current["event"], current["data"]))
                 if len(events) == count:
                     return events
             current = {}
@@ -290,7 +406,29 @@ async def test_the_live_feed_resumes_after_a_drop_without_repeating_an_event() -
             assert (await resp.content.readline()).startswith(b"retry:")
             feed.publish("signal", {"signal_id": "s5"})
             resumed = await read_events(resp, 3)
-    assert [data for _, data in first + resumed] == [f'{{"signal_id":"s{i}"}}' for i in range(1, 6)]
+    assert [data for _, _, data in first + resumed] == [f'{{"signal_id":"s{i}"}}' for i in range(1, 6)]
+
+
+async def test_acknowledged_fills_and_position_events_go_live_as_published() -> None:
+    feed = LiveFeed()
+
+    def publication(kind: Any, msg_id: str) -> Publication:
+        return Publication(
+            msg_id=msg_id, kind=kind, subject="hl.x", payload=f'{{"id":"{msg_id}"}}'.encode(), created_at=1
+        )
+
+    async with console_app(feed) as http, http.get("/ui/events") as resp:
+        assert (await resp.content.readline()).startswith(b"retry:")
+        feed.publication(publication("fill", "f1"))
+        feed.publication(publication("alert", "a1"))  # alerts have their own stream, not the console's feed
+        feed.publication(publication("position_event", "p1"))
+        feed.publish("signal", {"signal_id": "s1"})
+        events = await read_events(resp, 3)
+    assert [(kind, data) for _, kind, data in events] == [
+        ("fill", '{"id":"f1"}'),
+        ("position", '{"id":"p1"}'),
+        ("signal", '{"signal_id":"s1"}'),
+    ]
 
 
 async def test_console_pages_carry_a_strict_csp_and_ui_enabled_false_removes_them() -> None:

@@ -11,7 +11,7 @@ from hl_monitor.hyperliquid.protocol import WsTrade
 from hl_monitor.metrics import Metrics
 from hl_monitor.tracking.portfolio import AddressPortfolio, PositionModel
 from hl_monitor.tracking.position_events import PositionEvent
-from hl_monitor.watch.positions import PositionKeeper
+from hl_monitor.watch.positions import ACCOUNT_VALUE_SAMPLE_S, PositionKeeper
 from tests.support.factories import ADDR, OTHER
 from tests.support.portfolio import state_with, wire_position
 
@@ -27,6 +27,7 @@ class Recorder:
         self.table: list[tuple[str, str]] = []
         self.events: list[PositionEvent] = []
         self.published: list[Publication] = []
+        self.account_values: list[tuple[str, int, Decimal]] = []
 
     async def put(self, address: str, doc_json: bytes) -> None:
         self.kv.append(("put", address))
@@ -45,6 +46,9 @@ class Recorder:
 
     async def put_position_event(self, event: PositionEvent) -> None:
         self.events.append(event)
+
+    async def put_account_value(self, address: str, time_ms: int, value: Decimal) -> None:
+        self.account_values.append((address, time_ms, value))
 
     async def __call__(self, publications: Sequence[Publication], /) -> None:
         self.published.extend(publications)
@@ -118,3 +122,27 @@ async def test_tape_trades_count_only_for_addresses_the_tape_tracks_as_wide() ->
     assert [p.subject for p in recorder.published] == [f"hl.positions.{ADDR}.ETHUSDC"]
     assert [p.msg_id for p in recorder.published] == [recorder.events[0].event_id]
     assert k.portfolio(OTHER) is None  # the seller is not watched wide here
+
+
+async def test_account_value_is_stored_at_most_once_a_minute_per_address_and_only_when_it_moved() -> None:
+    recorder, clock = Recorder(), Clock()
+    k = keeper(recorder, clock)
+
+    async def worth(address: str, value: str) -> None:
+        state = state_with([wire_position("BTC", "2", "80000")], clock.now, account_value=value)
+        await k.on_rest(address, [("", state)], None, clock.now)
+        await k.flush_documents()
+
+    await worth(ADDR, "1000")
+    clock.now += 10_000
+    await worth(ADDR, "1100")  # moved, but within the minute of the last sample
+    await worth(OTHER, "500")  # another address has its own minute
+    clock.now = T0 + round(ACCOUNT_VALUE_SAMPLE_S * 1000)
+    await worth(ADDR, "1100")
+    clock.now += 5 * round(ACCOUNT_VALUE_SAMPLE_S * 1000)
+    await worth(ADDR, "1100")  # unchanged: the chart draws the line on to the current value by itself
+    assert recorder.account_values == [
+        (ADDR, T0, Decimal(1000)),
+        (OTHER, T0 + 10_000, Decimal(500)),
+        (ADDR, T0 + round(ACCOUNT_VALUE_SAMPLE_S * 1000), Decimal(1100)),
+    ]

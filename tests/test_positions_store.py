@@ -322,6 +322,27 @@ async def test_retention_deletes_old_events_and_old_published_publications_in_ba
     assert metrics.retention_deleted.labels(table="publications")._value.get() == 4
 
 
+async def test_account_values_are_read_newest_first_and_deleted_with_old_position_events(engine: AsyncEngine) -> None:
+    writer = BatchWriter(engine, writer_cfg(), Metrics(), clock=Clock(T0))
+    for n in range(5):
+        await writer.put_account_value(WHALE, T0 + n * DAY_MS, D(1000 + n))
+    await writer.put_account_value(WHALE, T0 + 4 * DAY_MS, D("1004.5"))  # the same sample again: the last value
+    await writer.put_account_value(OTHER, T0, D(7))
+    await writer.flush()
+    repo = Repository(engine)
+    assert await repo.list_account_values(WHALE, 3) == [
+        (T0 + 2 * DAY_MS, D(1002)),
+        (T0 + 3 * DAY_MS, D(1003)),
+        (T0 + 4 * DAY_MS, D("1004.5")),
+    ]
+
+    cfg = RetentionConfig(batch_size=2, position_events=2 * DAY_MS / 1000)
+    deleted = await RetentionCleaner(engine, cfg, Metrics(), clock=lambda: T0 + 4 * DAY_MS).run_once()
+    assert deleted["account_values"] == 3  # both addresses' samples older than two days, in batches of two
+    assert [at for at, _ in await repo.list_account_values(WHALE, 10)] == [T0 + n * DAY_MS for n in (2, 3, 4)]
+    assert await repo.list_account_values(OTHER, 10) == []
+
+
 # ---------------------------------------------------------------- CLI
 
 

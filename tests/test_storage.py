@@ -225,6 +225,19 @@ async def test_signals_table_holds_exactly_the_expected_signals(engine: AsyncEng
     assert '"liquidated_user"' in row["liquidation"]
 
 
+async def test_the_last_signals_of_an_address_are_its_newest_ones(engine: AsyncEngine) -> None:
+    writer = BatchWriter(engine, writer_cfg(), Metrics())
+    for n in range(6):
+        await writer.put_signal(make_signal(n))
+        await writer.put_signal(make_signal(100 + n, address=OTHER))
+    await writer.flush()
+    repo = Repository(engine)
+    newest = await repo.list_signals(address=WHALE, limit=3)
+    assert [s.signal for s in newest] == [make_signal(n) for n in (3, 4, 5)]  # the newest three, oldest of them first
+    overall = await repo.list_signals(limit=2)
+    assert [s.signal for s in overall] == [make_signal(5), make_signal(105, address=OTHER)]
+
+
 async def test_publish_state_merges_into_buffered_insert_and_never_reverts(engine: AsyncEngine) -> None:
     writer = BatchWriter(engine, writer_cfg(), Metrics())
     repo = Repository(engine)
@@ -477,7 +490,13 @@ async def test_retention_deletes_in_bounded_batches_and_keeps_unpublished_signal
     early = msgspec.structs.replace(cfg, max_signals=100)
     cleaner = RetentionCleaner(engine, early, metrics, clock=lambda: T0 + 3 * HOUR_MS)
     with count_statements(engine, "DELETE") as deletes:
-        assert await cleaner.run_once() == {"aggregations": 2, "signals": 0, "position_events": 0, "publications": 0}
+        assert await cleaner.run_once() == {
+            "aggregations": 2,
+            "signals": 0,
+            "position_events": 0,
+            "account_values": 0,
+            "publications": 0,
+        }
     assert len(deletes) == 1
     pending = await Repository(engine).load_pending_aggregations()
     assert [a.oid for a in pending] == [2, 3]
@@ -485,7 +504,13 @@ async def test_retention_deletes_in_bounded_batches_and_keeps_unpublished_signal
     cleaner = RetentionCleaner(engine, cfg, metrics, clock=clock)
     with count_statements(engine, "DELETE") as deletes:
         deleted = await cleaner.run_once()
-        assert deleted == {"aggregations": 2, "signals": 7 + 2, "position_events": 0, "publications": 0}
+        assert deleted == {
+            "aggregations": 2,
+            "signals": 7 + 2,
+            "position_events": 0,
+            "account_values": 0,
+            "publications": 0,
+        }
     assert len(deletes) == 1 + 3 + 1  # open aggregations; 7 old published signals in 3+3+1; the cap's 2 oldest
     remaining = {r["signal_id"]: bool(r["published"]) for r in await signal_rows(engine)}
     unpublished = {make_signal(n).signal_id for n in range(7, 10)}

@@ -13,7 +13,7 @@ publishes it, marks it on the ack and re-publishes what an outage or a restart l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -117,10 +117,25 @@ class _FillCounters:
 
 
 def fill_outbox(
-    publisher: FillPublisher, store: PublicationStore, writer: PublicationWriter, metrics: Metrics, cfg: NatsConfig
+    publisher: FillPublisher,
+    store: PublicationStore,
+    writer: PublicationWriter,
+    metrics: Metrics,
+    cfg: NatsConfig,
+    *,
+    on_published: Callable[[Publication], None] | None = None,
 ) -> PublicationOutbox:
     """The fills' own outbox: it re-reads only `fill` rows and counts in the `fills_*` instruments."""
-    return PublicationOutbox(publisher, store, writer, metrics, cfg, kinds=FILL_KINDS, counters=_FillCounters(metrics))
+    return PublicationOutbox(
+        publisher,
+        store,
+        writer,
+        metrics,
+        cfg,
+        kinds=FILL_KINDS,
+        counters=_FillCounters(metrics),
+        on_published=on_published,
+    )
 
 
 class FillSinkImpl:
@@ -155,9 +170,12 @@ async def open_fills(
     store: PublicationStore,
     writer: PublicationWriter,
     metrics: Metrics,
+    *,
+    on_published: Callable[[Publication], None] | None = None,
 ) -> tuple[PublicationOutbox, FillSinkImpl]:
-    """The fills' stream (created or updated), their outbox and the sink the feeds hand fills to."""
+    """The fills' stream (created or updated), their outbox and the sink the feeds hand fills to
+    (`on_published`: sees each acknowledged fill, must not block)."""
     fills_publisher = FillPublisher(publisher, nats_cfg, fills_cfg, metrics)
     await fills_publisher.ensure_stream()
-    outbox = fill_outbox(fills_publisher, store, writer, metrics, nats_cfg)
+    outbox = fill_outbox(fills_publisher, store, writer, metrics, nats_cfg, on_published=on_published)
     return outbox, FillSinkImpl(writer, outbox, metrics, subject_prefix=fills_cfg.subject_prefix)

@@ -18,7 +18,7 @@ never publish each other's rows.
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -246,7 +246,8 @@ class PublicationOutbox(Relay[Publication]):
     """Holds publications until JetStream acknowledges them. Run `run()` in a task; `drain(grace)` at shutdown.
 
     `kinds`: the publications this outbox owns in the shared table (default: position events and alerts);
-    `counters`: where it counts its depth and spills (default: the `publications_*` instruments).
+    `counters`: where it counts its depth and spills (default: the `publications_*` instruments);
+    `on_published`: sees each publication JetStream acknowledged (a re-publish again); it must not block.
     """
 
     noun = "publication"
@@ -262,9 +263,11 @@ class PublicationOutbox(Relay[Publication]):
         submit_wait: float = SUBMIT_WAIT_S,
         kinds: Collection[PublicationKind] = POSITION_KINDS,
         counters: RelayMetrics | None = None,
+        on_published: Callable[[Publication], None] | None = None,
     ) -> None:
         super().__init__(publisher, counters or _PublicationCounters(metrics), cfg, submit_wait=submit_wait)
         self._publisher = publisher
+        self._on_published = on_published
         self._store = store
         self._writer = writer
         self._kinds = tuple(kinds)
@@ -273,7 +276,10 @@ class PublicationOutbox(Relay[Publication]):
         return item.msg_id
 
     async def _send(self, item: Publication) -> PubAck:
-        return await self._publisher.publish(item)
+        ack = await self._publisher.publish(item)
+        if self._on_published is not None:
+            self._on_published(item)
+        return ack
 
     async def _fetch(self, limit: int, older_than_ms: int | None) -> list[Publication]:
         return await self._store.fetch_unpublished_publications(limit, older_than_ms, kinds=self._kinds)

@@ -7,8 +7,9 @@ single write lock both share, that is what keeps the writer's latency flat). Rul
 defaults): closed aggregations older than `retention.aggregations` (2 h); never-closed ones idle for
 `retention.open_aggregations` (their order ended long ago); published signals older than
 `retention.signals` (7 d); then, while more than `retention.max_signals` rows remain, the oldest
-published ones; position events older than `retention.position_events` (by exchange time), and
-publications acknowledged and created before that horizon; acknowledged fills (kind `fill`, many) already
+published ones; position events older than `retention.position_events` (by exchange time), account-value
+samples older than that as well (the address chart shows both over the same span), and publications
+acknowledged and created before that horizon; acknowledged fills (kind `fill`, many) already
 after `fills_retention` when given (the service passes `nats.duplicate_window`: a re-publish after that would
 no longer be deduplicated anyway, and the engine never replays a fill that old). With `legacy_tables`, the old
 service's rows by its own rules: `hl_address_signal` older than `retention.signals`, `hl_order_aggregation`
@@ -103,6 +104,10 @@ class RetentionCleaner:
         deleted["position_events"] = await self._delete_where(
             t.position_events, e.time < events_before, key=e.event_id, order=e.time
         )
+        v = t.account_values.c
+        deleted["account_values"] = await self._delete_where(
+            t.account_values, v.time < events_before, key=(v.address, v.time), order=v.time
+        )
         deleted["publications"] = await self._delete_where(
             t.publications,
             sa.and_(publication_settled, p.created_at < events_before),
@@ -151,18 +156,21 @@ class RetentionCleaner:
         where: sa.ColumnElement[bool],
         limit: int | None = None,
         *,
-        key: sa.ColumnElement[Any] | None = None,
+        key: sa.ColumnElement[Any] | tuple[sa.ColumnElement[Any], ...] | None = None,
         order: sa.ColumnElement[Any] | None = None,
     ) -> int:
         """Delete matching rows oldest first (`order`, default the `id` key), one bounded batch per transaction;
-        at most `limit` rows. The delete repeats `where`, so a row that stopped matching stays."""
-        pk = key if key is not None else table.c.id
-        oldest = order if order is not None else pk
+        at most `limit` rows. The delete repeats `where`, so a row that stopped matching stays. A key of several
+        columns (a composite primary key) is matched as a row value."""
+        columns = key if isinstance(key, tuple) else (key if key is not None else table.c.id,)
+        oldest = order if order is not None else columns[0]
+        pk = columns[0] if len(columns) == 1 else sa.tuple_(*columns)
         deleted = 0
         while limit is None or deleted < limit:
             size = self.cfg.batch_size if limit is None else min(self.cfg.batch_size, limit - deleted)
             async with self.engine.begin() as conn:
-                ids = (await conn.execute(sa.select(pk).where(where).order_by(oldest).limit(size))).scalars().all()
+                rows = (await conn.execute(sa.select(*columns).where(where).order_by(oldest).limit(size))).all()
+                ids = [row[0] for row in rows] if len(columns) == 1 else [tuple(row) for row in rows]
                 if ids:
                     await conn.execute(sa.delete(table).where(pk.in_(ids), where))
             deleted += len(ids)

@@ -199,6 +199,7 @@ SIGNAL_KEYS: Final = ("signal_id",)
 ADDRESS_KEYS: Final = ("address",)
 EVENT_KEYS: Final = ("event_id",)
 PUBLICATION_KEYS: Final = ("msg_id",)
+ACCOUNT_VALUE_KEYS: Final = ("address", "time")
 HOLDING_KEYS: Final = ("address", "coin")
 
 # A signal's content never changes once stored (same id = same exchange data), its suppression included: the
@@ -215,6 +216,8 @@ BY_ADDRESS_UPDATE: Final = {"payload": _take("payload"), "updated_at": _take("up
 POSITION_UPDATE: Final = replace_all(t.positions, ADDRESS_KEYS)  # the newest document replaces the row
 # An event's content never changes once stored (same id = same change); a replay only touches nothing.
 EVENT_UPDATE: Final[dict[str, Updater]] = {"created_at": lambda new: t.position_events.c.created_at}
+# A sample is what the account was worth at its time: a repeated put of the same (address, time) keeps the value.
+ACCOUNT_VALUE_UPDATE: Final[dict[str, Updater]] = {"account_value": _take("account_value")}
 # Like signals: a replayed insert (unpublished) must not re-open a publication already acknowledged.
 PUBLICATION_UPDATE: Final[dict[str, Updater]] = {
     "published_at": lambda new: sa.func.coalesce(t.publications.c.published_at, new.published_at),
@@ -573,14 +576,14 @@ class Repository:
             return int((await conn.execute(query)).scalar_one())
 
     async def list_signals(self, *, address: str | None = None, limit: int = 1000) -> list[StoredSignal]:
-        """Stored signals in insertion order (status pages, tests)."""
+        """The newest `limit` stored signals (of `address`), in insertion order: oldest of them first."""
         s = t.signals.c
-        query = sa.select(s.payload, s.published, s.published_at, s.created_at).order_by(s.id).limit(limit)
+        query = sa.select(s.payload, s.published, s.published_at, s.created_at).order_by(s.id.desc()).limit(limit)
         if address is not None:
             query = query.where(s.address == address)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [StoredSignal(decode_signal(p), bool(pub), at, created) for p, pub, at, created in rows]
+        return [StoredSignal(decode_signal(p), bool(pub), at, created) for p, pub, at, created in reversed(rows)]
 
     async def load_signal_ids(self, since_ms: int) -> set[str]:
         """Ids of signals stored since `since_ms`: what a restarted engine must not emit again."""
@@ -691,6 +694,16 @@ class Repository:
         async with self.engine.connect() as conn:
             payloads = (await conn.execute(query)).scalars().all()
         return [_EVENT.decode(payload) for payload in payloads]
+
+    async def list_account_values(self, address: str, limit: int) -> list[tuple[int, Decimal]]:
+        """The address's newest `limit` account-value samples as (ms, value), oldest of them first."""
+        v = t.account_values.c
+        query = (
+            sa.select(v.time, v.account_value).where(v.address == address.lower()).order_by(v.time.desc()).limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [(int(at), Decimal(value)) for at, value in reversed(rows)]
 
     async def _by_address(self, table: sa.Table) -> dict[str, bytes]:
         async with self.engine.connect() as conn:

@@ -189,6 +189,17 @@ position_events: Final = sa.Table(
     sa.Index(None, "time"),
 )
 
+# Account-value samples for the console's address chart: at most one per address per
+# `watch.positions.ACCOUNT_VALUE_SAMPLE_S`, kept as long as position events (`retention.position_events`).
+account_values: Final = sa.Table(
+    "hlm_account_values",
+    metadata,
+    sa.Column("address", sa.String(ADDRESS_LEN), primary_key=True),
+    sa.Column("time", sa.BigInteger(), primary_key=True),  # local wall clock of the sample, ms
+    sa.Column("account_value", ExactDecimal(), nullable=False),
+    sa.Index(None, "time"),
+)
+
 # The outbox of messages other than signals (position events, liquidation alerts): `published_at` stays NULL
 # until JetStream acknowledged the message; the payload is the exact JSON, so a re-publish is byte-identical.
 publications: Final = sa.Table(

@@ -9,8 +9,8 @@ slot waits (backpressure, counted in `writer_queue_full`), it never drops.
 A flush swaps the buffer out and writes it in ONE transaction, one statement per chunk of
 `writer.batch_size` rows per table, in this order: voided pending aggregations of removed addresses,
 signal inserts, publish marks, signal holdings ended and started, publication inserts, their publish marks,
-position events, aggregation upserts, aggregation closes, watermarks, deleted position documents, position
-documents.
+position events, account-value samples, aggregation upserts, aggregation closes, watermarks, deleted position
+documents, position documents.
 Upserts use one cached statement per table executed with the chunk's rows (compiled once; the driver
 batches them: sqlite3's executemany, aiomysql's multi-row rewrite of `INSERT … VALUES … ON DUPLICATE KEY`),
 so a flush never rebuilds SQLAlchemy constructs per row and value. Only where the driver would not batch
@@ -40,6 +40,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from itertools import chain
 from typing import Any, Final
 
@@ -62,6 +63,8 @@ from hl_monitor.storage.legacy import (
     legacy_signal_row,
 )
 from hl_monitor.storage.repository import (
+    ACCOUNT_VALUE_KEYS,
+    ACCOUNT_VALUE_UPDATE,
     ADDRESS_KEYS,
     AGG_KEYS,
     AGG_UPDATE,
@@ -125,6 +128,7 @@ class _Buffer:
     publications: dict[str, Row] = field(default_factory=dict)
     publication_marks: dict[str, int] = field(default_factory=dict)  # acks for publications no longer buffered
     position_events: dict[str, Row] = field(default_factory=dict)
+    account_values: dict[tuple[str, int], Row] = field(default_factory=dict)  # (address, time) → sample row
     aggregations: dict[AggKey, Row] = field(default_factory=dict)
     closes: dict[AggKey, tuple[str | None, int]] = field(default_factory=dict)  # (status, at) for unbuffered rows
     watermarks: dict[str, Row] = field(default_factory=dict)
@@ -151,6 +155,7 @@ class _Buffer:
             + len(self.publications)
             + len(self.publication_marks)
             + len(self.position_events)
+            + len(self.account_values)
             + len(self.deleted_positions)
             + len(self.aggregations)
             + len(self.closes)
@@ -415,6 +420,15 @@ class BatchWriter:
             buf.position_events[event.event_id] = position_event_row(event, self._clock())
         self._accepted()
 
+    async def put_account_value(self, address: str, time_ms: int, value: Decimal) -> None:
+        """Persist one account-value sample (the console's chart). Idempotent on (address, time)."""
+        key = (address, time_ms)
+        buf = await self._slot(key in self._pending.account_values)
+        if key in buf.account_values:
+            self._hit("account_values")
+        buf.account_values[key] = {"address": address, "time": time_ms, "account_value": value}
+        self._accepted()
+
     async def put_publication(self, publication: Publication) -> None:
         """Persist a publication (unpublished) before it goes to its outbox. Idempotent on msg_id."""
         msg_id = publication.msg_id
@@ -592,6 +606,13 @@ class BatchWriter:
             ),
             self._upsert_op(
                 "position_events", t.position_events, list(batch.position_events.values()), EVENT_KEYS, EVENT_UPDATE
+            ),
+            self._upsert_op(
+                "account_values",
+                t.account_values,
+                list(batch.account_values.values()),
+                ACCOUNT_VALUE_KEYS,
+                ACCOUNT_VALUE_UPDATE,
             ),
             self._upsert_op("aggregations", t.aggregations, list(batch.aggregations.values()), AGG_KEYS, AGG_UPDATE),
         ]

@@ -15,7 +15,10 @@ Outputs, for every input that changed something:
   second costs one write per flush, not one per trade; events and alerts never wait); a document that only moved
   with the marks is refreshed in the KV at most every `positions.kv_refresh`
   per address and at most `KV_MARK_WRITES_PER_S` documents a second in all, round robin, so 100k wide addresses
-  with open positions cost a bounded write rate (their refresh interval stretches to N ÷ that rate).
+  with open positions cost a bounded write rate (their refresh interval stretches to N ÷ that rate);
+- with each document written, an account-value sample for the console's chart (`hlm_account_values`), at most
+  one per address every `ACCOUNT_VALUE_SAMPLE_S` and only when the value moved, so its rate is bounded by the
+  document writes above as well.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ KV_TICK_S: Final = 0.25
 # Changed documents are written (KV and table) this often: the latest state of a busy whale, once per flush.
 DOCUMENT_FLUSH_S: Final = 0.25
 
+# The console's account-value chart stores at most one sample per address this often: a whale whose value moves
+# with every mark costs a row a minute (1,440 a day), not one per KV refresh.
+ACCOUNT_VALUE_SAMPLE_S: Final = 60.0
+
 _ENCODE: Final = msgspec.json.Encoder(decimal_format="string")
 
 
@@ -84,6 +91,7 @@ class PortfolioStore(Protocol):
     ) -> None: ...
     async def delete_portfolio(self, address: str) -> None: ...
     async def put_position_event(self, event: PositionEvent) -> None: ...
+    async def put_account_value(self, address: str, time_ms: int, value: Decimal) -> None: ...
 
 
 class PortfolioSource(Protocol):
@@ -131,6 +139,8 @@ class PositionKeeper:
         # Addresses whose document changed since the last flush (insertion-ordered, no duplicates).
         self._changed_docs: dict[str, None] = {}
         self._refresh_ms = round(cfg.kv_refresh * 1000)
+        # Each address's last stored account-value sample: (ms, value).
+        self._sampled: dict[str, tuple[int, Decimal]] = {}
 
     async def restore(self, source: PortfolioSource) -> int:
         """Start from what the last run stored: documents, remembered executions and alert states.
@@ -224,6 +234,7 @@ class PositionKeeper:
                 self._mark_dirty.pop(address, None)
                 self._changed_docs.pop(address, None)
                 self._kv_written.pop(address, None)
+                self._sampled.pop(address, None)
                 await self._kv.delete(address)
                 await self._store.delete_portfolio(address)
 
@@ -310,7 +321,18 @@ class PositionKeeper:
         self._kv_written[address] = now
         encoded = _ENCODE.encode(doc)
         await self._kv.put(address, encoded)
+        await self._sample(address, doc.account_value, now)
         return encoded
+
+    async def _sample(self, address: str, value: Decimal | None, now: int) -> None:
+        """Store the account value when it moved and the last sample is `ACCOUNT_VALUE_SAMPLE_S` old."""
+        if value is None:
+            return
+        last = self._sampled.get(address)
+        if last is not None and (last[1] == value or now - last[0] < ACCOUNT_VALUE_SAMPLE_S * 1000):
+            return
+        self._sampled[address] = (now, value)
+        await self._store.put_account_value(address, now, value)
 
     async def _send(self, events: Sequence[PositionEvent], alerts: Sequence[RiskAlert]) -> None:
         now = self._wall_ms()
@@ -366,11 +388,13 @@ async def open_positions(
     *,
     tracked_wide: Callable[[str], bool],
     labels: Callable[[str], str],
+    on_published: Callable[[Publication], None] | None = None,
 ) -> tuple[PositionKeeper, PublicationOutbox, KvView]:
-    """The positions stream and KV bucket (created or updated), their outbox, and the keeper restored from the store."""
+    """The positions stream and KV bucket (created or updated), their outbox, and the keeper restored from the store
+    (`on_published`: sees each acknowledged position event and alert, must not block)."""
     positions_publisher = PublicationPublisher(publisher, cfg.nats, cfg.positions, metrics)
     await positions_publisher.ensure_stream()
-    outbox = PublicationOutbox(positions_publisher, repo, writer, metrics, cfg.nats)
+    outbox = PublicationOutbox(positions_publisher, repo, writer, metrics, cfg.nats, on_published=on_published)
     kv = KvView(publisher, cfg.nats, cfg.positions, metrics)
     await kv.open()
     keeper = PositionKeeper(

@@ -1,4 +1,5 @@
-"""The console's live feed: acknowledged signals and address-book changes, fanned out to browsers over SSE.
+"""The console's live feed: acknowledged signals, fills and position events, and address-book changes, fanned
+out to browsers over SSE.
 
 Producers call `publish` on the event loop and never wait: each subscriber has a bounded queue, and an event
 that does not fit is dropped for that subscriber and counted (a slow browser must not hold the outbox). The
@@ -17,6 +18,7 @@ from typing import Any, Final
 
 import orjson
 
+from hl_monitor.domain.publication import Publication
 from hl_monitor.domain.signal import Signal
 
 __all__ = ["CLOSE", "FeedEvent", "LiveFeed"]
@@ -29,6 +31,8 @@ RING_SIZE: Final = 1000
 SUBSCRIBER_QUEUE: Final = 256
 # Addresses whose last signal is remembered for the whales table; well above `wide.max_addresses`' default.
 LAST_SIGNALS_KEPT: Final = 20_000
+# The SSE event kind of each acknowledged publication kind the console shows (alerts stay on their stream).
+LIVE_PUBLICATIONS: Final = {"fill": "fill", "position_event": "position"}
 
 
 def signal_row(signal: Signal) -> dict[str, Any]:
@@ -76,6 +80,13 @@ class LiveFeed:
         self._remember(row)
         self.publish("signal", row)
 
+    def publication(self, publication: Publication) -> None:
+        """An acknowledged fill or position event (the fills' and positions' outboxes' hook), sent live as the
+        JSON it was published with; browsers drop repeats (a re-publish) by its `fill_id` / `event_id`."""
+        kind = LIVE_PUBLICATIONS.get(publication.kind)
+        if kind is not None:
+            self._append(kind, publication.payload.decode())
+
     def seed_last_signals(self, newest_first: Iterable[Signal]) -> None:
         """Stored signals, newest first: each address's newest becomes its last unless a live one came since."""
         for signal in newest_first:
@@ -96,7 +107,9 @@ class LiveFeed:
         return len(self._subscribers)
 
     def publish(self, kind: str, data: Any) -> None:
-        text = orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        self._append(kind, orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS).decode())
+
+    def _append(self, kind: str, text: str) -> None:
         event = FeedEvent(next(self._seq), kind, text)
         self._ring.append(event)
         for queue in self._subscribers:

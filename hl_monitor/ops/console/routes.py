@@ -4,17 +4,16 @@ The pages are one HTML shell and one vanilla script served from `static/` (no bu
 fonts). Every response under `/ui/` carries a strict Content-Security-Policy: scripts and styles only from this
 origin, nothing inline. The pages read the same JSON as everyone else (`/status`, `/addresses/{a}`,
 `/positions…`, `/discovery`) plus `/ui/api/whales` (one row per watched address, composed here) and
-`/addresses/{a}/history`; administration goes through the admin API with a bearer header the operator types in.
+`/addresses/{a}/history` (stored position events and account-value samples); administration goes through the
+admin API with a bearer header the operator types in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
 from typing import Any, Final
@@ -50,8 +49,9 @@ SSE_KEEPALIVE_S: Final = 15.0  # a comment line this often keeps proxies from cl
 SSE_RETRY_MS: Final = 1000  # the browser reconnects this soon after a drop (EventSource `retry:`)
 HISTORY_EVENTS: Final = 500  # position events read for one address chart; older ones fall off its left edge
 RECENT_SIGNALS: Final = 1000  # stored signals read once to know each address's last signal after a restart
-SAMPLE_INTERVAL_S: Final = 10.0  # account values are sampled this often for the address chart
-SAMPLES_PER_ADDRESS: Final = 360  # one hour of samples at the interval above
+# Stored account-value samples read for one address chart: a day at the keeper's fastest rate (one a minute,
+# `watch.positions.ACCOUNT_VALUE_SAMPLE_S`); a whale whose value moves less often shows a longer span.
+ACCOUNT_VALUE_POINTS: Final = 1440
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +60,7 @@ class ConsoleDeps:
 
     feed: LiveFeed
     history: Callable[[str, int], Awaitable[list[PositionEvent]]] | None = None
+    account_values: Callable[[str, int], Awaitable[list[tuple[int, Decimal]]]] | None = None
     recent_signals: Callable[[int], Awaitable[list[Signal]]] | None = None
     fills_enabled: bool = False
 
@@ -80,7 +81,6 @@ def _json(data: Any) -> web.StreamResponse:
 @dataclass(slots=True)
 class _State:
     seeded: bool = False
-    samples: dict[str, deque[tuple[int, str]]] = field(default_factory=dict)
 
 
 class _Console:
@@ -158,30 +158,15 @@ class _Console:
             if not series:
                 series.append((event.time, str(event.size_before)))
             series.append((event.time, str(event.size_after)))
-        samples = list(self._state.samples.get(address, ()))
+        stored = []
+        if self.deps.account_values is not None:
+            stored = await self.deps.account_values(address, ACCOUNT_VALUE_POINTS)
+        samples = [(at, str(value)) for at, value in stored]
+        # The line runs on to the value now (the store samples only when it moved, at most once a minute).
         doc = self._portfolio(address) if self._portfolio is not None else None
         if doc is not None and doc.account_value is not None:
             samples.append((int(time.time() * 1000), str(doc.account_value)))
         return _json({"address": address, "sizes": sizes, "account_value": samples})
-
-    def sample(self) -> None:
-        """One account-value point per address with a document (the chart's line since the service started)."""
-        if self._portfolios is None:
-            return
-        now = int(time.time() * 1000)
-        for doc in self._portfolios():
-            value = doc.account_value
-            if value is None:
-                continue
-            series = self._state.samples.get(doc.address)
-            if series is None:
-                series = self._state.samples[doc.address] = deque(maxlen=SAMPLES_PER_ADDRESS)
-            series.append((now, str(value)))
-
-    async def sampler(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     # ------------------------------------------------------------ live feed
 
@@ -268,19 +253,10 @@ def add_console(
     app.router.add_get("/ui/api/whales", console.whales)
     app.router.add_get("/ui/events", console.events)
     app.router.add_get("/addresses/{address}/history", console.history)
-    tasks: list[asyncio.Task[None]] = []
-
-    async def start(_: web.Application) -> None:
-        tasks.append(asyncio.create_task(console.sampler(), name="console-sampler"))
 
     async def stop(_: web.Application) -> None:
         deps.feed.close()  # open streams end now instead of holding the server's shutdown
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
-    app.on_startup.append(start)
     app.on_shutdown.append(stop)
 
 

@@ -5,13 +5,18 @@
 (function () {
   const TOKEN_KEY = "hlm.adminToken";
   const FEED_MAX = 200; // live items kept on the page; older ones fall off the bottom
-  const SEEN_MAX = 5000; // signal ids remembered so a resumed stream never shows one twice
+  const SEEN_MAX = 5000; // signal, fill and position-event ids remembered so a resumed stream never shows one twice
   const BOOK_SETTLE_MS = 1500; // after an address change, read again once the service's book has applied it
-  const REFRESH_MS = 5000; // whales and address pages re-read their JSON this often (positions move with marks)
+  // Position events and fills arrive on the live feed; marks move values without an event, so the whales and
+  // address pages also re-read their JSON this often.
+  const MARKS_REFRESH_MS = 30000;
+  const LIVE_REDRAW_MS = 300; // a burst of position events and fills redraws a page once, this long after the first
 
   const state = {
     config: { admin: false, read_only: true, fills: false },
-    feed: [], // newest first
+    feed: [], // signals and fills, newest first
+    fills: [], // fills, newest first (the address page's "Fills" panel)
+    redraws: {}, // pending live redraws by page
     seen: new Set(),
     seenOrder: [],
     filters: { address: "", symbol: "", direction: "", min: "" },
@@ -102,7 +107,21 @@
   function every(render) {
     const routeAtStart = location.hash;
     render();
-    state.timer = setInterval(() => { if (location.hash === routeAtStart && !document.hidden) render(); }, REFRESH_MS);
+    state.timer = setInterval(() => { if (location.hash === routeAtStart && !document.hidden) render(); }, MARKS_REFRESH_MS);
+  }
+  function currentAddress() {
+    const [, name, arg] = (location.hash || "").split("/");
+    return name === "address" && arg ? decodeURIComponent(arg) : null;
+  }
+  // Redraw the page showing `address` (or the whales page) once a burst of live events has passed.
+  function redrawSoon(address) {
+    const key = state.route === "whales" ? "whales" : state.route === "address" && currentAddress() === address ? "address" : null;
+    if (key === null || state.redraws[key]) return;
+    state.redraws[key] = setTimeout(() => {
+      delete state.redraws[key];
+      if (key === "whales" && state.route === "whales") whalesPage();
+      if (key === "address" && currentAddress() === address) addressPage(address);
+    }, LIVE_REDRAW_MS);
   }
 
   // ---------------------------------------------------------------- whales
@@ -240,13 +259,21 @@
         h("td", {}, ago(s.last_fill_time)), h("td", { class: dirClass(s.dir) }, s.dir), h("td", {}, s.symbol),
         h("td", { class: "num" }, px(s.size)), h("td", { class: "num" }, px(s.price)), h("td", { class: "num" }, usd(s.notional_usd)))))))
       : h("p", { class: "muted" }, "No stored signals.");
+    const fills = state.fills.filter((f) => f.address === address);
+    const fillTable = fills.length ? h("div", { class: "scroll" }, h("table", { id: "fills" },
+      h("thead", {}, h("tr", {}, ["When", "Direction", "Symbol", "Size", "Price", "Notional"].map((t, i) => h("th", { class: i > 2 ? "num" : "" }, t)))),
+      h("tbody", {}, fills.map((f) => h("tr", { "data-fill-id": f.fill_id },
+        h("td", {}, ago(f.time)), h("td", { class: dirClass(f.dir) }, f.dir), h("td", {}, f.symbol),
+        h("td", { class: "num" }, px(f.sz)), h("td", { class: "num" }, px(f.px)), h("td", { class: "num" }, usd(num(f.px) * num(f.sz))))))))
+      : h("p", { class: "muted" }, "No fills since this tab opened.");
     show(h("h1", {}, d.label || short(d.address)),
       h("div", { class: "grid" }, h("section", { class: "panel" }, h("h2", {}, "Feed"), facts),
         h("section", { class: "panel" }, h("h2", {}, "Account value"), valueChart),
         h("section", { class: "panel" }, h("h2", {}, "Position sizes"), sizeChart)),
       h("section", { class: "panel" }, h("h2", {}, "Positions"), posTable),
       h("section", { class: "panel" }, h("h2", {}, "Spot balances"), spotTable),
-      h("section", { class: "panel" }, h("h2", {}, "Last signals"), sigTable));
+      h("section", { class: "panel" }, h("h2", {}, "Last signals"), sigTable),
+      state.config.fills ? h("section", { class: "panel" }, h("h2", {}, "Fills (live)"), fillTable) : null);
     // Drawn once in the page: the charts take the width their panel has.
     const hist = history.ok ? history.body : { sizes: {}, account_value: [] };
     HLChart.lines(valueChart, [{ name: "account value (USD)", points: hist.account_value.map(([t, v]) => [t, Number(v)]) }],
@@ -264,21 +291,36 @@
     if (state.seenOrder.length > SEEN_MAX) state.seen.delete(state.seenOrder.shift());
     return true;
   }
+  // A fill's side is the side of the position it trades (its dir: "Open Long", "Close Short", …).
+  function sideOf(item) { return item.kind === "fill" ? (/Long/.test(item.dir) ? "LONG" : /Short/.test(item.dir) ? "SHORT" : "") : item.side; }
+  function notionalOf(item) { return item.kind === "fill" ? num(item.px) * num(item.sz) : num(item.notional_usd); }
   function matches(s) {
     const f = state.filters;
     if (f.address && !(s.address.includes(f.address.toLowerCase()) || (s.label || "").toLowerCase().includes(f.address.toLowerCase()))) return false;
     if (f.symbol && !(s.symbol.toLowerCase().includes(f.symbol.toLowerCase()) || s.coin.toLowerCase().includes(f.symbol.toLowerCase()))) return false;
-    if (f.direction === "long" && s.side !== "LONG") return false;
-    if (f.direction === "short" && s.side !== "SHORT") return false;
-    if (f.min && num(s.notional_usd) < num(f.min)) return false;
+    if (f.direction === "long" && sideOf(s) !== "LONG") return false;
+    if (f.direction === "short" && sideOf(s) !== "SHORT") return false;
+    if (f.min && notionalOf(s) < num(f.min)) return false;
     return true;
   }
   function feedItem(s) {
+    if (s.kind === "fill") {
+      return h("li", { "data-fill-id": s.fill_id, class: "fill" },
+        h("span", { class: "muted" }, new Date(s.time).toLocaleTimeString()),
+        addressLink(s.address, short(s.address)),
+        h("span", { class: "tag" }, "fill"), h("strong", { class: dirClass(s.dir) }, s.dir),
+        h("span", {}, s.symbol), h("span", {}, px(s.sz) + " @ " + px(s.px)), h("span", {}, usd(notionalOf(s))));
+    }
     return h("li", { "data-signal-id": s.signal_id },
       h("span", { class: "muted" }, new Date(s.time).toLocaleTimeString()),
       addressLink(s.address, s.label || short(s.address)),
       h("strong", { class: dirClass(s.dir) }, s.dir),
       h("span", {}, s.symbol), h("span", {}, px(s.size) + " @ " + px(s.price)), h("span", {}, usd(s.notional_usd)));
+  }
+  function pushFeed(item) {
+    state.feed.unshift(item);
+    if (state.feed.length > FEED_MAX) state.feed.length = FEED_MAX;
+    if (state.route === "live") drawFeed();
   }
   function drawFeed() {
     const list = document.getElementById("feed");
@@ -295,9 +337,9 @@
     const dir = h("select", { id: "filter-direction", "aria-label": "direction", onchange: (e) => { f.direction = e.target.value; drawFeed(); } },
       h("option", { value: "" }, "any direction"), h("option", { value: "long" }, "long side"), h("option", { value: "short" }, "short side"));
     dir.value = f.direction;
-    show(h("h1", {}, "Live signals"),
+    show(h("h1", {}, state.config.fills ? "Live signals and fills" : "Live signals"),
       h("div", { class: "filters" }, input("address", "address or label"), input("symbol", "symbol"), dir, input("min", "min notional USD", "number")),
-      h("section", { class: "panel" }, h("p", { id: "feed-empty", class: "muted" }, "Waiting for signals… (newest on top; the last " + FEED_MAX + " are kept)"),
+      h("section", { class: "panel" }, h("p", { id: "feed-empty", class: "muted" }, (state.config.fills ? "Waiting for signals and fills" : "Waiting for signals") + "… (newest on top; the last " + FEED_MAX + " are kept)"),
         h("ul", { class: "feed", id: "feed" })));
     drawFeed();
   }
@@ -309,15 +351,29 @@
     source.onerror = () => { dot.className = "dot amber"; dot.title = "live feed: reconnecting"; };
     source.addEventListener("signal", (e) => {
       const s = JSON.parse(e.data);
-      if (!remember(s.signal_id)) return;
-      state.feed.unshift(s);
-      if (state.feed.length > FEED_MAX) state.feed.length = FEED_MAX;
-      if (state.route === "live") drawFeed();
+      if (!remember("signal:" + s.signal_id)) return;
+      s.kind = "signal";
+      pushFeed(s);
+    });
+    source.addEventListener("fill", (e) => {
+      const f = JSON.parse(e.data);
+      if (!remember("fill:" + f.fill_id)) return;
+      f.kind = "fill";
+      state.fills.unshift(f);
+      if (state.fills.length > FEED_MAX) state.fills.length = FEED_MAX;
+      pushFeed(f);
+      redrawSoon(f.address);
+    });
+    source.addEventListener("position", (e) => {
+      const p = JSON.parse(e.data);
+      if (!remember("position:" + p.event_id)) return;
+      redrawSoon(p.address);
     });
     source.addEventListener("addresses", () => {
       const refresh = () => {
         if (state.route === "admin") loadAdminList();
         else if (state.route === "whales") whalesPage();
+        else if (state.route === "address" && currentAddress()) addressPage(currentAddress());
       };
       refresh();
       setTimeout(refresh, BOOK_SETTLE_MS); // the watched set applies a stored change within a second
@@ -432,9 +488,12 @@
     if (!res.ok) return holder.replaceChildren(message("error", (res.body && res.body.error) || String(res.status)));
     const out = document.getElementById("admin-msg");
     const say = (r, ok) => out.replaceChildren(r.ok ? message("ok", ok) : message("error", (r.body && r.body.error) || "failed (" + r.status + ")"));
+    // A row the operator is editing keeps its inputs when a change made elsewhere redraws the table.
+    const editing = new Map([...holder.querySelectorAll("tr.editing")].map((tr) => [tr.dataset.address, tr]));
     holder.replaceChildren(h("table", { id: "admin-table" },
       h("thead", {}, h("tr", {}, ["Address", "Label", "Tier", "Priority", "Active", "Min notional", ""].map((t) => h("th", {}, t)))),
       h("tbody", {}, res.body.addresses.map((row) => {
+        if (editing.has(row.address)) return editing.get(row.address);
         const label = h("input", { value: row.label || "", maxlength: 64, "aria-label": "label" });
         const tier = h("select", { "aria-label": "tier" }, ["auto", "precise", "wide"].map((t) => h("option", { value: t }, t)));
         tier.value = row.tier;
@@ -445,7 +504,9 @@
         const save = h("button", { onclick: async () => {
           const patch = { label: label.value, tier: tier.value, priority: Number(priority.value), is_active: active.checked };
           if (min.value !== "") patch.min_notional_usd = min.value;
-          say(await admin("PATCH", "/admin/addresses/" + row.address, patch), "Updated " + row.address);
+          const r = await admin("PATCH", "/admin/addresses/" + row.address, patch);
+          say(r, "Updated " + row.address);
+          if (r.ok) tr.classList.remove("editing");
         } }, "Save");
         const remove = h("button", { class: "danger", onclick: async () => {
           if (!confirm("Stop watching " + row.address + "?")) return;
@@ -453,8 +514,10 @@
           say(r, "Removed " + row.address);
           if (r.ok) loadAdminList();
         } }, "Remove");
-        return h("tr", { "data-address": row.address }, h("td", { class: "addr" }, row.address), h("td", {}, label), h("td", {}, tier),
-          h("td", {}, priority), h("td", {}, active), h("td", {}, min), h("td", {}, save, " ", remove));
+        const edited = () => tr.classList.add("editing");
+        const tr = h("tr", { "data-address": row.address, oninput: edited, onchange: edited }, h("td", { class: "addr" }, row.address),
+          h("td", {}, label), h("td", {}, tier), h("td", {}, priority), h("td", {}, active), h("td", {}, min), h("td", {}, save, " ", remove));
+        return tr;
       }))));
   }
 
