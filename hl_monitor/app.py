@@ -17,10 +17,9 @@ and is re-published (deduplicated by JetStream) at the next start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,9 @@ from hl_monitor.delivery.embedded_nats import EmbeddedNats
 from hl_monitor.delivery.fills import FillSinkImpl, open_fills
 from hl_monitor.delivery.outbox import Outbox
 from hl_monitor.delivery.publications import PublicationOutbox
-from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.delivery.publisher import Publisher, open_publisher
 from hl_monitor.delivery.sink import Sink
 from hl_monitor.domain.address import AddressView
-from hl_monitor.domain.signal import Signal
-from hl_monitor.errors import DeliveryError, StorageError
 from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource
 from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
@@ -49,21 +46,16 @@ from hl_monitor.hyperliquid.info import InfoClient
 from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
-from hl_monitor.ops.console import ConsoleDeps, LiveFeed
-from hl_monitor.ops.http import HttpServer, create_app
+from hl_monitor.ops.console import LiveFeed
+from hl_monitor.ops.http import HttpServer
 from hl_monitor.ops.metrics import StatsExporter, service_exporter
 from hl_monitor.ops.process import InstanceLock, LoopWatchdog
-from hl_monitor.ops.status import Admin, DatabaseProbe, StatusView
+from hl_monitor.ops.status import DatabaseProbe, StatusView
+from hl_monitor.ops.surface import open_surface
 from hl_monitor.storage.cleaner import RetentionCleaner
+from hl_monitor.storage.database import open_database
 from hl_monitor.storage.lease import InstanceLease
-from hl_monitor.storage.migrate import check_legacy_tables, check_schema
-from hl_monitor.storage.repository import (
-    AddressTable,
-    Repository,
-    address_source,
-    create_engine,
-    load_pair_categories,
-)
+from hl_monitor.storage.repository import Repository, address_source, load_pair_categories
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
@@ -80,8 +72,6 @@ log = get_logger(__name__)
 
 # Share of the shutdown deadline given to publishing what the outbox holds; the rest is for the writer/NATS.
 OUTBOX_DRAIN_SHARE: Final = 0.5
-# How long `run` waits for an external NATS at start before giving up with a clear error.
-NATS_CONNECT_WAIT_S: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,27 +130,10 @@ class Service:
 async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Components:
     """Build every component, in order; each resource's release is pushed on `stack`."""
     stack.enter_context(InstanceLock(Path(cfg.service.data_dir), cfg.instance_id))
-    db = create_engine(cfg)
-    stack.push_async_callback(db.dispose)
-    await check_schema(db)
-    if cfg.database.legacy_tables:
-        await check_legacy_tables(db)
-    lease: InstanceLease | None = None
-    if db.dialect.name != "sqlite":  # a shared database: the data-dir lock alone cannot see other hosts
-        lease = InstanceLease.from_config(db, cfg, metrics)
-        await lease.acquire()
-        stack.push_async_callback(_quietly(lease.release, StorageError, OSError))
+    db, lease = await stack.enter_async_context(open_database(cfg, metrics))
     repo = Repository(db)
 
-    embedded: EmbeddedNats | None = None
-    if cfg.nats.url == "embedded":
-        embedded = EmbeddedNats(cfg.nats, metrics)
-        await embedded.start()
-        stack.push_async_callback(embedded.stop)
-    publisher = Publisher(cfg.nats, cfg.signals, metrics, url=embedded.url if embedded is not None else None)
-    await publisher.connect(wait=NATS_CONNECT_WAIT_S)
-    stack.push_async_callback(_quietly(publisher.close, DeliveryError))
-    await publisher.ensure_stream()
+    publisher, embedded = await stack.enter_async_context(open_publisher(cfg.nats, cfg.signals, metrics))
 
     writer = BatchWriter(
         db,
@@ -319,46 +292,27 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         )
         planner = wide_tier.planner
 
-    database = DatabaseProbe(repo)
-    status = StatusView(
-        instance_id=cfg.instance_id,
-        cluster_mode=cfg.cluster.mode,
-        publisher=publisher,
-        database=database,
-        repo=repo,
-        outbox=outbox,
-        writer=writer,
-        budgets=budgets,
-        engine=engine,
-        book=book,
-        symbols=symbols,
-        precise=precise,
-        wide_tier=wide_tier,
-        positions=positions,
-        cluster=cluster,
-    )
-    admin = Admin(AddressTable(db), book) if isinstance(table, AddressTable) else None
-    console = ConsoleDeps(
-        feed=feed,
-        history=lambda address, limit: repo.list_position_events(address, limit),
-        recent_signals=lambda limit: _newest_signals(repo, limit),
-        fills_enabled=cfg.fills.enabled,
-    )
-    http = HttpServer(
-        create_app(
-            status,
+    surface = await stack.enter_async_context(
+        open_surface(
+            cfg,
             metrics,
-            admin,
-            cfg.http,
-            positions=keeper,
+            feed=feed,
+            table=table,
+            publisher=publisher,
+            repo=repo,
+            outbox=outbox,
+            writer=writer,
+            budgets=budgets,
+            engine=engine,
+            book=book,
+            symbols=symbols,
+            precise=precise,
+            wide_tier=wide_tier,
+            positions=positions,
+            cluster=cluster,
             discovery=discovery,
-            console=console,
-            ui=cfg.ui,
-        ),
-        cfg.http.listen,
+        )
     )
-    await http.start()
-    stack.push_async_callback(http.stop)
     return Components(
         cfg=cfg,
         metrics=metrics,
@@ -373,8 +327,8 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         book=book,
         symbols=symbols,
         precise=precise,
-        status=status,
-        database=database,
+        status=surface.status,
+        database=surface.database,
         exporter=service_exporter(metrics, engine, tape_tracker, book, writer, keeper),
         cleaner=RetentionCleaner(
             db,
@@ -384,7 +338,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             legacy_tables=cfg.database.legacy_tables,
             replay_window=cfg.nats.replay_window,
         ),
-        http=http,
+        http=surface.http,
         wide_tier=wide_tier,
         positions=positions,
         fills_outbox=fills_outbox,
@@ -393,11 +347,6 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         embedded=embedded,
         discovery=discovery,
     )
-
-
-async def _newest_signals(repo: Repository, limit: int) -> list[Signal]:
-    """Stored signals newest first (the console's last signal per address after a restart)."""
-    return [stored.signal for stored in reversed(await repo.list_signals(limit=limit))]
 
 
 async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> None:
@@ -501,13 +450,3 @@ def _label(book: AddressBook, address: str) -> str:
 async def _unassigned(planner: TierPlanner | None, addresses: frozenset[str]) -> None:
     if planner is not None:
         await planner.on_unassigned(addresses)
-
-
-def _quietly(close: Callable[[], Awaitable[None]], *errors: type[BaseException]) -> Callable[[], Awaitable[None]]:
-    """A release step whose expected failures (the peer is already gone) must not mask the real exit reason."""
-
-    async def run() -> None:
-        with contextlib.suppress(*errors):
-            await close()
-
-    return run
