@@ -39,7 +39,6 @@ from hl_monitor.domain.address import AddressView
 from hl_monitor.feeds.addresses import AddressBook, AddressDiff, StaticSource
 from hl_monitor.feeds.budget import Budgets
 from hl_monitor.feeds.holdings import NO_HOLDINGS, HoldingsIntake
-from hl_monitor.feeds.marks import MarkFeed
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.symbols import SymbolLoader
 from hl_monitor.hyperliquid.info import InfoClient
@@ -59,11 +58,10 @@ from hl_monitor.storage.repository import Repository, address_source, load_pair_
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.planner import TierPlanner
-from hl_monitor.watch.positions import PositionKeeper, PositionsTier, open_positions
-from hl_monitor.watch.tiers import WideTier, build_wide_tier
+from hl_monitor.watch.positions import PositionKeeper, PositionsTier, open_positions, positions_tier
+from hl_monitor.watch.tiers import WideTier, build_tape_tracker, build_wide_tier
 from hl_monitor.watch.watchset import WatchSet
 
 __all__ = ["Components", "Service", "build", "serve"]
@@ -158,7 +156,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             writer,
             metrics,
             tracked_wide=lambda address: tape_tracker is not None and tape_tracker.owner(address) == "wide",
-            labels=lambda address: _label(book, address),
+            labels=lambda address: book.label(address),
         )
     holdings: HoldingsIntake = keeper if keeper is not None else NO_HOLDINGS
     sink = Sink(
@@ -179,15 +177,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         cfg.aggregation, SymbolMap.empty(), instance_id=cfg.instance_id, collect_fills=fill_sink is not None
     )
     clustered = cfg.cluster.mode == "nats"
-    watch = WatchSet(
-        engine,
-        sink,
-        writer,
-        repo,
-        clustered=clustered,
-        tick_interval=min(cfg.aggregation.scan_interval, cfg.writer.flush_interval),
-        flushed_ttl=cfg.aggregation.flushed_ttl,
-    )
+    watch = WatchSet.from_config(cfg, engine, sink, writer, repo)
     if not clustered:  # cluster: each address's state is imported when its lease is won
         await watch.restore()
 
@@ -205,31 +195,13 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     planner_view: AddressView = book
     cluster: Cluster | None = None
     if clustered:
-        cluster = Cluster(
-            cfg.cluster,
-            book,
-            publisher.client,
-            watch,
-            metrics,
-            member_id=cfg.instance_id,
-            precise_slots=cfg.hyperliquid.user_slots,
-            server_id=cfg.addresses.server_id,
-            http=cfg.http.listen,
-            is_running=lambda address: address in precise.assigned(),
-            kv_replicas=cfg.nats.kv_replicas,
+        cluster = Cluster.from_config(
+            cfg, book, publisher.client, watch, metrics, is_running=lambda address: address in precise.assigned()
         )
         precise_view = cluster.owned()
         planner_view = ExcludingView(book, cluster)
 
-    tape_tracker: TapeTracker | None = None
-    if cfg.wide.enabled and (not clustered or cfg.cluster.tape_role == "active"):
-        tape_tracker = TapeTracker(
-            engine.symbols,
-            block_settle_ms=round(cfg.wide.block_settle * 1000),
-            hold_ms=round(cfg.wide.handover_hold * 1000),
-            instance_id=cfg.instance_id,
-            collect_fills=fill_sink is not None,
-        )
+    tape_tracker = build_tape_tracker(cfg, engine.symbols, collect_fills=fill_sink is not None)
 
     def set_symbols(symbols: SymbolMap) -> None:
         engine.set_symbols(symbols)
@@ -246,13 +218,16 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
     mark_dexes = sorted(engine.symbols.dexes)
     positions: PositionsTier | None = None
     if keeper is not None:
-        # Marks ride on the tape's first connection; without a tape they need a connection of their own.
-        marks: MarkFeed | None = None
-        if tape_tracker is None and cfg.hyperliquid.user_slots < cfg.hyperliquid.max_connections:
-            marks = MarkFeed(cfg.hyperliquid, intake=keeper, budget=budgets, metrics=metrics, dexes=mark_dexes)
-        elif tape_tracker is None:
-            log.warning("every connection is a precise slot: marks move only with state frames")
-        positions = PositionsTier(keeper=keeper, marks=marks, outbox=positions_outbox, kv=kv)
+        positions = positions_tier(
+            cfg,
+            keeper,
+            positions_outbox,
+            kv,
+            with_tape=tape_tracker is not None,
+            budget=budgets,
+            metrics=metrics,
+            mark_dexes=mark_dexes,
+        )
 
     planner: TierPlanner | None = None
     precise = PreciseManager(
@@ -440,11 +415,6 @@ async def _on_book_change(
     if keeper is not None:
         await keeper.forget(diff.removed)
     metrics.addresses_subscribed.set(len(book.entries()))
-
-
-def _label(book: AddressBook, address: str) -> str:
-    entry = book.entries().get(address)
-    return entry.label if entry is not None else ""
 
 
 async def _unassigned(planner: TierPlanner | None, addresses: frozenset[str]) -> None:
