@@ -35,13 +35,13 @@ from hl_monitor.hyperliquid.protocol import (
     subscription_from_echo,
 )
 from hl_monitor.sim.server import SimConfig, SimServer
+from tests.support.waiting import wait_until
 
 W1 = "0x" + "a1" * 20
 W2 = "0x" + "b2" * 20
 W3 = "0x" + "c3" * 20
 RECV_TIMEOUT = 3.0
 QUIET = 0.3  # how long a test waits to show that a frame does NOT arrive
-POLL = 0.01
 
 
 def check(raw: str | bytes) -> dict[str, Any]:
@@ -299,7 +299,7 @@ async def test_connection_limit_refuses_upgrade_with_429() -> None:
                     pass
             assert refused.value.response.status_code == 429
             await second.close()
-            await _until(lambda: len(sim.connections) == 1)
+            await wait_until(lambda: len(sim.connections) == 1, RECV_TIMEOUT, "one connection left")
             async with connect(sim.ws_url) as third:
                 await send(third, {"method": "ping"})
                 assert await recv(third) == {"channel": "pong"}
@@ -352,8 +352,12 @@ async def test_subscription_cap() -> None:
     assert "2 total subscriptions" in err["data"]
 
 
+@pytest.mark.looptime
 async def test_ping_pong_and_idle_timeout_closes_abruptly() -> None:
-    """Pings keep a socket alive past the idle timeout; a silent socket is dropped without a close frame."""
+    """Pings keep a socket alive past the idle timeout; a silent socket is dropped without a close frame.
+
+    On looptime's loop clock (the simulator's idle timer is a loop-time receive timeout): the windows are exact.
+    """
     async with SimServer(SimConfig(idle_timeout=0.3)) as sim:
         async with connect(sim.ws_url, ping_interval=None) as pinging:
             for _ in range(6):  # 0.6 s of pings every 0.1 s: twice the idle timeout
@@ -665,7 +669,7 @@ async def test_fault_abrupt_close_all_is_1006(sim: SimServer) -> None:
             with pytest.raises(ConnectionClosedError):
                 await recv(ws)
             assert ws.close_code == 1006
-    await _until(lambda: not sim.connections)
+    await wait_until(lambda: not sim.connections, RECV_TIMEOUT, "every connection gone")
 
 
 async def test_fault_close_connection_with_code(sim: SimServer) -> None:
@@ -727,15 +731,6 @@ async def test_slow_consumer_is_dropped() -> None:
         with pytest.raises(ConnectionClosedError):
             await read_until_closed(ws)
     assert sim.stats.slow_consumer_closes == 1
-
-
-async def _until(predicate: Any) -> None:
-    """Poll until `predicate()` holds (server-side bookkeeping after a client-side close)."""
-    for _ in range(int(RECV_TIMEOUT / POLL)):
-        if predicate():
-            return
-        await asyncio.sleep(POLL)
-    raise AssertionError("condition not reached")
 
 
 async def read_until_closed(ws: ClientConnection) -> None:
