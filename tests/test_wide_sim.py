@@ -348,8 +348,10 @@ async def test_a_bootstrap_postponed_by_an_ambiguous_trade_is_retried_while_the_
         async with flipping(s, W1, "0.1"):
             watch(s, W1)
             await wait_until(lambda: s.wide.status()["reads"] >= 2)  # W1 read while it trades: ambiguous
-            await asyncio.sleep(0.8)  # past the answer's window: its trades are buffered
-        await wait_until(lambda: s.tracker.stats.reconcile_skipped >= 1)
+            await wait_until(lambda: s.tracker.stats.reconcile_skipped >= 1, what="the ambiguous answer skipped")
+            buffered = s.tracker.stats.buffered
+            # Past the answer's window: the trades go on and are buffered until a bootstrap succeeds.
+            await wait_until(lambda: s.tracker.stats.buffered >= buffered + 2, what="two more trades buffered")
         assert not s.tracker.is_bootstrapped(W1)
         await bootstrapped(s, W1)
         assert s.wide.status()["reads"] >= 3
