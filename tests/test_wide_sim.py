@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
 
-from hl_monitor.clock import ManualClock
+import pytest
+
+from hl_monitor.clock import ManualClock, wall_ms
 from hl_monitor.config import AggregationConfig, HyperliquidConfig, WideConfig
 from hl_monitor.delivery.sink import Sink
 from hl_monitor.domain.address import WatchedAddress
@@ -43,6 +46,23 @@ NOISE = "0x" + "9" * 40  # an unwatched trader keeping the tape busy
 MARKER_FILLS: Final = 2
 
 
+class ShiftedWall:
+    """The real wall clock plus an offset a test moves forward: a wall-time window passes at once, and the
+    simulator's exchange times, the tape and the wide reads all agree on the time (offset 0: the real clock)."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def ms(self) -> int:
+        return wall_ms() + self.offset_ms
+
+    def seconds(self) -> float:
+        return time.time() + self.offset_ms / 1000
+
+    def jump(self, seconds: float) -> None:
+        self.offset_ms += round(seconds * 1000)
+
+
 @dataclass
 class Stack:
     sim: SimServer
@@ -62,6 +82,7 @@ class Stack:
     signals: list[Signal] = field(default_factory=list)
     # Cleared, the signal consumer stops taking signals (a slow database or NATS): whoever emits waits.
     accepting: asyncio.Event = field(default_factory=asyncio.Event)
+    wall: ShiftedWall = field(default_factory=ShiftedWall)
 
     def of(self, address: str, source: str | None = None) -> list[Signal]:
         return [s for s in self.signals if s.address == address and (source is None or s.source == source)]
@@ -81,7 +102,8 @@ async def stack(
     sim_kwargs: dict[str, Any] = {} if clock is None else {"clock": clock.now}
     # The tape's canary (`bbo`) comes every 0.1 s, so a short `stale_after` in a test still means a stuck socket.
     sim_config = sim_config or SimConfig(clearinghouse_push_interval=0.2, bbo_interval=0.1)
-    async with SimServer(sim_config, **sim_kwargs) as sim:
+    wall = ShiftedWall()
+    async with SimServer(sim_config, wall_clock=wall.seconds, **sim_kwargs) as sim:
         cfg = fast_cfg(sim, **hl)
         wide_values: dict[str, Any] = {
             "stale_after": 30.0,
@@ -128,11 +150,11 @@ async def stack(
 
             tape = MarketTape(
                 cfg, wide_cfg, tracker=tracker, info=info, budget=budgets, metrics=metrics, on_signals=sink,
-                on_universe=on_universe,
+                on_universe=on_universe, wall_ms=wall.ms,
             )  # fmt: skip
             manager = WideManager(
                 wide_cfg, cfg, tracker=tracker, info=info, tape=tape, clock=budgets.clock, metrics=metrics,
-                on_signals=sink, dexes=lambda: tape.universe.dexes if tape.universe else [],
+                on_signals=sink, dexes=lambda: tape.universe.dexes if tape.universe else [], wall_ms=wall.ms,
             )  # fmt: skip
             tiers = TierPlanner(
                 book, tracker=tracker, watch=watch_of(engine, sink), wide=manager, metrics=metrics, on_signals=sink,
@@ -146,8 +168,9 @@ async def stack(
                 )  # fmt: skip
                 tiers.precise = pm
             st = Stack(
-                sim, cfg, wide_cfg, metrics, budgets, engine, tracker, source, book, tape, manager, tiers, pm, info
-            )
+                sim, cfg, wide_cfg, metrics, budgets, engine, tracker, source, book, tape, manager, tiers, pm, info,
+                wall=wall,
+            )  # fmt: skip
             st.accepting.set()
 
             async def engine_ticks() -> None:
@@ -172,6 +195,20 @@ async def stack(
                     failure = None if task.cancelled() else task.exception()
                     if failure is not None:
                         raise failure
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> Callable[[], int]:
+    """Count the calls of `obj.name` from now on (it still does its work); returns the count's reader."""
+    real = getattr(obj, name)
+    calls = 0
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    monkeypatch.setattr(obj, name, counted)
+    return lambda: calls
 
 
 async def tape_live(s: Stack) -> None:
@@ -306,9 +343,11 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
         assert metric_value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
 
 
-async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet() -> None:
+async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet(monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow signal consumer holds the tape handler; trades queue behind it. A bootstrap answer that already
-    includes a queued trade is applied only once the tape has handed it over, so it is counted once."""
+    includes a queued trade is applied only once the tape has handed it over, so it is counted once.
+
+    The wall-time windows (the ambiguity margin, `reconcile_settle`) pass by moving the shared wall clock."""
     async with stack(planner=False, precise=False, user_slots=9) as s:  # one tape connection
         await watched(s, W2)
         [conn] = s.tape.connections()
@@ -320,10 +359,14 @@ async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet() -> No
         whale = s.sim.exchange.whale(W1)
         await whale.market_order("ETH", True, "1", "2300")  # queued behind the blocked handler
         await wait_until(lambda: conn.backlog >= 2)
-        await asyncio.sleep(0.6)  # the trade is now older than the bootstrap request (outside its ambiguity margin)
+        s.wall.jump(0.6)  # the trade is now older than the bootstrap request (outside its ambiguity margin)
         watch(s, W1)
         await wait_until(lambda: s.wide.status()["reads"] >= 2)  # answered: REST already holds the long
-        await asyncio.sleep(1.0)  # well past reconcile_settle
+        asked = count_calls(monkeypatch, s.tape, "caught_up")
+        s.wall.jump(1.0)  # well past reconcile_settle
+        # Quiet point: the manager has judged the answer past its settle twice, asking the tape each time (or it
+        # applied the answer, which the assertion below reports).
+        await wait_until(lambda: asked() >= 2 or s.tracker.is_bootstrapped(W1), what="the settled answer judged")
         assert not s.tracker.is_bootstrapped(W1)  # the queued trade is not handed over yet: the answer waits
         s.accepting.set()
         await bootstrapped(s, W1)
