@@ -1,12 +1,14 @@
-"""Small task helpers for the one event loop: wait for the first of several, cancel and wait for the rest."""
+"""Small task helpers for the one event loop: wait for the first of several, cancel and wait for the rest, and
+release steps that must not mask the real exit reason."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-__all__ = ["cancel_and_wait", "first_of"]
+__all__ = ["cancel_and_wait", "first_of", "quietly"]
 
 
 async def first_of(*aws: Coroutine[Any, Any, Any]) -> None:
@@ -31,3 +33,13 @@ async def cancel_and_wait(tasks: Sequence[asyncio.Future[Any]]) -> None:
     for task in tasks:
         if not task.cancelled() and (exc := task.exception()) is not None:
             raise exc
+
+
+def quietly(close: Callable[[], Awaitable[None]], *errors: type[BaseException]) -> Callable[[], Awaitable[None]]:
+    """A release step whose expected failures (the peer is already gone) must not mask the real exit reason."""
+
+    async def run() -> None:
+        with contextlib.suppress(*errors):
+            await close()
+
+    return run

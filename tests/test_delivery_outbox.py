@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal as os_signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -101,6 +101,16 @@ async def relay(url: str, store: MemoryStore, cfg: NatsConfig | None = None, **k
             await r.stop()
 
 
+def publish_errors(r: Relay, reason: str) -> float:
+    return metric_value(r.metrics, "publish_errors_total", reason=reason)
+
+
+def depth_grows(r: Relay, by: int) -> Callable[[], bool]:
+    """True once the outbox holds `by` more signals than now."""
+    target = r.outbox.depth + by
+    return lambda: r.outbox.depth >= target
+
+
 async def assert_stream_holds_exactly(url: str, signals: list[Signal]) -> None:
     messages = await read_stream(url)
     ids = [msg_id for _, msg_id, _ in messages]
@@ -147,10 +157,17 @@ async def test_exactly_once_when_nats_goes_away_mid_stream(nats_server: NatsServ
             nats_server.proc = None
         else:
             freeze(pid)
-        await asyncio.sleep(0.5)
+        # Quiet point: the outage is noticed (disconnected, or a publish to the frozen server timed out) and the
+        # producer has queued more since; then, while it queues more still, no signal may be marked published.
+        await wait_until(
+            lambda: not r.publisher.is_connected or publish_errors(r, "timeout") > 0, what="the outage noticed"
+        )
+        await wait_until(depth_grows(r, 20), what="signals held during the outage")
+        published_during_outage, timeouts = len(store.published), publish_errors(r, "timeout")
+        await wait_until(depth_grows(r, 20), what="more signals held during the outage")
+        if outage == "freeze":  # and the outbox tried again, and failed again
+            await wait_until(lambda: publish_errors(r, "timeout") > timeouts, what="a retry timing out")
         assert r.outbox.depth > 0
-        published_during_outage = len(store.published)
-        await asyncio.sleep(0.2)
         assert len(store.published) == published_during_outage
         if outage == "freeze":
             os.kill(pid, os_signal.SIGCONT)
@@ -227,7 +244,9 @@ async def test_slow_nats_applies_backpressure_instead_of_spilling(nats_server: N
             for s in signals[:5]:
                 await r.submit(s)
             blocked = asyncio.create_task(r.submit(signals[5]))
-            await asyncio.sleep(0.2)
+            # Quiet point: a whole round of publishes to the frozen server has failed and the outbox is still
+            # full; a submit that spilled or dropped instead of waiting would be done by now.
+            await wait_until(lambda: publish_errors(r, "timeout") >= 1, what="a publish timing out")
             assert not blocked.done()
         finally:
             os.kill(nats_server.proc.pid, os_signal.SIGCONT)

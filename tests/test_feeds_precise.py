@@ -7,12 +7,11 @@ and are compared with the sim's ledger (ground truth per order).
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 
 from hl_monitor.clock import ManualClock
 from hl_monitor.domain.address import WatchedAddress
-from hl_monitor.feeds.connection import ConnState
+from hl_monitor.feeds.connection import Connection, ConnState
 from hl_monitor.sim.server import SimConfig
 from tests.support.ledger import expected_orders, observed_orders
 from tests.support.metrics import metric_value
@@ -235,13 +234,23 @@ async def test_slots_go_by_priority_and_the_rest_are_reported_unassigned() -> No
 
 
 async def test_removed_address_keeps_its_stream_for_the_grace_then_frees_the_slot() -> None:
-    async with harness(WatchedAddress(address=W1), WatchedAddress(address=W2), remove_grace=0.5) as h:
+    """The grace runs on the book's manual clock: a reload just short of it keeps W1; just past it, W1 goes."""
+    clock = ManualClock()
+    grace = 30.0
+    whales = (WatchedAddress(address=W1), WatchedAddress(address=W2))
+    async with harness(*whales, remove_grace=grace, book_clock=clock.now) as h:
         await h.live(W1)
         await h.live(W2)
         h.source.entries = [WatchedAddress(address=W2)]
         h.book.refresh_now()
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: W1 in h.book.removing(), what="W1 in its removal grace")
+        version = h.book.version
+        clock.advance(grace - 1)
+        await reloaded(h)  # quiet point: a whole reload ran with the clock a second short of the grace
+        assert W1 in h.book.entries()
+        assert h.book.version == version  # no change for the manager to act on
         assert W1 in h.manager.assigned()  # still tracked during the grace
+        clock.advance(2)
         await wait_until(lambda: W1 not in h.manager.assigned())
         users = {sub.get("user") for conn in h.sim.connections for sub in conn.subscriptions}
         await wait_until(
@@ -250,6 +259,30 @@ async def test_removed_address_keeps_its_stream_for_the_grace_then_frees_the_slo
         assert W2 in users
         assert not h.engine.is_watched(W1)
         assert h.manager.assigned() == {W2: 1}
+
+
+async def reloaded(h: Harness) -> None:
+    """Until the address book has finished one more reload of its sources."""
+    done = metric_value(h.metrics, "address_reloads_total", outcome="ok")
+    h.book.refresh_now()
+    await wait_until(lambda: metric_value(h.metrics, "address_reloads_total", outcome="ok") > done, what="a reload")
+
+
+async def storm(h: Harness, connections: list[Connection]) -> None:
+    """Drop every socket, then reach the quiet point: each dropped connection noticed, and every connection is
+    live again on a new socket or waits for a new-connection permit (none is dialling)."""
+    dropped = {id(c): (c.epoch, c.reconnect_count) for c in connections if c.state is ConnState.LIVE}
+    h.sim.faults.abrupt_close_all()
+
+    def settled() -> bool:
+        if any(c.reconnect_count == dropped[id(c)][1] for c in connections if id(c) in dropped):
+            return False
+        live = [c for c in connections if c.state is ConnState.LIVE]
+        if any(id(c) in dropped and c.epoch == dropped[id(c)][0] for c in live):
+            return False  # still the old socket
+        return len(live) + h.budgets.snapshot()["new_connections"]["waiting"] == len(connections)
+
+    await wait_until(settled, what="every dropped connection live again or waiting for a permit")
 
 
 async def test_reconnect_storm_stays_within_the_new_connection_budget() -> None:
@@ -262,9 +295,10 @@ async def test_reconnect_storm_stays_within_the_new_connection_budget() -> None:
     ) as h:
         for whale in whales:
             await h.live(whale.address)
+        streams = [h.manager.stream(w.address) for w in whales]
+        connections = list({id(s.connection): s.connection for s in streams if s is not None}.values())
         for _ in range(3):  # three storms in the same minute
-            h.sim.faults.abrupt_close_all()
-            await asyncio.sleep(0.5)
+            await storm(h, connections)
         assert h.sim.stats.connections_opened == per_minute
         assert h.sim.stats.connections_refused == 0  # we never even asked the server for a 7th
         assert metric_value(h.metrics, "budget_refusals_total", budget="new_connections") >= 1

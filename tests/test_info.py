@@ -26,6 +26,7 @@ from tests.support.budget import max_in_any_window
 from tests.support.metrics import metric_value
 from tests.support.net import free_port
 from tests.support.paths import FIXTURES
+from tests.support.waiting import wait_until
 
 USER = "0x31ca8395cf837de08b24da3f660e77761dfb974b"
 # A scripted slow reply: longer than the client's 0.3 s timeout in the error tests.
@@ -332,8 +333,7 @@ async def test_budget_is_never_exceeded_and_reconciliation_is_not_starved() -> N
     fake = FakeInfo(clock)
     async with serve(fake), client(fake.url, budgets, metrics) as info:
         polls = [asyncio.create_task(info.meta()) for _ in range(30)]
-        while budgets.snapshot()["rest_weight"]["waiting"] < 27:  # noqa: ASYNC110 - polling real I/O progress
-            await asyncio.sleep(0.001)
+        await wait_until(lambda: budgets.snapshot()["rest_weight"]["waiting"] >= 27, what="27 polls queued")
         checks = [asyncio.create_task(info.order_status(USER, 1)) for _ in range(5)]
         await asyncio.wait_for(asyncio.gather(*checks), 5)
         assert clock.now() == 0.0, "high priority went through without waiting for the window"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import sqlalchemy as sa
@@ -18,11 +18,33 @@ from hl_monitor.storage import migrate
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.lease import InstanceLease
 from hl_monitor.storage.repository import create_engine
+from tests.support.waiting import wait_until
 
 ID = "whale-monitor-1"
-# Short enough for fast tests; the renew interval leaves two renewals per TTL.
-TTL = 0.6
-RENEW = 0.15
+# The lease's TTL on the tests' manual clocks (seconds); no test waits it out in real time.
+TTL = 30.0
+# Real seconds between renewals in `run()`: short, so a test reaches the next renewal quickly.
+RENEW = 0.02
+# Where the manual wall clock starts (epoch ms).
+T0_MS = 1_780_000_000_000
+
+
+class Clocks:
+    """The lease's wall clock (epoch ms, as stored in the row) and monotonic clock, moved only by `advance`."""
+
+    def __init__(self) -> None:
+        self.wall = T0_MS
+        self.mono = 0.0
+
+    def wall_ms(self) -> int:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += round(seconds * 1000)
+        self.mono += seconds
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
@@ -41,12 +63,26 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
         await eng.dispose()
 
 
-def lease(engine: AsyncEngine, metrics: Metrics | None = None, ttl: float = TTL) -> InstanceLease:
-    return InstanceLease(engine, ID, ttl, metrics or Metrics(), renew_interval=min(RENEW, ttl / 3))
+def lease(
+    engine: AsyncEngine, metrics: Metrics | None = None, ttl: float = TTL, clocks: Clocks | None = None
+) -> InstanceLease:
+    """A lease on `clocks`, or on the real clocks without them."""
+    metrics, renew = metrics or Metrics(), min(RENEW, ttl / 3)
+    if clocks is None:
+        return InstanceLease(engine, ID, ttl, metrics, renew_interval=renew)
+    return InstanceLease(
+        engine, ID, ttl, metrics, renew_interval=renew, wall_ms=clocks.wall_ms, monotonic=clocks.monotonic
+    )
 
 
 def outcome(metrics: Metrics, name: str) -> float:
     return metrics.registry.get_sample_value("hl_monitor_lease_renewals_total", {"outcome": name}) or 0.0
+
+
+def renewals_after(metrics: Metrics, count: int) -> Callable[[], bool]:
+    """True once `count` more renewals succeeded (the second one surely read the clock after the call)."""
+    target = outcome(metrics, "ok") + count
+    return lambda: outcome(metrics, "ok") >= target
 
 
 async def rows(engine: AsyncEngine) -> list[sa.RowMapping]:
@@ -79,12 +115,14 @@ async def test_a_live_holder_is_refused_and_a_released_lease_is_free_at_once(eng
 
 async def test_a_crashed_holders_lease_is_taken_over_after_its_ttl(engine: AsyncEngine) -> None:
     """A holder that stops renewing (kill -9, lost host) blocks a successor only until its TTL has passed."""
-    crashed = lease(engine)
+    clocks = Clocks()
+    crashed = lease(engine, clocks=clocks)
     await crashed.acquire()  # and never renews
+    clocks.advance(TTL - 0.1)
     with pytest.raises(InstanceLockedError):
-        await lease(engine).acquire()
-    await asyncio.sleep(TTL + 0.1)
-    successor = lease(engine)
+        await lease(engine, clocks=clocks).acquire()
+    clocks.advance(0.2)
+    successor = lease(engine, clocks=clocks)
     await successor.acquire()
     assert [r["token"] for r in await rows(engine)] == [successor.token]
     with pytest.raises(LeaseLostError):
@@ -92,16 +130,20 @@ async def test_a_crashed_holders_lease_is_taken_over_after_its_ttl(engine: Async
 
 
 async def test_renewal_keeps_the_lease_past_its_ttl(engine: AsyncEngine) -> None:
-    metrics = Metrics()
-    holder = lease(engine, metrics)
+    """Time moves half a TTL between renewals, four times: without `run()` renewing, the row would have expired
+    after the second step and a successor would take it."""
+    metrics, clocks = Metrics(), Clocks()
+    holder = lease(engine, metrics, clocks=clocks)
     await holder.acquire()
     async with asyncio.TaskGroup() as tg:
         renewing = tg.create_task(holder.run())
-        await asyncio.sleep(TTL * 2)
+        for _ in range(4):
+            clocks.advance(TTL / 2)
+            await wait_until(renewals_after(metrics, 2), what="two renewals after the clock moved")
         with pytest.raises(InstanceLockedError):
-            await lease(engine).acquire()
+            await lease(engine, clocks=clocks).acquire()
+        assert holder.held
         renewing.cancel()
-    assert outcome(metrics, "ok") >= 2
 
 
 async def test_losing_the_lease_stops_the_holder(engine: AsyncEngine) -> None:
@@ -123,16 +165,17 @@ async def test_an_unreachable_database_does_not_stop_the_holder(sqlite_url: str)
     a row that now belongs to someone else stops the holder."""
     await migrate.upgrade(sqlite_url)
     eng = create_engine(Config(database=DatabaseConfig(url=sqlite_url)))
-    metrics = Metrics()
-    holder = lease(eng, metrics)
+    metrics, clocks = Metrics(), Clocks()
+    holder = lease(eng, metrics, clocks=clocks)
     try:
         await holder.acquire()
         async with eng.begin() as conn:
             await conn.execute(sa.text("DROP TABLE hlm_instance_leases"))  # every renewal now errors
         running = asyncio.create_task(holder.run())
-        await asyncio.sleep(TTL * 3)  # well past the TTL: still running
+        clocks.advance(TTL * 3)  # well past the TTL: the holder keeps retrying, it does not give up
+        await wait_until(lambda: outcome(metrics, "error") >= 2, what="two failed renewals past the TTL")
         assert not running.done()
-        assert outcome(metrics, "error") >= 2
+        assert not holder.held
         async with eng.begin() as conn:  # the database is back, and another process holds the identity
             await conn.run_sync(t.instance_leases.create)
             await conn.execute(

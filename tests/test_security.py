@@ -112,7 +112,12 @@ async def test_secrets_never_appear_in_logs_status_metrics_or_errors(mariadb_url
                 assert env.relay is not None
                 await env.relay.stop()
                 await asyncio.to_thread(env.nats.stop, kill=True)
-                await asyncio.sleep(6)  # > the 5 s database probe: readiness now quotes the driver error
+
+                async def database_reason_shown() -> bool:
+                    """Readiness quotes the driver's error once the database probe (every 5 s) has failed."""
+                    return '"database"' in (await _request("GET", svc.base_url + "/health/ready"))[1]
+
+                await wait_until(database_reason_shown, 30, "readiness naming the database", poll=0.1)
                 for path in ("/health", "/health/ready", "/status", "/metrics"):
                     answers.append((await _request("GET", svc.base_url + path))[1])
                 await env.relay.start()

@@ -42,6 +42,7 @@ from hl_monitor.storage.repository import (
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.state import AggregationRecord, StateDelta, Watermark
 from tests.support.storage import MEME_PRICE, MEME_SIZE, OTHER, T0, WHALE, make_signal, writer_cfg
+from tests.support.waiting import wait_until
 
 HOUR_MS = 3_600_000
 
@@ -390,12 +391,6 @@ def total(counter: Any) -> float:
     return float(sum(s.value for s in counter.collect()[0].samples if s.name.endswith("_total")))
 
 
-async def _wait_for(predicate: Any) -> None:
-    """Poll a metric-based condition (the writer exposes no event for "retried"); bounded by the test timeout."""
-    while not predicate():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-
-
 async def test_sqlite_locked_for_a_while_writer_retries_and_loses_nothing(sqlite_url: str) -> None:
     await migrate.upgrade(sqlite_url)
     eng = service_engine(sqlite_url, sqlite_busy_timeout=0.05)
@@ -409,7 +404,7 @@ async def test_sqlite_locked_for_a_while_writer_retries_and_loses_nothing(sqlite
             run = tg.create_task(writer.run())
             for n in range(25):
                 await writer.put_signal(make_signal(n))
-            await _wait_for(lambda: total(metrics.writer_retries) >= 2)
+            await wait_until(lambda: total(metrics.writer_retries) >= 2, what="two writer retries")
             assert metrics.db_up._value.get() == 0
             for n in range(25, 40):  # intake goes on during the outage
                 await writer.put_signal(make_signal(n))
@@ -441,7 +436,7 @@ async def test_mariadb_outage_writer_retries_and_loses_nothing(mariadb_url: str)
             await proxy.stop()  # outage: every connection dropped, new ones refused
             for n in range(15, 40):
                 await writer.put_signal(make_signal(n))
-            await _wait_for(lambda: total(metrics.writer_retries) >= 2)
+            await wait_until(lambda: total(metrics.writer_retries) >= 2, what="two writer retries")
             assert metrics.db_up._value.get() == 0
             await proxy.start()
             await writer.close()

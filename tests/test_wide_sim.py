@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
 
-from hl_monitor.clock import ManualClock
+import pytest
+
+from hl_monitor.clock import ManualClock, wall_ms
 from hl_monitor.config import AggregationConfig, HyperliquidConfig, WideConfig
 from hl_monitor.delivery.sink import Sink
 from hl_monitor.domain.address import WatchedAddress
@@ -43,6 +46,23 @@ NOISE = "0x" + "9" * 40  # an unwatched trader keeping the tape busy
 MARKER_FILLS: Final = 2
 
 
+class ShiftedWall:
+    """The real wall clock plus an offset a test moves forward: a wall-time window passes at once, and the
+    simulator's exchange times, the tape and the wide reads all agree on the time (offset 0: the real clock)."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def ms(self) -> int:
+        return wall_ms() + self.offset_ms
+
+    def seconds(self) -> float:
+        return time.time() + self.offset_ms / 1000
+
+    def jump(self, seconds: float) -> None:
+        self.offset_ms += round(seconds * 1000)
+
+
 @dataclass
 class Stack:
     sim: SimServer
@@ -62,6 +82,7 @@ class Stack:
     signals: list[Signal] = field(default_factory=list)
     # Cleared, the signal consumer stops taking signals (a slow database or NATS): whoever emits waits.
     accepting: asyncio.Event = field(default_factory=asyncio.Event)
+    wall: ShiftedWall = field(default_factory=ShiftedWall)
 
     def of(self, address: str, source: str | None = None) -> list[Signal]:
         return [s for s in self.signals if s.address == address and (source is None or s.source == source)]
@@ -81,7 +102,8 @@ async def stack(
     sim_kwargs: dict[str, Any] = {} if clock is None else {"clock": clock.now}
     # The tape's canary (`bbo`) comes every 0.1 s, so a short `stale_after` in a test still means a stuck socket.
     sim_config = sim_config or SimConfig(clearinghouse_push_interval=0.2, bbo_interval=0.1)
-    async with SimServer(sim_config, **sim_kwargs) as sim:
+    wall = ShiftedWall()
+    async with SimServer(sim_config, wall_clock=wall.seconds, **sim_kwargs) as sim:
         cfg = fast_cfg(sim, **hl)
         wide_values: dict[str, Any] = {
             "stale_after": 30.0,
@@ -128,11 +150,11 @@ async def stack(
 
             tape = MarketTape(
                 cfg, wide_cfg, tracker=tracker, info=info, budget=budgets, metrics=metrics, on_signals=sink,
-                on_universe=on_universe,
+                on_universe=on_universe, wall_ms=wall.ms,
             )  # fmt: skip
             manager = WideManager(
                 wide_cfg, cfg, tracker=tracker, info=info, tape=tape, clock=budgets.clock, metrics=metrics,
-                on_signals=sink, dexes=lambda: tape.universe.dexes if tape.universe else [],
+                on_signals=sink, dexes=lambda: tape.universe.dexes if tape.universe else [], wall_ms=wall.ms,
             )  # fmt: skip
             tiers = TierPlanner(
                 book, tracker=tracker, watch=watch_of(engine, sink), wide=manager, metrics=metrics, on_signals=sink,
@@ -146,8 +168,9 @@ async def stack(
                 )  # fmt: skip
                 tiers.precise = pm
             st = Stack(
-                sim, cfg, wide_cfg, metrics, budgets, engine, tracker, source, book, tape, manager, tiers, pm, info
-            )
+                sim, cfg, wide_cfg, metrics, budgets, engine, tracker, source, book, tape, manager, tiers, pm, info,
+                wall=wall,
+            )  # fmt: skip
             st.accepting.set()
 
             async def engine_ticks() -> None:
@@ -172,6 +195,20 @@ async def stack(
                     failure = None if task.cancelled() else task.exception()
                     if failure is not None:
                         raise failure
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> Callable[[], int]:
+    """Count the calls of `obj.name` from now on (it still does its work); returns the count's reader."""
+    real = getattr(obj, name)
+    calls = 0
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    monkeypatch.setattr(obj, name, counted)
+    return lambda: calls
 
 
 async def tape_live(s: Stack) -> None:
@@ -283,7 +320,7 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
     async with stack(planner=False, precise=False, user_slots=9, wide={"stale_after": 0.6}) as s:
         await watched(s, W1)
         async with flipping(s, NOISE, "0.01"):
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: metric_value(s.metrics, "trades_processed_total", type="tape") >= 2)
             s.sim.faults.stall("trades")  # the socket stays open, nothing arrives: trades and the canary stop
             s.sim.faults.stall("bbo")
             whale = s.sim.exchange.whale(W1)
@@ -294,8 +331,11 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
             )
             await wait_until(lambda: len(s.of(W1)) == 1)
             await wait_until(lambda: s.tape.continuous_since_ms() is not None)
-            await asyncio.sleep(0.3)
-        [signal] = s.of(W1)
+            # Quiet point: a marker order after the recovery comes out; a second copy of the recovered block
+            # (replayed twice, or seen live and replayed) would have come out before it.
+            await whale.market_order("BTC", True, "1", "80000")
+            await wait_until(lambda: any(x.coin == "BTC" for x in s.of(W1)), what="the marker order's signal")
+        [signal] = [x for x in s.of(W1) if x.coin == "ETH"]
         assert (signal.coin, signal.direction, signal.side, signal.size) == ("ETH", "open", "LONG", Decimal(2))
         assert signal.backfilled
         assert signal.lateness_ms is not None
@@ -303,9 +343,11 @@ async def test_stalled_tape_reconnects_and_recovers_the_missed_block_once() -> N
         assert metric_value(s.metrics, "trades_deduplicated_total") >= 1  # the replay overlapped what was seen
 
 
-async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet() -> None:
+async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet(monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow signal consumer holds the tape handler; trades queue behind it. A bootstrap answer that already
-    includes a queued trade is applied only once the tape has handed it over, so it is counted once."""
+    includes a queued trade is applied only once the tape has handed it over, so it is counted once.
+
+    The wall-time windows (the ambiguity margin, `reconcile_settle`) pass by moving the shared wall clock."""
     async with stack(planner=False, precise=False, user_slots=9) as s:  # one tape connection
         await watched(s, W2)
         [conn] = s.tape.connections()
@@ -317,10 +359,14 @@ async def test_a_rest_answer_waits_for_tape_the_service_has_not_read_yet() -> No
         whale = s.sim.exchange.whale(W1)
         await whale.market_order("ETH", True, "1", "2300")  # queued behind the blocked handler
         await wait_until(lambda: conn.backlog >= 2)
-        await asyncio.sleep(0.6)  # the trade is now older than the bootstrap request (outside its ambiguity margin)
+        s.wall.jump(0.6)  # the trade is now older than the bootstrap request (outside its ambiguity margin)
         watch(s, W1)
         await wait_until(lambda: s.wide.status()["reads"] >= 2)  # answered: REST already holds the long
-        await asyncio.sleep(1.0)  # well past reconcile_settle
+        asked = count_calls(monkeypatch, s.tape, "caught_up")
+        s.wall.jump(1.0)  # well past reconcile_settle
+        # Quiet point: the manager has judged the answer past its settle twice, asking the tape each time (or it
+        # applied the answer, which the assertion below reports).
+        await wait_until(lambda: asked() >= 2 or s.tracker.is_bootstrapped(W1), what="the settled answer judged")
         assert not s.tracker.is_bootstrapped(W1)  # the queued trade is not handed over yet: the answer waits
         s.accepting.set()
         await bootstrapped(s, W1)
@@ -345,8 +391,10 @@ async def test_a_bootstrap_postponed_by_an_ambiguous_trade_is_retried_while_the_
         async with flipping(s, W1, "0.1"):
             watch(s, W1)
             await wait_until(lambda: s.wide.status()["reads"] >= 2)  # W1 read while it trades: ambiguous
-            await asyncio.sleep(0.8)  # past the answer's window: its trades are buffered
-        await wait_until(lambda: s.tracker.stats.reconcile_skipped >= 1)
+            await wait_until(lambda: s.tracker.stats.reconcile_skipped >= 1, what="the ambiguous answer skipped")
+            buffered = s.tracker.stats.buffered
+            # Past the answer's window: the trades go on and are buffered until a bootstrap succeeds.
+            await wait_until(lambda: s.tracker.stats.buffered >= buffered + 2, what="two more trades buffered")
         assert not s.tracker.is_bootstrapped(W1)
         await bootstrapped(s, W1)
         assert s.wide.status()["reads"] >= 3
@@ -377,7 +425,10 @@ async def test_drift_on_an_uncovered_coin_is_corrected_and_reported() -> None:
         await whale.market_order("xyz:XYZ100", False, "0.5", "25000")
         await whale.market_order("BTC", True, "1", "80000")  # covered: a tape signal, no drift
         await wait_until(lambda: len(s.of(W1)) == 2)
-        await asyncio.sleep(0.8)  # more reconciles: the corrected position does not drift again
+        # Quiet point: two more reconciles applied (the first of them has emitted whatever it found once the
+        # second starts); the corrected position does not drift again.
+        reconciles = s.tracker.stats.reconciles
+        await wait_until(lambda: s.tracker.stats.reconciles >= reconciles + 2, what="two more reconciles")
         recon = s.of(W1, "reconcile")
         assert len(recon) == 1
         [r] = recon

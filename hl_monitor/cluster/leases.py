@@ -55,7 +55,7 @@ from nats.js.kv import KeyValue
 from hl_monitor.clock import wall_ms as _wall_ms
 from hl_monitor.cluster.placement import LeaseValue, Member, place
 from hl_monitor.cluster.views import OwnedView
-from hl_monitor.config import ClusterConfig
+from hl_monitor.config import ClusterConfig, Config
 from hl_monitor.delivery.publisher import ensure_kv_replicas
 from hl_monitor.domain.address import AddressView
 from hl_monitor.logging import get_logger
@@ -191,6 +191,32 @@ class Cluster:
         self.placement_version = 0
 
     # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        book: AddressView,
+        nc: Client,
+        handover: StateHandover,
+        metrics: Metrics,
+        *,
+        is_running: Callable[[str], bool],
+    ) -> Cluster:
+        """This member of the configured cluster (`cluster`, `instance_id`, the precise slots, the KV replicas)."""
+        return cls(
+            cfg.cluster,
+            book,
+            nc,
+            handover,
+            metrics,
+            member_id=cfg.instance_id,
+            precise_slots=cfg.hyperliquid.user_slots,
+            server_id=cfg.addresses.server_id,
+            http=cfg.http.listen,
+            is_running=is_running,
+            kv_replicas=cfg.nats.kv_replicas,
+        )
 
     def owned(self) -> OwnedView:
         """The precise tier's address view: only addresses this instance holds a lease for (state imported)."""

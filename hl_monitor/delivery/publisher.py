@@ -38,6 +38,8 @@ import ssl
 import string
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
@@ -51,17 +53,21 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
 from hl_monitor.config import EMBEDDED, NatsConfig, Secret, SignalsConfig, mask_url, split_seeds
+from hl_monitor.delivery.embedded_nats import EmbeddedNats
 from hl_monitor.domain.signal import Signal, encode_legacy, encode_signal
 from hl_monitor.errors import ConfigError, DeliveryError, PublishError
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
+from hl_monitor.tasks import quietly
 
 __all__ = [
+    "NATS_CONNECT_WAIT_S",
     "PublishError",
     "Publisher",
     "check_subject",
     "ensure_kv_replicas",
     "ensure_stream",
+    "open_publisher",
     "publish_with_id",
     "signal_subject",
     "subject_token",
@@ -551,3 +557,26 @@ class Publisher:
     def _failed(self, reason: str, detail: str, signal_id: str) -> PublishError:
         self._metrics.publish_errors.labels(reason=reason).inc()
         return PublishError(reason, detail, signal_id)
+
+
+# How long the service waits for an external NATS at start before giving up with a clear error.
+NATS_CONNECT_WAIT_S: Final = 30.0
+
+
+@asynccontextmanager
+async def open_publisher(
+    nats_cfg: NatsConfig, signals_cfg: SignalsConfig, metrics: Metrics
+) -> AsyncIterator[tuple[Publisher, EmbeddedNats | None]]:
+    """The embedded server (`nats.url = "embedded"`), the publisher connected to NATS and the stream created or
+    updated; on exit the connection drains, then the embedded server stops."""
+    async with AsyncExitStack() as stack:
+        embedded: EmbeddedNats | None = None
+        if nats_cfg.url == EMBEDDED:
+            embedded = EmbeddedNats(nats_cfg, metrics)
+            await embedded.start()
+            stack.push_async_callback(embedded.stop)
+        publisher = Publisher(nats_cfg, signals_cfg, metrics, url=embedded.url if embedded is not None else None)
+        await publisher.connect(wait=NATS_CONNECT_WAIT_S)
+        stack.push_async_callback(quietly(publisher.close, DeliveryError))
+        await publisher.ensure_stream()
+        yield publisher, embedded

@@ -199,6 +199,11 @@ class AddressBook:
         """One address's entry (its label and filters), without copying the book: the signal sink asks per signal."""
         return self._entries.get(address)
 
+    def label(self, address: str) -> str:
+        """One address's label; "" when it is not in the book."""
+        entry = self._entries.get(address)
+        return entry.label if entry is not None else ""
+
     def removing(self) -> Mapping[str, float]:
         """Addresses gone from every source, still tracked until their deadline (monotonic seconds)."""
         return dict(self._removing)

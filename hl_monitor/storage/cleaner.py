@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.clock import wall_ms as now_ms
-from hl_monitor.config import DEFAULT_REPLAY_WINDOW_S, RetentionConfig
+from hl_monitor.config import DEFAULT_REPLAY_WINDOW_S, Config, RetentionConfig
 from hl_monitor.logging import get_logger
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage import tables as t
@@ -65,6 +65,18 @@ class RetentionCleaner:
         self._clock = clock
         self._fills_retention = fills_retention
         self._legacy = legacy_tables
+
+    @classmethod
+    def from_config(cls, engine: AsyncEngine, cfg: Config, metrics: Metrics) -> RetentionCleaner:
+        """The service's cleaner: fills kept for the duplicate window, acknowledged rows for the replay window."""
+        return cls(
+            engine,
+            cfg.retention,
+            metrics,
+            fills_retention=cfg.nats.duplicate_window,
+            legacy_tables=cfg.database.legacy_tables,
+            replay_window=cfg.nats.replay_window,
+        )
 
     async def run(self) -> None:
         while True:

@@ -45,7 +45,7 @@ from hl_monitor.delivery.publications import (
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.domain.publication import Publication, PublicationSink
 from hl_monitor.errors import PortfolioStateError
-from hl_monitor.feeds.marks import MarkFeed
+from hl_monitor.feeds.marks import MarkBudget, MarkFeed
 from hl_monitor.hyperliquid.protocol import (
     AllDexsClearinghouseStateData,
     ClearinghouseState,
@@ -61,7 +61,7 @@ from hl_monitor.tracking.portfolio import AddressPortfolio, PositionChanges, Pos
 from hl_monitor.tracking.position_events import PositionEvent, format_decimal
 from hl_monitor.tracking.risk import RiskAlert
 
-__all__ = ["PortfolioStore", "PositionKeeper", "PositionsKv", "PositionsTier", "open_positions"]
+__all__ = ["PortfolioStore", "PositionKeeper", "PositionsKv", "PositionsTier", "open_positions", "positions_tier"]
 
 log = get_logger(__name__)
 
@@ -409,3 +409,24 @@ async def open_positions(
     )
     await keeper.restore(repo)
     return keeper, outbox, kv
+
+
+def positions_tier(
+    cfg: Config,
+    keeper: PositionKeeper,
+    outbox: PublicationOutbox,
+    kv: KvView,
+    *,
+    with_tape: bool,
+    budget: MarkBudget,
+    metrics: Metrics,
+    mark_dexes: Sequence[str],
+) -> PositionsTier:
+    """The positions tier; its marks ride on the tape's first connection, without a tape on a connection of their
+    own (when one is left beside the precise slots)."""
+    marks: MarkFeed | None = None
+    if not with_tape and cfg.hyperliquid.user_slots < cfg.hyperliquid.max_connections:
+        marks = MarkFeed(cfg.hyperliquid, intake=keeper, budget=budget, metrics=metrics, dexes=mark_dexes)
+    elif not with_tape:
+        log.warning("every connection is a precise slot: marks move only with state frames")
+    return PositionsTier(keeper=keeper, marks=marks, outbox=outbox, kv=kv)

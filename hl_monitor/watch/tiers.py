@@ -16,12 +16,13 @@ from hl_monitor.feeds.marks import MarkIntake
 from hl_monitor.feeds.precise import PreciseManager
 from hl_monitor.feeds.wide import WideManager
 from hl_monitor.hyperliquid.info import InfoClient
+from hl_monitor.hyperliquid.symbols import SymbolMap
 from hl_monitor.metrics import Metrics
 from hl_monitor.tracking.tape import TapeTracker
 from hl_monitor.watch.planner import TierPlanner
 from hl_monitor.watch.watchset import WatchSet
 
-__all__ = ["WideTier", "build_wide_tier"]
+__all__ = ["WideTier", "build_tape_tracker", "build_wide_tier"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,19 @@ class WideTier:
     tape: MarketTape
     wide: WideManager
     planner: TierPlanner
+
+
+def build_tape_tracker(cfg: Config, symbols: SymbolMap, *, collect_fills: bool) -> TapeTracker | None:
+    """The wide tier's tracker, when this member runs a tape (`wide.enabled`; in nats mode `tape_role = "active"`)."""
+    if not cfg.wide.enabled or (cfg.cluster.mode == "nats" and cfg.cluster.tape_role != "active"):
+        return None
+    return TapeTracker(
+        symbols,
+        block_settle_ms=round(cfg.wide.block_settle * 1000),
+        hold_ms=round(cfg.wide.handover_hold * 1000),
+        instance_id=cfg.instance_id,
+        collect_fills=collect_fills,
+    )
 
 
 def build_wide_tier(

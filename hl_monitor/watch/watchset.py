@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from hl_monitor.clock import wall_ms as _wall_ms
+from hl_monitor.config import Config
 from hl_monitor.domain.address import WatchedAddress
 from hl_monitor.domain.signal import Signal, SignalSink, Trigger
 from hl_monitor.feeds.addresses import AddressDiff
@@ -88,6 +89,22 @@ class WatchSet:
         self._held: set[str] = set()  # cluster mode: addresses whose lease this member holds
 
     # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, engine: WatchedEngine, sink: SignalSink, writer: StateWriter, store: StateStore
+    ) -> WatchSet:
+        """The watch set of the configured service: clustered in nats mode, ticking as often as the engine's scan
+        or the writer's flush asks, whichever is sooner."""
+        return cls(
+            engine,
+            sink,
+            writer,
+            store,
+            clustered=cfg.cluster.mode == "nats",
+            tick_interval=min(cfg.aggregation.scan_interval, cfg.writer.flush_interval),
+            flushed_ttl=cfg.aggregation.flushed_ttl,
+        )
 
     def watermark(self, address: str) -> Watermark | None:
         return self._engine.watermark(address)

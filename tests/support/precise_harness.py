@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,9 +97,11 @@ async def harness(
     remove_grace: float = 0.0,
     budgets_class: type[Budgets] = Budgets,
     manual_clock: ManualClock | None = None,
+    book_clock: Callable[[], float] = time.monotonic,
     symbols: SymbolMap | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
+    """`manual_clock` drives the budgets and the simulator; `book_clock` the address book's removal grace."""
     metrics = Metrics()
     sim_kwargs: dict[str, Any] = {} if manual_clock is None else {"clock": manual_clock.now}
     async with SimServer(sim_config or SimConfig(clearinghouse_push_interval=0.2), **sim_kwargs) as sim:
@@ -114,7 +117,13 @@ async def harness(
                 engine.remove_address(address)
 
         book = AddressBook(
-            [source], metrics, reload_interval=3600, remove_grace=remove_grace, on_change=on_change, poll_interval=0.05
+            [source],
+            metrics,
+            reload_interval=3600,
+            remove_grace=remove_grace,
+            on_change=on_change,
+            poll_interval=0.05,
+            clock=book_clock,
         )
         async with InfoClient.from_config(cfg, budgets, metrics) as info:
             h: Harness | None = None
