@@ -16,7 +16,7 @@ MARKDOWN_NAME = "results.md"
 
 
 def _num(value: float, unit: str) -> str:
-    if unit in ("s", "ms"):
+    if unit in ("s", "ms", "×", "share"):
         return f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
     return f"{value:,.0f}"
 
@@ -54,6 +54,32 @@ def _bench_md(bench: BenchResult) -> list[str]:
     for case in zero:
         lines.append(f"- Zero loss ({case.name}): **{'held' if case.info['zero_loss_all_runs'] else 'FAILED'}**")
     lines.extend(f"- {note}" for note in bench.notes)
+    lines.append("")
+    for case in bench.cases:
+        if case.info.get("loop_steps"):
+            lines.extend(_slow_steps_md(case.name, case.info["loop_steps"]))
+    return lines
+
+
+def _slow_steps_md(case: str, runs: list[dict[str, Any]]) -> list[str]:
+    """What the loop ran in its slow steps, summed over the runs (the `loopsteps` instrument)."""
+    merged: dict[str, dict[str, float]] = {}
+    for run in runs:
+        for entry in run["slowest"]:
+            m = merged.setdefault(entry["name"], {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+            m["count"] += entry["count"]
+            m["total_ms"] += entry["total_ms"]
+            m["max_ms"] = max(m["max_ms"], entry["max_ms"])
+    if not merged:
+        return [f"No loop step over the budget ({case}, {len(runs)} runs).", ""]
+    lines = [
+        f"Loop steps over the budget ({case}, {len(runs)} runs, what each step ran):",
+        "",
+        "| callback | steps | total ms | max ms |",
+        "|---|---|---|---|",
+    ]
+    for name, m in sorted(merged.items(), key=lambda kv: kv[1]["total_ms"], reverse=True):
+        lines.append(f"| `{name}` | {m['count']:,.0f} | {m['total_ms']:,.1f} | {m['max_ms']:,.2f} |")
     lines.append("")
     return lines
 
