@@ -307,7 +307,11 @@ async def bench_e2e(sizes: Sizes, mysql_url: str, mariadb: bool, profiler: Profi
         f"{verdict} (median {rate:,.0f} fills/s, zero loss {'held' if ok else 'FAILED'})"
     )
     throughput.seconds = time.perf_counter() - started
+    return [throughput, await bench_latency(sizes, mysql_url, mariadb)]
 
+
+async def bench_latency(sizes: Sizes, mysql_url: str, mariadb: bool) -> BenchResult:
+    whales = sizes.whales
     started = time.perf_counter()
     latency = BenchResult(
         name="e2e_latency",
@@ -334,7 +338,7 @@ async def bench_e2e(sizes: Sizes, mysql_url: str, mariadb: bool, profiler: Profi
         "service's server and connection to a stream of their own; the ratio is the run's p99 over that p99."
     )
     latency.seconds = time.perf_counter() - started
-    return [throughput, latency]
+    return latency
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -412,6 +416,9 @@ async def run_all(
         benches.extend(await bench_e2e(sizes, mysql_url, mariadb_version is not None, profiler))
         if profiler is not None and profiler.path.exists():
             profile_summary = summarise(profiler.path)
+    elif wanted("latency"):
+        say("latency")
+        benches.append(await bench_latency(sizes, mysql_url, mariadb_version is not None))
     meta = _meta(sizes, mariadb_version)
     meta["duration_s"] = round(time.perf_counter() - started, 1)
     # Other processes on the machine skew every number: the 1/5/15-minute load averages before and after.
