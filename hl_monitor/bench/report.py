@@ -73,9 +73,9 @@ def _slow_steps_md(case: str, runs: list[dict[str, Any]]) -> list[str]:
     if not merged:
         return [f"No loop step over the budget ({case}, {len(runs)} runs).", ""]
     lines = [
-        f"Loop steps over the budget ({case}, {len(runs)} runs, what each step ran):",
+        f"Loop steps over the budget in CPU time ({case}, {len(runs)} runs, what each step ran):",
         "",
-        "| callback | steps | total ms | max ms |",
+        "| callback | steps | total CPU ms | max CPU ms |",
         "|---|---|---|---|",
     ]
     for name, m in sorted(merged.items(), key=lambda kv: kv[1]["total_ms"], reverse=True):

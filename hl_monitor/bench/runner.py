@@ -266,6 +266,10 @@ async def _latency_case(opts: PipelineOptions, sizes: Sizes) -> tuple[Case, list
     metrics["loop_step_p999_ms"] = stat([s.p999_ms for s in steps], "ms")
     metrics["loop_step_max_ms"] = stat([s.max_ms for s in steps], "ms")
     metrics[f"loop_steps_over_{SLOW_STEP_NS // 1_000_000}ms"] = stat([s.over_budget for s in steps], "steps")
+    metrics["loop_step_cpu_p99_ms"] = stat([s.cpu_p99_ms for s in steps], "ms")
+    metrics["loop_step_cpu_p999_ms"] = stat([s.cpu_p999_ms for s in steps], "ms")
+    metrics["loop_step_cpu_max_ms"] = stat([s.cpu_max_ms for s in steps], "ms")
+    metrics[f"loop_steps_cpu_over_{SLOW_STEP_NS // 1_000_000}ms"] = stat([s.cpu_over_budget for s in steps], "steps")
     metrics["loop_busy_share"] = stat([s.busy_share for s in steps], "share")
     info = _loss_info(runs)
     info["loop_steps"] = [asdict(s) for s in steps]
@@ -332,10 +336,12 @@ async def bench_latency(sizes: Sizes, mysql_url: str, mariadb: bool) -> BenchRes
         "publisher's JetStream PubAck returned. Both are wall clocks of the same machine."
     )
     latency.notes.append(
-        "Loop steps: every callback the event loop runs (`asyncio.Handle._run`, timers included) is timed with "
-        "`perf_counter_ns` from the load request to the last ack (`bench/loopsteps.py`); the bench's own driver "
-        "shares the loop. Bare publish: after each run, acknowledged JetStream publishes one at a time on the "
-        "service's server and connection to a stream of their own; the ratio is the run's p99 over that p99."
+        "Loop steps: every callback the event loop runs (`asyncio.Handle._run`, timers included) is timed from the "
+        "load request to the last ack (`bench/loopsteps.py`): wall time with `perf_counter_ns` (what other tasks "
+        "wait, preemption included) and the loop thread's CPU time with `thread_time_ns` (the step's own work); "
+        "the bench's own driver shares the loop. Bare publish: after each run, acknowledged JetStream publishes "
+        "one at a time on the service's server and connection to a stream of their own; the ratio is the run's "
+        "p99 over that p99."
     )
     latency.seconds = time.perf_counter() - started
     return latency
