@@ -163,6 +163,21 @@ def test_precise_owned_blocks_are_held_and_released_by_the_handover_boundary() -
     assert [s.timestamp for s in tr.tick(NOW + 3000)] == [T0 + 30]
 
 
+def test_held_blocks_older_than_the_hold_are_dropped_each_time_an_address_holds_again() -> None:
+    tr = tracker()
+    tr.set_owner(WHALE, "precise", NOW)
+    tr.on_trades("BTC", [trade(1, "1", t=T0)], NOW)
+    assert tr.tick(NOW + 1000) == []  # held
+    tr.tick(NOW + 1000 + 60_001)  # older than hold_ms (60 s): dropped
+    assert tr.stats.held_dropped == 1
+    assert tr.release_held(WHALE, T0 + 1) == []
+    tr.on_trades("BTC", [trade(2, "1", t=T0 + 5)], NOW + 70_000)  # holds again after it was emptied
+    tr.tick(NOW + 71_000)
+    tr.tick(NOW + 71_000 + 60_001)
+    assert tr.stats.held_dropped == 2
+    assert tr.release_held(WHALE, T0 + 10) == []
+
+
 def test_two_trackers_on_the_same_tape_build_the_same_ids() -> None:
     tape = [
         trade(i, "1", str(100 + i), t=T0 + i // 2, buyer=WHALE if i % 3 else OTHER, seller=OTHER if i % 3 else WHALE)

@@ -328,6 +328,8 @@ class TapeTracker:
         self._label_wait_ms = label_wait_ms
         self._requests: list[LabelRequest] = []
         self._parked: dict[str, None] = {}  # addresses with parked signals
+        # Addresses with held signals or fills: the tick ages only these, not every watched address.
+        self._holding: dict[str, None] = {}
         self._instance_id = instance_id
         self.stats = TapeStats()
         # address → state; the tape matches `users` against this dict (one lookup per side of a trade).
@@ -575,6 +577,7 @@ class TapeTracker:
         )
         if st.owner == "precise":
             st.held_fills.append(record)
+            self._holding[st.address] = None
         elif fill.time > st.cut:
             self._fills.append(record)
 
@@ -751,6 +754,8 @@ class TapeTracker:
                     self.stats.held_dropped += 1
                 st.held.append(signal)
             self.stats.signals_held += len(signals)
+            if signals:
+                self._holding[st.address] = None
             return []
         out = [s for s in signals if s.timestamp > st.cut]
         self.stats.signals_suppressed += len(signals) - len(out)
@@ -798,12 +803,16 @@ class TapeTracker:
         for address in list(self._parked):
             out.extend(self._release(self._watched[address], now_ms))
         horizon = now_ms - self._hold_ms
-        for st in self._watched.values():
-            held = st.held
+        for address in list(self._holding):
+            found = self._watched.get(address)
+            if found is None or not (found.held or found.held_fills):
+                del self._holding[address]  # removed, or released / aged out to empty
+                continue
+            held = found.held
             while held and held[0].detected_at < horizon:
                 held.popleft()
                 self.stats.held_dropped += 1
-            held_fills = st.held_fills
+            held_fills = found.held_fills
             while held_fills and held_fills[0].detected_at < horizon:
                 held_fills.popleft()
         return out
