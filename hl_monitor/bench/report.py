@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from hl_monitor.bench.loopsteps import SLOW_STEP_NS
 from hl_monitor.bench.results import BenchResult, Report, Stat
 
 __all__ = ["JSON_NAME", "MARKDOWN_NAME", "render_markdown", "write_report"]
@@ -70,9 +71,13 @@ def _slow_steps_md(case: str, runs: list[dict[str, Any]]) -> list[str]:
             m["count"] += entry["count"]
             m["total_ms"] += entry["total_ms"]
             m["max_ms"] = max(m["max_ms"], entry["max_ms"])
-    if not merged:
-        return [f"No loop step over the budget ({case}, {len(runs)} runs).", ""]
+    over = " / ".join(f"{run['over_budget']:,}" for run in runs)
+    cpu_over = " / ".join(f"{run['cpu_over_budget']:,}" for run in runs)
+    steps = " / ".join(f"{run['steps']:,}" for run in runs)
     lines = [
+        f"Loop steps over {SLOW_STEP_NS / 1e6:g} ms per run ({case}): {over} in wall time, {cpu_over} in CPU time "
+        f"(of {steps} steps).",
+        "",
         f"Loop steps over the budget in CPU time ({case}, {len(runs)} runs, what each step ran):",
         "",
         "| callback | steps | total CPU ms | max CPU ms |",
@@ -80,6 +85,8 @@ def _slow_steps_md(case: str, runs: list[dict[str, Any]]) -> list[str]:
     ]
     for name, m in sorted(merged.items(), key=lambda kv: kv[1]["total_ms"], reverse=True):
         lines.append(f"| `{name}` | {m['count']:,.0f} | {m['total_ms']:,.1f} | {m['max_ms']:,.2f} |")
+    if not merged:
+        lines.append("| (none) | 0 | 0 | 0 |")
     lines.append("")
     return lines
 

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from hl_monitor import __version__
 from hl_monitor.bench.e2e import LoadRun, Pipeline, PipelineOptions
 from hl_monitor.bench.frames import make_tape, make_workload
-from hl_monitor.bench.loopsteps import SLOW_STEP_NS, LoopSteps
+from hl_monitor.bench.loopsteps import LoopSteps
 from hl_monitor.bench.micro import bench_decode, bench_engine, bench_tape
 from hl_monitor.bench.profile import Profiler, summarise
 from hl_monitor.bench.report import write_report
@@ -265,11 +265,9 @@ async def _latency_case(opts: PipelineOptions, sizes: Sizes) -> tuple[Case, list
     metrics["loop_step_p99_ms"] = stat([s.p99_ms for s in steps], "ms")
     metrics["loop_step_p999_ms"] = stat([s.p999_ms for s in steps], "ms")
     metrics["loop_step_max_ms"] = stat([s.max_ms for s in steps], "ms")
-    metrics[f"loop_steps_over_{SLOW_STEP_NS // 1_000_000}ms"] = stat([s.over_budget for s in steps], "steps")
     metrics["loop_step_cpu_p99_ms"] = stat([s.cpu_p99_ms for s in steps], "ms")
     metrics["loop_step_cpu_p999_ms"] = stat([s.cpu_p999_ms for s in steps], "ms")
     metrics["loop_step_cpu_max_ms"] = stat([s.cpu_max_ms for s in steps], "ms")
-    metrics[f"loop_steps_cpu_over_{SLOW_STEP_NS // 1_000_000}ms"] = stat([s.cpu_over_budget for s in steps], "steps")
     metrics["loop_busy_share"] = stat([s.busy_share for s in steps], "share")
     info = _loss_info(runs)
     info["loop_steps"] = [asdict(s) for s in steps]
