@@ -7,7 +7,7 @@ from decimal import Decimal
 import msgspec
 
 from hl_monitor.domain.signal import LiquidationInfo
-from hl_monitor.feeds.market_tape import TapeCoin, TradeDedup, plan_coverage, shard, split_budget
+from hl_monitor.feeds.market_tape import MemorySampler, TapeCoin, TradeDedup, plan_coverage, shard, split_budget
 from hl_monitor.hyperliquid.protocol import WsTrade
 from hl_monitor.tracking.tape import MAX_BUFFERED, MAX_HISTORY, TapeTracker, is_engine_trade
 from tests.support.factories import fill
@@ -190,6 +190,23 @@ def test_two_trackers_on_the_same_tape_build_the_same_ids() -> None:
         ids.append([s.signal_id for s in out])
     assert ids[0] == ids[1]
     assert len(set(ids[0])) == len(ids[0]) > 3
+
+
+def test_memory_sampler_measures_over_several_small_steps_what_one_full_walk_measures() -> None:
+    tr = tracker()
+    for i in range(300):
+        tr.on_trades("BTC", [trade(i + 1, "1", t=T0 + i)], NOW + i)
+    [full] = tr.memory_bytes()
+    sampler = MemorySampler(tr, sample=10)
+    steps = 0
+    while WHALE not in sampler.sizes:
+        sampler.step(50)
+        steps += 1
+    assert steps > 1  # the walk was spread over several calls
+    assert sampler.sizes == {WHALE: full}
+    tr.remove_address(WHALE, NOW + 400)
+    sampler.step(50)
+    assert sampler.sizes == {}  # an address no longer watched leaves the sample
 
 
 def test_memory_per_address_is_bounded() -> None:
