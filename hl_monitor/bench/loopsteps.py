@@ -34,6 +34,7 @@ __all__ = ["SLOW_STEP_NS", "LoopSteps", "StepSummary"]
 
 # A step longer than this is named in the report: the budget for one step of the service's loop.
 SLOW_STEP_NS: Final = 1_000_000
+OLDEST_GENERATION: Final = 2  # CPython's generations are 0, 1, 2
 # The report names this many of the callbacks that ran slow steps (by total time spent in slow steps).
 TOP_SLOW: Final = 8
 
@@ -61,6 +62,8 @@ class StepSummary:
     gc_pauses: int  # garbage collections in the window
     gc_pauses_over_budget: int  # of which longer than SLOW_STEP_NS
     gc_max_ms: float
+    gc_full: int  # collections of the oldest generation (they walk every tracked object not frozen)
+    gc_full_max_ms: float
     slowest: list[dict[str, Any]] = field(default_factory=list)  # name, count, total_ms, max_ms
 
 
@@ -82,13 +85,17 @@ class LoopSteps:
         self._original: Callable[[asyncio.Handle], None] | None = None
         self._started = 0
         self.gc_ns: list[int] = []
+        self.gc_full_ns: list[int] = []
         self._gc_started = 0
 
-    def _on_gc(self, phase: str, _info: dict[str, Any]) -> None:
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter_ns()
         elif self._gc_started:
-            self.gc_ns.append(time.perf_counter_ns() - self._gc_started)
+            took = time.perf_counter_ns() - self._gc_started
+            self.gc_ns.append(took)
+            if info.get("generation") == OLDEST_GENERATION:
+                self.gc_full_ns.append(took)
             self._gc_started = 0
 
     def install(self) -> None:
@@ -130,6 +137,7 @@ class LoopSteps:
         self.durations_ns.clear()
         self.cpu_ns.clear()
         self.gc_ns.clear()
+        self.gc_full_ns.clear()
         self.slow.clear()
         self._started = time.perf_counter_ns()
 
@@ -155,6 +163,8 @@ class LoopSteps:
             gc_pauses=len(self.gc_ns),
             gc_pauses_over_budget=sum(1 for v in self.gc_ns if v > SLOW_STEP_NS),
             gc_max_ms=max(self.gc_ns, default=0) / 1e6,
+            gc_full=len(self.gc_full_ns),
+            gc_full_max_ms=max(self.gc_full_ns, default=0) / 1e6,
             slowest=[
                 {
                     "name": name,

@@ -75,11 +75,13 @@ def _slow_steps_md(case: str, runs: list[dict[str, Any]]) -> list[str]:
     cpu_over = " / ".join(f"{run['cpu_over_budget']:,}" for run in runs)
     steps = " / ".join(f"{run['steps']:,}" for run in runs)
     gc_max = " / ".join(f"{run['gc_max_ms']:.1f}" for run in runs)
+    gc_full = " / ".join(str(run["gc_full"]) for run in runs)
+    gc_full_max = " / ".join(f"{run['gc_full_max_ms']:.1f}" for run in runs)
     lines = [
         f"Loop steps over {SLOW_STEP_NS / 1e6:g} ms per run ({case}): {over} in wall time, {cpu_over} in CPU time "
         f"(of {steps} steps). Garbage collections over {SLOW_STEP_NS / 1e6:g} ms: "
         f"{' / '.join(str(run['gc_pauses_over_budget']) for run in runs)}, longest "
-        f"{gc_max} ms.",
+        f"{gc_max} ms; full collections {gc_full}, longest {gc_full_max} ms.",
         "",
         f"Loop steps over the budget in CPU time ({case}, {len(runs)} runs, what each step ran):",
         "",
