@@ -93,6 +93,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         metrics,
         legacy_tables=cfg.database.legacy_tables,
         symbol_of=lambda coin: engine.symbols.lookup(coin).symbol,
+        database=cfg.database,
     )
     # The console's live feed: acknowledged signals fan out to open browsers; a slow one loses events (counted).
     feed = LiveFeed(on_drop=metrics.evictions.labels(kind="console_event").inc)

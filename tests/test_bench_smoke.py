@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from hl_monitor.bench.e2e import percentile
+from hl_monitor.bench.loopsteps import SLOW_STEP_NS, LoopSteps
 from hl_monitor.bench.report import JSON_NAME, MARKDOWN_NAME
 from hl_monitor.bench.results import Report, stat
 from hl_monitor.bench.runner import SMOKE, run_all
@@ -50,6 +53,13 @@ async def test_smoke_run_writes_every_bench_with_baselines_and_zero_loss(tmp_pat
             assert check["orders_without_signal"] == 0
             assert check["fills_processed"] == check["fills_sent"] > 0
             assert check["duplicate_fills"] == 0
+    latency = by_name["e2e_latency"].cases[0]
+    for key in ("loop_step_p99_ms", "loop_step_p999_ms", "loop_step_max_ms", "loop_step_cpu_p99_ms",
+                "loop_step_cpu_max_ms", "bare_publish_p99_ms", "p99_over_bare_publish_p99"):  # fmt: skip
+        assert key in latency.metrics, key
+    [steps] = latency.info["loop_steps"]
+    assert steps["steps"] > 0
+    assert steps["p99_ms"] <= steps["p999_ms"] <= steps["max_ms"]
     tape = by_name["tape"]
     assert [c.info["matched_trades"] > 0 for c in tape.cases if "matched_trades" in c.info] == [True, True]
     assert e2e.targets
@@ -71,6 +81,31 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 99) == 99.0
     assert percentile(values, 100) == 100.0
     assert percentile([7.0], 99) == 7.0
+
+
+async def test_loop_steps_time_every_callback_and_name_the_task_of_a_long_one() -> None:
+    steps = LoopSteps()
+
+    async def hog() -> None:
+        started = time.thread_time_ns()
+        while time.thread_time_ns() - started <= 2 * SLOW_STEP_NS:  # one step that uses CPU past the budget
+            pass
+
+    original = asyncio.Handle._run
+    steps.install()
+    try:
+        await asyncio.create_task(hog())
+    finally:
+        steps.uninstall()
+    summary = steps.summary()
+    assert summary.steps >= 1
+    assert summary.cpu_over_budget >= 1
+    assert [entry["name"] for entry in summary.slowest] == [f"task {hog.__qualname__}"]
+    assert asyncio.Handle._run is original
+    await asyncio.sleep(0)  # the step that uninstalled is still recorded when it ends
+    count = len(steps.durations_ns)
+    await asyncio.sleep(0)
+    assert len(steps.durations_ns) == count  # nothing recorded once uninstalled
 
 
 def test_stat_reports_median_and_spread_of_the_runs() -> None:

@@ -34,7 +34,7 @@ from hl_monitor.config import load_config
 from hl_monitor.errors import HlMonitorError
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
-from hl_monitor.storage.repository import Repository, create_engine
+from hl_monitor.storage.repository import Repository, create_blocking_engine, create_engine
 from tests.support.ledger import expected_orders, observed_orders
 from tests.support.service import W1, W2, live, running, service_config
 from tests.support.waiting import wait_until
@@ -308,6 +308,13 @@ async def test_mysql_tls_is_configurable(mariadb_url: str, local_ca: Path) -> No
             await Repository(engine).ping()
     finally:
         await engine.dispose()
+    # The batch writer's own blocking connection (storage/writer.py) demands it the same way.
+    blocking = create_blocking_engine(sa.make_url(tls.database_url()), tls.database)
+    try:
+        with pytest.raises(Exception, match="does not offer TLS"):
+            await asyncio.to_thread(lambda: blocking.connect().close())
+    finally:
+        blocking.dispose()
 
 
 # ------------------------------------------------------------------------------------- frame size bound

@@ -77,19 +77,19 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @contextlib.contextmanager
-def count_statements(eng: AsyncEngine, verb: str) -> Iterator[list[str]]:
-    """Every statement starting with `verb` sent to the database while the block runs."""
+def count_statements(verb: str) -> Iterator[list[str]]:
+    """Every statement starting with `verb` any engine sends while the block runs (the writer has its own)."""
     seen: list[str] = []
 
     def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().upper().startswith(verb):
             seen.append(statement)
 
-    event.listen(eng.sync_engine, "before_cursor_execute", listener)
+    event.listen(sa.Engine, "before_cursor_execute", listener)
     try:
         yield seen
     finally:
-        event.remove(eng.sync_engine, "before_cursor_execute", listener)
+        event.remove(sa.Engine, "before_cursor_execute", listener)
 
 
 async def signal_rows(eng: AsyncEngine) -> list[sa.RowMapping]:
@@ -183,7 +183,7 @@ async def test_flush_sends_one_statement_per_chunk_and_stores_exact_decimals(eng
         )  # fmt: skip
     for n in range(30):
         await writer.put_watermark(f"0x{n:040x}", {"time": T0 + n, "tid": n})
-    with count_statements(engine, "INSERT") as inserts:
+    with count_statements("INSERT") as inserts:
         await writer.flush()
     assert len(inserts) == 3 + 2 + 1  # ceil(120/50) + ceil(70/50) + ceil(30/50)
     rows = await signal_rows(engine)
@@ -245,7 +245,7 @@ async def test_publish_state_merges_into_buffered_insert_and_never_reverts(engin
     await writer.put_signal(make_signal(1))
     await writer.mark_published(make_signal(1).signal_id, T0 + 100)  # ack while the insert is still buffered
     await writer.put_signal(make_signal(2))
-    with count_statements(engine, "UPDATE") as updates:
+    with count_statements("UPDATE") as updates:
         await writer.flush()
     assert updates == []  # merged into the insert
     await writer.mark_published(make_signal(2).signal_id, T0 + 200)  # insert already committed: an UPDATE
@@ -305,7 +305,7 @@ async def test_coalescing_keeps_the_last_state_per_key(engine: AsyncEngine) -> N
     await writer.close_aggregation(WHALE, 7, "Close Short", status="filled")
     for n in range(3):
         await writer.put_watermark(WHALE, {"address": WHALE, "time": T0 + n, "tid": n})
-    with count_statements(engine, "INSERT") as inserts:
+    with count_statements("INSERT") as inserts:
         await writer.flush()
     assert len(inserts) == 2  # one aggregation row, one watermark row
     agg = await Repository(engine).load_aggregation(WHALE, 7, "Close Short")
@@ -484,7 +484,7 @@ async def test_retention_deletes_in_bounded_batches_and_keeps_unpublished_signal
     cfg = RetentionConfig(batch_size=3, max_signals=7, open_aggregations=4 * HOUR_MS / 1000)
     early = msgspec.structs.replace(cfg, max_signals=100)
     cleaner = RetentionCleaner(engine, early, metrics, clock=lambda: T0 + 3 * HOUR_MS)
-    with count_statements(engine, "DELETE") as deletes:
+    with count_statements("DELETE") as deletes:
         assert await cleaner.run_once() == {
             "aggregations": 2,
             "signals": 0,
@@ -497,7 +497,7 @@ async def test_retention_deletes_in_bounded_batches_and_keeps_unpublished_signal
     assert [a.oid for a in pending] == [2, 3]
 
     cleaner = RetentionCleaner(engine, cfg, metrics, clock=clock)
-    with count_statements(engine, "DELETE") as deletes:
+    with count_statements("DELETE") as deletes:
         deleted = await cleaner.run_once()
         assert deleted == {
             "aggregations": 2,

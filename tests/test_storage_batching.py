@@ -40,28 +40,28 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @contextlib.contextmanager
-def executions(eng: AsyncEngine) -> Iterator[list[tuple[str, bool]]]:
-    """(statement, executemany) of every INSERT/UPDATE the engine sends while the block runs."""
+def executions() -> Iterator[list[tuple[str, bool]]]:
+    """(statement, executemany) of every INSERT/UPDATE any engine (the writer has its own) sends in the block."""
     seen: list[tuple[str, bool]] = []
 
     def listener(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
         if statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
             seen.append((statement, executemany))
 
-    event.listen(eng.sync_engine, "before_cursor_execute", listener)
+    event.listen(sa.Engine, "before_cursor_execute", listener)
     try:
         yield seen
     finally:
-        event.remove(eng.sync_engine, "before_cursor_execute", listener)
+        event.remove(sa.Engine, "before_cursor_execute", listener)
 
 
 async def test_upserts_reuse_one_statement_per_table_across_flushes(engine: AsyncEngine) -> None:
     writer = BatchWriter(engine, writer_cfg(batch_size=50), Metrics())
-    with executions(engine) as first:
+    with executions() as first:
         for n in range(70):
             await writer.put_signal(make_signal(n))
         await writer.flush()
-    with executions(engine) as second:
+    with executions() as second:
         for n in range(70, 100):
             await writer.put_signal(make_signal(n))
         await writer.flush()
@@ -97,7 +97,7 @@ async def test_acks_of_committed_signals_keep_their_own_times_in_one_update(engi
     await writer.flush()
     for n in range(37):
         await writer.mark_published(make_signal(n).signal_id, T0 + 1000 + n)
-    with executions(engine) as sent:
+    with executions() as sent:
         await writer.flush()
     assert len(sent) == 1
     async with engine.connect() as conn:

@@ -7,7 +7,7 @@ from decimal import Decimal
 import msgspec
 
 from hl_monitor.domain.signal import LiquidationInfo
-from hl_monitor.feeds.market_tape import TapeCoin, TradeDedup, plan_coverage, shard, split_budget
+from hl_monitor.feeds.market_tape import MemorySampler, TapeCoin, TradeDedup, plan_coverage, shard, split_budget
 from hl_monitor.hyperliquid.protocol import WsTrade
 from hl_monitor.tracking.tape import MAX_BUFFERED, MAX_HISTORY, TapeTracker, is_engine_trade
 from tests.support.factories import fill
@@ -163,6 +163,21 @@ def test_precise_owned_blocks_are_held_and_released_by_the_handover_boundary() -
     assert [s.timestamp for s in tr.tick(NOW + 3000)] == [T0 + 30]
 
 
+def test_held_blocks_older_than_the_hold_are_dropped_each_time_an_address_holds_again() -> None:
+    tr = tracker()
+    tr.set_owner(WHALE, "precise", NOW)
+    tr.on_trades("BTC", [trade(1, "1", t=T0)], NOW)
+    assert tr.tick(NOW + 1000) == []  # held
+    tr.tick(NOW + 1000 + 60_001)  # older than hold_ms (60 s): dropped
+    assert tr.stats.held_dropped == 1
+    assert tr.release_held(WHALE, T0 + 1) == []
+    tr.on_trades("BTC", [trade(2, "1", t=T0 + 5)], NOW + 70_000)  # holds again after it was emptied
+    tr.tick(NOW + 71_000)
+    tr.tick(NOW + 71_000 + 60_001)
+    assert tr.stats.held_dropped == 2
+    assert tr.release_held(WHALE, T0 + 10) == []
+
+
 def test_two_trackers_on_the_same_tape_build_the_same_ids() -> None:
     tape = [
         trade(i, "1", str(100 + i), t=T0 + i // 2, buyer=WHALE if i % 3 else OTHER, seller=OTHER if i % 3 else WHALE)
@@ -175,6 +190,23 @@ def test_two_trackers_on_the_same_tape_build_the_same_ids() -> None:
         ids.append([s.signal_id for s in out])
     assert ids[0] == ids[1]
     assert len(set(ids[0])) == len(ids[0]) > 3
+
+
+def test_memory_sampler_measures_over_several_small_steps_what_one_full_walk_measures() -> None:
+    tr = tracker()
+    for i in range(300):
+        tr.on_trades("BTC", [trade(i + 1, "1", t=T0 + i)], NOW + i)
+    [full] = tr.memory_bytes()
+    sampler = MemorySampler(tr, sample=10)
+    steps = 0
+    while WHALE not in sampler.sizes:
+        sampler.step(50)
+        steps += 1
+    assert steps > 1  # the walk was spread over several calls
+    assert sampler.sizes == {WHALE: full}
+    tr.remove_address(WHALE, NOW + 400)
+    sampler.step(50)
+    assert sampler.sizes == {}  # an address no longer watched leaves the sample
 
 
 def test_memory_per_address_is_bounded() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from hl_monitor.logging import configure_logging
 
-BENCH_NAMES = ("decode", "engine", "tape", "memory", "e2e")
+# "e2e" runs the throughput and the latency benches; "latency" the latency bench alone.
+BENCH_NAMES = ("decode", "engine", "tape", "memory", "e2e", "latency")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import socket
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final, Literal
@@ -36,6 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from hl_monitor.app import Service
 from hl_monitor.bench.frames import whale_address
+from hl_monitor.bench.loopsteps import LoopSteps, StepSummary
+from hl_monitor.bench.results import percentile
 from hl_monitor.config import (
     AddressesConfig,
     Config,
@@ -67,13 +68,10 @@ SIM_START_TIMEOUT_S: Final = 30.0
 SIM_LINE_LIMIT: Final = 256 * 1024 * 1024  # a load answer lists every order: tens of MB at most
 SERVICE_STOP_TIMEOUT_S: Final = 60.0  # the service's own shutdown deadline is 25 s; past this it is hung
 BENCH_INSTANCE_ID: Final = "bench"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
+# The bare-publish probe: a stream of its own on the service's server (the signals stream's count stays exact).
+PROBE_STREAM: Final = "BENCH_PROBE"
+PROBE_SUBJECT: Final = "bench.probe"
+PROBE_PAYLOAD_BYTES: Final = 600  # about one encoded signal
 
 
 def _free_port() -> int:
@@ -104,6 +102,7 @@ class LoadRun:
     detect_ms: list[float]  # frame sent → signal built (WebSocket, decode, engine), ms resolution
     deliver_ms: list[float]  # signal built → JetStream ack
     loss: dict[str, Any] = field(default_factory=dict)
+    steps: StepSummary | None = None  # the loop's steps from the first order sent to the last ack
 
     @property
     def fills_per_s(self) -> float:
@@ -334,13 +333,20 @@ class Pipeline:
 
     # ---------------------------------------------------------------- load
 
-    async def load(self, *, orders: int, fills_per_order: int, rate: float | None, seed: int) -> LoadRun:
-        """Place `orders` orders at `rate` fills/s (None: as fast as the sim goes) and wait for every ack."""
+    async def load(
+        self, *, orders: int, fills_per_order: int, rate: float | None, seed: int, steps: LoopSteps | None = None
+    ) -> LoadRun:
+        """Place `orders` orders at `rate` fills/s (None: as fast as the sim goes) and wait for every ack.
+
+        With `steps`, the loop's step durations are recorded from the load request until the last ack."""
         assert self.clock is not None
         assert self.service is not None
         clock, engine = self.clock, self.service.components.engine
         processed_before = engine.stats.fills_processed
         dups_before = engine.stats.duplicate_fills
+        if steps is not None:
+            steps.reset()
+            steps.install()
         answer = await self._sim.request(
             {
                 "cmd": "load",
@@ -356,7 +362,11 @@ class Pipeline:
         oids = {oid for oid, _, _ in sent}
         by_oid = clock.by_oid
         clock.waiting = {oid for oid in oids if oid not in by_oid}
-        await self._wait(lambda: not clock.waiting, COMPLETION_TIMEOUT_S)  # on timeout the loss check tells
+        try:
+            await self._wait(lambda: not clock.waiting, COMPLETION_TIMEOUT_S)  # on timeout the loss check tells
+        finally:
+            if steps is not None:
+                steps.uninstall()
         run_signals = [sid for sid, (oid, _) in clock.acked.items() if oid in oids]
         latencies = [(by_oid[oid] - at) * 1000 for oid, at, _ in sent if oid in by_oid]
         run = LoadRun(
@@ -368,10 +378,28 @@ class Pipeline:
             latencies_ms=latencies,
             detect_ms=[(clock.detected[oid] - at) * 1000 for oid, at, _ in sent if oid in by_oid],
             deliver_ms=[(by_oid[oid] - clock.detected[oid]) * 1000 for oid in oids if oid in by_oid],
+            steps=steps.summary() if steps is not None else None,
         )
         self._expected_signals += run.signals
         run.loss = await self._check_loss(oids, processed_before, dups_before, fills)
         return run
+
+    async def bare_publish_ms(self, count: int) -> list[float]:
+        """Round trips of `count` acknowledged JetStream publishes, one at a time, on the service's NATS server and
+        connection, to a file stream of their own: the floor under the service's frame → ack latency."""
+        assert self.service is not None
+        js = self.service.components.publisher.client.jetstream()
+        await js.add_stream(name=PROBE_STREAM, subjects=[PROBE_SUBJECT])
+        payload = b"x" * PROBE_PAYLOAD_BYTES
+        took: list[float] = []
+        try:
+            for n in range(count):
+                started = time.perf_counter()
+                await js.publish(PROBE_SUBJECT, payload, headers={MSG_ID_HEADER: f"probe-{n}"})
+                took.append((time.perf_counter() - started) * 1000)
+        finally:
+            await js.delete_stream(PROBE_STREAM)
+        return took
 
     async def _check_loss(self, oids: set[int], processed_before: int, dups_before: int, fills: int) -> dict[str, Any]:
         assert self.clock is not None

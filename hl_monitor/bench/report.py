@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from hl_monitor.bench.loopsteps import SLOW_STEP_NS
 from hl_monitor.bench.results import BenchResult, Report, Stat
 
 __all__ = ["JSON_NAME", "MARKDOWN_NAME", "render_markdown", "write_report"]
@@ -16,7 +17,7 @@ MARKDOWN_NAME = "results.md"
 
 
 def _num(value: float, unit: str) -> str:
-    if unit in ("s", "ms"):
+    if unit in ("s", "ms", "×", "share"):
         return f"{value:,.2f}" if value < 10 else f"{value:,.1f}"
     return f"{value:,.0f}"
 
@@ -54,6 +55,43 @@ def _bench_md(bench: BenchResult) -> list[str]:
     for case in zero:
         lines.append(f"- Zero loss ({case.name}): **{'held' if case.info['zero_loss_all_runs'] else 'FAILED'}**")
     lines.extend(f"- {note}" for note in bench.notes)
+    lines.append("")
+    for case in bench.cases:
+        if case.info.get("loop_steps"):
+            lines.extend(_slow_steps_md(case.name, case.info["loop_steps"]))
+    return lines
+
+
+def _slow_steps_md(case: str, runs: list[dict[str, Any]]) -> list[str]:
+    """What the loop ran in its slow steps, summed over the runs (the `loopsteps` instrument)."""
+    merged: dict[str, dict[str, float]] = {}
+    for run in runs:
+        for entry in run["slowest"]:
+            m = merged.setdefault(entry["name"], {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+            m["count"] += entry["count"]
+            m["total_ms"] += entry["total_ms"]
+            m["max_ms"] = max(m["max_ms"], entry["max_ms"])
+    over = " / ".join(f"{run['over_budget']:,}" for run in runs)
+    cpu_over = " / ".join(f"{run['cpu_over_budget']:,}" for run in runs)
+    steps = " / ".join(f"{run['steps']:,}" for run in runs)
+    gc_max = " / ".join(f"{run['gc_max_ms']:.1f}" for run in runs)
+    gc_full = " / ".join(str(run["gc_full"]) for run in runs)
+    gc_full_max = " / ".join(f"{run['gc_full_max_ms']:.1f}" for run in runs)
+    lines = [
+        f"Loop steps over {SLOW_STEP_NS / 1e6:g} ms per run ({case}): {over} in wall time, {cpu_over} in CPU time "
+        f"(of {steps} steps). Garbage collections over {SLOW_STEP_NS / 1e6:g} ms: "
+        f"{' / '.join(str(run['gc_pauses_over_budget']) for run in runs)}, longest "
+        f"{gc_max} ms; full collections {gc_full}, longest {gc_full_max} ms.",
+        "",
+        f"Loop steps over the budget in CPU time ({case}, {len(runs)} runs, what each step ran):",
+        "",
+        "| callback | steps | total CPU ms | max CPU ms |",
+        "|---|---|---|---|",
+    ]
+    for name, m in sorted(merged.items(), key=lambda kv: kv[1]["total_ms"], reverse=True):
+        lines.append(f"| `{name}` | {m['count']:,.0f} | {m['total_ms']:,.1f} | {m['max_ms']:,.2f} |")
+    if not merged:
+        lines.append("| (none) | 0 | 0 | 0 |")
     lines.append("")
     return lines
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -9,7 +10,14 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["BenchResult", "Case", "Report", "Stat", "rate_runs", "stat"]
+__all__ = ["BenchResult", "Case", "Report", "Stat", "percentile", "rate_runs", "stat"]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[rank]
 
 
 class Stat(msgspec.Struct, frozen=True, kw_only=True):

@@ -24,12 +24,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hl_monitor import __version__
-from hl_monitor.bench.e2e import LoadRun, Pipeline, PipelineOptions, percentile
+from hl_monitor.bench.e2e import LoadRun, Pipeline, PipelineOptions
 from hl_monitor.bench.frames import make_tape, make_workload
+from hl_monitor.bench.loopsteps import LoopSteps
 from hl_monitor.bench.micro import bench_decode, bench_engine, bench_tape
 from hl_monitor.bench.profile import Profiler, summarise
 from hl_monitor.bench.report import write_report
-from hl_monitor.bench.results import BenchResult, Case, Report, stat
+from hl_monitor.bench.results import BenchResult, Case, Report, percentile, stat
 from hl_monitor.delivery.embedded_nats import find_nats_server
 from hl_monitor.errors import BenchError
 from hl_monitor.logging import get_logger
@@ -41,6 +42,8 @@ log = get_logger(__name__)
 E2E_TARGET_FILLS_S: Final = 20_000
 LATENCY_TARGET_P99_MS: Final = 25.0
 LATENCY_RATE_FILLS_S: Final = 2_000
+# Acknowledged publishes of the bare-publish probe per latency run: enough for a stable p99 in about a second.
+PROBE_PUBLISHES: Final = 2_000
 DEFAULT_MYSQL_URL: Final = "mysql+aiomysql://root@127.0.0.1:3306/test"
 PACKAGES: Final = ("msgspec", "websockets", "aiohttp", "nats-py", "sqlalchemy", "aiomysql", "aiosqlite", "alembic")
 
@@ -62,6 +65,7 @@ class Sizes:
     latency_fills_per_order: int
     memory_sizes: tuple[int, ...]
     memory_runs: int
+    probe_publishes: int = PROBE_PUBLISHES  # bare acknowledged publishes after each latency run
 
 
 FULL: Final = Sizes(
@@ -99,6 +103,7 @@ SMOKE: Final = Sizes(
     # RSS grows in pages and arenas: a few hundred addresses can fit in memory already mapped (0 B/address).
     memory_sizes=(5_000,),
     memory_runs=1,
+    probe_publishes=50,
 )
 
 
@@ -232,6 +237,7 @@ async def _e2e_case(
 
 async def _latency_case(opts: PipelineOptions, sizes: Sizes) -> tuple[Case, list[LoadRun]]:
     runs: list[LoadRun] = []
+    bare_p99: list[float] = []
     for i in range(sizes.e2e_runs):
         async with Pipeline(opts) as pipe:
             runs.append(
@@ -240,8 +246,10 @@ async def _latency_case(opts: PipelineOptions, sizes: Sizes) -> tuple[Case, list
                     fills_per_order=sizes.latency_fills_per_order,
                     rate=LATENCY_RATE_FILLS_S,
                     seed=200 + i,
+                    steps=LoopSteps(),
                 )
             )
+            bare_p99.append(percentile(await pipe.bare_publish_ms(sizes.probe_publishes), 99))
     metrics = {}
     for q in (50, 90, 99):
         metrics[f"p{q}_ms"] = stat([percentile(r.latencies_ms, q) for r in runs], "ms")
@@ -249,7 +257,21 @@ async def _latency_case(opts: PipelineOptions, sizes: Sizes) -> tuple[Case, list
     metrics["p99_sent_to_signal_ms"] = stat([percentile(r.detect_ms, 99) for r in runs], "ms")
     metrics["p99_signal_to_ack_ms"] = stat([percentile(r.deliver_ms, 99) for r in runs], "ms")
     metrics["achieved_fills_per_s"] = stat([r.fills_per_s for r in runs], "fills/s")
-    return Case(name=f"{opts.db}, JetStream ack", metrics=metrics, info=_loss_info(runs)), runs
+    metrics["bare_publish_p99_ms"] = stat(bare_p99, "ms")
+    metrics["p99_over_bare_publish_p99"] = stat(
+        [percentile(r.latencies_ms, 99) / bare for r, bare in zip(runs, bare_p99, strict=True)], "×"
+    )
+    steps = [r.steps for r in runs if r.steps is not None]
+    metrics["loop_step_p99_ms"] = stat([s.p99_ms for s in steps], "ms")
+    metrics["loop_step_p999_ms"] = stat([s.p999_ms for s in steps], "ms")
+    metrics["loop_step_max_ms"] = stat([s.max_ms for s in steps], "ms")
+    metrics["loop_step_cpu_p99_ms"] = stat([s.cpu_p99_ms for s in steps], "ms")
+    metrics["loop_step_cpu_p999_ms"] = stat([s.cpu_p999_ms for s in steps], "ms")
+    metrics["loop_step_cpu_max_ms"] = stat([s.cpu_max_ms for s in steps], "ms")
+    metrics["loop_busy_share"] = stat([s.busy_share for s in steps], "share")
+    info = _loss_info(runs)
+    info["loop_steps"] = [asdict(s) for s in steps]
+    return Case(name=f"{opts.db}, JetStream ack", metrics=metrics, info=info), runs
 
 
 async def bench_e2e(sizes: Sizes, mysql_url: str, mariadb: bool, profiler: Profiler | None) -> list[BenchResult]:
@@ -287,7 +309,11 @@ async def bench_e2e(sizes: Sizes, mysql_url: str, mariadb: bool, profiler: Profi
         f"{verdict} (median {rate:,.0f} fills/s, zero loss {'held' if ok else 'FAILED'})"
     )
     throughput.seconds = time.perf_counter() - started
+    return [throughput, await bench_latency(sizes, mysql_url, mariadb)]
 
+
+async def bench_latency(sizes: Sizes, mysql_url: str, mariadb: bool) -> BenchResult:
+    whales = sizes.whales
     started = time.perf_counter()
     latency = BenchResult(
         name="e2e_latency",
@@ -307,8 +333,16 @@ async def bench_e2e(sizes: Sizes, mysql_url: str, mariadb: bool, profiler: Profi
         "Send time is when the sim queued the order's frames (its write loop sends them next); ack time is when the "
         "publisher's JetStream PubAck returned. Both are wall clocks of the same machine."
     )
+    latency.notes.append(
+        "Loop steps: every callback the event loop runs (`asyncio.Handle._run`, timers included) is timed from the "
+        "load request to the last ack (`bench/loopsteps.py`): wall time with `perf_counter_ns` (what other tasks "
+        "wait, preemption included) and the loop thread's CPU time with `thread_time_ns` (the step's own work); "
+        "the bench's own driver shares the loop. Bare publish: after each run, acknowledged JetStream publishes "
+        "one at a time on the service's server and connection to a stream of their own; the ratio is the run's "
+        "p99 over that p99."
+    )
     latency.seconds = time.perf_counter() - started
-    return [throughput, latency]
+    return latency
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -386,6 +420,9 @@ async def run_all(
         benches.extend(await bench_e2e(sizes, mysql_url, mariadb_version is not None, profiler))
         if profiler is not None and profiler.path.exists():
             profile_summary = summarise(profiler.path)
+    elif wanted("latency"):
+        say("latency")
+        benches.append(await bench_latency(sizes, mysql_url, mariadb_version is not None))
     meta = _meta(sizes, mariadb_version)
     meta["duration_s"] = round(time.perf_counter() - started, 1)
     # Other processes on the machine skew every number: the 1/5/15-minute load averages before and after.

@@ -449,6 +449,10 @@ class Connection:
                 self.request_reconnect("handler_error", getattr(item, "epoch", None))
             finally:
                 self._handling = False
+            if not self._queue.empty():
+                # A backlog never suspends `get()`: without this yield the whole backlog is one loop step, and
+                # every other socket, ack and timer waits behind it (docs/architecture.md §10, one event per step).
+                await asyncio.sleep(0)
 
     def _saw_data(self, channel: str, now: float) -> None:
         """A data frame arrived: feeds the feed age and the stale detector (both span sessions)."""

@@ -111,9 +111,12 @@ log = get_logger(__name__)
 MAX_KEYS_PER_COIN: Final = 20_000
 # Tick of the block-settle / hold timers: a fraction of the settle time so a block is late by little.
 MAX_TICK_S: Final = 0.1
-# Memory per wide address is measured on a sample this large, this often (it walks every structure).
+# Memory per wide address is measured on a sample this large and exported this often (it walks every structure).
 MEMORY_SAMPLE: Final = 200
 MEMORY_EVERY_S: Final = 10.0
+# Objects the memory walk visits per tick: well under a millisecond of the loop (docs/architecture.md §10); a
+# whale's state of tens of thousands of objects is measured over a few seconds of ticks instead of in one step.
+MEMORY_WALK_BUDGET: Final = 1_000
 # Universe (re)load retries: fast for a lost reply, then at the weight window's pace.
 LOAD_RETRY_INITIAL_S: Final = 1.0
 LOAD_RETRY_MAX_S: Final = 60.0
@@ -145,8 +148,52 @@ class TapeIntake(Protocol):
     def release_waiting(self) -> list[Signal]: ...
     def open_blocks(self) -> int: ...
     def coins_of_interest(self) -> set[str]: ...
-    def addresses(self) -> list[str]: ...
-    def memory_bytes(self, addresses: Sequence[str]) -> list[int]: ...
+    def sample_addresses(self, n: int) -> list[str]: ...
+    def size_walk(self, address: str) -> MemoryWalk | None: ...
+
+
+class MemoryWalk(Protocol):
+    """A resumable deep-size walk of one address's tape state (`tracking.tape.SizeWalk`)."""
+
+    size: int
+
+    def step(self, budget: int) -> bool: ...
+
+
+class MemorySampler:
+    """Sizes of a sample of watched addresses, measured a budget of objects per call (the tape's tick), one
+    address after the other; the gauge exports the latest size of each (`MarketTape.export_memory`)."""
+
+    def __init__(self, tracker: TapeIntake, sample: int) -> None:
+        self._tracker = tracker
+        self._sample = sample
+        self._queue: deque[str] = deque()
+        self._walk: tuple[str, MemoryWalk] | None = None
+        self.sizes: dict[str, int] = {}  # address → bytes, at most `sample` addresses
+
+    def step(self, budget: int) -> None:
+        while budget > 0:
+            if self._walk is None:
+                if not self._queue:
+                    chosen = self._tracker.sample_addresses(self._sample)
+                    if not chosen:
+                        self.sizes.clear()
+                        return
+                    keep = set(chosen)
+                    self.sizes = {a: n for a, n in self.sizes.items() if a in keep}
+                    self._queue.extend(chosen)
+                address = self._queue.popleft()
+                walk = self._tracker.size_walk(address)
+                if walk is None:
+                    self.sizes.pop(address, None)
+                    continue
+                self._walk = (address, walk)
+            address, walk = self._walk
+            if not walk.step(budget):
+                return  # the budget is spent; the walk resumes at the next call
+            self.sizes[address] = walk.size
+            self._walk = None
+            return  # one address finished per call at most: the next begins at the next tick
 
 
 class DiscoveryIntake(Protocol):
@@ -372,6 +419,7 @@ class MarketTape:
         self._cfg = cfg
         self._wide = wide
         self._tracker = tracker
+        self._memory = MemorySampler(tracker, MEMORY_SAMPLE)
         self._info = info
         self._budget = budget
         self._metrics = metrics
@@ -694,14 +742,14 @@ class MarketTape:
         while True:
             await asyncio.sleep(tick)
             await self._emit(self._tracker.tick(self._wall_ms()))
+            self._memory.step(MEMORY_WALK_BUDGET)
             now = time.monotonic()
             if now - last_memory >= MEMORY_EVERY_S:
                 last_memory = now
                 self.export_memory()
 
     def export_memory(self) -> None:
-        addresses = self._tracker.addresses()[:MEMORY_SAMPLE]
-        sizes = self._tracker.memory_bytes(addresses)
+        sizes = list(self._memory.sizes.values())
         gauge = self._metrics.wide_address_memory_bytes
         gauge.labels(stat="mean").set(sum(sizes) / len(sizes) if sizes else 0)
         gauge.labels(stat="max").set(max(sizes, default=0))

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
-from hl_monitor.config import Config
+from hl_monitor.config import Config, DatabaseConfig
 from hl_monitor.domain.address import WatchedAddress, parse_address, symbol_key, symbol_keys
 from hl_monitor.domain.publication import Publication
 from hl_monitor.domain.signal import Signal, decode_signal, encode_signal, plain_decimal
@@ -83,15 +83,9 @@ def create_engine(cfg: Config) -> AsyncEngine:
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    connect_args: dict[str, Any] = {"connect_timeout": db.connect_timeout}
-    if "charset" not in parsed.query:
-        connect_args["charset"] = "utf8mb4"  # the server default may be latin1; labels are unicode
-    if "init_command" not in parsed.query:
-        connect_args["init_command"] = NO_BACKSLASH_ESCAPES_INIT
-    if db.tls_ca:
-        connect_args["ssl"] = ssl.create_default_context(cafile=db.tls_ca)
-        if parsed.get_driver_name() == "aiomysql":
-            connect_args["async_creator_fn"] = _connect_requiring_tls
+    connect_args = _mysql_connect_args(parsed, db)
+    if db.tls_ca and parsed.get_driver_name() == "aiomysql":
+        connect_args["async_creator_fn"] = _connect_requiring_tls
     return create_async_engine(
         url,
         pool_pre_ping=True,
@@ -100,6 +94,54 @@ def create_engine(cfg: Config) -> AsyncEngine:
         max_overflow=db.max_overflow,
         connect_args=connect_args,
     )
+
+
+# The blocking drivers of the same databases, for the writer's thread (`storage/writer.py`): pymysql is what
+# aiomysql wraps (same escaping, same executemany rewrite), sqlite3 is what aiosqlite wraps.
+_BLOCKING_DRIVERS: Final = {"mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql", "sqlite": "sqlite+pysqlite"}
+# The writer's thread runs one transaction at a time: one connection, and none beyond it.
+WRITER_POOL_SIZE: Final = 1
+
+
+def create_blocking_engine(url: sa.URL, db: DatabaseConfig) -> sa.Engine:
+    """A blocking engine on the database of `url` (an async engine's URL) with the service's session settings
+    (`create_engine`), holding one connection: the batch writer's own, used only from its thread."""
+    backend = url.get_backend_name()
+    if backend not in _BLOCKING_DRIVERS:
+        raise StorageError(f"no blocking driver for database backend {backend!r}")
+    sync_url = url.set(drivername=_BLOCKING_DRIVERS[backend])
+    if backend == "sqlite":
+        engine = sa.create_engine(
+            sync_url,
+            pool_pre_ping=True,
+            pool_size=WRITER_POOL_SIZE,
+            max_overflow=0,
+            connect_args={"timeout": db.sqlite_busy_timeout, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    engine = sa.create_engine(
+        sync_url,
+        pool_pre_ping=True,
+        pool_recycle=db.pool_recycle,
+        pool_size=WRITER_POOL_SIZE,
+        max_overflow=0,
+        connect_args=_mysql_connect_args(url, db),
+    )
+    if db.tls_ca:
+        event.listen(engine, "do_connect", _connect_requiring_tls_blocking)
+    return engine
+
+
+def _mysql_connect_args(url: sa.URL, db: DatabaseConfig) -> dict[str, Any]:
+    connect_args: dict[str, Any] = {"connect_timeout": db.connect_timeout}
+    if "charset" not in url.query:
+        connect_args["charset"] = "utf8mb4"  # the server default may be latin1; labels are unicode
+    if "init_command" not in url.query:
+        connect_args["init_command"] = NO_BACKSLASH_ESCAPES_INIT
+    if db.tls_ca:
+        connect_args["ssl"] = ssl.create_default_context(cafile=db.tls_ca)
+    return connect_args
 
 
 async def _connect_requiring_tls(**kwargs: Any) -> Any:
@@ -123,6 +165,22 @@ async def _connect_requiring_tls(**kwargs: Any) -> Any:
         conn.close()
         raise
     return conn
+
+
+def _connect_requiring_tls_blocking(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """pymysql skips TLS the same way aiomysql does (`_connect_requiring_tls`); the same refusal for it."""
+    import pymysql
+    from pymysql.constants import CLIENT
+
+    class _TlsRequired(pymysql.connections.Connection):  # type: ignore[misc]
+        def _request_authentication(self) -> None:
+            if not self.server_capabilities & CLIENT.SSL:
+                raise StorageError(
+                    "database.tls_ca is set but the MySQL server does not offer TLS; refusing to log in in plain text"
+                )
+            super()._request_authentication()
+
+    return _TlsRequired(*cargs, **cparams)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

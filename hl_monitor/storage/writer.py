@@ -12,10 +12,16 @@ signal inserts, publish marks, signal holdings ended and started, publication in
 position events, account-value samples, aggregation upserts, aggregation closes, watermarks, deleted position
 documents, position documents.
 Upserts use one cached statement per table executed with the chunk's rows (compiled once; the driver
-batches them: sqlite3's executemany, aiomysql's multi-row rewrite of `INSERT … VALUES … ON DUPLICATE KEY`),
+batches them: sqlite3's executemany, pymysql's multi-row rewrite of `INSERT … VALUES … ON DUPLICATE KEY`),
 so a flush never rebuilds SQLAlchemy constructs per row and value. Only where the driver would not batch
-(MySQL >= 8.0.20, whose `AS new` row alias aiomysql does not recognise) a multi-row statement is built per
-chunk. The writer yields to the event loop between chunks, so a big flush never holds the feeds.
+(MySQL >= 8.0.20, whose `AS new` row alias pymysql does not recognise) a multi-row statement is built per
+chunk.
+
+Where the work runs (docs/architecture.md §10): puts and coalescing are dict operations on the event loop; a
+flush hands the swapped-out buffer to the writer's own thread, which builds the statements, escapes the values
+and talks to the database on a blocking connection of its own (`repository.create_blocking_engine`, one
+connection). The loop only awaits the thread's answer, so no SQL building, escaping or driver I/O ever holds the
+feeds. One thread, one flush at a time: transactions commit in put order, exactly as on the loop before.
 On a transient error (server gone, lock, timeout) the same batch is retried with exponential backoff
 until it commits, while new puts keep coalescing into the next buffer. A row the database refuses as
 invalid (DataError/IntegrityError) cannot succeed by waiting: the batch is then written chunk by
@@ -38,7 +44,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import chain
@@ -46,10 +53,10 @@ from typing import Any, Final
 
 import msgspec
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hl_monitor.clock import wall_ms as now_ms
-from hl_monitor.config import WriterConfig
+from hl_monitor.config import DatabaseConfig, WriterConfig
 from hl_monitor.domain.publication import Publication
 from hl_monitor.domain.signal import Signal
 from hl_monitor.errors import StorageError
@@ -84,6 +91,7 @@ from hl_monitor.storage.repository import (
     SIGNAL_UPDATE,
     AggKey,
     close_aggregations_statement,
+    create_blocking_engine,
     delete_holdings_statement,
     delete_legacy_positions_statement,
     delete_positions_statement,
@@ -177,7 +185,7 @@ class _Op:
     rows: list[Any]
     build: Callable[[list[Any]], _Call]
     chunk: int
-    run: Callable[[AsyncConnection, list[Any]], Awaitable[None]] | None = None
+    run: Callable[[sa.Connection, list[Any]], None] | None = None
 
 
 class BatchWriter:
@@ -192,11 +200,17 @@ class BatchWriter:
         clock: Callable[[], int] = now_ms,
         legacy_tables: bool = False,
         symbol_of: Callable[[str], str] | None = None,
+        database: DatabaseConfig | None = None,
     ) -> None:
+        """`engine` names the database; the writer writes through a blocking engine of its own on the same URL,
+        with `database`'s session settings (timeouts, TLS; defaults when not given)."""
         self.engine = engine
         self.cfg = cfg
         self.metrics = metrics
         self.dialect = engine.dialect.name
+        self._blocking = create_blocking_engine(engine.url, database or DatabaseConfig())
+        # The one thread that runs every flush's SQL (module docstring): FIFO, one transaction at a time.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hlm-writer")
         self._clock = clock
         self.legacy_tables = legacy_tables  # also write the old service's tables (module docstring)
         self._symbol_of = symbol_of or (lambda coin: coin)  # coin → symbol for hl_order_aggregation
@@ -509,10 +523,11 @@ class BatchWriter:
             await self._flush_once()
 
     async def close(self) -> None:
-        """Refuse new puts, write everything buffered, stop `run()`."""
+        """Refuse new puts, write everything buffered, stop `run()`, close the writer's connection."""
         self._closed = True
         await self.flush()
         self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._blocking.dispose)
 
     @property
     def depth(self) -> int:
@@ -532,13 +547,13 @@ class BatchWriter:
             delay = self.cfg.retry_initial_delay
             while True:
                 try:
-                    await self._write(batch)
+                    await self._in_thread(self._write, batch)
                     break
                 except Exception as exc:
                     if not is_transient(exc):
                         log.warning("batch refused, isolating bad rows", table=self._current_table, error=str(exc))
                         try:
-                            await self._write_isolating(batch)
+                            await self._in_thread(self._write_isolating, batch)
                             break
                         except Exception as again:
                             if not is_transient(again):
@@ -703,49 +718,54 @@ class BatchWriter:
         if table.name in self._upserts:
             return self._upserts[table.name]
         stmt = upsert_statement(self.dialect, table, keys, update)
-        dialect = self.engine.dialect
+        dialect = self._blocking.dialect
         if self.dialect != "sqlite" and getattr(dialect, "server_version_info", None) is None:
             return None  # not connected yet: the per-chunk statement is right for every server
         usable = self.dialect == "sqlite" or _driver_batches(str(stmt.compile(dialect=dialect)))
         self._upserts[table.name] = stmt if usable else None
         return self._upserts[table.name]
 
-    async def _write(self, batch: _Buffer) -> None:
+    async def _in_thread(self, write: Callable[[_Buffer], None], batch: _Buffer) -> None:
+        """Run `write(batch)` on the writer's thread; the loop awaits without doing any of it."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, write, batch)
+
+    # Everything below runs on the writer's thread, never on the event loop.
+
+    def _write(self, batch: _Buffer) -> None:
         """The whole batch in one transaction, one statement per chunk."""
         self._current_table = ""
         written: dict[str, int] = {}
-        async with self.engine.begin() as conn:
+        with self._blocking.begin() as conn:
             for op in self._ops(batch):
                 for chunk in _chunks(op.rows, op.chunk):
-                    await self._execute(conn, op, chunk)
+                    self._execute(conn, op, chunk)
                     written[op.table] = written.get(op.table, 0) + len(chunk)
-                    await asyncio.sleep(0)  # let the feeds run between chunks of a big flush
         for table, count in written.items():
             self.metrics.writer_rows.labels(table=table).inc(count)
 
-    async def _execute(self, conn: AsyncConnection, op: _Op, chunk: list[Any]) -> None:
+    def _execute(self, conn: sa.Connection, op: _Op, chunk: list[Any]) -> None:
         self._current_table = op.table
         started = time.perf_counter()
         if op.run is not None:
-            await op.run(conn, chunk)
+            op.run(conn, chunk)
         else:
             statement, params = op.build(chunk)
-            await conn.execute(statement, params)
+            conn.execute(statement, params)
         self.metrics.batch_write_duration_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_write_size.observe(len(chunk))
 
-    async def _write_isolating(self, batch: _Buffer) -> None:
+    def _write_isolating(self, batch: _Buffer) -> None:
         """Slow path after a refused batch: each chunk in its own transaction, a refused chunk row by row."""
         for op in self._ops(batch):
             for chunk in _chunks(op.rows, op.chunk):
                 try:
-                    await self._commit(op, chunk)
+                    self._commit(op, chunk)
                 except Exception as exc:
                     if is_transient(exc):
                         raise
                     for row in chunk:
                         try:
-                            await self._commit(op, [row])
+                            self._commit(op, [row])
                         except Exception as row_exc:
                             if is_transient(row_exc):
                                 raise
@@ -757,9 +777,9 @@ class BatchWriter:
                                 error=f"{type(row_exc).__name__}: {row_exc}",
                             )
 
-    async def _commit(self, op: _Op, chunk: list[Any]) -> None:
-        async with self.engine.begin() as conn:
-            await self._execute(conn, op, chunk)
+    def _commit(self, op: _Op, chunk: list[Any]) -> None:
+        with self._blocking.begin() as conn:
+            self._execute(conn, op, chunk)
         self.metrics.writer_rows.labels(table=op.table).inc(len(chunk))
 
 
@@ -772,16 +792,16 @@ def _no_statement(chunk: list[Any]) -> _Call:
     raise AssertionError("an op with `run` is executed by it")
 
 
-async def _insert_legacy_signals(conn: AsyncConnection, chunk: list[tuple[str, int, Row]]) -> None:
+def _insert_legacy_signals(conn: sa.Connection, chunk: list[tuple[str, int, Row]]) -> None:
     """Legacy rows of the signals this transaction stored for the first time: a signal row that was already there
     kept its older `created_at` (the upsert never changes it), so a replayed signal adds no second legacy row."""
     s = t.signals.c
     ids = [signal_id for signal_id, _, _ in chunk]
     query = sa.select(s.signal_id, s.created_at).where(s.signal_id.in_(ids))
-    stored: dict[str, int] = {row.signal_id: row.created_at for row in (await conn.execute(query)).all()}
+    stored: dict[str, int] = {row.signal_id: row.created_at for row in conn.execute(query).all()}
     rows = [row for signal_id, created, row in chunk if stored.get(signal_id) == created]
     if rows:
-        await conn.execute(sa.insert(t.legacy_address_signal), rows)
+        conn.execute(sa.insert(t.legacy_address_signal), rows)
 
 
 def _closer(status: str | None) -> Callable[[list[Any]], _Call]:
@@ -792,7 +812,7 @@ def _closer(status: str | None) -> Callable[[list[Any]], _Call]:
 
 
 def _driver_batches(sql: str) -> bool:
-    """True when aiomysql rewrites an executemany of `sql` into multi-row statements (not one per row)."""
-    from aiomysql.cursors import RE_INSERT_VALUES
+    """True when pymysql rewrites an executemany of `sql` into multi-row statements (not one per row)."""
+    from pymysql.cursors import RE_INSERT_VALUES
 
     return RE_INSERT_VALUES.match(sql) is not None

@@ -53,6 +53,7 @@ import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
+from itertools import islice
 from typing import Final
 
 import msgspec
@@ -290,20 +291,40 @@ class _Wide:
         self.label_fills: OrderedDict[int, Fill] | None = None  # tid → fill, from label answers
 
 
-def _deep_size(obj: object, seen: set[int]) -> int:
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    size = sys.getsizeof(obj)
-    if isinstance(obj, dict):
-        size += sum(_deep_size(k, seen) + _deep_size(v, seen) for k, v in obj.items())
-    elif isinstance(obj, list | tuple | deque | set | frozenset):
-        size += sum(_deep_size(item, seen) for item in obj)
-    elif isinstance(obj, msgspec.Struct):
-        size += sum(_deep_size(getattr(obj, f), seen) for f in obj.__struct_fields__)
-    elif hasattr(obj, "__slots__") and not isinstance(obj, str | bytes | int | Decimal):
-        size += sum(_deep_size(getattr(obj, s, None), seen) for s in obj.__slots__)
-    return size
+class SizeWalk:
+    """A deep-size walk of one address's state that can stop after a budget of objects and resume later, so a
+    periodic memory gauge costs each loop step a bounded share (docs/architecture.md §10). The state may change
+    between two steps of the walk: the total is an estimate, as the gauge is."""
+
+    def __init__(self, root: object, skip: Iterable[object] = ()) -> None:
+        self._stack: list[object] = [root]
+        self._seen: set[int] = {id(obj) for obj in skip}
+        self.size = 0
+
+    @property
+    def done(self) -> bool:
+        return not self._stack
+
+    def step(self, budget: int) -> bool:
+        """Visit up to `budget` objects; True once the walk is complete."""
+        stack, seen = self._stack, self._seen
+        while stack and budget > 0:
+            obj = stack.pop()
+            budget -= 1
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            self.size += sys.getsizeof(obj)
+            if isinstance(obj, dict):
+                stack.extend(obj.keys())
+                stack.extend(obj.values())
+            elif isinstance(obj, list | tuple | deque | set | frozenset):
+                stack.extend(obj)
+            elif isinstance(obj, msgspec.Struct):
+                stack.extend(getattr(obj, f) for f in obj.__struct_fields__)
+            elif hasattr(obj, "__slots__") and not isinstance(obj, str | bytes | int | Decimal):
+                stack.extend(getattr(obj, s, None) for s in obj.__slots__)
+        return not stack
 
 
 class TapeTracker:
@@ -328,6 +349,8 @@ class TapeTracker:
         self._label_wait_ms = label_wait_ms
         self._requests: list[LabelRequest] = []
         self._parked: dict[str, None] = {}  # addresses with parked signals
+        # Addresses with held signals or fills: the tick ages only these, not every watched address.
+        self._holding: dict[str, None] = {}
         self._instance_id = instance_id
         self.stats = TapeStats()
         # address → state; the tape matches `users` against this dict (one lookup per side of a trade).
@@ -575,6 +598,7 @@ class TapeTracker:
         )
         if st.owner == "precise":
             st.held_fills.append(record)
+            self._holding[st.address] = None
         elif fill.time > st.cut:
             self._fills.append(record)
 
@@ -751,6 +775,8 @@ class TapeTracker:
                     self.stats.held_dropped += 1
                 st.held.append(signal)
             self.stats.signals_held += len(signals)
+            if signals:
+                self._holding[st.address] = None
             return []
         out = [s for s in signals if s.timestamp > st.cut]
         self.stats.signals_suppressed += len(signals) - len(out)
@@ -798,12 +824,16 @@ class TapeTracker:
         for address in list(self._parked):
             out.extend(self._release(self._watched[address], now_ms))
         horizon = now_ms - self._hold_ms
-        for st in self._watched.values():
-            held = st.held
+        for address in list(self._holding):
+            found = self._watched.get(address)
+            if found is None or not (found.held or found.held_fills):
+                del self._holding[address]  # removed, or released / aged out to empty
+                continue
+            held = found.held
             while held and held[0].detected_at < horizon:
                 held.popleft()
                 self.stats.held_dropped += 1
-            held_fills = st.held_fills
+            held_fills = found.held_fills
             while held_fills and held_fills[0].detected_at < horizon:
                 held_fills.popleft()
         return out
@@ -942,7 +972,24 @@ class TapeTracker:
     def memory_bytes(self, addresses: Iterable[str] | None = None) -> list[int]:
         """Approximate bytes of tracking state per address (all, or the given ones)."""
         chosen = self._watched if addresses is None else {a: self._watched[a] for a in addresses if a in self._watched}
-        return [_deep_size(st, {id(st.label), id(st.address)}) for st in chosen.values()]
+        sizes = []
+        for address in chosen:
+            walk = self.size_walk(address)
+            assert walk is not None
+            walk.step(sys.maxsize)
+            sizes.append(walk.size)
+        return sizes
+
+    def size_walk(self, address: str) -> SizeWalk | None:
+        """A resumable `memory_bytes` walk of one address's state (None: not watched)."""
+        st = self._watched.get(address)
+        if st is None:
+            return None
+        return SizeWalk(st, skip=(st.label, st.address))
+
+    def sample_addresses(self, n: int) -> list[str]:
+        """The first `n` watched addresses (without copying all of them)."""
+        return list(islice(self._watched, n))
 
 
 def _liquidation_of(fill: Fill) -> LiquidationInfo | None:
