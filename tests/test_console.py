@@ -30,10 +30,10 @@ from hl_monitor.ops.console.routes import CSP
 from hl_monitor.ops.http import HttpServer, create_app
 from hl_monitor.sim.server import SimConfig, SimServer
 from hl_monitor.storage.migrate import upgrade
+from tests.support.http_fakes import FakeView, MemoryAdmin
 from tests.support.nats import NatsServer
 from tests.support.service import W1, W2, live, running, service_config
 from tests.support.waiting import wait_until
-from tests.test_http import FakeView, MemoryAdmin
 
 pytestmark = pytest.mark.timeout(120)
 

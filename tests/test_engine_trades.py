@@ -2,7 +2,7 @@
 nothing else; the wide tier reads the whale's own fills over REST and labels the tape signal as the precise tier
 would, within `wide.engine_label_wait`, or lets it go unlabelled.
 
-The real chain against `hl-monitor sim` (the `stack` of `tests/test_wide_sim.py`): tape sockets, tracker, the wide
+The real chain against `hl-monitor sim` (the `stack` of `tests/support/wide_stack.py`): tape sockets, tracker, the wide
 manager's paced REST reads, the service's sink.
 """
 
@@ -16,7 +16,7 @@ from hl_monitor.sim.exchange import ZERO_HASH
 from hl_monitor.tracking.tape import tape_signal_id
 from tests.support.metrics import metric_value
 from tests.support.waiting import wait_until
-from tests.test_wide_sim import W1, Stack, stack, watched
+from tests.support.wide_stack import W1, Stack, stack, watched
 
 
 def tape_signals(s: Stack) -> list[Signal]:
