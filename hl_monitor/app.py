@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from hl_monitor import __version__
+from hl_monitor.cluster.discovery import DiscoveryPart, open_discovery
 from hl_monitor.cluster.leases import Cluster
 from hl_monitor.cluster.views import ExcludingView
 from hl_monitor.config import Config
@@ -68,7 +69,6 @@ from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
 from hl_monitor.tracking.tape import TapeTracker
-from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.planner import TierPlanner
 from hl_monitor.watch.positions import PositionKeeper, PositionsTier, open_positions
 from hl_monitor.watch.tiers import WideTier, build_wide_tier
@@ -112,7 +112,7 @@ class Components:
     cluster: Cluster | None  # cluster.mode = "nats"
     lease: InstanceLease | None  # a shared database (not SQLite)
     embedded: EmbeddedNats | None  # nats.url = "embedded"
-    discovery: DiscoveryKeeper | None = None  # discovery.enabled, with a tape
+    discovery: DiscoveryPart | None = None  # discovery.enabled, with a tape
 
 
 class Service:
@@ -295,11 +295,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         on_fills=fill_sink,
     )
     wide_tier: WideTier | None = None
-    discovery: DiscoveryKeeper | None = None
-    if tape_tracker is not None and cfg.discovery.enabled:
-        discovery = DiscoveryKeeper(
-            cfg.discovery, cfg.hyperliquid, info=info, metrics=metrics, is_watched=lambda a: a in book.entries()
-        )
+    discovery = open_discovery(cfg, tape_tracker is not None, info, metrics, book, table, publisher, repo, writer)
     if tape_tracker is not None:
         wide_tier = build_wide_tier(
             cfg,

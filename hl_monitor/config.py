@@ -254,6 +254,8 @@ class DiscoveryConfig(_Section, frozen=True):
     auto_max: int = 20  # auto-watched addresses at most, at any time
     auto_expire: float = 86400.0  # an auto-watched address without qualifying activity this long is removed
     subject_prefix: str = "hl.discovery"  # auto-watch adds and removes: {prefix}.{address}
+    stream: str = "HL_DISCOVERY"  # JetStream stream holding the announcements
+    max_age: float = 2_592_000.0  # seconds the stream keeps an announcement (30 d: why an address is watched)
 
 
 class FillsConfig(_Section, frozen=True):

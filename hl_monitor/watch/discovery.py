@@ -136,6 +136,11 @@ class DiscoveryKeeper:
         self.discovery.advance(self._wall_ms())
         return self.discovery.candidates(window_ms, label=label, limit=limit)
 
+    def candidate(self, window_ms: int, address: str) -> Candidate | None:
+        """One address's candidate in one window (None when it is not tracked there)."""
+        self.discovery.advance(self._wall_ms())
+        return self.discovery.get(window_ms, address)
+
     def rows(self, window_ms: int, *, label: Label | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """`GET /discovery`'s candidates, largest notional first."""
         return [self.row(c) for c in self.candidates(window_ms, label=label, limit=limit)]
@@ -198,6 +203,15 @@ class DiscoveryKeeper:
             for c in self.candidates(window, limit=self.cfg.confirm_top):
                 if c.label == "engine":
                     continue  # engine flow is a liquidation or a TWAP, not an account worth a read
+                known = self._confirmed.get(c.address)
+                if known is None or now - known.read_at_ms >= ttl_ms:
+                    out.setdefault(c.address)
+            if not self.cfg.auto_watch:
+                continue
+            # Makers lead by notional: the directional ones automatic watching may add are confirmed as well.
+            for c in self.candidates(window, label="directional", limit=self.cfg.confirm_top):
+                if c.notional_usd < self.cfg.auto_min_notional_usd:
+                    break
                 known = self._confirmed.get(c.address)
                 if known is None or now - known.read_at_ms >= ttl_ms:
                     out.setdefault(c.address)
