@@ -29,7 +29,7 @@ from hl_monitor.storage.repository import AddressTable
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.discovery import Label
 from hl_monitor.watch.autowatch import AutoWatcher
-from hl_monitor.watch.discovery import CONFIRM_PASS_S, DiscoveryInfo, DiscoveryKeeper
+from hl_monitor.watch.discovery import DiscoveryInfo, DiscoveryKeeper
 
 __all__ = ["DISCOVERY_ROLE", "DiscoveryPart", "open_discovery"]
 
@@ -54,6 +54,7 @@ class DiscoveryPart:
         self.outbox = outbox
         self.lease = lease
         self._metrics = metrics
+        self.passes = 0
 
     # The tape's intake and `/discovery`'s view (`ops.http.DiscoveryView`), by the keeper.
     def on_trades(self, trades: Sequence[WsTrade], now_ms: int) -> None:
@@ -81,12 +82,12 @@ class DiscoveryPart:
         """One confirmation pass, then one auto-watch step; a storage failure is logged and retried next pass."""
         self.keeper.export()
         await self.keeper.confirm_due()
-        if self.auto is None:
-            return
-        try:
-            await self.auto.step()
-        except HlMonitorError as exc:
-            log.warning("discovery auto-watch step failed; retrying next pass", error=str(exc))
+        if self.auto is not None:
+            try:
+                await self.auto.step()
+            except HlMonitorError as exc:
+                log.warning("discovery auto-watch step failed; retrying next pass", error=str(exc))
+        self.passes += 1
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -96,7 +97,7 @@ class DiscoveryPart:
                 tg.create_task(self.lease.run(), name="discovery-lease")
             while True:
                 await self.step()
-                await asyncio.sleep(CONFIRM_PASS_S)
+                await asyncio.sleep(self.keeper.cfg.pass_interval)
 
 
 def open_discovery(
