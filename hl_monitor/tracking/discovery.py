@@ -70,16 +70,21 @@ _EPSILON_USD: Final = 1e-6
 # Counters a label query classifies at most (largest notional first): a whale worth a look is far inside it,
 # and classifying all 50,000 counters would stall the event loop for a second. Also the size of the ranking.
 LABEL_SCAN: Final = 2_000
-# Counters that re-enter the heap at most this many times its size before the heap is rebuilt from the table.
+# The heap holds at most this many times the table's entries (stale ones of freed counters included) before it is
+# rebuilt from the table, `RANK_STEP` counters per call.
 HEAP_SLACK: Final = 2
+# An eviction re-ranks at most this many counters that grew since their heap entry was pushed; then the smallest
+# of them goes (a counter a little above the minimum: its notional is the newcomer's error bound either way, so
+# the bound stays an upper bound). Without it, one eviction could re-rank most of the table: a 0.25 s pause.
+EVICT_REPUSH_MAX: Final = 64
 # Work per call of `work()` (each tape batch, each query): counters whose expired slices are subtracted, and
-# counters the ranking scan looks at. ~1 µs each: a few ms per call, never a pause of the event loop.
-EXPIRE_STEP: Final = 1_000
-RANK_STEP: Final = 2_000
+# counters the ranking scan looks at (~10 µs and ~1 µs each): a few ms per call, never a pause of the loop.
+EXPIRE_STEP: Final = 250
+RANK_STEP: Final = 1_000
 # A table this small is ranked exactly at every query (a few ms); a larger one from the incremental ranking.
 EXACT_RANK_MAX: Final = 2_000
-# A new ranking scan starts at most this often: the top of hour-long windows moves slowly, and a scan of 50,000
-# counters every 5 s costs about 1 % of a core.
+# A new ranking scan starts at most this often, and only after as many additions as the table has counters: the
+# top of hour-long windows moves slowly, and so a scan costs at most one counter visit per addition.
 RANK_REFRESH_MS: Final = 5_000
 
 
@@ -136,11 +141,17 @@ class _Slice:
 
 
 class _Counter:
-    __slots__ = ("slices", "total")
+    __slots__ = ("label", "label_gross", "label_trades", "slices", "total")
 
     def __init__(self) -> None:
         self.total = _Slice()
         self.slices: dict[int, _Slice] = {}
+        # The label as last classified, and the trades and gross it was classified at: queries repeat every few
+        # seconds over the same top counters, most of which did not trade since. Plain fields, no tuple: fewer
+        # objects for the garbage collector to walk.
+        self.label: Label = "mixed"
+        self.label_trades = -1
+        self.label_gross = 0.0
 
     def key(self) -> float:
         """What Space-Saving ranks on: notional plus the inherited bound, so a newcomer is not evicted at once."""
@@ -180,7 +191,14 @@ class HeavyHitters:
         self._scan_pos = 0
         self._scan_top: list[tuple[float, str]] = []
         self._scan_started_ms: int | None = None
-        self._fresh: set[str] = set()
+        self._fresh: set[str] = set()  # risers: not in `_ranked`, grown to at least its floor since
+        self._ranked_set: frozenset[str] = frozenset()
+        self._rank_floor = 0.0
+        self._adds_since_scan = 0
+        # Heap compaction in steps: the new heap being filled from a snapshot of the keys.
+        self._compact: list[str] | None = None
+        self._compact_pos = 0
+        self._next_heap: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._counters)
@@ -202,6 +220,9 @@ class HeavyHitters:
             + len(self._scan or ())
             + len(self._scan_top)
             + len(self._fresh)
+            + len(self._ranked_set)
+            + len(self._compact or ())
+            + len(self._next_heap)
         )
 
     @property
@@ -226,6 +247,7 @@ class HeavyHitters:
         """One bounded step of expiry and of the ranking scan (module constants `EXPIRE_STEP`, `RANK_STEP`)."""
         self._expire(EXPIRE_STEP)
         self._rank(now_ms, RANK_STEP)
+        self._compact_step(RANK_STEP)
 
     def settle(self, now_ms: int) -> None:
         """Finish every pending expiry and a fresh ranking (tests and benchmarks; the service works in steps)."""
@@ -250,12 +272,16 @@ class HeavyHitters:
 
     def _rank(self, now_ms: int, budget: int) -> None:
         if self._scan is None:
-            due = self._scan_started_ms is None or now_ms - self._scan_started_ms >= RANK_REFRESH_MS
+            due = (
+                self._scan_started_ms is None
+                or len(self._fresh) > LABEL_SCAN  # so many risers that queries would rank them: rank afresh
+                or (now_ms - self._scan_started_ms >= RANK_REFRESH_MS and self._adds_since_scan >= self.capacity)
+            )
             if not due or len(self._counters) <= EXACT_RANK_MAX:
                 return
             self._scan, self._scan_pos, self._scan_top = list(self._counters), 0, []
             self._scan_started_ms = now_ms
-            self._fresh.clear()
+            self._adds_since_scan = 0
         scan, top = self._scan, self._scan_top
         end = min(len(scan), self._scan_pos + budget)
         for address in scan[self._scan_pos : end]:
@@ -270,7 +296,36 @@ class HeavyHitters:
         self._scan_pos = end
         if end == len(scan):
             self._ranked = [a for _, a in top]
+            self._ranked_set = frozenset(self._ranked)
+            self._rank_floor = top[0][0] if len(top) >= LABEL_SCAN else 0.0
+            # Risers seen during the scan may have been visited before they rose: keep those still above the floor.
+            self._fresh = {
+                a
+                for a in self._fresh
+                if a not in self._ranked_set
+                and (c := self._counters.get(a)) is not None
+                and c.total.gross >= self._rank_floor
+            }
             self._scan, self._scan_top = None, []
+
+    def _push(self, entry: tuple[float, str]) -> None:
+        heapq.heappush(self._heap, entry)
+        if self._compact is not None:
+            heapq.heappush(self._next_heap, entry)
+
+    def _compact_step(self, budget: int) -> None:
+        if self._compact is None:
+            if len(self._heap) <= HEAP_SLACK * self.capacity:
+                return
+            self._compact, self._compact_pos, self._next_heap = list(self._counters), 0, []
+        end = min(len(self._compact), self._compact_pos + budget)
+        for address in self._compact[self._compact_pos : end]:
+            counter = self._counters.get(address)
+            if counter is not None:
+                heapq.heappush(self._next_heap, (counter.key(), address))
+        self._compact_pos = end
+        if end == len(self._compact):
+            self._heap, self._next_heap, self._compact = self._next_heap, [], None
 
     def add(
         self,
@@ -284,6 +339,7 @@ class HeavyHitters:
         counterparty: str,
         self_trade: bool,
     ) -> None:
+        self._adds_since_scan += 1
         counter = self._counters.get(address)
         if counter is None:
             counter = self._admit(address)
@@ -308,6 +364,8 @@ class HeavyHitters:
                 s.net[coin] = s.net.get(coin, 0.0) + (usd if buy else -usd)
             s.coin_gross[coin] = s.coin_gross.get(coin, 0.0) + usd * legs
             s.trades += 1
+        if self._ranked and address not in self._ranked_set and counter.total.gross >= self._rank_floor:
+            self._fresh.add(address)  # risen into the top since the last ranking: every query considers it
         if not self_trade:
             _add_cp(piece.cp, counterparty, usd)
             counter.total.cp[counterparty] = counter.total.cp.get(counterparty, 0.0) + usd
@@ -323,36 +381,40 @@ class HeavyHitters:
             piece.error = floor
             counter.total.error = floor
         self._counters[address] = counter
-        if self._scan is not None or self._ranked:
-            self._fresh.add(address)  # not in the running scan's snapshot: considered at every query meanwhile
-        heapq.heappush(self._heap, (counter.key(), address))
-        if len(self._heap) > HEAP_SLACK * self.capacity:
-            self._rebuild_heap()
+        self._push((counter.key(), address))
         return counter
 
     def _evict(self) -> float:
-        """Remove the counter with the smallest key; return that key (the newcomer's error bound)."""
+        """Remove the counter with the smallest key (or, after `EVICT_REPUSH_MAX` re-ranked ones, the smallest of
+        those); return its key (the newcomer's error bound)."""
+        grown: tuple[float, str] | None = None  # the smallest counter re-ranked by this eviction
+        repushed = 0
         while True:
+            if repushed >= EVICT_REPUSH_MAX and grown is not None:
+                current, address = grown
+                counter = self._counters[address]
+                break
             key, address = heapq.heappop(self._heap)
-            counter = self._counters.get(address)
-            if counter is None:
+            found = self._counters.get(address)
+            if found is None:
                 continue  # an entry of a counter freed or evicted earlier
-            current = counter.key()
+            current = found.key()
             if current > key:
-                heapq.heappush(self._heap, (current, address))  # grew since it was pushed: re-rank it
+                self._push((current, address))  # grew since it was pushed: re-rank it
+                repushed += 1
+                if grown is None or (current, address) < grown:
+                    grown = (current, address)
                 continue
-            del self._counters[address]
-            for i in counter.slices:
-                members = self._members.get(i)
-                if members is not None:
-                    members.discard(address)
-            self._fresh.discard(address)
-            self.evictions += 1
-            return current
-
-    def _rebuild_heap(self) -> None:
-        self._heap = [(c.key(), a) for a, c in self._counters.items()]
-        heapq.heapify(self._heap)
+            counter = found
+            break
+        del self._counters[address]  # its entries left in the heap go stale
+        for i in counter.slices:
+            members = self._members.get(i)
+            if members is not None:
+                members.discard(address)
+        self._fresh.discard(address)
+        self.evictions += 1
+        return current
 
     # ------------------------------------------------------------------ reading
 
@@ -399,6 +461,8 @@ class HeavyHitters:
             return None
         total = counter.total
         gross = total.gross
+        if counter.label_trades == total.trades and counter.label_gross == gross:
+            return counter.label
         partner, partner_usd = _top_cp(total)
         mutual = False
         if partner is not None and (other := self._counters.get(partner)) is not None:
@@ -414,6 +478,7 @@ class HeavyHitters:
             mutual_pair=mutual,
             coins=coins,
         )
+        counter.label, counter.label_trades, counter.label_gross = label, total.trades, gross
         return label
 
     def get(self, address: str) -> Candidate | None:
