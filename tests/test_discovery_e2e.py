@@ -78,6 +78,7 @@ async def test_the_populations_directional_whales_are_auto_watched_and_announced
             assert {r["tier"] for r in rows.values()} == {"wide"}
             book = service.components.book
             await wait_until(lambda: all(w in book.entries() for w in whales), what="in the address book")
+            await wait_until(lambda: all(wide.planner.tier(w) == "wide" for w in whales), what="on the wide tier")
 
             passes = part.passes
             await wait_until(lambda: part.passes >= passes + EXTRA_PASSES, what="more passes")
@@ -91,6 +92,7 @@ async def test_the_populations_directional_whales_are_auto_watched_and_announced
                 assert m["account_value_usd"] > 0
                 assert m["net_usd_by_coin"], "the evidence the decision was taken on"
             assert sorted(await auto_rows()) == whales, "nothing else was added: makers, wash pair, engine"
+            assert not set(whales) & set(service.components.precise.assigned()), "never promoted to precise"
             others = [a for a, role in roles.items() if role != "directional"]
             discovered = {r["address"] for r in await table.list() if r["label"].startswith("discovered:")}
             assert not discovered & set(others)
