@@ -47,13 +47,11 @@ class DiscoveryPart:
         auto: AutoWatcher | None,
         outbox: PublicationOutbox | None,
         lease: RoleLease | None,
-        metrics: Metrics,
     ) -> None:
         self.keeper = keeper
         self.auto = auto
         self.outbox = outbox
         self.lease = lease
-        self._metrics = metrics
         self.passes = 0
 
     # The tape's intake and `/discovery`'s view (`ops.http.DiscoveryView`), by the keeper.
@@ -117,10 +115,10 @@ def open_discovery(
         return None
     keeper = DiscoveryKeeper(d, cfg.hyperliquid, info=info, metrics=metrics, is_watched=lambda a: a in book.entries())
     if not d.auto_watch:
-        return DiscoveryPart(keeper, None, None, None, metrics)
+        return DiscoveryPart(keeper, None, None, None)
     if not isinstance(table, AddressTable):
         log.warning("discovery.auto_watch needs the address table as address source; automatic watching is off")
-        return DiscoveryPart(keeper, None, None, None, metrics)
+        return DiscoveryPart(keeper, None, None, None)
     outbox = discovery_outbox(DiscoveryPublisher(publisher, cfg.nats, d, metrics), store, writer, metrics, cfg.nats)
     lease = None
     if cfg.cluster.mode == "nats":
@@ -137,4 +135,4 @@ def open_discovery(
         refresh=book.refresh_now,
         is_leader=(lambda: True) if lease is None else lease.held,
     )
-    return DiscoveryPart(keeper, auto, outbox, lease, metrics)
+    return DiscoveryPart(keeper, auto, outbox, lease)
