@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from hl_monitor import __version__
+from hl_monitor.cluster.discovery import open_discovery
 from hl_monitor.cluster.leases import Cluster
 from hl_monitor.cluster.views import ExcludingView
 from hl_monitor.config import Config
@@ -48,7 +49,6 @@ from hl_monitor.storage.database import open_database
 from hl_monitor.storage.repository import Repository, address_source, load_pair_categories
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.planner import TierPlanner
 from hl_monitor.watch.positions import PositionKeeper, PositionsTier, open_positions, positions_tier
 from hl_monitor.watch.tiers import WideTier, build_tape_tracker, build_wide_tier
@@ -201,11 +201,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
         on_fills=fill_sink,
     )
     wide_tier: WideTier | None = None
-    discovery: DiscoveryKeeper | None = None
-    if tape_tracker is not None and cfg.discovery.enabled:
-        discovery = DiscoveryKeeper(
-            cfg.discovery, cfg.hyperliquid, info=info, metrics=metrics, is_watched=lambda a: a in book.entries()
-        )
+    discovery = open_discovery(cfg, tape_tracker is not None, info, metrics, book, table, publisher, repo, writer)
     if tape_tracker is not None:
         wide_tier = build_wide_tier(
             cfg,

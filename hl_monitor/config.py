@@ -248,12 +248,15 @@ class DiscoveryConfig(_Section, frozen=True):
     rest_share: float = 0.05  # share of rest_weight_per_minute confirmation reads may use, at low priority
     confirm_top: int = 20  # the top candidates of each window confirmed with one clearinghouseState read each
     confirm_ttl: float = 3600.0  # a confirmation (account value) is reused this long before it is read again
+    pass_interval: float = 30.0  # seconds between confirmation passes (each followed by an auto-watch step)
     min_account_usd: float = 100_000.0  # a confirmed account below this is shown but never watched automatically
     auto_watch: bool = False  # watch confirmed directional candidates automatically (tier wide, never precise)
     auto_min_notional_usd: float = 1_000_000.0  # window notional a candidate needs to be auto-watched
     auto_max: int = 20  # auto-watched addresses at most, at any time
     auto_expire: float = 86400.0  # an auto-watched address without qualifying activity this long is removed
     subject_prefix: str = "hl.discovery"  # auto-watch adds and removes: {prefix}.{address}
+    stream: str = "HL_DISCOVERY"  # JetStream stream holding the announcements
+    max_age: float = 2_592_000.0  # seconds the stream keeps an announcement (30 d: why an address is watched)
 
 
 class FillsConfig(_Section, frozen=True):
@@ -584,6 +587,7 @@ def _validate_discovery(d: DiscoveryConfig) -> None:
     positive = {
         "discovery.max_tracked": d.max_tracked,
         "discovery.confirm_ttl": d.confirm_ttl,
+        "discovery.pass_interval": d.pass_interval,
         "discovery.auto_expire": d.auto_expire,
     }
     for key, value in positive.items():

@@ -265,3 +265,16 @@ class Metrics:
             "clearinghouseState reads confirming discovery candidates, by outcome.",
             ("outcome",),
         )
+        self.discovery_auto_changes = counter(
+            "discovery_auto_changes", "Addresses watched or unwatched by automatic discovery, by action.", ("action",)
+        )
+        self.discovery_auto_watched = gauge("discovery_auto_watched", "Addresses watched by automatic discovery now.")
+        self.discovery_leader = gauge(
+            "discovery_leader", "1 while this instance may write automatic discovery changes."
+        )
+        self.discovery_outbox_depth = gauge(
+            "discovery_outbox_depth", "Discovery announcements persisted but not yet acknowledged by JetStream."
+        )
+        self.discovery_spilled = counter(
+            "discovery_spilled", "Discovery announcements left to the store scan because their outbox was full."
+        )

@@ -17,7 +17,7 @@ from hl_monitor.bench.results import Report, stat
 from hl_monitor.bench.runner import SMOKE, run_all
 from hl_monitor.cli import build_parser
 
-EXPECTED_BENCHES = {"decode", "engine", "tape", "memory", "e2e_throughput", "e2e_latency"}
+EXPECTED_BENCHES = {"decode", "engine", "tape", "memory", "discovery", "e2e_throughput", "e2e_latency"}
 
 
 async def test_smoke_run_writes_every_bench_with_baselines_and_zero_loss(tmp_path: Path, mariadb_url: str) -> None:

@@ -19,7 +19,7 @@ from hl_monitor.domain.address import Priority
 from hl_monitor.errors import InfoError
 from hl_monitor.hyperliquid.protocol import ClearinghouseState
 from hl_monitor.metrics import Metrics
-from hl_monitor.ops.http import HttpServer, create_app
+from hl_monitor.ops.http import AddressInput, HttpServer, create_app
 from hl_monitor.watch.discovery import DiscoveryKeeper
 from tests.test_discovery import LIQUIDATED, MM, WASH_A, WHALE, population
 from tests.test_http import MemoryAdmin
@@ -172,6 +172,21 @@ async def test_admin_watch_adds_a_candidate_as_wide_with_its_label(served: Serve
     async with served.http.post(f"/admin/discovery/{unknown}/watch", headers=headers) as resp:
         assert resp.status == 404
     assert unknown not in served.admin.rows
+
+
+async def test_admin_lists_and_removes_the_auto_watched_in_bulk(served: Served) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    auto = ["0x" + f"{i:02x}" * 20 for i in (0x71, 0x72)]
+    manual = "0x" + "73" * 20
+    await served.admin.add([AddressInput(address=a, label="discovered:auto:directional", tier="wide") for a in auto])
+    await served.admin.add([AddressInput(address=manual, label="discovered:directional", tier="wide")])
+    async with served.http.get("/admin/discovery/auto") as resp:
+        assert resp.status == 401
+    async with served.http.get("/admin/discovery/auto", headers=headers) as resp:
+        assert [row["address"] for row in (await resp.json())["addresses"]] == auto
+    async with served.http.delete("/admin/discovery/auto", headers=headers) as resp:
+        assert (await resp.json())["removed"] == 2
+    assert set(served.admin.rows) == {manual}, "what the operator watched from discovery stays"
 
 
 async def test_no_discovery_route_without_the_keeper() -> None:

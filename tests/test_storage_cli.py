@@ -164,3 +164,24 @@ def test_list_says_where_each_watched_address_comes_from(capsys: pytest.CaptureF
     assert OTHER not in out
     rows = {r["address"]: r for r in listed(capsys, cli_config)}  # --all: the inactive row, watched by nobody
     assert rows[OTHER]["source"] is None
+
+
+def test_addresses_tagged_by_automatic_discovery_are_listed_and_removed_in_bulk(
+    capsys: pytest.CaptureFixture[str], cli_config: Path
+) -> None:
+    cfg = ["--config", str(cli_config)]
+    assert run(capsys, "db", "upgrade", *cfg)[0] == 0
+    auto = ["addresses", "add", WHALE, OTHER, "--label", "discovered:auto:directional", "--tier", "wide"]
+    assert run(capsys, *auto, *cfg)[0] == 0
+    assert run(capsys, "addresses", "add", THIRD, "--label", "discovered:directional", *cfg)[0] == 0
+    code, out, _ = run(capsys, "addresses", "list", "--label-prefix", "discovered:auto:", "--json", *cfg)
+    assert code == 0
+    assert [r["address"] for r in json.loads(out)] == [WHALE, OTHER]
+    code, out, _ = run(capsys, "addresses", "remove", "--label-prefix", "discovered:auto:", *cfg)
+    assert (code, out.strip()) == (0, "deactivated 2")
+    assert [(r["address"], r["is_active"]) for r in listed(capsys, cli_config)] == [
+        (WHALE, False),
+        (OTHER, False),
+        (THIRD, True),
+    ]
+    assert run(capsys, "addresses", "remove", *cfg)[0] == 2  # neither addresses nor a prefix

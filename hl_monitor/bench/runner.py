@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hl_monitor import __version__
+from hl_monitor.bench.discovery import bench_discovery
 from hl_monitor.bench.e2e import LoadRun, Pipeline, PipelineOptions
 from hl_monitor.bench.frames import make_tape, make_workload
 from hl_monitor.bench.loopsteps import LoopSteps
@@ -65,6 +66,10 @@ class Sizes:
     latency_fills_per_order: int
     memory_sizes: tuple[int, ...]
     memory_runs: int
+    discovery_trades: int
+    discovery_addresses: int  # distinct traders: several times the counters, so the tables are full and evict
+    discovery_capacity: int  # discovery.max_tracked
+    discovery_runs: int
     probe_publishes: int = PROBE_PUBLISHES  # bare acknowledged publishes after each latency run
 
 
@@ -84,6 +89,10 @@ FULL: Final = Sizes(
     latency_fills_per_order=4,
     memory_sizes=(10_000, 100_000),
     memory_runs=3,
+    discovery_trades=300_000,
+    discovery_addresses=200_000,
+    discovery_capacity=50_000,
+    discovery_runs=3,
 )
 
 SMOKE: Final = Sizes(
@@ -103,6 +112,10 @@ SMOKE: Final = Sizes(
     # RSS grows in pages and arenas: a few hundred addresses can fit in memory already mapped (0 B/address).
     memory_sizes=(5_000,),
     memory_runs=1,
+    discovery_trades=4_000,
+    discovery_addresses=3_000,
+    discovery_capacity=2_500,
+    discovery_runs=1,
     probe_publishes=50,
 )
 
@@ -413,6 +426,13 @@ async def run_all(
     if wanted("memory"):
         say("memory")
         benches.append(bench_memory(sizes))
+    if wanted("discovery"):
+        say("discovery")
+        benches.append(
+            bench_discovery(
+                sizes.discovery_trades, sizes.discovery_addresses, sizes.discovery_capacity, sizes.discovery_runs
+            )
+        )
     profile_summary: dict[str, Any] | None = None
     if wanted("e2e"):
         say("e2e")

@@ -1,4 +1,5 @@
-"""Messages other than signals that go out exactly once: position events, liquidation alerts and fills.
+"""Messages other than signals that go out exactly once: position events, liquidation alerts, fills and the
+discovery announcements (an address watched or dropped by automatic discovery, README "Discovery").
 
 A `Publication` is what the delivery layer persists first and then publishes to JetStream with
 `Nats-Msg-Id = msg_id` (docs/architecture.md §3): a replay, a restart or a second instance builds the same
@@ -20,7 +21,10 @@ import msgspec
 from hl_monitor.domain.signal import AssetType, LiquidationInfo
 
 __all__ = [
+    "DISCOVERY_SCHEMA_VERSION",
     "FILL_SCHEMA_VERSION",
+    "DiscoveryAction",
+    "DiscoveryAnnouncement",
     "FillRecord",
     "FillSink",
     "FillSource",
@@ -30,9 +34,11 @@ __all__ = [
     "fill_msg_id",
 ]
 
-PublicationKind: TypeAlias = Literal["position_event", "alert", "fill"]
+PublicationKind: TypeAlias = Literal["position_event", "alert", "fill", "discovery"]
 FillSource: TypeAlias = Literal["user_fills", "market_tape"]
 FILL_SCHEMA_VERSION: Final = 1
+DISCOVERY_SCHEMA_VERSION: Final = 1
+DiscoveryAction: TypeAlias = Literal["watch", "unwatch"]
 
 
 class Publication(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,3 +105,28 @@ class FillSink(Protocol):
     published. Awaiting it is backpressure."""
 
     async def __call__(self, fills: Sequence[FillRecord], /) -> None: ...
+
+
+class DiscoveryAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
+    """One change automatic discovery made to the watch list, as published on `hl.discovery.{address}`.
+
+    `event_id` is `{address}:discovery:{action}:{at_ms}`: the decision's own time, persisted with the message
+    before it is published, so a re-publish after an outage or a restart is stored once. The numbers are the
+    evidence the decision was taken on (the candidate in `window` at that moment); an `unwatch` carries the last
+    qualifying activity instead.
+    """
+
+    event_id: str
+    address: str
+    action: DiscoveryAction
+    reason: str  # why, in words: "confirmed directional candidate", "no qualifying activity for 86400 s", …
+    label: str  # the address-table label it was given (or had)
+    window: str | None  # the window whose candidate qualified (watch), None for an unwatch
+    notional_usd: float | None
+    net_usd_by_coin: dict[str, float]
+    account_value_usd: float | None  # the confirmation's account value (watch)
+    evidence: tuple[str, ...]  # the label's reasons
+    last_active_ms: int | None  # unwatch: the last time it still qualified
+    at_ms: int  # local wall clock of the decision
+    instance_id: str
+    schema_version: int = DISCOVERY_SCHEMA_VERSION

@@ -45,6 +45,7 @@ from hl_monitor.ops.positions import (
     summary,
 )
 from hl_monitor.tracking.discovery import LABELS, Label
+from hl_monitor.watch.autowatch import is_auto_label
 
 __all__ = [
     "AddressAdmin",
@@ -574,6 +575,28 @@ class _DiscoveryAdmin(_Admin):
 
         return await self._call(request, run)
 
+    async def _auto_rows(self) -> builtins.list[dict[str, Any]]:
+        return [r for r in await self.admin.list() if r["is_active"] and is_auto_label(r["label"])]
+
+    async def auto_list(self, request: web.Request) -> web.Response:
+        """`GET /admin/discovery/auto`: the addresses automatic discovery watches now."""
+
+        async def run(client: str) -> web.Response:
+            return _json({"addresses": await self._auto_rows()})
+
+        return await self._call(request, run)
+
+    async def auto_remove(self, request: web.Request) -> web.Response:
+        """`DELETE /admin/discovery/auto`: stop watching all of them (they stay removed: inactive rows)."""
+
+        async def run(client: str) -> web.Response:
+            addresses = [r["address"] for r in await self._auto_rows()]
+            removed = await self.admin.remove(addresses) if addresses else 0
+            self._audit("discovery_auto_remove", client, addresses, removed=removed)
+            return _json({"removed": removed})
+
+        return await self._call(request, run)
+
 
 class _Discovery:
     """`GET /discovery`: the ranked candidates of one window, optionally one label."""
@@ -809,6 +832,8 @@ def create_app(
         if discovery is not None:
             found = _DiscoveryAdmin(admin, metrics, http_cfg, token, discovery)
             app.router.add_post("/admin/discovery/{address}/watch", found.watch)
+            app.router.add_get("/admin/discovery/auto", found.auto_list)
+            app.router.add_delete("/admin/discovery/auto", found.auto_remove)
     elif token and admin is None:
         log.warning("admin token set but no address admin wired; admin API disabled")
     return app

@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
+from hl_monitor.cluster.discovery import DiscoveryPart
 from hl_monitor.cluster.leases import Cluster
 from hl_monitor.config import Config
 from hl_monitor.delivery.embedded_nats import EmbeddedNats
@@ -38,7 +39,6 @@ from hl_monitor.storage.repository import Repository
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tasks import cancel_and_wait, first_of
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.positions import PositionsTier
 from hl_monitor.watch.tiers import WideTier
 from hl_monitor.watch.watchset import WatchSet
@@ -79,7 +79,7 @@ class Components:
     cluster: Cluster | None  # cluster.mode = "nats"
     lease: InstanceLease | None  # a shared database (not SQLite)
     embedded: EmbeddedNats | None  # nats.url = "embedded"
-    discovery: DiscoveryKeeper | None = None  # discovery.enabled, with a tape
+    discovery: DiscoveryPart | None = None  # discovery.enabled, with a tape
 
 
 async def serve(c: Components, stop: asyncio.Event, ready: asyncio.Event) -> None:

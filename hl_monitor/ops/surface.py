@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from hl_monitor.cluster.discovery import DiscoveryPart
 from hl_monitor.cluster.leases import Cluster
 from hl_monitor.config import Config
 from hl_monitor.delivery.outbox import Outbox
@@ -27,7 +28,6 @@ from hl_monitor.ops.status import Admin, DatabaseProbe, StatusView
 from hl_monitor.storage.repository import AddressTable, Repository
 from hl_monitor.storage.writer import BatchWriter
 from hl_monitor.tracking.engine import TrackingEngine
-from hl_monitor.watch.discovery import DiscoveryKeeper
 from hl_monitor.watch.positions import PositionsTier
 from hl_monitor.watch.tiers import WideTier
 
@@ -62,7 +62,7 @@ async def open_surface(
     wide_tier: WideTier | None,
     positions: PositionsTier | None,
     cluster: Cluster | None,
-    discovery: DiscoveryKeeper | None,
+    discovery: DiscoveryPart | None,
 ) -> AsyncIterator[Surface]:
     """Build the status view and the HTTP app over the built components, serve it, and stop it on exit."""
     database = DatabaseProbe(repo)

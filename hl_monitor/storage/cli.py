@@ -210,9 +210,19 @@ def _addresses_update(args: argparse.Namespace) -> int:
 
 
 def _addresses_remove(args: argparse.Namespace) -> int:
+    if not args.address and args.label_prefix is None:
+        print("hl-monitor: name addresses to remove, or --label-prefix", file=sys.stderr)
+        return EXIT_USAGE
+
     async def action(engine: AsyncEngine, cfg: Config) -> int:
-        count = await (await _table(engine)).remove(args.address, purge=args.purge)
-        unknown = len(set(args.address)) - count
+        table = await _table(engine)
+        addresses = list(args.address)
+        if args.label_prefix is not None:
+            # In bulk by tag, e.g. everything automatic discovery added (`discovered:auto:`, README "Discovery").
+            rows = await table.list(include_inactive=False)
+            addresses += [r["address"] for r in rows if r["label"].startswith(args.label_prefix)]
+        count = await table.remove(addresses, purge=args.purge) if addresses else 0
+        unknown = len(set(addresses)) - count
         print(f"{'deleted' if args.purge else 'deactivated'} {count}" + (f"; {unknown} not watched" if unknown else ""))
         return EXIT_OK
 
@@ -262,6 +272,8 @@ def _addresses_list(args: argparse.Namespace) -> int:
         return with_sources(table_rows, cfg.addresses.initial)
 
     rows = [row for row in _with_engine(args, action) if args.all or row["source"] is not None]
+    if args.label_prefix is not None:
+        rows = [row for row in rows if row["label"].startswith(args.label_prefix)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -618,7 +630,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     remove = addr_sub.add_parser("remove", help="stop watching addresses")
     add_config_arg(remove)
-    remove.add_argument("address", nargs="+", type=_address, metavar="ADDRESS")
+    remove.add_argument("address", nargs="*", type=_address, metavar="ADDRESS")
+    remove.add_argument(
+        "--label-prefix", default=None, metavar="P", help="also every active address whose label starts with P"
+    )
     remove.add_argument("--purge", action="store_true", help="delete the rows instead of deactivating them")
     remove.set_defaults(handler=_addresses_remove)
 
@@ -626,6 +641,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_arg(listing)
     listing.add_argument("--all", action="store_true", help="include inactive addresses nobody watches")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument(
+        "--label-prefix", default=None, metavar="P", help="only labels starting with P (discovered:auto: …)"
+    )
     listing.set_defaults(handler=_addresses_list)
 
     show = addr_sub.add_parser("show", help="one address as stored: row, positions, watermark, pending, last signals")

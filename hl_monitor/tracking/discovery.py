@@ -23,6 +23,7 @@ Pure: no I/O, no clock reads; `now_ms` is passed in. Tests: `tests/test_discover
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import Final, Literal
@@ -67,10 +68,24 @@ DIRECTIONAL_NET_RATIO: Final = 0.6
 # Float residue of subtracting an expired slice: below a cent a coin counts as not traded in the window.
 _EPSILON_USD: Final = 1e-6
 # Counters a label query classifies at most (largest notional first): a whale worth a look is far inside it,
-# and classifying all 50,000 counters would stall the event loop for a second.
+# and classifying all 50,000 counters would stall the event loop for a second. Also the size of the ranking.
 LABEL_SCAN: Final = 2_000
-# Counters that re-enter the heap at most this many times its size before the heap is rebuilt from the table.
+# The heap holds at most this many times the table's entries (stale ones of freed counters included) before it is
+# rebuilt from the table, `RANK_STEP` counters per call.
 HEAP_SLACK: Final = 2
+# An eviction re-ranks at most this many counters that grew since their heap entry was pushed; then the smallest
+# of them goes (a counter a little above the minimum: its notional is the newcomer's error bound either way, so
+# the bound stays an upper bound). Without it, one eviction could re-rank most of the table: a 0.25 s pause.
+EVICT_REPUSH_MAX: Final = 64
+# Work per call of `work()` (each tape batch, each query): counters whose expired slices are subtracted, and
+# counters the ranking scan looks at (~10 µs and ~1 µs each): a few ms per call, never a pause of the loop.
+EXPIRE_STEP: Final = 250
+RANK_STEP: Final = 1_000
+# A table this small is ranked exactly at every query (a few ms); a larger one from the incremental ranking.
+EXACT_RANK_MAX: Final = 2_000
+# A new ranking scan starts at most this often, and only after as many additions as the table has counters: the
+# top of hour-long windows moves slowly, and so a scan costs at most one counter visit per addition.
+RANK_REFRESH_MS: Final = 5_000
 
 
 class Evidence(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,16 +140,28 @@ class _Slice:
         return self.buy + self.sell
 
 
-class _Counter:
-    __slots__ = ("slices", "total")
+class _Counter(_Slice):
+    """A counter is its own running total (one object fewer per counter for the garbage collector to walk)."""
+
+    __slots__ = ("label", "label_gross", "label_trades", "slices")
 
     def __init__(self) -> None:
-        self.total = _Slice()
+        super().__init__()
         self.slices: dict[int, _Slice] = {}
+        # The label as last classified, and the trades and gross it was classified at: queries repeat every few
+        # seconds over the same top counters, most of which did not trade since. Plain fields, no tuple: fewer
+        # objects for the garbage collector to walk.
+        self.label: Label = "mixed"
+        self.label_trades = -1
+        self.label_gross = 0.0
+
+    @property
+    def total(self) -> _Slice:
+        return self
 
     def key(self) -> float:
         """What Space-Saving ranks on: notional plus the inherited bound, so a newcomer is not evicted at once."""
-        return self.total.gross + self.total.error
+        return self.buy + self.sell + self.error
 
 
 def _add_cp(cp: dict[str, float], who: str, usd: float) -> None:
@@ -159,6 +186,25 @@ class HeavyHitters:
         self._counters: dict[str, _Counter] = {}
         self._heap: list[tuple[float, str]] = []
         self.evictions = 0
+        # Expiry, incremental: slice index → addresses with a record in it; those of slices that left the window
+        # wait in `_expiring` and are subtracted `EXPIRE_STEP` at a time.
+        self._members: dict[int, set[str]] = {}
+        self._expiring: list[str] = []
+        # Ranking, incremental: the top `LABEL_SCAN` addresses by notional at the last finished scan, a scan in
+        # progress over a snapshot of the keys, and the addresses admitted since that scan began.
+        self._ranked: list[str] = []
+        self._scan: list[str] | None = None
+        self._scan_pos = 0
+        self._scan_top: list[tuple[float, str]] = []
+        self._scan_started_ms: int | None = None
+        self._fresh: set[str] = set()  # risers: not in `_ranked`, grown to at least its floor since
+        self._ranked_set: frozenset[str] = frozenset()
+        self._rank_floor = 0.0
+        self._adds_since_scan = 0
+        # Heap compaction in steps: the new heap being filled from a snapshot of the keys.
+        self._compact: list[str] | None = None
+        self._compact_pos = 0
+        self._next_heap: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._counters)
@@ -168,28 +214,124 @@ class HeavyHitters:
         return len(self._heap)
 
     def structures(self) -> int:
-        """Counters plus every per-slice record and heap entry: the measure of memory the tests bound."""
-        return len(self._counters) + sum(len(c.slices) for c in self._counters.values()) + len(self._heap)
+        """Counters plus every per-slice record, heap entry and bookkeeping entry: the measure of memory the tests
+        bound."""
+        return (
+            len(self._counters)
+            + sum(len(c.slices) for c in self._counters.values())
+            + len(self._heap)
+            + sum(len(m) for m in self._members.values())
+            + len(self._expiring)
+            + len(self._ranked)
+            + len(self._scan or ())
+            + len(self._scan_top)
+            + len(self._fresh)
+            + len(self._ranked_set)
+            + len(self._compact or ())
+            + len(self._next_heap)
+        )
+
+    @property
+    def expiring(self) -> int:
+        """Counters with expired slices not yet subtracted (0 once `settle()` ran)."""
+        return len(self._expiring)
 
     # ------------------------------------------------------------------ writing
 
     def advance(self, now_ms: int) -> None:
-        """Drop the slices that left the window; counters left empty are freed."""
+        """Move to the slice of `now_ms`; the counters of slices that left the window are queued for expiry and
+        subtracted a step at a time (`work`), so a slice boundary never pauses the caller for a whole table."""
         index = now_ms // self._slice_ms
-        if index <= self._current:
-            return
-        self._current = index
-        oldest = index - SLICES + 1
-        emptied: list[str] = []
-        for address, counter in self._counters.items():
-            expired = [i for i in counter.slices if i < oldest]
-            for i in expired:
+        if index > self._current:
+            self._current = index
+            oldest = index - SLICES + 1
+            for i in [i for i in self._members if i < oldest]:
+                self._expiring.extend(self._members.pop(i))
+        self.work(now_ms)
+
+    def work(self, now_ms: int) -> None:
+        """One bounded step of expiry and of the ranking scan (module constants `EXPIRE_STEP`, `RANK_STEP`)."""
+        self._expire(EXPIRE_STEP)
+        self._rank(now_ms, RANK_STEP)
+        self._compact_step(RANK_STEP)
+
+    def settle(self, now_ms: int) -> None:
+        """Finish every pending expiry and a fresh ranking (tests and benchmarks; the service works in steps)."""
+        self.advance(now_ms)
+        self._expire(len(self._expiring))
+        self._scan_started_ms = None
+        self._scan = None
+        self._rank(now_ms, len(self._counters) + 1)
+
+    def _expire(self, budget: int) -> None:
+        oldest = self._current - SLICES + 1
+        for _ in range(min(budget, len(self._expiring))):
+            address = self._expiring.pop()
+            counter = self._counters.get(address)
+            if counter is None:
+                continue  # evicted since its slice expired
+            for i in [i for i in counter.slices if i < oldest]:
                 _subtract(counter.total, counter.slices.pop(i))
             if not counter.slices:
-                emptied.append(address)
-        for address in emptied:
-            del self._counters[address]
-        self._rebuild_heap()
+                del self._counters[address]  # its heap entry goes stale; `_evict` skips it
+                self._fresh.discard(address)
+
+    def _rank(self, now_ms: int, budget: int) -> None:
+        if self._scan is None:
+            due = (
+                self._scan_started_ms is None
+                or len(self._fresh) > LABEL_SCAN  # so many risers that queries would rank them: rank afresh
+                or (now_ms - self._scan_started_ms >= RANK_REFRESH_MS and self._adds_since_scan >= self.capacity)
+            )
+            if not due or len(self._counters) <= EXACT_RANK_MAX:
+                return
+            self._scan, self._scan_pos, self._scan_top = list(self._counters), 0, []
+            self._scan_started_ms = now_ms
+            self._adds_since_scan = 0
+        scan, top = self._scan, self._scan_top
+        end = min(len(scan), self._scan_pos + budget)
+        for address in scan[self._scan_pos : end]:
+            counter = self._counters.get(address)
+            if counter is None:
+                continue
+            entry = (counter.total.gross, address)
+            if len(top) < LABEL_SCAN:
+                heapq.heappush(top, entry)
+            elif entry > top[0]:
+                heapq.heapreplace(top, entry)
+        self._scan_pos = end
+        if end == len(scan):
+            self._ranked = [a for _, a in top]
+            self._ranked_set = frozenset(self._ranked)
+            self._rank_floor = top[0][0] if len(top) >= LABEL_SCAN else 0.0
+            # Risers seen during the scan may have been visited before they rose: keep those still above the floor.
+            self._fresh = {
+                a
+                for a in self._fresh
+                if a not in self._ranked_set
+                and (c := self._counters.get(a)) is not None
+                and c.total.gross >= self._rank_floor
+            }
+            self._scan, self._scan_top = None, []
+
+    def _push(self, entry: tuple[float, str]) -> None:
+        heapq.heappush(self._heap, entry)
+        if self._compact is not None:
+            heapq.heappush(self._next_heap, entry)
+
+    def _compact_step(self, budget: int) -> None:
+        if self._compact is None:
+            if len(self._heap) <= HEAP_SLACK * self.capacity:
+                return
+            self._compact, self._compact_pos, self._next_heap = list(self._counters), 0, []
+        end = min(len(self._compact), self._compact_pos + budget)
+        for address in self._compact[self._compact_pos : end]:
+            counter = self._counters.get(address)
+            if counter is not None:
+                heapq.heappush(self._next_heap, (counter.key(), address))
+        self._compact_pos = end
+        if end == len(self._compact):
+            self._heap, self._next_heap, self._compact = self._next_heap, [], None
 
     def add(
         self,
@@ -203,12 +345,14 @@ class HeavyHitters:
         counterparty: str,
         self_trade: bool,
     ) -> None:
+        self._adds_since_scan += 1
         counter = self._counters.get(address)
         if counter is None:
             counter = self._admit(address)
         piece = counter.slices.get(self._current)
         if piece is None:
             piece = counter.slices[self._current] = _Slice()
+            self._members.setdefault(self._current, set()).add(address)
         # A self-trade is both sides at once: gross twice, one side aggressive, no net, no counterparty.
         legs = 2 if self_trade else 1
         for s in (piece, counter.total):
@@ -226,6 +370,8 @@ class HeavyHitters:
                 s.net[coin] = s.net.get(coin, 0.0) + (usd if buy else -usd)
             s.coin_gross[coin] = s.coin_gross.get(coin, 0.0) + usd * legs
             s.trades += 1
+        if self._ranked and address not in self._ranked_set and counter.total.gross >= self._rank_floor:
+            self._fresh.add(address)  # risen into the top since the last ranking: every query considers it
         if not self_trade:
             _add_cp(piece.cp, counterparty, usd)
             counter.total.cp[counterparty] = counter.total.cp.get(counterparty, 0.0) + usd
@@ -237,32 +383,44 @@ class HeavyHitters:
         if len(self._counters) >= self.capacity:
             floor = self._evict()
             piece = counter.slices[self._current] = _Slice()
+            self._members.setdefault(self._current, set()).add(address)
             piece.error = floor
             counter.total.error = floor
         self._counters[address] = counter
-        heapq.heappush(self._heap, (counter.key(), address))
-        if len(self._heap) > HEAP_SLACK * self.capacity:
-            self._rebuild_heap()
+        self._push((counter.key(), address))
         return counter
 
     def _evict(self) -> float:
-        """Remove the counter with the smallest key; return that key (the newcomer's error bound)."""
+        """Remove the counter with the smallest key (or, after `EVICT_REPUSH_MAX` re-ranked ones, the smallest of
+        those); return its key (the newcomer's error bound)."""
+        grown: tuple[float, str] | None = None  # the smallest counter re-ranked by this eviction
+        repushed = 0
         while True:
+            if repushed >= EVICT_REPUSH_MAX and grown is not None:
+                current, address = grown
+                counter = self._counters[address]
+                break
             key, address = heapq.heappop(self._heap)
-            counter = self._counters.get(address)
-            if counter is None:
+            found = self._counters.get(address)
+            if found is None:
                 continue  # an entry of a counter freed or evicted earlier
-            current = counter.key()
+            current = found.key()
             if current > key:
-                heapq.heappush(self._heap, (current, address))  # grew since it was pushed: re-rank it
+                self._push((current, address))  # grew since it was pushed: re-rank it
+                repushed += 1
+                if grown is None or (current, address) < grown:
+                    grown = (current, address)
                 continue
-            del self._counters[address]
-            self.evictions += 1
-            return current
-
-    def _rebuild_heap(self) -> None:
-        self._heap = [(c.key(), a) for a, c in self._counters.items()]
-        heapq.heapify(self._heap)
+            counter = found
+            break
+        del self._counters[address]  # its entries left in the heap go stale
+        for i in counter.slices:
+            members = self._members.get(i)
+            if members is not None:
+                members.discard(address)
+        self._fresh.discard(address)
+        self.evictions += 1
+        return current
 
     # ------------------------------------------------------------------ reading
 
@@ -272,7 +430,16 @@ class HeavyHitters:
         """Candidates largest notional first, built lazily. A `label` query looks at the top `LABEL_SCAN`
         counters by notional only, so a label that matches nothing costs a bounded scan, not the whole table."""
         excluded = set(exclude)
-        live = ((c.total.gross, a) for a, c in self._counters.items() if c.total.gross > _EPSILON_USD)
+        if len(self._counters) <= EXACT_RANK_MAX or not self._ranked or (label is None and limit is None):
+            pool: Iterable[str] = self._counters  # small, not ranked yet, or every counter asked for: exact
+        else:
+            # The last finished ranking plus the newcomers since its scan began (`_rank`): a bounded pool.
+            pool = itertools.chain(self._ranked, self._fresh)
+        live = (
+            (c.total.gross, a)
+            for a in dict.fromkeys(pool)
+            if (c := self._counters.get(a)) is not None and c.total.gross > _EPSILON_USD
+        )
         if label is None and limit is not None:
             inspect = limit + len(excluded)
         elif label is not None:
@@ -286,10 +453,39 @@ class HeavyHitters:
                 break
             if address in excluded:
                 continue
+            if label is not None and self.label_of(address) != label:
+                continue  # the label alone is cheap; the full candidate is built only for those returned
             candidate = self.get(address)
-            if candidate is not None and (label is None or candidate.label == label):
+            if candidate is not None:
                 out.append(candidate)
         return out
+
+    def label_of(self, address: str) -> Label | None:
+        """The address's label without building its candidate (same rules and numbers as `get`)."""
+        counter = self._counters.get(address)
+        if counter is None or counter.total.gross <= _EPSILON_USD:
+            return None
+        total = counter.total
+        gross = total.gross
+        if counter.label_trades == total.trades and counter.label_gross == gross:
+            return counter.label
+        partner, partner_usd = _top_cp(total)
+        mutual = False
+        if partner is not None and (other := self._counters.get(partner)) is not None:
+            mutual = _top_cp(other.total)[0] == address
+        coins = len(total.coin_gross)
+        one_sided = sum(abs(round(total.net.get(c, 0.0), 2)) for c in total.coin_gross)
+        label, _ = classify(
+            net_ratio=_ratio(one_sided, gross),
+            taker_share=_ratio(total.taker, gross),
+            engine_share=_ratio(total.engine, gross),
+            self_trade_share=_ratio(total.self_, gross),
+            pair_share=_ratio(partner_usd, gross),
+            mutual_pair=mutual,
+            coins=coins,
+        )
+        counter.label, counter.label_trades, counter.label_gross = label, total.trades, gross
+        return label
 
     def get(self, address: str) -> Candidate | None:
         counter = self._counters.get(address)
@@ -432,7 +628,7 @@ class Discovery:
 
     def on_trades(self, trades: Sequence[WsTrade], now_ms: int) -> None:
         for table in self.tables.values():
-            table.advance(now_ms)
+            table.advance(now_ms)  # also one bounded step of expiry and ranking
         for t in trades:
             if t.users is None:
                 continue
@@ -476,6 +672,10 @@ class Discovery:
     def advance(self, now_ms: int) -> None:
         for table in self.tables.values():
             table.advance(now_ms)
+
+    def settle(self, now_ms: int) -> None:
+        for table in self.tables.values():
+            table.settle(now_ms)
 
     def candidates(self, window_ms: int, *, label: Label | None = None, limit: int | None = None) -> list[Candidate]:
         return self.tables[window_ms].candidates(self.exclude, label=label, limit=limit)

@@ -6,7 +6,8 @@ for `GET /discovery` and `hl-monitor discover`, each with the account value once
 is already watched. Adding a candidate to the watch list goes through the address table like every other admin
 change (`POST /admin/discovery/{address}/watch` in `ops/http.py`, tier wide, label `discovered:<label>`).
 
-Confirmation: every `CONFIRM_PASS_S` the top `discovery.confirm_top` candidates of each window that have no
+Confirmation: every `discovery.pass_interval` (30 s) the top `discovery.confirm_top` candidates of each window
+(with `discovery.auto_watch` also its top directional ones above `discovery.auto_min_notional_usd`) that have no
 confirmation younger than `discovery.confirm_ttl` are read with one `clearinghouseState` each (the first perp
 dex), at low priority and paced so these reads never take more than `discovery.rest_share` of the per-IP REST
 weight (`docs/protocol.md` §4, §5). A read that fails is counted and retried on a later pass. An account below
@@ -37,8 +38,6 @@ __all__ = ["Confirmation", "DiscoveryInfo", "DiscoveryKeeper", "parse_window", "
 
 log = get_logger(__name__)
 
-# Candidates are re-ranked and the unconfirmed top ones read this often; rankings over an hour move slowly.
-CONFIRM_PASS_S: Final = 30.0
 # Confirmations remembered at most (each a few numbers): several passes' worth of every window's top.
 MAX_CONFIRMATIONS: Final = 10_000
 _CONFIRM_WEIGHT: Final = info_weight("clearinghouseState")
@@ -136,6 +135,11 @@ class DiscoveryKeeper:
         self.discovery.advance(self._wall_ms())
         return self.discovery.candidates(window_ms, label=label, limit=limit)
 
+    def candidate(self, window_ms: int, address: str) -> Candidate | None:
+        """One address's candidate in one window (None when it is not tracked there)."""
+        self.discovery.advance(self._wall_ms())
+        return self.discovery.get(window_ms, address)
+
     def rows(self, window_ms: int, *, label: Label | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """`GET /discovery`'s candidates, largest notional first."""
         return [self.row(c) for c in self.candidates(window_ms, label=label, limit=limit)]
@@ -201,6 +205,15 @@ class DiscoveryKeeper:
                 known = self._confirmed.get(c.address)
                 if known is None or now - known.read_at_ms >= ttl_ms:
                     out.setdefault(c.address)
+            if not self.cfg.auto_watch:
+                continue
+            # Makers lead by notional: the directional ones automatic watching may add are confirmed as well.
+            for c in self.candidates(window, label="directional", limit=self.cfg.confirm_top):
+                if c.notional_usd < self.cfg.auto_min_notional_usd:
+                    break
+                known = self._confirmed.get(c.address)
+                if known is None or now - known.read_at_ms >= ttl_ms:
+                    out.setdefault(c.address)
         return list(out)
 
     async def confirm_due(self) -> int:
@@ -245,4 +258,4 @@ class DiscoveryKeeper:
         while True:
             self.export()
             await self.confirm_due()
-            await self._sleep(CONFIRM_PASS_S)
+            await self._sleep(self.cfg.pass_interval)
