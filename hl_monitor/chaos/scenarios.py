@@ -485,7 +485,10 @@ async def kill9(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
 
 async def clock_skew(opts: ChaosOptions, workdir: Path, res: ScenarioResult) -> None:
     extra = {"HL_MONITOR__RETENTION__INTERVAL": "1"}  # the cleaner runs all the time against skewed rows
-    async with ChaosEnv(opts, workdir, service_env=extra) as env:
+    # Four starts within half a minute spend the exchange's one-minute REST window (each start's recovery reads
+    # order statuses and states; a new process cannot know what the killed one spent), so the last recovery may
+    # meet 429s and wait for the window: settle as long as that wait.
+    async with ChaosEnv(opts, workdir, service_env=extra, settle_stall_s=REST_WINDOW_SETTLE_S) as env:
         res.log_path = env.svc.log_path
         ex = env.sim.exchange
         steady: list[Observation] = []
