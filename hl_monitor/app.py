@@ -240,6 +240,7 @@ async def build(cfg: Config, metrics: Metrics, stack: AsyncExitStack) -> Compone
             positions=positions,
             cluster=cluster,
             discovery=discovery,
+            fills_outbox=fills_outbox,
         )
     )
     return Components(

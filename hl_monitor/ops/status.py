@@ -87,8 +87,10 @@ class StatusView:
         wide_tier: WideTier | None,
         positions: PositionsTier | None,
         cluster: Cluster | None,
+        relays: Sequence[Relay[Any]],
     ) -> None:
         self._positions = positions
+        self._relays = tuple(relays)
         self._instance_id = instance_id
         self._cluster_mode = cluster_mode
         self._publisher = publisher
@@ -123,15 +125,9 @@ class StatusView:
             reasons["service"] = "starting"
         return Readiness(reasons)
 
-    def _relays(self) -> list[Relay[Any]]:
-        relays: list[Relay[Any]] = [self._outbox]
-        if self._positions is not None:
-            relays.append(self._positions.outbox)
-        return relays
-
     def _publishing(self) -> PublishState:
         """Degraded while any relay waits for acks that do not come (connected, but no server stores)."""
-        degraded = any(r.publish_health.state() == "degraded" for r in self._relays())
+        degraded = any(r.publish_health.state() == "degraded" for r in self._relays)
         return "degraded" if degraded else "ok"
 
     def _nats(self) -> dict[str, Any]:
@@ -139,8 +135,8 @@ class StatusView:
             "connected": self._publisher.is_connected,
             "connected_url": self._publisher.connected_url,
             "publishing": self._publishing(),
-            "unacked_for_s": round(max(r.publish_health.unacked_for for r in self._relays()), 2),
-            "failures_since_ack": sum(r.publish_health.failures for r in self._relays()),
+            "unacked_for_s": round(max(r.publish_health.unacked_for for r in self._relays), 2),
+            "failures_since_ack": sum(r.publish_health.failures for r in self._relays),
         }
 
     def health_summary(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from hl_monitor.cluster.discovery import DiscoveryPart
 from hl_monitor.cluster.leases import Cluster
 from hl_monitor.config import Config
 from hl_monitor.delivery.outbox import Outbox
+from hl_monitor.delivery.publications import PublicationOutbox
 from hl_monitor.delivery.publisher import Publisher
 from hl_monitor.domain.signal import Signal
 from hl_monitor.feeds.addresses import AddressBook, AddressSource
@@ -63,9 +64,16 @@ async def open_surface(
     positions: PositionsTier | None,
     cluster: Cluster | None,
     discovery: DiscoveryPart | None,
+    fills_outbox: PublicationOutbox | None,
 ) -> AsyncIterator[Surface]:
     """Build the status view and the HTTP app over the built components, serve it, and stop it on exit."""
     database = DatabaseProbe(repo)
+    # Every relay that publishes: NATS is degraded when any of them waits for acks that do not come.
+    optional_relays = (
+        fills_outbox,
+        positions.outbox if positions is not None else None,
+        discovery.outbox if discovery is not None else None,
+    )
     status = StatusView(
         instance_id=cfg.instance_id,
         cluster_mode=cfg.cluster.mode,
@@ -82,6 +90,7 @@ async def open_surface(
         wide_tier=wide_tier,
         positions=positions,
         cluster=cluster,
+        relays=[outbox, *(r for r in optional_relays if r is not None)],
     )
     admin = Admin(table, book) if isinstance(table, AddressTable) else None
     console = ConsoleDeps(
