@@ -13,15 +13,14 @@ restart left unacknowledged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from prometheus_client import Counter, Gauge
 
 from hl_monitor.config import DiscoveryConfig, NatsConfig
 from hl_monitor.delivery.publications import (
+    PublicationCounters,
     PublicationOutbox,
     PublicationStore,
     PublicationWriter,
@@ -85,26 +84,6 @@ class DiscoveryPublisher(StreamPublisher):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _DiscoveryCounters:
-    metrics: Metrics
-
-    @property
-    def depth(self) -> Gauge:
-        return self.metrics.discovery_outbox_depth
-
-    @property
-    def spilled(self) -> Counter:
-        return self.metrics.discovery_spilled
-
-    def fault(self, kind: str) -> None:
-        self.metrics.publication_errors.labels(reason=kind).inc()
-
-    def replayed(self, reason: str, count: int) -> None:
-        self.metrics.replays.labels(kind="discovery", reason=reason).inc()
-        self.metrics.replayed.labels(kind="discovery").inc(count)
-
-
 def discovery_outbox(
     publisher: DiscoveryPublisher,
     store: PublicationStore,
@@ -114,5 +93,11 @@ def discovery_outbox(
 ) -> PublicationOutbox:
     """The announcements' own outbox: it re-reads only `discovery` rows and counts in the `discovery_*` gauges."""
     return PublicationOutbox(
-        publisher, store, writer, metrics, cfg, kinds=DISCOVERY_KINDS, counters=_DiscoveryCounters(metrics)
+        publisher,
+        store,
+        writer,
+        metrics,
+        cfg,
+        kinds=DISCOVERY_KINDS,
+        counters=PublicationCounters(metrics, "discovery", metrics.discovery_outbox_depth, metrics.discovery_spilled),
     )

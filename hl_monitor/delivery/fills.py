@@ -14,15 +14,14 @@ publishes it, marks it on the ack and re-publishes what an outage or a restart l
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from prometheus_client import Counter, Gauge
 
 from hl_monitor.config import FillsConfig, NatsConfig
 from hl_monitor.delivery.publications import (
+    PublicationCounters,
     PublicationOutbox,
     PublicationStore,
     PublicationSubmitter,
@@ -96,26 +95,6 @@ class FillPublisher(StreamPublisher):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _FillCounters:
-    metrics: Metrics
-
-    @property
-    def depth(self) -> Gauge:
-        return self.metrics.fills_outbox_depth
-
-    @property
-    def spilled(self) -> Counter:
-        return self.metrics.fills_spilled
-
-    def fault(self, kind: str) -> None:
-        self.metrics.publication_errors.labels(reason=kind).inc()
-
-    def replayed(self, reason: str, count: int) -> None:
-        self.metrics.replays.labels(kind="fill", reason=reason).inc()
-        self.metrics.replayed.labels(kind="fill").inc(count)
-
-
 def fill_outbox(
     publisher: FillPublisher,
     store: PublicationStore,
@@ -133,7 +112,7 @@ def fill_outbox(
         metrics,
         cfg,
         kinds=FILL_KINDS,
-        counters=_FillCounters(metrics),
+        counters=PublicationCounters(metrics, "fill", metrics.fills_outbox_depth, metrics.fills_spilled),
         on_published=on_published,
     )
 

@@ -223,23 +223,24 @@ class PublicationWriter(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _PublicationCounters:
+class PublicationCounters:
+    """A publication relay's instruments: its own depth and spill counters; errors and replays by its kind."""
+
     metrics: Metrics
+    kind: str  # the `kind` label of the replay counters: position, fill, discovery
+    depth: Gauge
+    spilled: Counter
 
-    @property
-    def depth(self) -> Gauge:
-        return self.metrics.publications_depth
-
-    @property
-    def spilled(self) -> Counter:
-        return self.metrics.publications_spilled
+    @classmethod
+    def positions(cls, metrics: Metrics) -> PublicationCounters:
+        return cls(metrics, "position", metrics.publications_depth, metrics.publications_spilled)
 
     def fault(self, kind: str) -> None:
         self.metrics.publication_errors.labels(reason=kind).inc()
 
     def replayed(self, reason: str, count: int) -> None:
-        self.metrics.replays.labels(kind="position", reason=reason).inc()
-        self.metrics.replayed.labels(kind="position").inc(count)
+        self.metrics.replays.labels(kind=self.kind, reason=reason).inc()
+        self.metrics.replayed.labels(kind=self.kind).inc(count)
 
 
 class PublicationOutbox(Relay[Publication]):
@@ -265,7 +266,7 @@ class PublicationOutbox(Relay[Publication]):
         counters: RelayMetrics | None = None,
         on_published: Callable[[Publication], None] | None = None,
     ) -> None:
-        super().__init__(publisher, counters or _PublicationCounters(metrics), cfg, submit_wait=submit_wait)
+        super().__init__(publisher, counters or PublicationCounters.positions(metrics), cfg, submit_wait=submit_wait)
         self._publisher = publisher
         self._on_published = on_published
         self._store = store
