@@ -31,6 +31,7 @@ from hl_monitor.storage.repository import Repository, create_engine
 from tests.support.ledger import expected_orders, observed_orders
 from tests.support.nats_cluster import NatsCluster, cluster_running, wait_stream_leader
 from tests.support.service import running, service_config
+from tests.support.trading import TakingTurns
 from tests.support.waiting import wait_until
 
 WHALES: Final = ["0x" + f"{i:02x}" * 20 for i in range(0xC1, 0xC7)]
@@ -136,34 +137,6 @@ class Sampler:
                 await self._task
 
 
-@dataclass
-class Whales:
-    """Every whale trades in turn until stopped: opens and closes, two fills per order."""
-
-    sim: SimServer
-    orders: int = 0
-    _task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        step = 0
-        while True:
-            whale = self.sim.exchange.whale(WHALES[step % len(WHALES)])
-            coin, px = (("BTC", "80000"), ("ETH", "2400"))[(step // len(WHALES)) % 2]
-            await whale.market_order(coin, (step // (2 * len(WHALES))) % 2 == 0, "1", px, fills=2, px_step="1")
-            self.orders += 1
-            step += 1
-            await asyncio.sleep(TRADE_PAUSE_S)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="whales")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
 @contextlib.asynccontextmanager
 async def _instances(sim: SimServer, cluster: NatsCluster, db_url: str, root: Path) -> AsyncIterator[list[Service]]:
     configs: list[Config] = [
@@ -237,7 +210,7 @@ async def test_kv_leader_node_killed_addresses_move_at_most_once_and_never_track
         sampler = Sampler(dict(zip(NAMES, services, strict=True)))
         sampler.sample(loop.time())
         before = {a: h[-1] for a, h in sampler.holders.items()}
-        whales = Whales(sim)
+        whales = TakingTurns(sim, WHALES, TRADE_PAUSE_S)
         sampler.start()
         whales.start()
         try:

@@ -9,10 +9,9 @@ Each prints what it measured (election time, how long the outbox held signals, d
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -29,6 +28,7 @@ from hl_monitor.storage.repository import Repository, create_engine
 from tests.support.ledger import expected_orders, observed_orders
 from tests.support.nats_cluster import NatsCluster, Probe, cluster_running, stream_leader, wait_stream_leader
 from tests.support.service import W1, W2, live, running, service_config
+from tests.support.trading import TakingTurns
 from tests.support.waiting import wait_until
 
 STREAM: Final = "HL_SIGNALS"
@@ -73,36 +73,6 @@ async def _progressed(service: Service, signals: int = PROGRESS_SIGNALS) -> None
 
 
 @dataclass
-class Traders:
-    """Both whales trade until stopped: alternating opens and closes, several fills per order."""
-
-    sim: SimServer
-    orders: int = 0
-    _task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    async def _run(self) -> None:
-        whales = [self.sim.exchange.whale(W1), self.sim.exchange.whale(W2)]
-        coins = [("BTC", "80000"), ("ETH", "2400")]
-        step = 0
-        while True:
-            whale = whales[step % 2]
-            coin, px = coins[(step // 2) % 2]
-            await whale.market_order(coin, (step // 4) % 2 == 0, "1", px, fills=2, px_step="1")
-            self.orders += 1
-            step += 1
-            await asyncio.sleep(TRADE_PAUSE_S)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="traders")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
-@dataclass
 class Outcome:
     probe: Probe
     duplicates: int
@@ -125,7 +95,7 @@ async def _scenario(tmp_path: Path, name: str, fault: Fault) -> Outcome:
     async with _database(tmp_path) as db_url, cluster_running(tmp_path / "cluster") as cluster:
         async with SimServer(SimConfig(clearinghouse_push_interval=0.3)) as sim:
             cfg = service_config(sim, cluster.seeds, db_url, tmp_path / "data", **CLUSTER_SETTINGS)
-            traders = Traders(sim)
+            traders = TakingTurns(sim, (W1, W2), TRADE_PAUSE_S)
             async with running(cfg) as service:
                 await live(service, W1, W2)
                 probe = Probe(service)
