@@ -55,11 +55,17 @@ async def test_smoke_run_writes_every_bench_with_baselines_and_zero_loss(tmp_pat
             assert check["duplicate_fills"] == 0
     latency = by_name["e2e_latency"].cases[0]
     for key in ("loop_step_p99_ms", "loop_step_p999_ms", "loop_step_max_ms", "loop_step_cpu_p99_ms",
-                "loop_step_cpu_max_ms", "bare_publish_p99_ms", "p99_over_bare_publish_p99"):  # fmt: skip
+                "loop_step_cpu_max_ms", "bare_publish_p99_ms", "p99_over_bare_publish_p99", "gc_tracked_after_run",
+                "gc_full_collect_after_run_ms"):  # fmt: skip
         assert key in latency.metrics, key
     [steps] = latency.info["loop_steps"]
     assert steps["steps"] > 0
     assert steps["p99_ms"] <= steps["p999_ms"] <= steps["max_ms"]
+    [census] = latency.info["gc_census"]
+    assert census["tracked_total"] == sum(census["tracked"]) > 0
+    assert census["frozen"] > 0  # the service froze its start-up objects
+    assert census["top_types"]
+    assert all(count > 0 for _, count in census["top_types"])
     tape = by_name["tape"]
     assert [c.info["matched_trades"] > 0 for c in tape.cases if "matched_trades" in c.info] == [True, True]
     assert e2e.targets

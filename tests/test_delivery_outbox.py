@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal as os_signal
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +14,7 @@ import pytest
 from hl_monitor.config import Config, DatabaseConfig, NatsConfig, SignalsConfig, WriterConfig
 from hl_monitor.delivery.outbox import Outbox
 from hl_monitor.delivery.publisher import Publisher
+from hl_monitor.delivery.relay import RecentKeys
 from hl_monitor.domain.signal import Signal, decode_signal
 from hl_monitor.metrics import Metrics
 from hl_monitor.storage import migrate
@@ -350,3 +352,49 @@ async def test_with_the_real_sqlite_store_and_writer(nats_server: NatsServer, sq
         await writer_task
         await engine.dispose()
     await assert_stream_holds_exactly(nats_server.url, signals)
+
+
+class _Ticks:
+    """A timer the test moves by hand (`RecentKeys` reads it at every call)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_recent_acks_are_remembered_for_at_least_the_ttl_and_forgotten_after_twice_it() -> None:
+    ticks = _Ticks()
+    recent = RecentKeys(capacity=100, ttl=60.0, timer=ticks)
+    recent.add("a")
+    ticks.now = 59.0
+    recent.add("b")
+    ticks.now = 118.9  # "a" is 118.9 s old, "b" 59.9 s: both within their ttl or the generation after it
+    assert "a" in recent
+    assert "b" in recent
+    recent.add("c")
+    ticks.now = 178.0  # "b" was added 119 s ago, "c" 59.1 s ago
+    assert "b" in recent
+    assert "c" in recent
+    ticks.now = 400.0  # nothing added for longer than two generations
+    assert "c" not in recent
+    assert len(recent) == 0
+
+
+def test_recent_acks_are_bounded_by_capacity_per_generation() -> None:
+    recent = RecentKeys(capacity=3, ttl=60.0, timer=_Ticks())
+    for n in range(7):
+        recent.add(f"s{n}")
+    assert len(recent) <= 2 * 3
+    assert "s6" in recent
+    assert "s0" not in recent  # the oldest are forgotten first, as a full cache evicts
+
+
+def test_remembered_acks_are_no_work_for_the_garbage_collector() -> None:
+    recent = RecentKeys(capacity=10_000, ttl=60.0, timer=_Ticks())
+    before = len(gc.get_objects())
+    for n in range(5_000):
+        recent.add(f"signal-{n}")
+    assert len(gc.get_objects()) - before < 10  # no object per key (architecture §10 "Garbage collection")
+    assert not gc.is_tracked(recent._new)

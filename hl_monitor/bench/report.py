@@ -59,6 +59,27 @@ def _bench_md(bench: BenchResult) -> list[str]:
     for case in bench.cases:
         if case.info.get("loop_steps"):
             lines.extend(_slow_steps_md(case.name, case.info["loop_steps"]))
+        if case.info.get("gc_census"):
+            lines.extend(_gc_census_md(case.name, case.info["gc_census"]))
+    return lines
+
+
+def _gc_census_md(case: str, runs: list[dict[str, Any]]) -> list[str]:
+    """What the collector tracks after each run and what a full pass over it costs (the `gccensus` instrument)."""
+    tracked = " / ".join(f"{run['tracked_total']:,}" for run in runs)
+    frozen = " / ".join(f"{run['frozen']:,}" for run in runs)
+    full = " / ".join(f"{run['full_collect_ms']:.1f}" for run in runs)
+    lines = [
+        f"Garbage collector after each run ({case}): tracked live objects {tracked} (frozen apart: {frozen}); "
+        f"a full collection over them took {full} ms.",
+        "",
+        f"Tracked objects by type after the first run ({case}):",
+        "",
+        "| type | objects |",
+        "|---|---|",
+    ]
+    lines.extend(f"| `{name}` | {count:,} |" for name, count in runs[0]["top_types"])
+    lines.append("")
     return lines
 
 

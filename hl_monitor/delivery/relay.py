@@ -35,10 +35,12 @@ import dataclasses
 import heapq
 import itertools
 import random
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Generic, Protocol, TypeVar
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 from nats.js.api import PubAck
 from prometheus_client import Counter, Gauge
 
@@ -49,7 +51,7 @@ from hl_monitor.delivery.publish_health import PublishHealth
 from hl_monitor.errors import PublishError
 from hl_monitor.logging import get_logger
 
-__all__ = ["Link", "Relay", "RelayMetrics", "ReplayReason"]
+__all__ = ["Link", "RecentKeys", "Relay", "RelayMetrics", "ReplayReason"]
 
 log = get_logger(__name__)
 
@@ -136,6 +138,50 @@ class _Replay:
     count: int = 0
 
 
+class RecentKeys:
+    """Keys remembered for at least `ttl` seconds and at most twice as long; at most `capacity` keys per half.
+
+    Two generations, each a plain dict of `str` → None: a dict of atoms is not tracked by the garbage collector,
+    so however many acks are remembered, no full collection walks them (a TTL cache keeps a linked object per key,
+    tens of thousands at 2,000 signals/s: architecture §10 "Garbage collection"). Keys go into the newer
+    generation; once it is `ttl` old it becomes the older one and the older is dropped whole. When the newer one
+    holds `capacity` keys it is turned over early (the oldest keys are forgotten early, as a full cache evicts).
+    """
+
+    def __init__(self, capacity: int, ttl: float, timer: Callable[[], float] = time.monotonic) -> None:
+        self._capacity = capacity
+        self._ttl = ttl
+        self._timer = timer
+        self._new: dict[str, None] = {}
+        self._old: dict[str, None] = {}
+        self._since = timer()  # when the newer generation started taking keys
+
+    def _turn(self) -> None:
+        now = self._timer()
+        age = now - self._since
+        if age >= 2 * self._ttl:  # nothing was added for a whole generation: both are past their time
+            self._old, self._new, self._since = {}, {}, now
+        elif age >= self._ttl:
+            self._old, self._new, self._since = self._new, {}, now
+
+    def add(self, key: str) -> None:
+        self._turn()
+        self._new[key] = None
+        if len(self._new) >= self._capacity:
+            self._old, self._new, self._since = self._new, {}, self._timer()
+
+    def __contains__(self, key: str) -> bool:
+        self._turn()
+        return key in self._new or key in self._old
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._old)
+
+    def clear(self) -> None:
+        self._new.clear()
+        self._old.clear()
+
+
 class Relay(abc.ABC, Generic[T]):
     """Holds messages until JetStream acknowledges them. Run `run()` in a task; `drain()` at shutdown."""
 
@@ -165,7 +211,7 @@ class Relay(abc.ABC, Generic[T]):
         self._ready: deque[str] = deque()
         self._retry: list[tuple[int, str]] = []  # heap by submission order: oldest failure goes first
         self._order = itertools.count()
-        self._recent: TTLCache[str, None] = TTLCache(maxsize=max(1, self._capacity), ttl=RECENT_ACK_TTL_S)
+        self._recent = RecentKeys(max(1, self._capacity), RECENT_ACK_TTL_S)
         self._work = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -377,7 +423,7 @@ class Relay(abc.ABC, Generic[T]):
             self._retry_at = 0.0
         self._held.pop(key, None)
         self.publish_health.acked(still_waiting=bool(self._held))
-        self._recent[key] = None
+        self._recent.add(key)
         if len(self._held) < self._capacity:
             self._room.set()
         if not self._held:

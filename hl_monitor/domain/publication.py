@@ -41,7 +41,8 @@ DISCOVERY_SCHEMA_VERSION: Final = 1
 DiscoveryAction: TypeAlias = Literal["watch", "unwatch"]
 
 
-class Publication(msgspec.Struct, frozen=True, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class Publication(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     msg_id: str
     kind: PublicationKind
     subject: str
@@ -63,7 +64,8 @@ def fill_msg_id(address: str, coin: str, tid: int, oid: int, time: int) -> str:
     return f"{address}:fill:{coin}:o{oid}:t{time}"
 
 
-class FillRecord(msgspec.Struct, frozen=True, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class FillRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One deduplicated fill as published on `hl.fills.{address}.{symbol}`. Field order is the JSON key order.
 
     `order_filled_size` / `order_vwap`: the size and Σ(px·sz)/Σsz of the fills of its order (its TWAP for a TWAP

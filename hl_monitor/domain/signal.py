@@ -91,7 +91,8 @@ def twap_signal_id(address: str, twap_id: int, dir_code: str, continuation_tid: 
     return base if continuation_tid is None else f"{base}:c{continuation_tid}"
 
 
-class LiquidationInfo(msgspec.Struct, frozen=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class LiquidationInfo(msgspec.Struct, frozen=True, gc=False):
     """The fill's liquidation block, carried on liquidation/ADL close signals."""
 
     mark_px: Decimal | None
@@ -99,7 +100,8 @@ class LiquidationInfo(msgspec.Struct, frozen=True):
     liquidated_user: str | None = None
 
 
-class Signal(msgspec.Struct, frozen=True, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class Signal(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One trading signal. Field order is the JSON key order."""
 
     # --- the old service's keys (same meaning) ---

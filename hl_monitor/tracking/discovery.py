@@ -88,7 +88,8 @@ EXACT_RANK_MAX: Final = 2_000
 RANK_REFRESH_MS: Final = 5_000
 
 
-class Evidence(msgspec.Struct, frozen=True, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class Evidence(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The numbers behind a label, each a share of the candidate's gross notional in the window."""
 
     net_ratio: float  # Σ|net per coin| ÷ gross: 0 = flat, 1 = all one way
@@ -103,7 +104,8 @@ class Evidence(msgspec.Struct, frozen=True, kw_only=True):
     reasons: tuple[str, ...]  # the rule that gave the label, in words
 
 
-class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class Candidate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One address's flow over one window, with its label."""
 
     address: str
@@ -118,42 +120,36 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     evidence: Evidence
 
 
-class _Slice:
+# Structs with gc=False rather than slotted classes: a counter holds only numbers and dicts of numbers, never a
+# cycle, and thousands of them live for a whole window; the collector need not track them (architecture §10).
+class _Slice(msgspec.Struct, gc=False):
     """One counter's numbers within one slice of the window (also used, summed, as the running total)."""
 
-    __slots__ = ("buy", "coin_gross", "cp", "engine", "error", "net", "self_", "sell", "taker", "trades")
-
-    def __init__(self) -> None:
-        self.buy = 0.0
-        self.sell = 0.0
-        self.taker = 0.0
-        self.engine = 0.0
-        self.self_ = 0.0
-        self.error = 0.0
-        self.trades = 0
-        self.net: dict[str, float] = {}
-        self.coin_gross: dict[str, float] = {}
-        self.cp: dict[str, float] = {}
+    buy: float = 0.0
+    sell: float = 0.0
+    taker: float = 0.0
+    engine: float = 0.0
+    self_: float = 0.0
+    error: float = 0.0
+    trades: int = 0
+    net: dict[str, float] = msgspec.field(default_factory=dict)
+    coin_gross: dict[str, float] = msgspec.field(default_factory=dict)
+    cp: dict[str, float] = msgspec.field(default_factory=dict)
 
     @property
     def gross(self) -> float:
         return self.buy + self.sell
 
 
-class _Counter(_Slice):
-    """A counter is its own running total (one object fewer per counter for the garbage collector to walk)."""
+class _Counter(_Slice, gc=False):
+    """A counter is its own running total (one object fewer per counter), untracked like its slices."""
 
-    __slots__ = ("label", "label_gross", "label_trades", "slices")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slices: dict[int, _Slice] = {}
-        # The label as last classified, and the trades and gross it was classified at: queries repeat every few
-        # seconds over the same top counters, most of which did not trade since. Plain fields, no tuple: fewer
-        # objects for the garbage collector to walk.
-        self.label: Label = "mixed"
-        self.label_trades = -1
-        self.label_gross = 0.0
+    slices: dict[int, _Slice] = msgspec.field(default_factory=dict)
+    # The label as last classified, and the trades and gross it was classified at: queries repeat every few
+    # seconds over the same top counters, most of which did not trade since. Plain fields, no tuple.
+    label: Label = "mixed"
+    label_trades: int = -1
+    label_gross: float = 0.0
 
     @property
     def total(self) -> _Slice:

@@ -256,7 +256,9 @@ class _Order:
         self.flushed_at = 0
         self.cont_tid: int | None = None
         self.grace_deadline = 0
-        self.slice_oids: list[int] = []
+        # A tuple, not a list: only TWAPs take slices, and a tuple of ints is not tracked by the garbage collector
+        # while a list is, one per order kept after its flush (architecture §10 "Garbage collection").
+        self.slice_oids: tuple[int, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -306,7 +308,10 @@ class TrackingEngine:
         self._awaiting: OrderedDict[_Order, None] = OrderedDict()
         # TTL queues in expiry order; entries whose target changed since are skipped when popped.
         self._parked_q: deque[tuple[int, _Addr, ParkedStatus]] = deque()
-        self._done_q: deque[tuple[int, _Order, int]] = deque()
+        # Flushed orders in flush order, and their flush times: two deques in step rather than one of tuples, as a
+        # tuple holding an order stays tracked by the collector (architecture §10 "Garbage collection").
+        self._done_q: deque[_Order] = deque()
+        self._done_at: deque[int] = deque()
         self._n_parked = 0
         self._n_done = 0
         self._dirty: dict[_Order, None] = {}  # orders whose pending records changed
@@ -542,7 +547,7 @@ class TrackingEngine:
                 self._reopen(order, fill.tid, now, out)
             if fill.oid not in st.slices:
                 st.slices[fill.oid] = twap_id
-                order.slice_oids.append(fill.oid)
+                order.slice_oids += (fill.oid,)
                 if st.parked.pop(fill.oid, None) is not None:
                     self._n_parked -= 1
             return order
@@ -866,9 +871,10 @@ class TrackingEngine:
 
     def _remember(self, order: _Order, flushed_at: int) -> None:
         self._n_done += 1
-        self._done_q.append((flushed_at + self._flushed_ttl_ms, order, flushed_at))
+        self._done_q.append(order)
+        self._done_at.append(flushed_at)
         while self._n_done > self._config.max_flushed_keys and self._done_q:
-            _, victim, at = self._done_q.popleft()
+            victim, at = self._done_q.popleft(), self._done_at.popleft()
             if self._done_live(victim, at):
                 self._forget(victim)
                 self._evict("flushed_orders")
@@ -921,9 +927,9 @@ class TrackingEngine:
                 del st.parked[parked.oid]
                 self._n_parked -= 1
                 self._evict("parked_statuses_ttl")
-        done_q = self._done_q
-        while done_q and done_q[0][0] <= now_ms:
-            _, order, at = done_q.popleft()
+        done_q, done_at = self._done_q, self._done_at
+        while done_at and done_at[0] + self._flushed_ttl_ms <= now_ms:
+            order, at = done_q.popleft(), done_at.popleft()
             if self._done_live(order, at):
                 self._forget(order)
                 self._evict("flushed_orders_ttl")
@@ -1164,7 +1170,7 @@ class TrackingEngine:
             for fill in rec.fills:
                 if fill.oid not in st.slices:
                     st.slices[fill.oid] = rec.oid
-                    order.slice_oids.append(fill.oid)
+                    order.slice_oids += (fill.oid,)
         self._mark_seen(st, rec.fills)
 
     def _import_flushed(self, done: FlushedOrder) -> None:

@@ -74,7 +74,8 @@ _DIGEST_BYTES: Final = 8
 _STATE_ENCODER: Final = msgspec.json.Encoder()
 
 
-class PerpPosition(msgspec.Struct, frozen=True, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class PerpPosition(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What an address holds on one perp coin. None means unknown (not yet shown by a state frame)."""
 
     coin: str
@@ -99,7 +100,8 @@ class PerpPosition(msgspec.Struct, frozen=True, kw_only=True):
     source: Source
 
 
-class PositionEvent(msgspec.Struct, frozen=True, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class PositionEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A change of one position (never a mark move). `before`/`after` are None when flat."""
 
     event_id: str

@@ -39,7 +39,8 @@ RecordState: TypeAlias = Literal["pending", "flushed"]
 SeenKey: TypeAlias = int | str
 
 
-class AggregationRecord(msgspec.Struct, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class AggregationRecord(msgspec.Struct, kw_only=True, gc=False):
     """One aggregation (one future signal): the fills of one order (or TWAP) in one direction.
 
     The order-level fields (`status`, `expected_size`, `order_filled`) repeat the order's state on each of
@@ -93,7 +94,8 @@ class Watermark(msgspec.Struct, kw_only=True):
     seen: list[tuple[SeenKey, int]] = msgspec.field(default_factory=list)
 
 
-class FlushedOrder(msgspec.Struct, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class FlushedOrder(msgspec.Struct, kw_only=True, gc=False):
     """An order (or TWAP) whose signal was built; remembered for `aggregation.flushed_ttl`."""
 
     address: str
@@ -106,7 +108,8 @@ class FlushedOrder(msgspec.Struct, kw_only=True):
     flushed_at: int
 
 
-class ParkedStatus(msgspec.Struct, kw_only=True):
+# Not tracked by the garbage collector (gc=False): holds values and other records, never a cycle (architecture §10).
+class ParkedStatus(msgspec.Struct, kw_only=True, gc=False):
     """A terminal status that arrived before any fill of its order."""
 
     address: str

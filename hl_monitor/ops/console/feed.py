@@ -13,9 +13,9 @@ import asyncio
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 import orjson
 
 from hl_monitor.domain.publication import Publication
@@ -54,8 +54,9 @@ def signal_row(signal: Signal) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class FeedEvent:
+# A Struct with gc=False, not a dataclass: the replay ring keeps `RING_SIZE` of them for the process's life, and
+# an event holds only an int and two strings, so the collector need not track them (architecture §10).
+class FeedEvent(msgspec.Struct, frozen=True, gc=False):
     """One event: a process-wide increasing id (the SSE `id`), a kind (the SSE `event`) and JSON text."""
 
     seq: int
