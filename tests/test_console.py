@@ -40,6 +40,7 @@ pytestmark = pytest.mark.timeout(120)
 TOKEN: Final = "console-token-1"
 XSS_LABEL: Final = "<img src=x onerror=alert(1)>"
 NEW_WHALE: Final = "0x" + "c3" * 20
+DISCOVERED_ETH: Final = 100  # a whale-sized buy (ETH): it ranks first among the sim's few candidates in `/discovery`
 LIVE_WITHIN_MS: Final = 1000  # a signal the sim makes shows in the open live feed within a second
 PHONE: Final[ViewportSize] = {"width": 390, "height": 844}  # a common phone viewport
 DESKTOP: Final[ViewportSize] = {"width": 1280, "height": 800}  # a small laptop screen
@@ -295,17 +296,15 @@ async def test_bulk_import_edit_remove_and_the_discovery_watch_button_show_up_li
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     first, second, found = ("0x" + ch * 40 for ch in "def")
-    candidates = [{"address": found, "label": "found", "account_value": "2500000"}]
     # No removal grace: a removed or deactivated address leaves the book at once.
     extra = {"HTTP__ADMIN_TOKEN": TOKEN, "ADDRESSES__REMOVE_GRACE": "0"}
-    async with service_on_sim(tmp_path, nats_server.url, **extra) as (service, _):
+    async with service_on_sim(tmp_path, nats_server.url, **extra) as (service, sim):
         base = f"http://{service.components.cfg.http.listen}"
         book = service.components.book
+        await trade_on_the_tape(service, sim, found)
         async with browser_page() as admin:
             problems = watch_for_script_problems(admin)
             viewer = await admin.context.new_page()  # another tab, without the token, left open on the whales
-            await viewer.route("**/discovery", lambda route: route.fulfill(json=candidates))
-            await admin.route("**/discovery", lambda route: route.fulfill(json=candidates))
             await viewer.goto(f"{base}/ui/#/market")
             await viewer.locator("#discovery tbody tr", has_text=found).wait_for()
             assert await viewer.locator("#discovery button").count() == 0  # no token, no watch button
@@ -347,11 +346,32 @@ async def test_bulk_import_edit_remove_and_the_discovery_watch_button_show_up_li
             await wait_until_count(viewer.locator(f'#whales tr[data-address="{second}"]'), 0)
 
             await admin.goto(f"{base}/ui/#/market")
-            await admin.locator("#discovery button", has_text="Watch").click()
-            await admin.locator("#discovery td", has_text="watching").wait_for()
+            candidate = admin.locator("#discovery tbody tr", has_text=found)
+            await candidate.locator("button", has_text="Watch").click()
+            await candidate.locator("td", has_text="watching").wait_for()
             await wait_until(lambda: found in book.entries(), within=5)
-            await viewer.locator(f'#whales tr[data-address="{found}"]', has_text="found").wait_for()
+            entry = book.entries()[found]
+            assert entry.label.startswith("discovered:"), entry.label  # the discovery route's tag, not /admin/addresses
+            assert entry.tier == "wide"
+            await viewer.locator(f'#whales tr[data-address="{found}"]', has_text="discovered:").wait_for()
+
+            # Watching it again is refused, and the page shows the API's reason.
+            await admin.reload()
+            await candidate.locator("button", has_text="Watch").click()
+            await candidate.locator("[role=alert]", has_text=f"{found} is already watched").wait_for()
+            assert book.entries()[found].label == entry.label
             assert problems == []
+
+
+async def trade_on_the_tape(service: Any, sim: SimServer, address: str) -> None:
+    """`address` buys on the sim once the wide tier's tape is live, and discovery has counted it."""
+    wide, part = service.components.wide_tier, service.components.discovery
+    assert wide is not None, "the wide tier's tape is on by default"
+    assert part is not None, "discovery is on by default with the tape"
+    await wait_until(lambda: wide.tape.continuous_since_ms() is not None, what="tape live")
+    ex = sim.exchange
+    ex.market_order(address, "ETH", True, DISCOVERED_ETH, ex.mids["ETH"])
+    await wait_until(lambda: part.label_of(address) is not None, within=5, what="a discovery candidate")
 
 
 async def wait_until_count(locator: Any, count: int) -> None:

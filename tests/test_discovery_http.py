@@ -21,9 +21,8 @@ from hl_monitor.hyperliquid.protocol import ClearinghouseState
 from hl_monitor.metrics import Metrics
 from hl_monitor.ops.http import AddressInput, HttpServer, create_app
 from hl_monitor.watch.discovery import DiscoveryKeeper
-from tests.test_discovery import LIQUIDATED, MM, WASH_A, WHALE, population
-from tests.test_http import MemoryAdmin
-from tests.test_http_positions import Service
+from tests.support.discovery_population import LIQUIDATED, MM, WASH_A, WHALE, population
+from tests.support.http_fakes import EmptyView, MemoryAdmin
 
 TOKEN: Final = "discovery-admin-token"
 NOW_MS: Final = 1_000
@@ -98,7 +97,7 @@ async def served() -> AsyncIterator[Served]:
     k = keeper(FakeInfo({WHALE: "2500000", POOR: "5000"}), admin)
     await k.confirm_due()
     cfg = HttpConfig(listen="127.0.0.1:0", admin_token=TOKEN)  # type: ignore[arg-type]
-    app = create_app(Service(), Metrics(), admin, cfg, discovery=k)
+    app = create_app(EmptyView(), Metrics(), admin, cfg, discovery=k)
     async with (
         HttpServer(app, cfg.listen) as server,
         aiohttp.ClientSession(base_url=f"http://127.0.0.1:{server.port}") as session,
@@ -191,7 +190,7 @@ async def test_admin_lists_and_removes_the_auto_watched_in_bulk(served: Served) 
 
 async def test_no_discovery_route_without_the_keeper() -> None:
     cfg = HttpConfig(listen="127.0.0.1:0")
-    app = create_app(Service(), Metrics(), None, cfg)
+    app = create_app(EmptyView(), Metrics(), None, cfg)
     async with (
         HttpServer(app, cfg.listen) as server,
         aiohttp.ClientSession(base_url=f"http://127.0.0.1:{server.port}") as session,

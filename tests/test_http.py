@@ -26,10 +26,7 @@ from hl_monitor.ops.http import (
     HttpServer,
     create_app,
 )
-from tests.support.http_fakes import WHALE, FakeView
-
-# Re-exported: tests/test_discovery_http.py still imports MemoryAdmin from this module.
-from tests.support.http_fakes import MemoryAdmin as MemoryAdmin
+from tests.support.http_fakes import WHALE, FakeView, MemoryAdmin
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

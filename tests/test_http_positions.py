@@ -12,26 +12,13 @@ import pytest
 
 from hl_monitor.config import HttpConfig
 from hl_monitor.metrics import Metrics
-from hl_monitor.ops.http import HttpServer, Readiness, create_app
+from hl_monitor.ops.http import HttpServer, create_app
 from hl_monitor.ops.positions import list_positions, summary
 from hl_monitor.tracking.portfolio import AddressPortfolio, PositionModel
+from tests.support.http_fakes import EmptyView
 from tests.support.whales import ALPHA, BRAVO, CHARLIE, DELTA, LABELS, NOW, docs, whales
 
 UNWATCHED = "0x" + "ef" * 20
-
-
-class Service:
-    def readiness(self) -> Readiness:
-        return Readiness()
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-    def health_summary(self) -> dict[str, Any]:
-        return {}
-
-    async def address_detail(self, address: str) -> dict[str, Any] | None:
-        return None
 
 
 class ModelView:
@@ -56,7 +43,7 @@ class ModelView:
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     cfg = HttpConfig(listen="127.0.0.1:0")
-    app = create_app(Service(), Metrics(), None, cfg, positions=ModelView(whales()))
+    app = create_app(EmptyView(), Metrics(), None, cfg, positions=ModelView(whales()))
     async with (
         HttpServer(app, cfg.listen) as server,
         aiohttp.ClientSession(base_url=f"http://127.0.0.1:{server.port}") as session,
@@ -200,7 +187,7 @@ async def test_bad_query_messages_say_what_is_accepted(http: aiohttp.ClientSessi
 async def test_no_position_routes_without_a_view() -> None:
     cfg = HttpConfig(listen="127.0.0.1:0")
     async with (
-        HttpServer(create_app(Service(), Metrics(), None, cfg), cfg.listen) as server,
+        HttpServer(create_app(EmptyView(), Metrics(), None, cfg), cfg.listen) as server,
         aiohttp.ClientSession(base_url=f"http://127.0.0.1:{server.port}") as session,
     ):
         for path in ("/positions", "/positions/summary", f"/positions/{ALPHA}"):

@@ -1,6 +1,7 @@
 """In-memory stand-ins for the service behind the HTTP surface, shared by the HTTP and console test modules.
 
-`FakeView` is a ServiceView whose readiness follows three switches; `MemoryAdmin` is an AddressAdmin in a dict that
+`FakeView` is a ServiceView whose readiness follows three switches; `EmptyView` one with nothing to report, for
+routes that read other views; `MemoryAdmin` is an AddressAdmin in a dict that
 can act like a database outage.
 """
 
@@ -49,6 +50,22 @@ class FakeView:
 
     def health_summary(self) -> dict[str, Any]:
         return {"uptime": 12.5, "addresses": {"count": 1}}
+
+    async def address_detail(self, address: str) -> dict[str, Any] | None:
+        return None
+
+
+class EmptyView:
+    """Always ready, nothing to report: for tests of routes served by other views (positions, discovery)."""
+
+    def readiness(self) -> Readiness:
+        return Readiness()
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def health_summary(self) -> dict[str, Any]:
+        return {}
 
     async def address_detail(self, address: str) -> dict[str, Any] | None:
         return None

@@ -415,8 +415,9 @@
       h("thead", {}, h("tr", {}, h("th", {}, "Address"), cols.map((c) => h("th", {}, c.replace(/_/g, " "))), canWatch ? h("th", {}, "") : null)),
       h("tbody", {}, list.map((c) => h("tr", {}, h("td", { class: "addr" }, c.address), cols.map((k) => h("td", {}, c[k] === null ? "—" : String(c[k]))),
         canWatch ? h("td", {}, h("button", { onclick: async (e) => {
-          const res = await admin("POST", "/admin/addresses", { address: c.address, label: c.label || undefined });
-          e.target.replaceWith(res.ok ? "watching" : message("error", (res.body && res.body.error) || String(res.status)));
+          // The discovery route labels it `discovered:<label>`, watches it wide and refuses one already watched.
+          const res = await admin("POST", "/admin/discovery/" + c.address + "/watch");
+          e.target.replaceWith(res.ok ? "watching" : message("error", (res.body && res.body.error) || "failed (" + res.status + ")"));
         } }, "Watch")) : null)))));
   }
 
