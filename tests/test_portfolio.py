@@ -631,6 +631,31 @@ def test_wobbling_mark_around_a_level_alerts_once_and_recovery_rearms() -> None:
     assert model.stats.alerts == 2
 
 
+def test_a_mid_received_before_a_newer_state_frame_does_not_rearm_an_alert() -> None:
+    # allMids and state frames come on different connections; the keeper applies mids a while after they came.
+    model = near_liquidation_model()
+    assert [a.level for a in model.on_marks({"BTC": D("99")}, NOW + 1)] == [D("0.10")]  # 9.1 % away
+
+    def state_marked(mark: str, time: int, received: int) -> list[D]:
+        position = wire_position("BTC", "1", "100", liquidationPx="90", positionValue=mark)
+        return [a.level for a in model.on_dex_state(ADDR, "", state_with([position], time), received).alerts]
+
+    # The exchange's mark moved 99 → 94 once; a mid of 99 received at NOW + 2 is applied after the state
+    # frame received at NOW + 3 showed 94 (4.3 % away), then the next frame shows 94 again.
+    assert state_marked("94", 2000, NOW + 3) == [D("0.05")]
+    assert model.on_marks({"BTC": D("99")}, NOW + 2) == []
+    assert state_marked("94", 2200, NOW + 4) == []  # the same crossing: no second 5 % alert
+
+    doc = model.get(ADDR)
+    position = doc.position("BTC") if doc is not None else None
+    assert position is not None
+    assert position.mark_px == D("94")  # the stale mid did not move the mark back
+    assert model.stats.stale_marks == 1
+    # A mid received after the frame applies.
+    assert [a.level for a in model.on_marks({"BTC": D("91")}, NOW + 5)] == [D("0.02")]
+    assert model.stats.alerts == 3
+
+
 def test_a_jump_past_several_levels_is_one_alert_for_the_tightest() -> None:
     model = near_liquidation_model()
 

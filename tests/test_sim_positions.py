@@ -355,12 +355,20 @@ def assert_state(state: ClearinghouseState, ledger: DexView) -> None:
         assert_position(asset.position, position)
 
 
-async def subscribe(ws: ClientConnection, sub: dict[str, Any]) -> Frame:
-    """Subscribe; return the initial state frame after the ack."""
+async def subscribe(ws: ClientConnection, sub: dict[str, Any], beside: tuple[type[Frame], ...] = ()) -> Frame:
+    """Subscribe; return the initial state frame after the ack. `beside`: frame types of subscriptions already open
+    on `ws`, whose pushes may arrive before the ack or between it and the initial frame (skipped)."""
+
+    async def recv() -> Frame:
+        while True:
+            frame = decode_frame(await asyncio.wait_for(ws.recv(), RECV_TIMEOUT))
+            if not isinstance(frame, beside):
+                return frame
+
     await ws.send(json.dumps({"method": "subscribe", "subscription": sub}))
-    ack = decode_frame(await asyncio.wait_for(ws.recv(), RECV_TIMEOUT))
+    ack = await recv()
     assert isinstance(ack, SubscriptionResponseFrame), ack
-    return decode_frame(await asyncio.wait_for(ws.recv(), RECV_TIMEOUT))
+    return await recv()
 
 
 async def next_frame(ws: ClientConnection, kind: type[Frame]) -> Any:
@@ -554,11 +562,15 @@ async def test_all_mids_subscription(http: aiohttp.ClientSession) -> None:
         assert isinstance(builder, AllMidsFrame)
         assert builder.data.dex == "xyz"
         assert set(builder.data.mids) == {"xyz:XYZ100", "xyz:TSLA"}
-        user_state = await subscribe(ws2, {"type": "allDexsClearinghouseState", "user": W1})
+        # The builder dex's allMids keeps pushing every FAST seconds on ws2 meanwhile.
+        user_state = await subscribe(ws2, {"type": "allDexsClearinghouseState", "user": W1}, beside=(AllMidsFrame,))
         assert isinstance(user_state, AllDexsClearinghouseStateFrame)  # allMids took no user slot
         ex.set_mid("xyz:TSLA", "433.5")
-        moved: AllMidsFrame = await next_frame(ws2, AllMidsFrame)
-        assert moved.data.mids["xyz:TSLA"] == Decimal("433.5")
+        async with asyncio.timeout(RECV_TIMEOUT):
+            moved: AllMidsFrame = await next_frame(ws2, AllMidsFrame)
+            while moved.data.mids["xyz:TSLA"] != Decimal("433.5"):  # pushes sent before the move come first
+                moved = await next_frame(ws2, AllMidsFrame)
+        assert moved.data.dex == "xyz"
         ex.set_mid("ETH", "2345.6")
         await ex.whale(W2).market_order("SOL", True, "1", "96.5", fills=3)
         seen: AllMidsFrame = await next_frame(ws, AllMidsFrame)

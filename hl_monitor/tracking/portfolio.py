@@ -6,7 +6,11 @@
 - executions, relative: a `userFills` fill (it carries `startPosition`) or a public tape trade of the
   address (it does not);
 - marks (`allMids`): revalue positions (value, PnL, return on equity, liquidation distance) and spot
-  balances; never an event. A state frame's own mark is `positionValue ÷ |szi|`.
+  balances; never an event. A state frame's own mark is `positionValue ÷ |szi|`. Marks and state frames come
+  on different connections and `allMids` carries no time, so each input's `now_ms` is the local time it was
+  received: a mid received before the state frame that last marked a position is older than that frame's mark
+  and leaves the position alone (counted in `stale_marks`); applied anyway, it would move the liquidation
+  distance back and forth and rearm an alert for a crossing already alerted.
 The arithmetic and the event and id forms are in `tracking.position_events`; alerts in `tracking.risk`.
 
 Exactly one event per change, whichever of a fill, a tape trade or a state frame shows it first:
@@ -181,6 +185,7 @@ class PortfolioStats(msgspec.Struct, kw_only=True):
     drifts: int = 0  # a state frame showed a size the executions had not produced
     states_out_of_order: int = 0  # a state older than one already applied to its dex (ignored)
     states_behind: int = 0  # coins whose state was older than executions already applied (kept)
+    stale_marks: int = 0  # a position's mid received before the state frame that marked it (not applied)
     start_mismatches: int = 0  # a fill's startPosition disagreed with the model (the fill wins)
     bad_input: dict[str, int] = msgspec.field(default_factory=dict)  # by kind, see BAD_INPUT_KINDS
 
@@ -190,6 +195,7 @@ class CoinLedger(msgspec.Struct, kw_only=True):
 
     applied: list[tuple[int, int, Decimal]] = msgspec.field(default_factory=list)  # (time, tid, delta)
     floor: int = _NO_TIME  # executions at or before this time were applied and forgotten
+    marked_at: int = _NO_TIME  # local receive time of the state frame or mid that set the position's mark
     alert: AlertState | None = None
 
 
@@ -425,7 +431,8 @@ class PositionModel:
     # ------------------------------------------------------------------------------------ marks
 
     def on_marks(self, mids: Mapping[str, Decimal], now_ms: int) -> list[RiskAlert]:
-        """An `allMids` map (coin → mid): revalues holders of those coins; returns the alerts it triggered."""
+        """An `allMids` map (coin → mid) received at `now_ms`: revalues holders of those coins whose mark is not
+        newer (see the module docstring); returns the alerts it triggered."""
         self.stats.mark_updates += 1
         alerts: list[RiskAlert] = []
         for coin, mid in mids.items():
@@ -435,6 +442,11 @@ class PositionModel:
             self._marks[coin] = mid
             for address in list(self._holders.get(coin, ())):
                 account = self._accounts[address]
+                ledger = account.ledgers.setdefault(coin, CoinLedger())
+                if ledger.marked_at > now_ms:
+                    self.stats.stale_marks += 1
+                    continue
+                ledger.marked_at = now_ms
                 dex_name = self._locate(account.portfolio, coin)
                 dex = account.portfolio.dexes[dex_name]
                 position = dex.positions[coin]
@@ -783,6 +795,8 @@ class PositionModel:
         kind = classify(model_size, size)
         if ledger is None:
             ledger = account.ledgers[coin] = CoinLedger()
+        if later == 0 and shown is not None and shown.position_value > 0:
+            ledger.marked_at = max(ledger.marked_at, now_ms)  # the state's own mark (see `_from_state`)
         changed = (current, position, state_time, source, now_ms, signal_id)
         if kind is None:
             if (

@@ -132,7 +132,8 @@ class PositionKeeper:
         self._metrics = metrics
         self._tracked_wide = tracked_wide
         self._wall_ms = wall_ms
-        self._pending_mids: dict[str, Decimal] = {}
+        # coin → its latest mid and the local time that mid was received (the model's order of marks and states).
+        self._pending_mids: dict[str, tuple[Decimal, int]] = {}
         # Addresses whose document moved only with the marks, oldest first; with the time of their last KV write.
         self._mark_dirty: OrderedDict[str, None] = OrderedDict()
         self._kv_written: dict[str, int] = {}
@@ -225,7 +226,8 @@ class PositionKeeper:
     # ------------------------------------------------------------------ marks and the watched set
 
     async def on_marks(self, mids: Mapping[str, Decimal], now_ms: int) -> None:
-        self._pending_mids.update(mids)
+        for coin, mid in mids.items():
+            self._pending_mids[coin] = (mid, now_ms)
 
     async def forget(self, addresses: Collection[str]) -> None:
         """Addresses no longer watched: their documents leave the KV view and the table."""
@@ -276,10 +278,14 @@ class PositionKeeper:
         """Revalue every holder of a coin whose mid moved; alerts go out, documents wait for the KV refresher."""
         if not self._pending_mids:
             return
-        mids, self._pending_mids = self._pending_mids, {}
-        now = self._wall_ms()
-        alerts = self.model.on_marks(mids, now)
-        for address in self.model.holders(mids):
+        pending, self._pending_mids = self._pending_mids, {}
+        by_receipt: dict[int, dict[str, Decimal]] = {}
+        for coin, (mid, received_ms) in pending.items():
+            by_receipt.setdefault(received_ms, {})[coin] = mid
+        alerts: list[RiskAlert] = []
+        for received_ms in sorted(by_receipt):  # a state frame received after a mid keeps its own mark
+            alerts.extend(self.model.on_marks(by_receipt[received_ms], received_ms))
+        for address in self.model.holders(pending):
             self._mark_dirty[address] = None
         if alerts:
             await self._send([], alerts)
