@@ -37,6 +37,13 @@ USER_SLOTS: Final = 8
 # A trader who is not watched trades BTC this often: one connection hears a trade now and then, the other none.
 TRADE_EVERY_S: Final = 600.0
 TRADER: Final = "0x" + "7" * 40
+# Loop time is fake, the work is not: a simulated hour is thousands of canary pushes over real sockets, ~20 s of
+# CPU, and 92 s of wall time with a CPU hog on each of two busy cores. Past the default 60 s, pytest-timeout's
+# SIGALRM lands in the simulator's socket write, asyncio takes it for a fatal write error and drops the
+# connection: the test then fails as a tape reconnect (reason `dropped`) instead of as a timeout.
+QUIET_HOURS_TIMEOUT_S: Final = 300
+
+pytestmark = pytest.mark.timeout(QUIET_HOURS_TIMEOUT_S)
 
 
 class LoopClock:

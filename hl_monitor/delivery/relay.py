@@ -342,6 +342,7 @@ class Relay(abc.ABC, Generic[T]):
             await _wait_event(self._empty, min(DRAIN_POLL_S, left))
         left_over = len(self._held)
         self._stop.set()
+        self._scan_now.set()  # a scan loop that missed its cancel (`_scan_loop`) wakes and sees the stop
         if left_over:
             log.warning(
                 f"{self.noun} outbox drained with messages unacknowledged; they are re-published at next start",
@@ -452,10 +453,14 @@ class Relay(abc.ABC, Generic[T]):
             self._marks_failing = False
 
     async def _scan_loop(self) -> None:
+        # Ends on `_stop` as well as on `run()`'s cancel: the cancel can be lost. A NATS request (the stream
+        # check) waits in nats-py's `asyncio.wait_for`, which on Python 3.11 returns the reply instead of raising
+        # when the reply and the cancel arrive together; the loop would then wait for a connection that
+        # `Publisher.close()` ended for good, and `run()`'s TaskGroup with it (tests/test_relay_stop.py).
         first = True
-        while True:
+        while not self._stop.is_set():
             if not self._link.is_connected:
-                await self._link.wait_connected()
+                await self._connected_or_stopped()
             if not self._closing:
                 await self._check_streams()
                 if self._replay is not None:
@@ -467,6 +472,16 @@ class Relay(abc.ABC, Generic[T]):
                     first = False
             await _wait_event(self._scan_now, self._scan_interval)
             self._scan_now.clear()
+
+    async def _connected_or_stopped(self) -> None:
+        """Wait until NATS is connected again or `drain()` stopped the relay."""
+        connected = asyncio.ensure_future(self._link.wait_connected())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((connected, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+            stopped.cancel()
 
     # ---- lost acknowledged writes ----
 
