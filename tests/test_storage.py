@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -316,6 +317,27 @@ async def test_coalescing_keeps_the_last_state_per_key(engine: AsyncEngine) -> N
     }
     assert metrics.batch_dedup_cache_hit.labels(table="aggregations")._value.get() == 5
     assert metrics.batch_dedup_cache_hit.labels(table="watermarks")._value.get() == 2
+
+
+def _writer_threads() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name.startswith("hlm-writer"))
+
+
+async def test_a_closed_writer_leaves_no_thread_behind(db_url: str) -> None:
+    """The writer's own thread ends with `close()`: a process that opens and closes writers does not gather them."""
+    await migrate.upgrade(db_url)
+    engine = service_engine(db_url)
+    before = _writer_threads()
+    try:
+        for _ in range(3):
+            writer = BatchWriter(engine, writer_cfg(), Metrics())
+            await writer.put_watermark(WHALE, b'{"time":1700000000005,"tid":42}')
+            await writer.flush()  # the thread exists once it has written
+            assert _writer_threads() == before + 1
+            await writer.close()
+            await wait_until(lambda: _writer_threads() == before, what="the writer's thread ended")
+    finally:
+        await engine.dispose()
 
 
 async def test_pending_state_is_reloaded_after_restart(db_url: str) -> None:

@@ -527,7 +527,11 @@ class BatchWriter:
         self._closed = True
         await self.flush()
         self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._blocking.dispose)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._blocking.dispose)
+        finally:
+            # The worker is idle now; it ends on its own once told (no join on the loop).
+            self._thread.shutdown(wait=False)
 
     @property
     def depth(self) -> int:
