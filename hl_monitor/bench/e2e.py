@@ -150,8 +150,9 @@ class _AckClock:
 class _SimProcess:
     """The simulator child process (see `bench.simproc`)."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, config: dict[str, Any] | None = None) -> None:
         self._log_path = log
+        self._config = config or {}  # SimConfig fields over the child's defaults
         self._log: IO[bytes] | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
@@ -162,6 +163,7 @@ class _SimProcess:
             sys.executable,
             "-m",
             "hl_monitor.bench.simproc",
+            msgspec.json.encode(self._config).decode(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._log,
@@ -270,11 +272,15 @@ class Pipeline:
             http=HttpConfig(listen=f"127.0.0.1:{_free_port()}"),
         )
 
+    async def prepare(self, db_url: str) -> None:
+        """Runs once the database is migrated, before the service starts (a subclass fills tables here)."""
+
     async def _start(self) -> None:
         started = time.perf_counter()
         await self._sim.start()
         db_url = await self._database_url()
         await upgrade(db_url)
+        await self.prepare(db_url)
         self._cfg = cfg = self.config(f"127.0.0.1:{self._sim.port}", db_url)
         self._db = create_async_engine(db_url)
         self.service = service = Service(cfg)
