@@ -33,7 +33,7 @@ from hl_monitor.config import Config
 from hl_monitor.sim.scenarios import cascade_plan
 from hl_monitor.storage import tables as t
 
-__all__ = ["CascadeOutcome", "CascadeSize", "bench_cascade", "run_cascade"]
+__all__ = ["CASCADE_FULL", "CASCADE_SMOKE", "CascadeOutcome", "CascadeSize", "bench_cascade", "run_cascade"]
 
 PRECISE_TARGET_MS: Final = 1_000.0
 TAPE_TARGET_MS: Final = 2_000.0
@@ -69,6 +69,11 @@ class CascadeSize:
             "calm_tape": self.calm_tape,
             "whale_fills_s": self.whale_fills_s,
         }
+
+
+CASCADE_FULL: Final = CascadeSize()
+# The bench code in seconds: 2 whales, 40 wide addresses of which 10 move, a 1,000 trades/s tape for 2 s.
+CASCADE_SMOKE: Final = CascadeSize(whales=2, wide=40, movers=10, seconds=2.0, calm_tape=50.0, whale_fills_s=20.0)
 
 
 @dataclass(slots=True)
