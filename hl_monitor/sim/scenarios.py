@@ -31,12 +31,13 @@ Steps run one after another in a single task, so oids, tids and the ledger do no
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
-from typing import Final
+from typing import Any, Final
 
 from hl_monitor.sim.exchange import Exchange, Whale
 from hl_monitor.sim.server import SimServer
@@ -119,11 +120,13 @@ async def run_scenario(
     step_delay: float = DEFAULT_STEP_DELAY_S,
     max_fills: int | None = None,
     fills_per_order: int = DEFAULT_FILLS_PER_ORDER,
+    cascade: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Run scenario `name` against `sim`; returns the whale addresses once it ends.
 
     `cycles` bounds the demo loop (None = forever); `rate`, `max_fills` (None = forever) and
-    `fills_per_order` drive `load`. Everything random comes from `seed`.
+    `fills_per_order` drive `load`; `cascade` holds `cascade_plan`'s sizes over its defaults. Everything random
+    comes from `seed`.
     """
     addresses = scenario_whales(name, seed, whales)
     rng = random.Random(seed)
@@ -134,7 +137,7 @@ async def run_scenario(
             await _population(ex, addresses, rng, step_delay)
         return addresses
     if name == "cascade":
-        plan = cascade_plan(seed, whales=len(addresses))
+        plan = cascade_plan(seed, **{"whales": len(addresses), **(cascade or {})})
         cascade_setup(ex, plan)
         await run_cascade(ex, plan)
         return addresses
@@ -509,44 +512,64 @@ def _split(total: int, parts: int, offset: int) -> list[int]:
 
 
 async def run_cascade(ex: Exchange, plan: CascadePlan) -> CascadeRecord:
-    """The cascade itself (module docstring); each kind of traffic is paced on the loop's clock."""
+    """The cascade itself (module docstring), paced on the loop's clock.
+
+    Its totals follow from the plan (rate × `seconds` of each kind) and the whales' orders and the movers run in
+    the order of their due times, whatever the pacing: oids and the ledger depend on the seed alone. A loop that
+    fell behind catches up (the tape at most `LOAD_MAX_BURST_TICKS` ticks at once), so the run can last longer
+    than `seconds`, never shorter, and always does everything."""
     loop = asyncio.get_running_loop()
     record = CascadeRecord()
     coins = sorted(ex.mids)  # every coin: perps of every dex and the spot pairs
     tape_rate = plan.calm_tape * plan.surge
     whale_rate = plan.whale_fills_s * len(plan.whales)
     per_order = plan.fills_per_order
+    tape_total = int(tape_rate * plan.seconds)
+    orders_total = int(whale_rate * plan.seconds) // per_order if plan.whales else 0
     sizes = {coin: ex.lot_size(coin) * per_order * 10 for coin in CASCADE_COINS}
     tape_burst = max(1, int(tape_rate * LOAD_TICK_S * LOAD_MAX_BURST_TICKS))
+
+    def order_due(k: int) -> float:
+        return (k + 1) * per_order / whale_rate
+
+    def move_due(m: int) -> float:
+        return (m + 0.5) * plan.seconds / plan.movers
+
     start = loop.time()
     started = time.perf_counter()
-    tape_done = whale_done = moved = order_n = tick = 0
-    while (elapsed := loop.time() - start) < plan.seconds:
-        due = min(int(elapsed * tape_rate) - tape_done, tape_burst)
+    tape_done = order_n = moved = tick = 0
+    while tape_done < tape_total or order_n < orders_total or moved < plan.movers:
+        elapsed = loop.time() - start
+        due = min(min(int(elapsed * tape_rate), tape_total) - tape_done, tape_burst)
         if due > 0:
             for coin, n in zip(coins, _split(due, len(coins), tick), strict=True):
                 record.crowd_trades += len(ex.crowd_trades(coin, n))
             tape_done += due
-        while plan.whales and whale_done + per_order <= elapsed * whale_rate:
-            user = plan.whales[order_n % len(plan.whales)]
-            coin = CASCADE_COINS[(order_n // len(plan.whales)) % len(CASCADE_COINS)]
-            order_n += 1
-            pos = ex.accounts[user].positions.get(coin) if user in ex.accounts else None
-            is_buy = pos is None or pos.szi <= 0
-            oid = ex.market_order(user, coin, is_buy, sizes[coin], ex.mids[coin], fills=per_order)
-            record.orders.append((oid, time.time()))
-            record.fills += per_order
-            whale_done += per_order
-        while moved < plan.movers and (moved + 0.5) * plan.seconds / plan.movers <= elapsed:
-            record.events.append(_move(ex, plan, moved))
-            moved += 1
+        while True:
+            next_order = order_due(order_n) if order_n < orders_total else math.inf
+            next_move = move_due(moved) if moved < plan.movers else math.inf
+            if min(next_order, next_move) > elapsed:
+                break
+            if next_order <= next_move:
+                record.orders.append((_whale_order(ex, plan, order_n, sizes), time.time()))
+                record.fills += per_order
+                order_n += 1
+            else:
+                record.events.append(_move(ex, plan, moved))
+                moved += 1
         tick += 1
         await asyncio.sleep(LOAD_TICK_S)
-    while moved < plan.movers:  # a stalled loop may end the window first: every mover still moves
-        record.events.append(_move(ex, plan, moved))
-        moved += 1
     record.elapsed_s = time.perf_counter() - started
     return record
+
+
+def _whale_order(ex: Exchange, plan: CascadePlan, n: int, sizes: dict[str, Decimal]) -> int:
+    """Order `n` of the whales, round-robin over whales and coins; a long is closed, flat or short buys."""
+    user = plan.whales[n % len(plan.whales)]
+    coin = CASCADE_COINS[(n // len(plan.whales)) % len(CASCADE_COINS)]
+    pos = ex.accounts[user].positions.get(coin) if user in ex.accounts else None
+    is_buy = pos is None or pos.szi <= 0
+    return ex.market_order(user, coin, is_buy, sizes[coin], ex.mids[coin], fills=plan.fills_per_order)
 
 
 def _move(ex: Exchange, plan: CascadePlan, index: int) -> tuple[str, str, str, int]:
