@@ -180,7 +180,7 @@ async def _exactly_once(pipe: ScaledPipeline, record: dict[str, Any]) -> dict[st
     distinct = len(pipe.acks)
     # The writer's last flush and the publish marks, then the stream's count.
     js = components.publisher.client.jetstream()
-    engine = create_async_engine(pipe._cfg.database.url)
+    engine = create_async_engine(pipe.service_config.database.url)
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     try:
         while True:
@@ -190,7 +190,7 @@ async def _exactly_once(pipe: ScaledPipeline, record: dict[str, Any]) -> dict[st
                 published = (
                     await conn.execute(sa.select(sa.func.count()).select_from(t.signals).where(t.signals.c.published))
                 ).scalar_one()
-            stream = (await js.stream_info(pipe._cfg.nats.stream)).state.messages
+            stream = (await js.stream_info(pipe.service_config.nats.stream)).state.messages
             if (published == distinct and stream == distinct) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(POLL_S)

@@ -19,14 +19,14 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 
 from hl_monitor.bench.e2e import PipelineOptions
-from hl_monitor.bench.results import BenchResult, Case, percentile, stat
+from hl_monitor.bench.results import BenchResult, Case, Stat, percentile, stat
 from hl_monitor.bench.scaled import ScaledPipeline, cpu_seconds
 from hl_monitor.config import Config
 from hl_monitor.logging import configure_logging
@@ -88,7 +88,7 @@ def wide_addresses(n: int) -> list[str]:
     return [f"0x{WIDE_ADDRESS_BASE + i:040x}" for i in range(n)]
 
 
-def _with_max_addresses(n: int) -> Any:
+def _with_max_addresses(n: int) -> Callable[[Config], Config]:
     def tune(cfg: Config) -> Config:
         wide = msgspec.structs.replace(cfg.wide, max_addresses=max(cfg.wide.max_addresses, n))
         return msgspec.structs.replace(cfg, wide=wide)
@@ -96,7 +96,7 @@ def _with_max_addresses(n: int) -> Any:
     return tune
 
 
-def _with_streams(n: int) -> Any:
+def _with_streams(n: int) -> Callable[[Config], Config]:
     def tune(cfg: Config) -> Config:
         hl = msgspec.structs.replace(
             cfg.hyperliquid,
@@ -182,7 +182,7 @@ def _run_point(point: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-def _one(value: float, unit: str) -> Any:
+def _one(value: float, unit: str) -> Stat:
     return stat([value], unit)
 
 

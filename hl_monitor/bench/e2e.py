@@ -53,7 +53,7 @@ from hl_monitor.feeds.connection import ConnState
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import upgrade
 
-__all__ = ["BenchError", "LoadRun", "Pipeline", "PipelineOptions", "percentile"]
+__all__ = ["BenchError", "LoadRun", "Pipeline", "PipelineOptions", "SimProcess", "percentile"]
 
 DbKind = Literal["mariadb", "sqlite"]
 
@@ -147,7 +147,7 @@ class _AckClock:
         publisher.publish = publish  # type: ignore[method-assign]  # this instance only: the bench's clock
 
 
-class _SimProcess:
+class SimProcess:
     """The simulator child process (see `bench.simproc`)."""
 
     def __init__(self, log: Path, config: dict[str, Any] | None = None) -> None:
@@ -220,7 +220,7 @@ class Pipeline:
         self.whales = [whale_address(i) for i in range(opts.whales)]
         self.startup_s = 0.0
         self._tmp = tempfile.TemporaryDirectory(prefix="hl-bench-")
-        self._sim = _SimProcess(Path(self._tmp.name) / "sim.log")
+        self._sim = SimProcess(Path(self._tmp.name) / "sim.log")
         self._db_name: str | None = None
         self._db: AsyncEngine | None = None  # the bench's own connection, for the loss check
         self._stop = asyncio.Event()

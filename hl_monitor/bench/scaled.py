@@ -23,7 +23,7 @@ from typing import Any, Final
 from nats.js.api import PubAck
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from hl_monitor.bench.e2e import Pipeline, PipelineOptions, _SimProcess
+from hl_monitor.bench.e2e import Pipeline, PipelineOptions, SimProcess
 from hl_monitor.bench.memory import rss_bytes
 from hl_monitor.chaos.soak import BACKPRESSURE
 from hl_monitor.config import Config
@@ -93,7 +93,7 @@ class ScaledPipeline(Pipeline):
         if whales is not None:
             self.whales = list(whales)
         self.wide = list(wide)
-        self._sim = _SimProcess(Path(self._tmp.name) / "sim.log", sim)
+        self._sim = SimProcess(Path(self._tmp.name) / "sim.log", sim)
         self._tune = tune
         self._bootstrap = bootstrap
         self._before = list(before)  # sim commands sent before the service starts
@@ -160,6 +160,11 @@ class ScaledPipeline(Pipeline):
             return answer
 
         publisher.publish = publish  # type: ignore[method-assign]  # this instance only: the bench's record
+
+    @property
+    def service_config(self) -> Config:
+        """The config the service runs with (known once started)."""
+        return self._cfg
 
     def rss(self) -> int:
         """Resident memory of this process: the service (the bench's driver is small beside it)."""
