@@ -18,10 +18,13 @@ from hl_monitor.bench.runner import SMOKE, run_all
 from hl_monitor.cli import build_parser
 
 EXPECTED_BENCHES = {"decode", "engine", "tape", "memory", "discovery", "e2e_throughput", "e2e_latency"}
+# The curves and the cascade start a service process per point: their own smoke test, with a longer timeout.
+CORE = frozenset({"decode", "engine", "tape", "memory", "discovery", "e2e"})
+CURVES = {"curve_tape_rate", "curve_wide_addresses", "curve_precise_streams"}
 
 
 async def test_smoke_run_writes_every_bench_with_baselines_and_zero_loss(tmp_path: Path, mariadb_url: str) -> None:
-    await run_all(tmp_path, SMOKE, mysql_url=mariadb_url, require_mariadb=True)
+    await run_all(tmp_path, SMOKE, mysql_url=mariadb_url, require_mariadb=True, only=CORE)
 
     report = msgspec.json.decode((tmp_path / JSON_NAME).read_bytes(), type=Report)
     assert {b.name for b in report.benches} == EXPECTED_BENCHES
@@ -81,6 +84,37 @@ async def test_smoke_run_writes_every_bench_with_baselines_and_zero_loss(tmp_pat
             assert case.name in markdown
 
 
+@pytest.mark.timeout(180)
+async def test_smoke_curves_have_every_point_and_the_cascade_every_signal_once(
+    tmp_path: Path, mariadb_url: str
+) -> None:
+    await run_all(tmp_path, SMOKE, mysql_url=mariadb_url, require_mariadb=True, only=frozenset({"curves", "cascade"}))
+
+    report = msgspec.json.decode((tmp_path / JSON_NAME).read_bytes(), type=Report)
+    by_name = {b.name: b for b in report.benches}
+    assert set(by_name) == {*CURVES, "cascade"}
+    for name in CURVES:
+        curve = by_name[name]
+        assert len(curve.cases) == 2, name  # SMOKE's two points
+        for case in curve.cases:
+            for key, s in case.metrics.items():
+                assert math.isfinite(s.median), (name, case.name, key)
+                assert s.median > 0, (name, case.name, key)
+        assert curve.notes, name
+    rates = [c.metrics["achieved_trades_per_s"].median for c in by_name["curve_tape_rate"].cases]
+    assert rates[0] < rates[1]
+    assert all(c.info["zero_loss"] for c in by_name["curve_precise_streams"].cases)
+    [cascade] = by_name["cascade"].cases
+    assert cascade.info["exactly_once"]["ok"], cascade.info["exactly_once"]
+    assert cascade.info["not_ready_samples"] == 0
+    assert cascade.info["backpressure_after"] == cascade.info["backpressure_before"]
+    assert "precise_p99_ms" in cascade.metrics
+    assert "tape_p99_ms" in cascade.metrics
+    markdown = (tmp_path / MARKDOWN_NAME).read_text()
+    for bench in report.benches:
+        assert bench.title in markdown
+
+
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0
@@ -122,8 +156,8 @@ def test_stat_reports_median_and_spread_of_the_runs() -> None:
 
 
 def test_bench_subcommand_is_registered() -> None:
-    args = build_parser().parse_args(["bench", "--smoke", "--out", "x", "--only", "decode", "engine"])
+    args = build_parser().parse_args(["bench", "--smoke", "--out", "x", "--only", "decode", "engine", "cascade"])
     assert args.smoke
-    assert args.only == ["decode", "engine"]
+    assert args.only == ["decode", "engine", "cascade"]
     assert args.out == Path("x")
     assert callable(args.handler)

@@ -15,8 +15,15 @@ import pytest
 from websockets.asyncio.client import connect
 
 from hl_monitor.hyperliquid.protocol import UserFillsFrame, decode_fills, decode_frame
-from hl_monitor.sim.exchange import Exchange, LeverageSetting, wire_decimal
-from hl_monitor.sim.scenarios import SCENARIOS, run_scenario, scenario_whales
+from hl_monitor.sim.exchange import ZERO_HASH, Exchange, LeverageSetting, WireTrade, wire_decimal
+from hl_monitor.sim.scenarios import (
+    SCENARIOS,
+    cascade_plan,
+    cascade_setup,
+    run_cascade,
+    run_scenario,
+    scenario_whales,
+)
 from hl_monitor.sim.server import SimConfig, SimServer
 from tests.support.net import free_port
 
@@ -32,7 +39,11 @@ async def _digest(name: str, seed: int, **kwargs: object) -> list[tuple[object, 
 @pytest.mark.parametrize("name", SCENARIOS)
 async def test_same_seed_same_ledger(name: str) -> None:
     """A scenario is a pure function of its seed: same seed → identical ledger, other seed → different."""
-    kwargs = {"max_fills": 200, "rate": 100_000.0} if name == "load" else {}
+    kwargs: dict[str, object] = {}
+    if name == "load":
+        kwargs = {"max_fills": 200, "rate": 100_000.0}
+    if name == "cascade":  # paced on the clock: its ledger must not depend on how the ticks fell
+        kwargs = {"cascade": {"wide": 20, "movers": 6, "seconds": 0.3, "calm_tape": 100.0}}
     first = await _digest(name, 11, **kwargs)
     again = await _digest(name, 11, **kwargs)
     other = await _digest(name, 12, **kwargs)
@@ -169,6 +180,47 @@ async def test_load_scenario_delivers_exactly_max_fills() -> None:
         total = sum(len(sim.exchange.accounts[a].fills) for a in whales)
     assert received == total == 1000
     assert sim.exchange.ledger.orders == {}
+
+
+async def test_cascade_surges_the_tape_of_every_coin_and_moves_its_movers_once() -> None:
+    """A cascade in small: every coin's tape at calm × surge, every mover flipped or liquidated (engine trade, zero
+    hash) once, the rest of the wide addresses untouched, the whales' orders at their rate, all on the tape."""
+    plan = cascade_plan(3, whales=2, wide=12, movers=4, seconds=0.5, calm_tape=100.0, whale_fills_s=40.0)
+    tape: list[WireTrade] = []
+    async with SimServer(SimConfig(record_ledger=False)) as sim:
+        ex = sim.exchange
+        cascade_setup(ex, plan)
+        before = {a: {c: p.szi for c, p in ex.accounts[a].positions.items()} for a in plan.wide}
+
+        class Tape:
+            def __getattr__(self, name: str) -> object:
+                return getattr(sim, name)
+
+            def on_trades(self, coin: str, trades: list[WireTrade]) -> None:
+                tape.extend(trades)
+                sim.on_trades(coin, trades)
+
+        ex.listener = Tape()  # type: ignore[assignment]
+        record = await run_cascade(ex, plan)
+        after = {a: ex.accounts[a].positions for a in plan.wide}
+    assert record.crowd_trades == 100 * 20 * 0.5
+    assert {t.coin for t in tape} == set(ex.mids)  # every coin, spot pairs and the builder dex included
+    assert len(record.orders) == 40 * 2 * 0.5 // plan.fills_per_order
+    assert record.fills == len(record.orders) * plan.fills_per_order
+    assert [(a, kind) for a, _, kind, _ in record.events] == [
+        (plan.wide[0], "flip"), (plan.wide[1], "liquidation"), (plan.wide[2], "flip"), (plan.wide[3], "liquidation"),
+    ]  # fmt: skip
+    for i, address in enumerate(plan.wide):
+        coin = plan.coin_of(i)
+        held = before[address][coin]
+        if i >= plan.movers:
+            assert after[address][coin].szi == held
+        elif plan.kind_of(i) == "flip":
+            assert after[address][coin].szi == -held
+        else:
+            assert coin not in after[address]
+            [liquidation] = [t for t in tape if address in t.users and t.hash == ZERO_HASH]
+            assert liquidation.coin == coin
 
 
 async def test_unknown_scenario_is_a_clear_error() -> None:

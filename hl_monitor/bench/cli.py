@@ -10,7 +10,7 @@ from pathlib import Path
 from hl_monitor.logging import configure_logging
 
 # "e2e" runs the throughput and the latency benches; "latency" the latency bench alone.
-BENCH_NAMES = ("decode", "engine", "tape", "memory", "discovery", "e2e", "latency")
+BENCH_NAMES = ("decode", "engine", "tape", "memory", "discovery", "e2e", "latency", "curves", "cascade")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -35,7 +35,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = sub.add_parser("bench", help="run the benchmarks (decode, engine, tape, memory, discovery, end to end)")
+    bench = sub.add_parser(
+        "bench", help="run the benchmarks (decode, engine, tape, memory, discovery, end to end, cost curves, cascade)"
+    )
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     bench.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench code in seconds")
     bench.add_argument("--only", nargs="+", choices=BENCH_NAMES, help="run only these benches")

@@ -53,7 +53,7 @@ from hl_monitor.feeds.connection import ConnState
 from hl_monitor.storage import tables as t
 from hl_monitor.storage.migrate import upgrade
 
-__all__ = ["BenchError", "LoadRun", "Pipeline", "PipelineOptions", "percentile"]
+__all__ = ["BenchError", "LoadRun", "Pipeline", "PipelineOptions", "SimProcess", "percentile"]
 
 DbKind = Literal["mariadb", "sqlite"]
 
@@ -147,11 +147,12 @@ class _AckClock:
         publisher.publish = publish  # type: ignore[method-assign]  # this instance only: the bench's clock
 
 
-class _SimProcess:
+class SimProcess:
     """The simulator child process (see `bench.simproc`)."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, config: dict[str, Any] | None = None) -> None:
         self._log_path = log
+        self._config = config or {}  # SimConfig fields over the child's defaults
         self._log: IO[bytes] | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
@@ -162,6 +163,7 @@ class _SimProcess:
             sys.executable,
             "-m",
             "hl_monitor.bench.simproc",
+            msgspec.json.encode(self._config).decode(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._log,
@@ -218,7 +220,7 @@ class Pipeline:
         self.whales = [whale_address(i) for i in range(opts.whales)]
         self.startup_s = 0.0
         self._tmp = tempfile.TemporaryDirectory(prefix="hl-bench-")
-        self._sim = _SimProcess(Path(self._tmp.name) / "sim.log")
+        self._sim = SimProcess(Path(self._tmp.name) / "sim.log")
         self._db_name: str | None = None
         self._db: AsyncEngine | None = None  # the bench's own connection, for the loss check
         self._stop = asyncio.Event()
@@ -270,11 +272,15 @@ class Pipeline:
             http=HttpConfig(listen=f"127.0.0.1:{_free_port()}"),
         )
 
+    async def prepare(self, db_url: str) -> None:
+        """Runs once the database is migrated, before the service starts (a subclass fills tables here)."""
+
     async def _start(self) -> None:
         started = time.perf_counter()
         await self._sim.start()
         db_url = await self._database_url()
         await upgrade(db_url)
+        await self.prepare(db_url)
         self._cfg = cfg = self.config(f"127.0.0.1:{self._sim.port}", db_url)
         self._db = create_async_engine(db_url)
         self.service = service = Service(cfg)

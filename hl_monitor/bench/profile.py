@@ -1,8 +1,10 @@
 """Optional CPU profile of the end-to-end run with py-spy (sampling, from outside the process).
 
 py-spy is not a project dependency: it is looked up on PATH and in `.tools/bin` (install it there with
-`.tools/bin/pip install py-spy`). Its raw output (collapsed stacks) is summarised here into the functions
-with the most samples, on the stack (inclusive) and at the top of the stack (self).
+`.tools/bin/pip install py-spy`). Asking for a profile without it, or with a py-spy that cannot attach (ptrace
+not permitted), fails the bench with a `BenchError` that says so, instead of a report without its profile.
+Its raw output (collapsed stacks) is summarised here into the functions with the most samples, on the stack
+(inclusive) and at the top of the stack (self).
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Final
 
-from hl_monitor.logging import get_logger
+from hl_monitor.errors import BenchError
 
-__all__ = ["Profiler", "find_py_spy", "summarise"]
-
-log = get_logger(__name__)
+__all__ = ["Profiler", "find_py_spy", "require_py_spy", "summarise"]
 
 SAMPLE_RATE_HZ: Final = 200
 TOP_N: Final = 20
@@ -39,24 +39,33 @@ def find_py_spy() -> str | None:
     return None
 
 
+def require_py_spy() -> str:
+    """py-spy's path, or a `BenchError` naming what is missing and how to install it."""
+    found = find_py_spy()
+    if found is None:
+        raise BenchError(
+            "--profile needs py-spy, found neither on PATH nor in .tools/bin: install it with "
+            "`.tools/bin/pip install py-spy` (it is not a project dependency)"
+        )
+    return found
+
+
 class Profiler:
     """Samples this process with py-spy between `start()` and `stop()`; writes collapsed stacks to `path`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._proc: subprocess.Popen[bytes] | None = None
+        self._errors = path.with_suffix(".stderr")
 
     def start(self) -> None:
-        binary = find_py_spy()
-        if binary is None:
-            log.warning("py-spy not found (install it into .tools: .tools/bin/pip install py-spy); no profile")
-            return
+        binary = require_py_spy()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             [binary, "record", "--pid", str(os.getpid()), "--rate", str(SAMPLE_RATE_HZ), "--format", "raw",
              "--nonblocking", "--output", str(self.path)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self._errors.open("wb"),
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -69,6 +78,9 @@ class Profiler:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if not self.path.exists():
+            why = self._errors.read_text(errors="replace").strip()[-1000:] if self._errors.exists() else ""
+            raise BenchError(f"py-spy wrote no profile (exit {proc.returncode}): {why or 'no message'}")
 
 
 def _short(frame: str) -> str:

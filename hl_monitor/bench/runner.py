@@ -24,13 +24,15 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hl_monitor import __version__
+from hl_monitor.bench.cascade import CASCADE_FULL, CASCADE_SMOKE, bench_cascade
+from hl_monitor.bench.curves import CURVES_FULL, CURVES_SMOKE, bench_curves
 from hl_monitor.bench.discovery import bench_discovery
 from hl_monitor.bench.e2e import LoadRun, Pipeline, PipelineOptions
 from hl_monitor.bench.frames import make_tape, make_workload
 from hl_monitor.bench.gccensus import GcCensus, take_census
 from hl_monitor.bench.loopsteps import LoopSteps
 from hl_monitor.bench.micro import bench_decode, bench_engine, bench_tape
-from hl_monitor.bench.profile import Profiler, summarise
+from hl_monitor.bench.profile import Profiler, require_py_spy, summarise
 from hl_monitor.bench.report import write_report
 from hl_monitor.bench.results import BenchResult, Case, Report, percentile, stat
 from hl_monitor.delivery.embedded_nats import find_nats_server
@@ -413,6 +415,8 @@ async def run_all(
 ) -> Report:
     """Run the benches (all, or those named in `only`) and write the report files into `out_dir`."""
     say = progress or (lambda _: None)
+    if profile:
+        require_py_spy()  # before minutes of benches, not after them
     started = time.perf_counter()
     load_start = _load_average()
     mariadb_version = await _mariadb_version(mysql_url)
@@ -455,6 +459,14 @@ async def run_all(
     elif wanted("latency"):
         say("latency")
         benches.append(await bench_latency(sizes, mysql_url, mariadb_version is not None))
+    smoke = sizes == SMOKE
+    if wanted("curves"):
+        say("curves")
+        benches.extend(await bench_curves(CURVES_SMOKE if smoke else CURVES_FULL))
+    if wanted("cascade"):
+        say("cascade")
+        cascade = CASCADE_SMOKE if smoke else CASCADE_FULL
+        benches.append(await bench_cascade(cascade, mysql_url, mariadb_version is not None))
     meta = _meta(sizes, mariadb_version)
     meta["duration_s"] = round(time.perf_counter() - started, 1)
     # Other processes on the machine skew every number: the 1/5/15-minute load averages before and after.

@@ -6,7 +6,14 @@ read from stdin:
   places N market orders round-robin over the whales, paced at `rate` fills/s (null: as fast as the model
   goes) and answers `{"sent": [[oid, sent_at_s, fills], ...], "fills": n, "elapsed_s": s}` once the last order
   is placed. `sent_at_s` is the wall clock when the order's frames were queued for sending.
+- `{"cmd": "cascade_setup", "plan": {...}}` opens the wide positions of `scenarios.cascade_plan(**plan)`
+  (before the service starts, so its bootstrap reads them) and answers `{"positions": n}`.
+- `{"cmd": "cascade", "plan": {...}}` runs that plan's cascade (`scenarios.run_cascade`; a plan without whales
+  or wide addresses is a crowd tape alone) and answers the `CascadeRecord` as an object.
 - `{"cmd": "quit"}` stops the server and exits.
+
+The optional first argument is a JSON object of `SimConfig` fields over the bench's defaults (the per-IP limits
+a bench raises to stand in for several IPs).
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any, Final
 
 import msgspec
 
 from hl_monitor.bench.frames import BENCH_COINS, order_size, px_step
 from hl_monitor.sim.exchange import WireFill, WireLiquidationEvent, WireOrderUpdate, WireTrade, WireTwapHistoryEntry
+from hl_monitor.sim.scenarios import cascade_plan, cascade_setup, run_cascade
 from hl_monitor.sim.server import SimConfig, SimServer
 
 # Orders placed between two yields in unpaced mode: big enough to amortise the yield, small enough that the
@@ -98,7 +107,9 @@ async def _main() -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     loop = asyncio.get_running_loop()
-    cfg = SimConfig(record_ledger=False, send_queue_size=BENCH_SEND_QUEUE, fills_snapshot_size=100)
+    overrides: dict[str, Any] = msgspec.json.decode(sys.argv[1]) if len(sys.argv) > 1 else {}
+    base = {"record_ledger": False, "send_queue_size": BENCH_SEND_QUEUE, "fills_snapshot_size": 100}
+    cfg = SimConfig(**(base | overrides))
     async with SimServer(cfg) as sim:
         out.write(msgspec.json.encode({"port": sim.port}).decode() + "\n")
         out.flush()
@@ -109,8 +120,16 @@ async def _main() -> None:
             cmd = msgspec.json.decode(line)
             if cmd.get("cmd") == "quit":
                 return
+            answer: dict[str, Any] | None = None
             if cmd.get("cmd") == "load":
                 answer = await _load(sim, cmd)
+            elif cmd.get("cmd") == "cascade_setup":
+                plan = cascade_plan(**cmd["plan"])
+                cascade_setup(sim.exchange, plan)
+                answer = {"positions": len(plan.wide)}
+            elif cmd.get("cmd") == "cascade":
+                answer = asdict(await run_cascade(sim.exchange, cascade_plan(**cmd["plan"])))
+            if answer is not None:
                 out.write(msgspec.json.encode(answer).decode() + "\n")
                 out.flush()
 

@@ -1157,6 +1157,29 @@ class Exchange:
         self._emit(acct.address, out_fills, trades, [opened, self._set_status(order, "filled")], coin)
         return order.oid
 
+    def crowd_trades(self, coin: str, count: int) -> list[WireTrade]:
+        """`count` trades of `coin` between two accounts of the seeded pool, at the mid: the tape of everybody
+        nobody watches. Only the tape (and REST `recentTrades`) shows them; no account or mid changes, so a
+        crowd of any size costs the model nothing but the frames (`sim/scenarios.py` `cascade`)."""
+        self._check_coin(coin)
+        if count < 1:
+            return []
+        now = self._fill_ms()
+        px, sz = wire_decimal(self.mids[coin]), wire_decimal(self.lot_size(coin))
+        recent = self.recent_trades[coin]
+        trades: list[WireTrade] = []
+        for _ in range(count):
+            buyer, seller = self._counterparty(), self._counterparty()
+            side: Side = "B" if self._rng.random() < 0.5 else "A"
+            trade = WireTrade(
+                coin=coin, side=side, px=px, sz=sz, time=now, hash=self._hash(), tid=self._tid(), users=(buyer, seller)
+            )
+            trades.append(trade)
+            recent.append(trade)
+        if self.listener is not None:
+            self.listener.on_trades(coin, trades)
+        return trades
+
     def limit_order(
         self,
         user: str,

@@ -18,6 +18,12 @@ Scenarios:
   `population_roles` names each address's role. One cycle per `cycles` (default 1).
 - `load`: `rate` fills per second across `whales` whales (market orders of `fills_per_order` fills,
   alternating sides so positions stay bounded) until `max_fills`; drives benchmarks.
+- `cascade`: a liquidation cascade (`cascade_plan`, `cascade_setup`, `run_cascade`). Before it, every wide
+  address holds a position; then for `seconds` (60) the tape of every coin runs at `surge` (20) times its calm
+  rate (crowd trades between unwatched accounts), a fifth of the wide addresses flip (an ordinary trade) or
+  are liquidated (an engine trade: all-zero hash), one after another over the window, and the precise whales
+  trade `whale_fills_s` (50) fills a second each. `run_cascade` returns what was done, for the checks of
+  `bench/cascade.py`.
 
 Steps run one after another in a single task, so oids, tids and the ledger do not depend on timing.
 """
@@ -25,19 +31,40 @@ Steps run one after another in a single task, so oids, tids and the ledger do no
 from __future__ import annotations
 
 import asyncio
+import math
 import random
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
-from typing import Final
+from typing import Any, Final
 
 from hl_monitor.sim.exchange import Exchange, Whale
 from hl_monitor.sim.server import SimServer
 
-__all__ = ["SCENARIOS", "population_roles", "run_scenario", "scenario_whales"]
+__all__ = [
+    "SCENARIOS",
+    "CascadePlan",
+    "CascadeRecord",
+    "cascade_plan",
+    "cascade_setup",
+    "population_roles",
+    "run_cascade",
+    "run_scenario",
+    "scenario_whales",
+]
 
-SCENARIOS: Final = ("demo", "flip", "liquidation", "twap", "load", "population")
+SCENARIOS: Final = ("demo", "flip", "liquidation", "twap", "load", "population", "cascade")
 WHALE_SALT: Final = 0x5CE9A1  # keeps scenario addresses apart from the exchange's counterparty stream
-DEFAULT_WHALES: Final = {"demo": 3, "flip": 1, "liquidation": 1, "twap": 1, "load": 8, "population": 8}
+DEFAULT_WHALES: Final = {
+    "demo": 3,
+    "flip": 1,
+    "liquidation": 1,
+    "twap": 1,
+    "load": 8,
+    "population": 8,
+    "cascade": 8,
+}
 DEFAULT_STEP_DELAY_S: Final = 1.0  # demo pace: a human can follow the signals
 DEFAULT_LOAD_RATE: Final = 1000.0  # fills per second
 DEFAULT_FILLS_PER_ORDER: Final = 4
@@ -57,6 +84,16 @@ POPULATION_TWAP_SLICES: Final = 6  # engine-executed slices per cycle, then the 
 LIQUIDATION_DISCOUNT: Final = Decimal("0.9")  # a liquidated long is closed 10% below its mark
 DEMO_FUNDING_RATE: Final = Decimal("0.0000125")  # the exchange's resting hourly rate
 DEMO_ISOLATED_LEVERAGE: Final = (5, 3)  # the isolated short opens at 5x, then the whale lowers it to 3x
+CASCADE_SECONDS: Final = 60.0  # how long the cascade lasts
+CASCADE_SURGE: Final = 20  # the tape's rate during the cascade, as a multiple of the calm rate
+CASCADE_CALM_TAPE: Final = 500.0  # trades/s over every coin on a calm day: ×20 is 10,000 trades/s
+CASCADE_WIDE: Final = 1_000  # wide addresses holding a position when the cascade starts
+CASCADE_MOVERS: Final = 200  # of them, flipped or liquidated during the cascade (every other one of each)
+CASCADE_WHALE_FILLS_S: Final = 50.0  # fills a second of each precise whale
+CASCADE_FILLS_PER_ORDER: Final = 5  # a whale's market order sweeps a few levels
+CASCADE_COINS: Final = ("BTC", "ETH", "SOL", "HYPE")  # of the wide positions and the whales' orders
+CASCADE_WIDE_LOTS: Final = 50  # a wide position's size, in lots of its coin
+CASCADE_WIDE_SALT: Final = 0xCA5CADE  # keeps the wide addresses apart from the whales and the counterparties
 
 
 def scenario_whales(name: str, seed: int = 0, whales: int | None = None) -> list[str]:
@@ -83,11 +120,13 @@ async def run_scenario(
     step_delay: float = DEFAULT_STEP_DELAY_S,
     max_fills: int | None = None,
     fills_per_order: int = DEFAULT_FILLS_PER_ORDER,
+    cascade: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Run scenario `name` against `sim`; returns the whale addresses once it ends.
 
     `cycles` bounds the demo loop (None = forever); `rate`, `max_fills` (None = forever) and
-    `fills_per_order` drive `load`. Everything random comes from `seed`.
+    `fills_per_order` drive `load`; `cascade` holds `cascade_plan`'s sizes over its defaults. Everything random
+    comes from `seed`.
     """
     addresses = scenario_whales(name, seed, whales)
     rng = random.Random(seed)
@@ -96,6 +135,11 @@ async def run_scenario(
     if name == "population":
         for _ in range(cycles or 1):
             await _population(ex, addresses, rng, step_delay)
+        return addresses
+    if name == "cascade":
+        plan = cascade_plan(seed, **{"whales": len(addresses), **(cascade or {})})
+        cascade_setup(ex, plan)
+        await run_cascade(ex, plan)
         return addresses
     if name == "load":
         if rate <= 0 or fills_per_order < 1:
@@ -390,3 +434,149 @@ async def _load(
             done += n
             due -= n
         await asyncio.sleep(LOAD_TICK_S)
+
+
+# ---------------------------------------------------------------------------------------------- cascade
+
+
+@dataclass(frozen=True, slots=True)
+class CascadePlan:
+    """Who takes part in a cascade and how hard it runs (module docstring, `cascade`)."""
+
+    whales: tuple[str, ...]  # precise whales, trading all along
+    wide: tuple[str, ...]  # wide addresses, each with one position (`cascade_setup`)
+    movers: int  # the first `movers` of `wide` move: even indexes flip, odd ones are liquidated
+    seconds: float = CASCADE_SECONDS
+    surge: float = CASCADE_SURGE
+    calm_tape: float = CASCADE_CALM_TAPE  # trades/s
+    whale_fills_s: float = CASCADE_WHALE_FILLS_S
+    fills_per_order: int = CASCADE_FILLS_PER_ORDER
+
+    def coin_of(self, index: int) -> str:
+        """The coin of wide address `index`'s position."""
+        return CASCADE_COINS[index % len(CASCADE_COINS)]
+
+    def kind_of(self, index: int) -> str:
+        """What mover `index` does: `flip` or `liquidation`."""
+        return "flip" if index % 2 == 0 else "liquidation"
+
+
+@dataclass(slots=True)
+class CascadeRecord:
+    """What a cascade did, for end-to-end checks."""
+
+    orders: list[tuple[int, float]] = field(default_factory=list)  # whale oid, wall time its frames were queued
+    fills: int = 0  # of the whales' orders
+    # One per mover: (address, coin, "flip" | "liquidation", exchange time of its fill in ms).
+    events: list[tuple[str, str, str, int]] = field(default_factory=list)
+    crowd_trades: int = 0
+    elapsed_s: float = 0.0
+
+
+def cascade_plan(
+    seed: int = 0,
+    *,
+    whales: int = DEFAULT_WHALES["cascade"],
+    wide: int = CASCADE_WIDE,
+    movers: int = CASCADE_MOVERS,
+    seconds: float = CASCADE_SECONDS,
+    surge: float = CASCADE_SURGE,
+    calm_tape: float = CASCADE_CALM_TAPE,
+    whale_fills_s: float = CASCADE_WHALE_FILLS_S,
+) -> CascadePlan:
+    if not 0 <= movers <= wide or seconds <= 0 or surge <= 0 or calm_tape < 0 or whale_fills_s < 0:
+        raise ValueError("cascade needs 0 <= movers <= wide, seconds > 0, surge > 0 and non-negative rates")
+    rng = random.Random(seed ^ CASCADE_WIDE_SALT)
+    return CascadePlan(
+        whales=tuple(scenario_whales("cascade", seed, whales)),
+        wide=tuple(f"0x{rng.getrandbits(160):040x}" for _ in range(wide)),
+        movers=movers,
+        seconds=seconds,
+        surge=surge,
+        calm_tape=calm_tape,
+        whale_fills_s=whale_fills_s,
+    )
+
+
+def cascade_setup(ex: Exchange, plan: CascadePlan) -> None:
+    """Every wide address opens its position (longs and shorts alternating); run before the watcher starts."""
+    for i, address in enumerate(plan.wide):
+        coin = plan.coin_of(i)
+        ex.market_order(address, coin, i % 4 < 2, ex.lot_size(coin) * CASCADE_WIDE_LOTS, ex.mids[coin])
+
+
+def _split(total: int, parts: int, offset: int) -> list[int]:
+    """`total` spread over `parts` as evenly as integers allow, the remainder starting at `offset`."""
+    base, rest = divmod(total, parts)
+    return [base + (1 if (i - offset) % parts < rest else 0) for i in range(parts)]
+
+
+async def run_cascade(ex: Exchange, plan: CascadePlan) -> CascadeRecord:
+    """The cascade itself (module docstring), paced on the loop's clock.
+
+    Its totals follow from the plan (rate × `seconds` of each kind) and the whales' orders and the movers run in
+    the order of their due times, whatever the pacing: oids and the ledger depend on the seed alone. A loop that
+    fell behind catches up (the tape at most `LOAD_MAX_BURST_TICKS` ticks at once), so the run can last longer
+    than `seconds`, never shorter, and always does everything."""
+    loop = asyncio.get_running_loop()
+    record = CascadeRecord()
+    coins = sorted(ex.mids)  # every coin: perps of every dex and the spot pairs
+    tape_rate = plan.calm_tape * plan.surge
+    whale_rate = plan.whale_fills_s * len(plan.whales)
+    per_order = plan.fills_per_order
+    tape_total = int(tape_rate * plan.seconds)
+    orders_total = int(whale_rate * plan.seconds) // per_order if plan.whales else 0
+    sizes = {coin: ex.lot_size(coin) * per_order * 10 for coin in CASCADE_COINS}
+    tape_burst = max(1, int(tape_rate * LOAD_TICK_S * LOAD_MAX_BURST_TICKS))
+
+    def order_due(k: int) -> float:
+        return (k + 1) * per_order / whale_rate
+
+    def move_due(m: int) -> float:
+        return (m + 0.5) * plan.seconds / plan.movers
+
+    start = loop.time()
+    started = time.perf_counter()
+    tape_done = order_n = moved = tick = 0
+    while tape_done < tape_total or order_n < orders_total or moved < plan.movers:
+        elapsed = loop.time() - start
+        due = min(min(int(elapsed * tape_rate), tape_total) - tape_done, tape_burst)
+        if due > 0:
+            for coin, n in zip(coins, _split(due, len(coins), tick), strict=True):
+                record.crowd_trades += len(ex.crowd_trades(coin, n))
+            tape_done += due
+        while True:
+            next_order = order_due(order_n) if order_n < orders_total else math.inf
+            next_move = move_due(moved) if moved < plan.movers else math.inf
+            if min(next_order, next_move) > elapsed:
+                break
+            if next_order <= next_move:
+                record.orders.append((_whale_order(ex, plan, order_n, sizes), time.time()))
+                record.fills += per_order
+                order_n += 1
+            else:
+                record.events.append(_move(ex, plan, moved))
+                moved += 1
+        tick += 1
+        await asyncio.sleep(LOAD_TICK_S)
+    record.elapsed_s = time.perf_counter() - started
+    return record
+
+
+def _whale_order(ex: Exchange, plan: CascadePlan, n: int, sizes: dict[str, Decimal]) -> int:
+    """Order `n` of the whales, round-robin over whales and coins; a long is closed, flat or short buys."""
+    user = plan.whales[n % len(plan.whales)]
+    coin = CASCADE_COINS[(n // len(plan.whales)) % len(CASCADE_COINS)]
+    pos = ex.accounts[user].positions.get(coin) if user in ex.accounts else None
+    is_buy = pos is None or pos.szi <= 0
+    return ex.market_order(user, coin, is_buy, sizes[coin], ex.mids[coin], fills=plan.fills_per_order)
+
+
+def _move(ex: Exchange, plan: CascadePlan, index: int) -> tuple[str, str, str, int]:
+    address, coin, kind = plan.wide[index], plan.coin_of(index), plan.kind_of(index)
+    szi = ex.accounts[address].positions[coin].szi
+    if kind == "flip":
+        ex.market_order(address, coin, szi < 0, abs(szi) * 2, ex.mids[coin])
+    else:
+        ex.liquidate(address, coin, mark_px=ex.mids[coin])
+    return address, coin, kind, ex.accounts[address].fills[-1].time
