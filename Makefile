@@ -65,7 +65,7 @@ chaos: install ## fault scenarios end to end, full length, with a 3-minute soak 
 soak: install ## one hour of a busy day at 20x: memory flat, no growing queue, exactly once (MariaDB, else SQLite); table → soak-results.md
 	$(UV) run --locked hl-monitor chaos -s soak --soak-duration 3600 --out soak-results.md
 
-bench: install ## run the benchmarks (< 10 min on 2 cores); writes bench-results/results.json and results.md
+bench: install ## run the benchmarks (about 25 min on 2 busy cores; `--only` picks cases); writes bench-results/results.json and results.md
 	$(UV) run --locked hl-monitor bench --out bench-results
 
 clean: ## remove the virtualenvs and caches (keeps ./data)
