@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +27,7 @@ from hl_monitor.hyperliquid.protocol import (
     decode_info,
 )
 from hl_monitor.hyperliquid.symbols import SymbolInfo, SymbolMap
-from hl_monitor.tracking.portfolio import PositionModel
+from hl_monitor.tracking.portfolio import MAX_REMEMBERED, CoinLedger, PositionModel
 from hl_monitor.tracking.position_events import PerpPosition
 from tests.support.factories import ADDR, OTHER, fill
 from tests.support.paths import FIXTURES
@@ -727,3 +728,20 @@ def test_documents_handed_out_do_not_change_later() -> None:
     model.on_marks({"BTC": D("120")}, NOW)
 
     assert snapshot == frozen_copy
+
+
+def test_remembered_executions_are_found_in_any_arrival_order_and_the_oldest_is_forgotten_first() -> None:
+    ledger = CoinLedger()
+    times = list(range(MAX_REMEMBERED + 10))
+    random.Random(7).shuffle(times)  # fills of several connections and REST reads arrive out of order
+    for t in times:
+        ledger.remember(t, t * 10, D(1))
+    assert [entry[0] for entry in ledger.applied] == list(range(10, MAX_REMEMBERED + 10))  # the newest kept
+    assert ledger.floor == 9  # what was forgotten can no longer be told from a duplicate: refused as too old
+    assert ledger.has(500, 5000)
+    assert not ledger.has(500, 5001)  # same time, another trade
+    assert not ledger.has(5, 50)  # forgotten
+    # State saved by a version that kept arrival order is put in order when it is restored.
+    restored = msgspec.json.decode(b'{"applied":[[3,1,"1"],[1,1,"2"]]}', type=CoinLedger)
+    assert restored.applied == [(1, 1, D(2)), (3, 1, D(1))]
+    assert restored.has(3, 1)

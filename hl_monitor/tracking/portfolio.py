@@ -36,6 +36,7 @@ documents and the per-coin bookkeeping (remembered executions, alert state) acro
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Final, NamedTuple, get_args
@@ -190,13 +191,35 @@ class PortfolioStats(msgspec.Struct, kw_only=True):
     bad_input: dict[str, int] = msgspec.field(default_factory=dict)  # by kind, see BAD_INPUT_KINDS
 
 
+def _execution_key(entry: tuple[int, int, Decimal]) -> tuple[int, int]:
+    return entry[0], entry[1]
+
+
 class CoinLedger(msgspec.Struct, kw_only=True):
-    """Bookkeeping of one coin of one address: executions newer than the last state, and alert state."""
+    """Bookkeeping of one coin of one address: executions newer than the last state, and alert state.
+
+    `applied` is kept sorted by (time, tid): every fill is looked up in it and the oldest is forgotten first, so
+    both are a binary search instead of a scan (and a sort) of up to `MAX_REMEMBERED` entries per fill.
+    """
 
     applied: list[tuple[int, int, Decimal]] = msgspec.field(default_factory=list)  # (time, tid, delta)
     floor: int = _NO_TIME  # executions at or before this time were applied and forgotten
     marked_at: int = _NO_TIME  # local receive time of the state frame or mid that set the position's mark
     alert: AlertState | None = None
+
+    def __post_init__(self) -> None:
+        # Restored state may come from a version that kept arrival order.
+        self.applied.sort(key=_execution_key)
+
+    def has(self, time: int, tid: int) -> bool:
+        i = bisect_left(self.applied, (time, tid), key=_execution_key)
+        return i < len(self.applied) and _execution_key(self.applied[i]) == (time, tid)
+
+    def remember(self, time: int, tid: int, delta: Decimal) -> None:
+        insort(self.applied, (time, tid, delta), key=_execution_key)
+        if len(self.applied) > MAX_REMEMBERED:
+            forgotten = self.applied.pop(0)
+            self.floor = max(self.floor, forgotten[0])
 
 
 class _Execution(NamedTuple):
@@ -601,13 +624,6 @@ class PositionModel:
             )
         )
 
-    def _remember(self, ledger: CoinLedger, time: int, tid: int, delta: Decimal) -> None:
-        ledger.applied.append((time, tid, delta))
-        if len(ledger.applied) > MAX_REMEMBERED:
-            ledger.applied.sort(key=lambda entry: (entry[0], entry[1]))
-            forgotten = ledger.applied.pop(0)
-            ledger.floor = max(ledger.floor, forgotten[0])
-
     def _execute(self, address: str, execution: _Execution, now_ms: int, signal_id: str | None) -> PositionChanges:
         coin, time, tid, delta, px, start, liquidated, source = execution
         account = self._accounts.get(address)
@@ -618,7 +634,7 @@ class PositionModel:
             return PositionChanges()
         account = self._account(address, source, now_ms)
         ledger = account.ledgers.setdefault(coin, CoinLedger())
-        if any(t == time and k == tid for t, k, _ in ledger.applied):
+        if ledger.has(time, tid):
             self.stats.duplicates += 1
             return PositionChanges()
         dex = account.portfolio.dexes.get(dex_name)
@@ -634,13 +650,13 @@ class PositionModel:
         if start is not None and start != before:
             if start + delta == before:
                 # A state frame without a time already showed this fill's result.
-                self._remember(ledger, time, tid, delta)
+                ledger.remember(time, tid, delta)
                 self.stats.covered_by_state += 1
                 return PositionChanges()
             self.stats.start_mismatches += 1
             base = start
         after = base + delta
-        self._remember(ledger, time, tid, delta)
+        ledger.remember(time, tid, delta)
         kind = classify(before, after, liquidated=liquidated)
         if kind is None:
             return PositionChanges()
