@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Final
 
 import msgspec
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 
 from hl_monitor.config import DiscoveryConfig, NatsConfig
 from hl_monitor.delivery.publications import (
@@ -25,10 +25,10 @@ from hl_monitor.delivery.publications import (
     PublicationStore,
     PublicationWriter,
     StreamPublisher,
+    check_max_age,
 )
 from hl_monitor.delivery.publisher import Publisher, check_subject, subject_token
 from hl_monitor.domain.publication import DiscoveryAnnouncement, Publication, PublicationKind
-from hl_monitor.errors import ConfigError
 from hl_monitor.metrics import Metrics
 
 __all__ = [
@@ -64,23 +64,16 @@ class DiscoveryPublisher(StreamPublisher):
 
     def __init__(self, publisher: Publisher, nats_cfg: NatsConfig, cfg: DiscoveryConfig, metrics: Metrics) -> None:
         check_subject("discovery.subject_prefix", cfg.subject_prefix)
-        if 0 < cfg.max_age < nats_cfg.duplicate_window:
-            raise ConfigError("discovery.max_age", "must not be below nats.duplicate_window (JetStream refuses it)")
+        check_max_age("discovery.max_age", cfg.max_age, nats_cfg)
         super().__init__(publisher, nats_cfg, metrics, stream=cfg.stream)
         self._cfg = cfg
 
     def stream_config(self) -> StreamConfig:
         cfg = self._cfg
-        return StreamConfig(
-            name=cfg.stream,
+        return self.limits_stream(
             description="hl-monitor automatic discovery: addresses watched and unwatched, one message per event_id",
             subjects=[f"{cfg.subject_prefix}.>"],
-            retention=RetentionPolicy.LIMITS,
             max_age=cfg.max_age,
-            storage=StorageType.FILE,
-            num_replicas=self._nats.replicas,
-            duplicate_window=self._nats.duplicate_window,
-            discard=DiscardPolicy.OLD,
         )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import msgspec
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 
 from hl_monitor.config import FillsConfig, NatsConfig
 from hl_monitor.delivery.publications import (
@@ -27,10 +27,10 @@ from hl_monitor.delivery.publications import (
     PublicationSubmitter,
     PublicationWriter,
     StreamPublisher,
+    check_max_age,
 )
 from hl_monitor.delivery.publisher import Publisher, check_subject, subject_token
 from hl_monitor.domain.publication import FillRecord, Publication, PublicationKind
-from hl_monitor.errors import ConfigError
 from hl_monitor.metrics import Metrics
 
 __all__ = [
@@ -74,24 +74,17 @@ class FillPublisher(StreamPublisher):
 
     def __init__(self, publisher: Publisher, nats_cfg: NatsConfig, fills_cfg: FillsConfig, metrics: Metrics) -> None:
         check_subject("fills.subject_prefix", fills_cfg.subject_prefix)
-        if 0 < fills_cfg.max_age < nats_cfg.duplicate_window:
-            raise ConfigError("fills.max_age", "must not be below nats.duplicate_window (JetStream refuses it)")
+        check_max_age("fills.max_age", fills_cfg.max_age, nats_cfg)
         super().__init__(publisher, nats_cfg, metrics, stream=fills_cfg.stream)
         self._cfg = fills_cfg
 
     def stream_config(self) -> StreamConfig:
         cfg = self._cfg
-        return StreamConfig(
-            name=cfg.stream,
+        return self.limits_stream(
             description="hl-monitor fills of watched addresses as they happen, one message per fill_id",
             subjects=[f"{cfg.subject_prefix}.>"],
-            retention=RetentionPolicy.LIMITS,
             max_age=cfg.max_age,
             max_bytes=cfg.max_bytes,
-            storage=StorageType.FILE,
-            num_replicas=self._nats.replicas,
-            duplicate_window=self._nats.duplicate_window,
-            discard=DiscardPolicy.OLD,
         )
 
 

@@ -66,6 +66,12 @@ def alert_subject(prefix: str, address: str, symbol: str) -> str:
     return f"{prefix}.{subject_token(address)}.{subject_token(symbol)}.{ALERT_SUFFIX}"
 
 
+def check_max_age(key: str, max_age: float, nats_cfg: NatsConfig) -> None:
+    """A stream's max age (0 = unlimited) must cover the duplicate window, or JetStream refuses the stream."""
+    if 0 < max_age < nats_cfg.duplicate_window:
+        raise ConfigError(key, "must not be below nats.duplicate_window (JetStream refuses it)")
+
+
 class StreamPublisher(abc.ABC):
     """Publishes publications on the service's one NATS connection (`Publisher`) into one stream of their own.
 
@@ -97,6 +103,23 @@ class StreamPublisher(abc.ABC):
     @abc.abstractmethod
     def stream_config(self) -> StreamConfig:
         """The stream these publications go to, as the config wants it."""
+
+    def limits_stream(
+        self, *, description: str, subjects: list[str], max_age: float, max_bytes: int | None = None
+    ) -> StreamConfig:
+        """This publisher's stream as the service creates them: on file, kept by age (and size), oldest out first."""
+        return StreamConfig(
+            name=self._stream,
+            description=description,
+            subjects=subjects,
+            retention=RetentionPolicy.LIMITS,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            storage=StorageType.FILE,
+            num_replicas=self._nats.replicas,
+            duplicate_window=self._nats.duplicate_window,
+            discard=DiscardPolicy.OLD,
+        )
 
     async def ensure_stream(self) -> StreamInfo:
         """Create the stream, or update it when its settings differ from the config."""
@@ -148,23 +171,16 @@ class PublicationPublisher(StreamPublisher):
         check_subject("positions.alerts_prefix", positions_cfg.alerts_prefix)
         if positions_cfg.subject_prefix == positions_cfg.alerts_prefix:
             raise ConfigError("positions.alerts_prefix", "must differ from positions.subject_prefix")
-        if 0 < positions_cfg.max_age < nats_cfg.duplicate_window:
-            raise ConfigError("positions.max_age", "must not be below nats.duplicate_window (JetStream refuses it)")
+        check_max_age("positions.max_age", positions_cfg.max_age, nats_cfg)
         super().__init__(publisher, nats_cfg, metrics, stream=positions_cfg.stream)
         self._cfg = positions_cfg
 
     def stream_config(self) -> StreamConfig:
         cfg = self._cfg
-        return StreamConfig(
-            name=cfg.stream,
+        return self.limits_stream(
             description="hl-monitor position events and liquidation alerts, one message per msg_id",
             subjects=[f"{cfg.subject_prefix}.>", f"{cfg.alerts_prefix}.>"],
-            retention=RetentionPolicy.LIMITS,
             max_age=cfg.max_age,
-            storage=StorageType.FILE,
-            num_replicas=self._nats.replicas,
-            duplicate_window=self._nats.duplicate_window,
-            discard=DiscardPolicy.OLD,
         )
 
 
