@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from nats.js.api import PubAck
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from hl_monitor.clock import ManualClock
 from hl_monitor.delivery.publish_health import PUBLISH_DEGRADED_AFTER_S, PublishHealth
 from hl_monitor.delivery.relay import Relay
 from hl_monitor.errors import PublishError
-from tests.support.delivery import nats_cfg
+from tests.support.delivery import RelayCounters, nats_cfg
 from tests.support.waiting import wait_until
 
 # A step well inside the threshold: several of them pass before it is reached.
@@ -98,36 +96,14 @@ class _Link:
         return 0
 
 
-@dataclass
-class _Counters:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    faults: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._depth = Gauge("depth", "held", registry=self.registry)
-        self._spilled = Counter("spilled", "spilled", registry=self.registry)
-
-    @property
-    def depth(self) -> Gauge:
-        return self._depth
-
-    @property
-    def spilled(self) -> Counter:
-        return self._spilled
-
-    def fault(self, kind: str) -> None:
-        self.faults.append(kind)
-
-    def replayed(self, reason: str, count: int) -> None:
-        return None
-
-
 class _Relay(Relay[str]):
     """Messages are their own ids; a publish fails with a timeout while `failing` is set."""
 
     def __init__(self, clock: ManualClock) -> None:
         # Retries every few milliseconds of loop time: the test waits on them at quiet points, not on a sleep.
-        super().__init__(_Link(), _Counters(), nats_cfg(retry_initial_delay=0.001, retry_max_delay=0.005), clock=clock)
+        super().__init__(
+            _Link(), RelayCounters(), nats_cfg(retry_initial_delay=0.001, retry_max_delay=0.005), clock=clock
+        )
         self.failing = True
         self.sent = 0
         self.acked: list[str] = []

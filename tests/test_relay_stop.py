@@ -8,13 +8,11 @@ connection, so a scan loop that lost its cancel that way must not wait for a con
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 from nats.js.api import PubAck
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from hl_monitor.delivery.relay import Relay
-from tests.support.delivery import nats_cfg
+from tests.support.delivery import RelayCounters, nats_cfg
 from tests.support.waiting import wait_until
 
 
@@ -47,34 +45,11 @@ class _ClosingLink:
         raise AssertionError("unreachable: only a cancel ends the wait")
 
 
-@dataclass
-class _Counters:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-
-    def __post_init__(self) -> None:
-        self._depth = Gauge("depth", "held", registry=self.registry)
-        self._spilled = Counter("spilled", "spilled", registry=self.registry)
-
-    @property
-    def depth(self) -> Gauge:
-        return self._depth
-
-    @property
-    def spilled(self) -> Counter:
-        return self._spilled
-
-    def fault(self, kind: str) -> None:
-        return None
-
-    def replayed(self, reason: str, count: int) -> None:
-        return None
-
-
 class _Relay(Relay[str]):
     """Messages are their own ids and are acknowledged at once into stream S."""
 
     def __init__(self, link: _ClosingLink) -> None:
-        super().__init__(link, _Counters(), nats_cfg(outbox_scan_interval=0.01))
+        super().__init__(link, RelayCounters(), nats_cfg(outbox_scan_interval=0.01))
         self.acked: list[str] = []
 
     def _key(self, item: str) -> str:

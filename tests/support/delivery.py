@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal as os_signal
 import time
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from hl_monitor.config import NatsConfig
 from hl_monitor.domain.signal import Signal
@@ -70,3 +72,29 @@ def freeze(pid: int) -> None:
     while Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "T":
         assert time.monotonic() < deadline, "process did not stop"
         time.sleep(0.001)
+
+
+@dataclass
+class RelayCounters:
+    """A relay's instruments on a registry of their own, with the faults it reported."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    faults: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._depth = Gauge("depth", "held", registry=self.registry)
+        self._spilled = Counter("spilled", "spilled", registry=self.registry)
+
+    @property
+    def depth(self) -> Gauge:
+        return self._depth
+
+    @property
+    def spilled(self) -> Counter:
+        return self._spilled
+
+    def fault(self, kind: str) -> None:
+        self.faults.append(kind)
+
+    def replayed(self, reason: str, count: int) -> None:
+        return None
