@@ -22,7 +22,7 @@ from hl_monitor.storage.repository import Repository, create_engine
 from hl_monitor.tasks import cancel_and_wait
 from tests.support.ledger import expected_orders, observed_orders
 from tests.support.nats import NatsServer
-from tests.support.service import W1, W2, live, running, service_config
+from tests.support.service import W1, W2, live, precise_signals_built, running, service_config
 from tests.support.waiting import wait_until
 
 
@@ -58,7 +58,7 @@ async def test_signals_reach_stream_and_table_exactly_once_across_a_restart(
             await other.market_order("SOL", False, "10", "150", fills=2)
             await whale.market_order("BTC", False, "3", "80100", fills=2)  # flip: close 1.5 long, open 1.5 short
             want = {**expected_orders(sim, W1), **expected_orders(sim, W2)}
-            await wait_until(lambda: _built(service) >= len(want), within=15)
+            await wait_until(lambda: precise_signals_built(service) >= len(want), within=15)
             status, ready = await get_json(f"http://{cfg.http.listen}/health/ready")
             assert status == 200, ready
         # Trades while the service is down come back through the snapshot / userFillsByTime on restart.
@@ -66,13 +66,15 @@ async def test_signals_reach_stream_and_table_exactly_once_across_a_restart(
         async with running(cfg) as service:
             await live(service, W1, W2)
             await other.market_order("SOL", True, "10", "149")
-            await wait_until(lambda: _built(service) >= 2)
+            await wait_until(lambda: precise_signals_built(service) >= 2)
             # Quiet point: one more order per whale. A replayed duplicate comes from the restart's snapshot or
             # gap recovery, both before these markers on the same stream: once the markers are built, so is it.
             await whale.market_order("BTC", True, "0.1", "80000")
             await other.market_order("SOL", True, "1", "149")
-            await wait_until(lambda: _built(service) >= RESTART_SIGNALS + MARKERS)
-            assert _built(service) == RESTART_SIGNALS + MARKERS, "a signal was built twice after the restart"
+            await wait_until(lambda: precise_signals_built(service) >= RESTART_SIGNALS + MARKERS)
+            assert precise_signals_built(service) == RESTART_SIGNALS + MARKERS, (
+                "a signal was built twice after the restart"
+            )
             want = {**expected_orders(sim, W1), **expected_orders(sim, W2)}
     stored = await stream_signals(nats_server.url)
     ids = [msg_id for msg_id, _ in stored]
@@ -101,16 +103,6 @@ async def test_signals_reach_stream_and_table_exactly_once_across_a_restart(
 RESTART_SIGNALS: Final = 2
 # One marker order per whale, each a single signal (no flip).
 MARKERS: Final = 2
-
-
-def _built(service: Service) -> int:
-    total = 0.0
-    for direction in ("open", "close"):
-        value = service.metrics.registry.get_sample_value(
-            "hl_monitor_signals_built_total", {"source": "user_fills", "direction": direction}
-        )
-        total += value or 0.0
-    return int(total)
 
 
 async def test_readiness_follows_nats_and_status_lists_addresses(nats_server: NatsServer, tmp_path: Path) -> None:

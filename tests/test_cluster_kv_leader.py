@@ -30,7 +30,7 @@ from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
 from tests.support.ledger import expected_orders, observed_orders
 from tests.support.nats_cluster import NatsCluster, cluster_running, wait_stream_leader
-from tests.support.service import running, service_config
+from tests.support.service import precise_signals_built, running, service_config
 from tests.support.trading import TakingTurns
 from tests.support.waiting import wait_until
 
@@ -146,16 +146,6 @@ async def _instances(sim: SimServer, cluster: NatsCluster, db_url: str, root: Pa
         yield [first, second]
 
 
-def _built(service: Service) -> int:
-    total = 0.0
-    for direction in ("open", "close"):
-        value = service.metrics.registry.get_sample_value(
-            "hl_monitor_signals_built_total", {"source": "user_fills", "direction": direction}
-        )
-        total += value or 0.0
-    return int(total)
-
-
 async def _spread(services: list[Service]) -> bool:
     shares = [_live(s) for s in services]
     return sorted(a for share in shares for a in share) == sorted(WHALES) and all(len(s) == 3 for s in shares)
@@ -216,9 +206,9 @@ async def test_kv_leader_node_killed_addresses_move_at_most_once_and_never_track
         try:
             leader, _ = await wait_stream_leader(cluster, LEASES_STREAM)
             # The node dies mid-trading: both instances have built signals, and the whales keep trading.
-            start = {name: _built(s) for name, s in zip(NAMES, services, strict=True)}
+            start = {name: precise_signals_built(s) for name, s in zip(NAMES, services, strict=True)}
             await wait_until(
-                lambda: all(_built(s) >= start[n] + 2 for n, s in zip(NAMES, services, strict=True)),
+                lambda: all(precise_signals_built(s) >= start[n] + 2 for n, s in zip(NAMES, services, strict=True)),
                 within=SPREAD_WAIT_S,
                 what="signals built on both instances",
             )

@@ -27,7 +27,7 @@ from hl_monitor.storage.migrate import upgrade
 from hl_monitor.storage.repository import Repository, create_engine
 from tests.support.ledger import expected_orders, observed_orders
 from tests.support.nats_cluster import NatsCluster, Probe, cluster_running, stream_leader, wait_stream_leader
-from tests.support.service import W1, W2, live, running, service_config
+from tests.support.service import W1, W2, live, precise_signals_built, running, service_config
 from tests.support.trading import TakingTurns
 from tests.support.waiting import wait_until
 
@@ -49,26 +49,18 @@ SCENARIO_TIMEOUT_S: Final = 150
 RECOVERY_WAIT_S: Final = 40.0  # an election plus the retry backoff and a store scan, with margin
 
 
-def _built(service: Service) -> int:
-    total = 0.0
-    for direction in ("open", "close"):
-        value = service.metrics.registry.get_sample_value(
-            "hl_monitor_signals_built_total", {"source": "user_fills", "direction": direction}
-        )
-        total += value or 0.0
-    return int(total)
-
-
 def _duplicates(service: Service) -> int:
     return int(service.metrics.registry.get_sample_value("hl_monitor_publish_duplicates_total") or 0.0)
 
 
 async def _progressed(service: Service, signals: int = PROGRESS_SIGNALS) -> None:
     """Wait until `signals` more signals were built and the outbox is empty again (all of them acknowledged)."""
-    target = _built(service) + signals
+    target = precise_signals_built(service) + signals
     outbox = service.components.outbox
     await wait_until(
-        lambda: _built(service) >= target and outbox.depth == 0, within=RECOVERY_WAIT_S, what="acked progress"
+        lambda: precise_signals_built(service) >= target and outbox.depth == 0,
+        within=RECOVERY_WAIT_S,
+        what="acked progress",
     )
 
 
@@ -110,7 +102,7 @@ async def _scenario(tmp_path: Path, name: str, fault: Fault) -> Outcome:
                 want = {**expected_orders(sim, W1), **expected_orders(sim, W2)}
                 # Quiet point: every traded order built and acknowledged.
                 await wait_until(
-                    lambda: _built(service) >= len(want) and service.components.outbox.depth == 0,
+                    lambda: precise_signals_built(service) >= len(want) and service.components.outbox.depth == 0,
                     within=RECOVERY_WAIT_S,
                     what="every order built and acknowledged",
                 )

@@ -64,3 +64,14 @@ async def live(service: Service, *addresses: str) -> None:
         return all((stream := precise.stream(a)) is not None and stream.recoveries >= 1 for a in addresses)
 
     await wait_until(ok, within=20)
+
+
+def precise_signals_built(service: Service) -> int:
+    """Signals the service built from its precise streams (user fills), opens and closes."""
+    total = 0.0
+    for direction in ("open", "close"):
+        value = service.metrics.registry.get_sample_value(
+            "hl_monitor_signals_built_total", {"source": "user_fills", "direction": direction}
+        )
+        total += value or 0.0
+    return int(total)
